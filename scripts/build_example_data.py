@@ -1,0 +1,349 @@
+"""Rebuild the small example datasets under ``data/`` from their public sources.
+
+Two datasets are written as JSON Lines (UTF-8, one object per line):
+
+* ``data/docstrings``: chat-style SFT examples that ask for a one-line
+  docstring summary of a function taken from the running interpreter's
+  standard library (PSF License Agreement version 2).
+* ``data/fortunes``: text classification of Debian ``fortunes`` cookies
+  (``/usr/share/games/fortunes``; install the ``fortunes`` and
+  ``fortunes-min`` packages first).
+
+The output is deterministic for a given Python version and fortunes package
+version.  Usage::
+
+    python scripts/build_example_data.py [--out-dir data] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import os
+import random
+import re
+import sysconfig
+import textwrap
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+LOG = logging.getLogger("build_example_data")
+
+SPLITS = ("train", "validation", "test")
+MAX_DATASET_BYTES = 2 * 1024 * 1024
+
+# --- docstrings -------------------------------------------------------------
+
+PROMPT = "Write a one-line docstring summary for this Python function:\n\n```python\n{code}\n```"
+SKIP_DIRS = frozenset(
+    {"test", "tests", "idle_test", "idlelib", "lib2to3", "site-packages", "__pycache__", "encodings"}
+)
+BAD_WORDS = ("xxx", "todo", "deprecated", ">>>")
+MIN_SUMMARY, MAX_SUMMARY = 10, 120
+MAX_SOURCE_CHARS, MIN_SOURCE_LINES = 400, 2
+DOC_TARGETS = {"train": 1200, "validation": 80, "test": 200}
+
+# --- fortunes ---------------------------------------------------------------
+
+FORTUNE_DIR = Path("/usr/share/games/fortunes")
+FORTUNE_CATEGORIES = ("computers", "food", "law", "love")
+MIN_TEXT, MAX_TEXT = 20, 300
+MAX_TRAIN_TOTAL = 800
+FORTUNE_FRACTIONS = {"train": 0.7, "validation": 0.1, "test": 0.2}
+
+
+@dataclass(frozen=True)
+class DocExample:
+    """One candidate docstring example."""
+
+    module: str
+    qualname: str
+    name: str
+    code: str
+    summary: str
+
+    def to_record(self) -> dict[str, object]:
+        """Return the JSON record for this example."""
+        return {
+            "messages": [
+                {"role": "user", "content": PROMPT.format(code=self.code)},
+                {"role": "assistant", "content": self.summary},
+            ],
+            "source": f"{self.module}.{self.qualname}",
+        }
+
+
+def iter_stdlib_files(stdlib: Path) -> Iterator[tuple[str, Path]]:
+    """Yield ``(module name, path)`` for stdlib sources, in sorted order."""
+    for root, dirs, files in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("config-"))
+        rel = Path(root).relative_to(stdlib)
+        for fname in sorted(files):
+            if not fname.endswith(".py") or fname.startswith("test_"):
+                continue
+            parts = [*rel.parts, fname[:-3]]
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if parts:
+                yield ".".join(parts), Path(root) / fname
+
+
+def clean_summary(doc: str) -> str | None:
+    """Return the docstring's summary line if it is one proper sentence, else None."""
+    lines = doc.strip().splitlines()
+    if not lines:
+        return None
+    summary = lines[0].strip()
+    if len(lines) > 1 and lines[1].strip():
+        return None  # summary continues on the next line
+    if not MIN_SUMMARY <= len(summary) <= MAX_SUMMARY or not summary.endswith("."):
+        return None
+    if summary.endswith(("..", "e.g.", "i.e.", "etc.")) or not summary[0].isupper():
+        return None
+    lowered = summary.lower()
+    if any(word in lowered for word in BAD_WORDS):
+        return None
+    if "->" in summary or "(self" in summary or re.search(r"[.!?]\s+[A-Z]", summary[:-1]):
+        return None  # signature-like or more than one sentence
+    return summary
+
+
+def strip_docstring(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
+    """Return the function's source without its docstring, dedented, or None."""
+    doc, rest = node.body[0], node.body[1:]
+    if not rest or doc.lineno == node.lineno or rest[0].lineno == doc.end_lineno:
+        return None  # body would be empty, or docstring shares a line
+    assert doc.end_lineno is not None and node.end_lineno is not None
+    start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+    head = lines[start - 1 : doc.lineno - 1]
+    tail = lines[doc.end_lineno : node.end_lineno]
+    while tail and not tail[0].strip():
+        tail = tail[1:]
+    code = textwrap.dedent("".join(head + tail)).rstrip()
+    code = "\n".join(line.rstrip() for line in code.splitlines())
+    try:
+        ast.parse(code)
+    except SyntaxError:
+        return None
+    return code
+
+
+def iter_functions(tree: ast.Module) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """Yield ``(qualname, node)`` for top-level functions and methods of top-level classes."""
+    funcs = (ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in tree.body:
+        if isinstance(node, funcs):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, funcs):
+                    yield f"{node.name}.{item.name}", item
+
+
+def extract_examples(module: str, path: Path) -> list[DocExample]:
+    """Return the candidate examples of one stdlib module."""
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source, filename=str(path))
+    except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
+        LOG.debug("skipping %s: %s", path, exc)
+        return []
+    lines = source.splitlines(keepends=True)
+    out = []
+    for qualname, node in iter_functions(tree):
+        doc = ast.get_docstring(node, clean=True)
+        summary = clean_summary(doc) if doc else None
+        if summary is None:
+            continue
+        code = strip_docstring(lines, node)
+        if code is None:
+            continue
+        stripped = code.strip()
+        if len(stripped) > MAX_SOURCE_CHARS or len(stripped.splitlines()) < MIN_SOURCE_LINES:
+            continue
+        out.append(DocExample(module, qualname, node.name, stripped, summary))
+    return out
+
+
+def build_docstrings(seed: int) -> dict[str, list[dict[str, object]]]:
+    """Build the docstring SFT splits, split by module with no shared summaries."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    LOG.info("reading stdlib sources from %s", stdlib)
+    seen_code: set[str] = set()
+    seen_pair: set[tuple[str, str]] = set()
+    by_module: dict[str, list[DocExample]] = {}
+    for module, path in iter_stdlib_files(stdlib):
+        for ex in extract_examples(module, path):
+            if ex.code in seen_code or (ex.name, ex.summary) in seen_pair:
+                continue
+            seen_code.add(ex.code)
+            seen_pair.add((ex.name, ex.summary))
+            by_module.setdefault(module, []).append(ex)
+    LOG.info("%d candidates from %d modules", sum(map(len, by_module.values())), len(by_module))
+
+    rng = random.Random(seed)
+    modules = sorted(by_module)
+    rng.shuffle(modules)
+    splits: dict[str, list[DocExample]] = {name: [] for name in SPLITS}
+    used_summaries: set[str] = set()
+    order = ("test", "validation", "train")  # small held-out splits first
+    idx = 0
+    for module in modules:
+        while idx < len(order) and len(splits[order[idx]]) >= DOC_TARGETS[order[idx]]:
+            idx += 1
+        if idx == len(order):
+            break
+        split = order[idx]
+        module_summaries: set[str] = set()
+        for ex in by_module[module]:
+            if len(splits[split]) >= DOC_TARGETS[split]:
+                break
+            if ex.summary in used_summaries:
+                continue  # summary already in an earlier split
+            splits[split].append(ex)
+            module_summaries.add(ex.summary)
+        used_summaries |= module_summaries
+    result = {}
+    for name in SPLITS:
+        examples = splits[name]
+        rng.shuffle(examples)
+        result[name] = [ex.to_record() for ex in examples]
+    return result
+
+
+# --- fortunes ---------------------------------------------------------------
+
+
+def remove_overstrike(text: str) -> str:
+    """Resolve backspace overstriking (``_\\bX`` underline, ``X\\bX`` bold)."""
+    out_lines = []
+    for line in text.split("\n"):
+        buf: list[str] = []
+        pos = 0
+        for ch in line:
+            if ch == "\b":
+                pos = max(pos - 1, 0)
+                continue
+            if pos < len(buf):
+                if ch != "_" or buf[pos] in " _":
+                    buf[pos] = ch
+            else:
+                buf.append(ch)
+            pos += 1
+        out_lines.append("".join(buf))
+    return "\n".join(out_lines)
+
+
+def read_fortunes(path: Path) -> list[str]:
+    """Return the whitespace-normalised fortunes of one fortune file."""
+    raw = path.read_text(encoding="utf-8")
+    entries: list[str] = []
+    current: list[str] = []
+    for line in raw.splitlines():
+        if line.strip() == "%":
+            entries.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    entries.append("\n".join(current))
+    out = []
+    for entry in entries:
+        text = remove_overstrike(entry)
+        text = "".join(ch if ch.isprintable() or ch.isspace() else " " for ch in text)
+        text = " ".join(text.split())
+        if text:
+            out.append(text)
+    return out
+
+
+def build_fortunes(seed: int, categories: Iterable[str]) -> dict[str, list[dict[str, object]]]:
+    """Build balanced fortune classification splits (per-class 70/10/20)."""
+    categories = list(categories)
+    texts: dict[str, list[str]] = {}
+    owners: dict[str, set[str]] = {}
+    for cat in categories:
+        path = FORTUNE_DIR / cat
+        if not path.is_file():
+            raise SystemExit(f"{path} missing: apt-get install -y fortunes fortunes-min")
+        kept: list[str] = []
+        for text in read_fortunes(path):
+            if MIN_TEXT <= len(text) <= MAX_TEXT and text not in kept:
+                kept.append(text)
+                owners.setdefault(text, set()).add(cat)
+        texts[cat] = kept
+    # Drop texts that occur in more than one category (ambiguous labels).
+    for cat in categories:
+        texts[cat] = [t for t in texts[cat] if len(owners[t]) == 1]
+        LOG.info("fortunes/%s: %d usable entries", cat, len(texts[cat]))
+
+    per_class_train_cap = MAX_TRAIN_TOTAL // len(categories)
+    per_class = min(
+        min(len(v) for v in texts.values()),
+        int(per_class_train_cap / FORTUNE_FRACTIONS["train"]),
+    )
+    n_val = round(per_class * FORTUNE_FRACTIONS["validation"])
+    n_test = round(per_class * FORTUNE_FRACTIONS["test"])
+    n_train = per_class - n_val - n_test
+    rng = random.Random(seed)
+    splits: dict[str, list[dict[str, object]]] = {name: [] for name in SPLITS}
+    for cat in categories:
+        pool = sorted(texts[cat])
+        rng.shuffle(pool)
+        chunks = {
+            "train": pool[:n_train],
+            "validation": pool[n_train : n_train + n_val],
+            "test": pool[n_train + n_val : per_class],
+        }
+        for name, chunk in chunks.items():
+            splits[name].extend({"text": t, "label": cat} for t in chunk)
+    for name in SPLITS:
+        rng.shuffle(splits[name])
+    return splits
+
+
+# --- output -----------------------------------------------------------------
+
+
+def write_jsonl(path: Path, records: list[dict[str, object]]) -> int:
+    """Write ``records`` as JSON Lines and return the file size in bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return path.stat().st_size
+
+
+def write_dataset(out_dir: Path, name: str, splits: dict[str, list[dict[str, object]]]) -> None:
+    """Write one dataset's splits, check its size, and print a summary."""
+    total = 0
+    for split in SPLITS:
+        total += write_jsonl(out_dir / name / f"{split}.jsonl", splits[split])
+    counts = ", ".join(f"{s}={len(splits[s])}" for s in SPLITS)
+    print(f"{name}: {counts} ({total / 1024:.0f} KiB)")
+    for split in SPLITS:
+        labels = Counter(str(r["label"]) for r in splits[split] if "label" in r)
+        if labels:
+            print(f"  {split}: " + ", ".join(f"{k}={v}" for k, v in sorted(labels.items())))
+    if total > MAX_DATASET_BYTES:
+        raise SystemExit(f"{name} is {total} bytes, over the {MAX_DATASET_BYTES} byte limit")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments and rebuild both datasets."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent.parent / "data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--categories", nargs="+", default=list(FORTUNE_CATEGORIES))
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    write_dataset(args.out_dir, "docstrings", build_docstrings(args.seed))
+    write_dataset(args.out_dir, "fortunes", build_fortunes(args.seed, args.categories))
+
+
+if __name__ == "__main__":
+    main()

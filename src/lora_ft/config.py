@@ -1,0 +1,246 @@
+"""The recipe schema: typed sections, strict keys, every error reported at once.
+
+A recipe is YAML with the sections ``model``, ``lora``, ``data``, ``train`` and ``output_dir``. Every field
+has a default, so a recipe names only what differs. Unknown keys are rejected with a did-you-mean instead
+of being silently ignored (the failure mode of flat dict configs). This module imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe (or a value derived from it) is wrong; the message says what to fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which pre-trained model to load and how."""
+
+    name: str = "example:smollm2-135m-instruct"
+    """Hub id, local folder, path to a ``.gguf`` file, or ``example:NAME``."""
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    quant: Literal["none", "int8", "nf4", "fp4"] = "none"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class LoraConfigSection(_Section):
+    """The adapter: passed to peft's ``LoraConfig``."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["auto"] | list[str] = "auto"
+    """``auto``: every linear layer of the backbone, never the output or task head."""
+    use_dora: bool = False
+    use_rslora: bool = False
+    init: bool | str = True
+    """peft's ``init_lora_weights``: true, ``gaussian``, ``pissa``, ``olora``, ``eva``, ..."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one module name, or 'auto'")
+        return v
+
+
+class DataConfig(_Section):
+    """Where the data is and how to read it."""
+
+    train: str | None = None
+    validation: str | None = None
+    validation_split: float = Field(0.0, ge=0, lt=1)
+    """Fraction of ``train`` carved out (with ``train.seed``) when no ``validation`` file is given."""
+    test: str | None = None
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text", "classification"] = "auto"
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    system_prompt: str | None = None
+    max_length: int = Field(512, gt=1)
+    train_on_prompt: bool = False
+    """Chat/instruction data: also put loss on the prompt tokens (default: answers only)."""
+    group_by_length: Literal["auto"] | bool = "auto"
+    """Batch examples of similar length (less padding). ``auto``: on for causal LMs, off for classifiers,
+    where length can correlate with the label and single-class batches make training erratic."""
+    max_eval_examples: int | None = Field(None, gt=0)
+    """Evaluate on at most this many examples per split (the first ones, so runs stay comparable)."""
+
+
+class TrainConfig(_Section):
+    """The optimisation loop."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; overrides ``epochs`` when set."""
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = Field(0.03, ge=0)
+    """A fraction of all steps when < 1, else a number of steps."""
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    """Evaluate every N optimizer steps (and always at the end); None: at the end of each epoch."""
+    early_stopping_patience: int | None = Field(None, gt=0)
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    """``auto``: on for GPUs (memory is the constraint there), off on the CPU (it only costs time)."""
+    seed: int = 42
+    log_every: int = Field(1, gt=0)
+    checkpoint_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    trackers: list[Literal["tensorboard", "wandb"]] = []
+
+
+class Recipe(_Section):
+    """A whole run."""
+
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfigSection = LoraConfigSection()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    output_dir: str = "runs/default"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        d = self.data
+        if d.format == "classification" and self.model.task != "sequence_classification":
+            raise ValueError("data.format 'classification' needs model.task: sequence_classification")
+        if self.model.task == "sequence_classification" and d.format not in ("auto", "classification"):
+            raise ValueError(f"model.task sequence_classification cannot train on data.format '{d.format}'")
+        if d.validation and d.validation_split:
+            raise ValueError("give data.validation or data.validation_split, not both")
+        return self
+
+    def dump(self) -> str:
+        """The fully resolved recipe as YAML (what ``run_config.yaml`` holds)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelConfig,
+    "lora": LoraConfigSection,
+    "data": DataConfig,
+    "train": TrainConfig,
+}
+PATH_FIELDS = ("train", "validation", "test")
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    close = close or [c for c in choices if word.startswith(c) or c.startswith(word)][:1]
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(choices)})"
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    where = ".".join(loc) or "recipe"
+    if err["type"] == "extra_forbidden":
+        parent = SECTIONS.get(loc[0]) if len(loc) == 2 else Recipe if len(loc) == 1 else None
+        hint = _did_you_mean(loc[-1], list(parent.model_fields)) if parent else ""
+        return f"{where}: unknown key{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] != "value_error" and "input" in err and not isinstance(err["input"], dict):
+        msg += f" (got {err['input']!r})"
+    return f"{where}: {msg}"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {dotted}: '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["train.lr=1e-4"]`` → ``[("train.lr", 0.0001)]``; values are parsed as YAML scalars/lists."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set '{item}': write it as section.key=value, e.g. --set train.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative data paths in a recipe file are relative to that file, so recipes run from anywhere."""
+    for key in PATH_FIELDS:
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+            data[key] = str((base / value).resolve())
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raise one ``RecipeError`` listing every problem."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+        except UnicodeDecodeError:
+            raise RecipeError(f"{path}: not a UTF-8 text file") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of sections (model, lora, data, train)")
+        tree = loaded
+        if isinstance(tree.get("data"), dict):
+            _resolve_paths(tree["data"], path.parent)
+        if isinstance(tree.get("model"), dict):
+            name = tree["model"].get("name")
+            if isinstance(name, str) and name.endswith(".gguf") and (path.parent / name).exists():
+                tree["model"]["name"] = str((path.parent / name).resolve())
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    for section in SECTIONS:
+        if section in tree and not isinstance(tree[section], dict):
+            raise RecipeError(f"{section}: must be a mapping of keys, got {tree[section]!r}")
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as e:
+        lines = [_format_error(err) for err in e.errors()]
+        source = str(path) if path else "recipe"
+        raise RecipeError(f"{source}: {len(lines)} problem(s): " + "; ".join(lines)) from None
+
+
+def resolve_compute_dtype(name: str, cuda: bool, bf16_supported: bool) -> str:
+    """``auto`` → bf16 on GPUs that support it, else fp32 (fp16 training needs loss scaling care)."""
+    if name != "auto":
+        return name
+    return "bf16" if cuda and bf16_supported else "fp32"

@@ -1,0 +1,179 @@
+"""Loading the base model and its tokenizer: source resolution, quantization, task heads, pad token."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.quantizers.base import get_keys_to_not_convert
+
+from .config import ModelConfig, RecipeError
+from .examples import convert_gguf, example_path, gguf_cache_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_source(name: str) -> str:
+    """``example:X`` / ``*.gguf`` / folder / Hub id → something ``from_pretrained`` accepts."""
+    if name.startswith("example:"):
+        return str(example_path(name.removeprefix("example:")))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise RecipeError(f"model.name: GGUF file not found: {name}")
+        return str(convert_gguf(path, gguf_cache_dir(path)))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise RecipeError(f"model.name: {name} has no config.json; point it at a model folder or .gguf file")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise RecipeError(f"model.name: {name} does not exist; give a local folder, a .gguf file or a Hub id")
+    return name  # a Hub id: from_pretrained downloads (or reads the local HF cache)
+
+
+def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        # Reusing an existing token avoids resizing (and, when quantized, re-quantizing) the embeddings.
+        # pad == eos is safe here because labels are built from our own masks, never from pad ids, so the
+        # real EOS at the end of every answer keeps its loss.
+        tok.pad_token = tok.unk_token or tok.eos_token
+        if tok.pad_token is None:
+            raise RecipeError(f"model.name: tokenizer of {source} has no pad, unk or eos token to pad with")
+    return tok
+
+
+def _task_class(task: str) -> type:
+    return AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+
+
+def _checkpoint_keys(source: str) -> set[str] | None:
+    """Tensor names stored in a local checkpoint (read from headers only), or None when not local."""
+    folder = Path(source)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return set(f.keys())
+    return None
+
+
+def new_head_modules(config, task: str, source: str) -> tuple[list[str], list[str]]:
+    """Modules the task model creates that the checkpoint lacks (e.g. BERT's ``classifier``).
+
+    Also returns the modules transformers keeps unquantized by default (output embeddings, tied weights),
+    because passing our own skip list to bitsandbytes replaces that default. Built on the meta device, so
+    nothing is allocated. These heads are freshly initialised: they must stay
+    in full precision (bitsandbytes would quantize them and peft's ``modules_to_save`` then fails on the
+    quantized copy) and they are trained and saved with the adapter.
+    """
+    with torch.device("meta"):
+        model = _task_class(task).from_config(config)
+    prefix = model.base_model_prefix
+    stored = _checkpoint_keys(source)
+    heads = []
+    for name, module in model.named_modules():
+        params = [p for p, _ in module.named_parameters(recurse=False)]
+        if not name or not params:
+            continue
+        if stored is None:  # not local: every module outside the backbone is head
+            is_new = not name.startswith(prefix + ".")
+        else:
+            keys = [f"{name}.{p}" for p in params]
+            is_new = not any(k in stored or k.removeprefix(prefix + ".") in stored for k in keys)
+        if is_new and task == "sequence_classification":
+            heads.append(name)
+    # Keep the top-most names only ("classifier", not "classifier.dense" as well).
+    top = [h for h in heads if not any(h.startswith(o + ".") for o in heads if o != h)]
+    return top, get_keys_to_not_convert(model)
+
+
+def quantization_config(cfg: ModelConfig, compute: torch.dtype, skip: list[str]) -> BitsAndBytesConfig | None:
+    if cfg.quant == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RecipeError(f"model.quant {cfg.quant} needs bitsandbytes: pip install bitsandbytes "
+                          "(or set model.quant: none)") from None
+    if cfg.quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        # Stored in the compute dtype so FSDP can flatten quantized and plain parameters together.
+        bnb_4bit_quant_storage=compute if compute != torch.float32 else torch.uint8,
+        llm_int8_skip_modules=skip,
+    )
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    head_modules: list[str]
+    compute_dtype: torch.dtype
+
+
+def load_model(
+    cfg: ModelConfig,
+    compute_dtype: str,
+    device: torch.device | str = "cpu",
+    id2label: dict[int, str] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> LoadedModel:
+    """Load the base model for ``cfg.task``, quantized as asked, on ``device``."""
+    source = resolve_source(cfg.name)
+    tokenizer = tokenizer or load_tokenizer(source, cfg)
+    if cfg.trust_remote_code:
+        log.warning("model.trust_remote_code is on: code from %s will run on this machine", source)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    if cfg.task == "sequence_classification":
+        if not id2label:
+            raise RecipeError("sequence_classification needs labels; none were found in the training data")
+        config.num_labels = len(id2label)
+        config.id2label = {int(i): str(n) for i, n in id2label.items()}
+        config.label2id = {str(n): int(i) for i, n in id2label.items()}
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    heads, keep_full = new_head_modules(config, cfg.task, source)
+    compute = DTYPES[compute_dtype]
+    quant = quantization_config(cfg, compute, sorted(set(heads) | set(keep_full)))
+    # Quantized layers compute in `compute`; unquantized models load in fp32 and use autocast for speed,
+    # because LoRA weights and optimizer state should stay fp32 either way.
+    dtype = compute if quant is not None else torch.float32
+    device_map = {"": device} if quant is not None else None
+    model = _task_class(cfg.task).from_pretrained(
+        source, config=config, dtype=dtype, quantization_config=quant, device_map=device_map, **kwargs
+    )
+    if quant is None:
+        model.to(device)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, source, heads, compute)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))

@@ -1,0 +1,47 @@
+"""Run reports: the loss/metric curves drawn from ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_curves(metrics_file: Path, png: Path) -> None:
+    """Training loss, evaluation losses and the task metric (accuracy) over optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_file)
+    train = [r for r in rows if "split" not in r]
+    evals: dict[str, list[dict]] = {}
+    for r in rows:
+        if "split" in r:
+            evals.setdefault(r["split"], []).append(r)
+    has_acc = any("accuracy" in r for rs in evals.values() for r in rs)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6.5, 4), squeeze=False)
+    ax = axes[0][0]
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", alpha=0.7)
+    for split, rs in evals.items():
+        ax.plot([r["step"] for r in rs], [r["loss"] for r in rs], "o-", label=split)
+    ax.set(xlabel="optimizer step", ylabel="loss", title="loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if has_acc:
+        ax2 = axes[0][1]
+        for split, rs in evals.items():
+            ax2.plot([r["step"] for r in rs], [r.get("accuracy") for r in rs], "o-", label=split)
+        ax2.set(xlabel="optimizer step", ylabel="accuracy", title="accuracy")
+        ax2.legend()
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,161 @@
+"""Fixtures: tiny random Llama/BERT models with real tokenizers, and small learnable datasets, on disk.
+
+Everything is built locally (no network): HF_HUB_OFFLINE is forced before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ANIMALS = {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "owl": "hoot",
+           "frog": "ribbit", "bee": "buzz"}
+TOPICS = {
+    "animals": ["cat", "dog", "horse", "bird", "fish", "mouse", "lion", "tiger"],
+    "money": ["bank", "price", "stock", "market", "cash", "loan", "trade", "profit"],
+    "weather": ["rain", "snow", "wind", "storm", "cloud", "sun", "fog", "frost"],
+}
+FILLER = ["the", "a", "is", "was", "very", "near", "today", "and", "big", "small"]
+
+
+def chat_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        animal = rng.choice(sorted(ANIMALS))
+        q = rng.choice(["What does the {} say?", "Which sound does a {} make?", "The {} says what?"])
+        rows.append({"messages": [{"role": "user", "content": q.format(animal)},
+                                  {"role": "assistant", "content": f"The {animal} says {ANIMALS[animal]}."}]})
+    return rows
+
+
+def classification_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(sorted(TOPICS))
+        words = rng.sample(TOPICS[label], 2) + rng.sample(FILLER, 3)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _corpus() -> list[str]:
+    texts = []
+    for r in chat_rows(200, 0):
+        texts += [m["content"] for m in r["messages"]] + ["user", "assistant", "system"]
+    texts += [r["text"] for r in classification_rows(200, 0)]
+    return texts * 3
+
+
+def build_chat_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    # No pad token on purpose: lora_ft must pick one (and pad == eos must not mask the answers' EOS).
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_bert_tokenizer():
+    from tokenizers import processors
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(_corpus(), vocab_size=300)
+    inner = wp._tokenizer
+    cls, sep = inner.token_to_id("[CLS]"), inner.token_to_id("[SEP]")
+    inner.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (causal LM) with a ChatML template, saved as a local model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_chat_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
+                      initializer_range=0.2)  # large enough that a frozen random head can express peaked outputs
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer random BERT *encoder* checkpoint: the classifier head does not exist in it yet."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = build_bert_tokenizer()
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                     initializer_range=0.2)
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("chat-data")
+    return {"train": write_jsonl(d / "train.jsonl", chat_rows(96, 1)),
+            "validation": write_jsonl(d / "validation.jsonl", chat_rows(24, 2)),
+            "test": write_jsonl(d / "test.jsonl", chat_rows(24, 3))}
+
+
+@pytest.fixture(scope="session")
+def cls_data(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("cls-data")
+    return {"train": write_jsonl(d / "train.jsonl", classification_rows(120, 1)),
+            "validation": write_jsonl(d / "validation.jsonl", classification_rows(30, 2)),
+            "test": write_jsonl(d / "test.jsonl", classification_rows(30, 3))}
+
+
+def make_recipe(model_dir: Path, data: dict[str, Path], out: Path, **sections):
+    """A Recipe for the tiny models; ``sections`` update model/lora/data/train keys."""
+    from lora_ft.config import Recipe
+
+    tree = {"model": {"name": str(model_dir)}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {k: str(v) for k, v in data.items()},
+            "train": {"max_steps": 30, "micro_batch_size": 8, "lr": 1e-2, "warmup": 0, "log_every": 1},
+            "output_dir": str(out)}
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    return Recipe.model_validate(tree)

