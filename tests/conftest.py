@@ -159,3 +159,14 @@ def make_recipe(model_dir: Path, data: dict[str, Path], out: Path, **sections):
     for section, values in sections.items():
         tree.setdefault(section, {}).update(values)
     return Recipe.model_validate(tree)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_root_logging():
+    """The CLI's logging.basicConfig binds a handler to the stderr of the moment (pytest's capture of one
+    test); drop it afterwards so later tests do not write to a closed stream."""
+    import logging
+
+    yield
+    for handler in list(logging.getLogger().handlers):
+        logging.getLogger().removeHandler(handler)

@@ -64,5 +64,5 @@ def test_source_errors_are_clear(tmp_path):
 
 
 def test_unknown_example_is_rejected():
-    with pytest.raises(RuntimeError, match="unknown example model 'nope'; choose one of: minilm-l6"):
+    with pytest.raises(RecipeError, match="unknown example model .nope.; choose one of: minilm-l6"):
         resolve_source("example:nope")

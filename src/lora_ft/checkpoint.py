@@ -19,6 +19,16 @@ from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
 
+
+class SaveError(RuntimeError):
+    """Writing a checkpoint or adapter failed (disk full, permissions); what was there before is intact."""
+
+
+def _failed(target: Path, tmp: Path, err: OSError) -> SaveError:
+    shutil.rmtree(tmp, ignore_errors=True)  # free what the failed write took; the old copy is untouched
+    return SaveError(f"could not write {target}: {err.strerror or err}; the previous copy is intact - free disk "
+                     "space (or set another output_dir) and continue with --resume latest")
+
 STATE_FILE = "trainer_state.pt"
 ADAPTER_FILE = "adapter/adapter_model.safetensors"
 
@@ -42,9 +52,12 @@ def save_adapter(model: PeftModel, folder: Path, tokenizer=None) -> None:
     tmp = folder.with_name(f".{folder.name}.tmp")
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    except OSError as e:
+        raise _failed(folder, tmp, e) from None
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
@@ -55,10 +68,14 @@ def save_checkpoint(root: Path, step: int, model: PeftModel, training_state: dic
     """``root/step-N`` via a temporary folder and a rename, then prune to the newest ``keep``."""
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
-    torch.save({**training_state, "rng": rng_state()}, tmp / STATE_FILE)
+    for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save: never valid
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp / "adapter")
+        torch.save({**training_state, "rng": rng_state()}, tmp / STATE_FILE)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        raise _failed(final, tmp, e if isinstance(e, OSError) else OSError(str(e))) from None
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)  # the commit point: before it the previous checkpoint is the latest intact one

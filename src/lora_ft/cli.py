@@ -11,13 +11,14 @@ import warnings
 from pathlib import Path
 
 from .config import RecipeError, load_recipe
+from .signals import TrainingInterrupted
 
 log = logging.getLogger("lora_ft")
 
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     if not verbose:
         # Library chatter (load reports, bitsandbytes kernel notices) would bury our own messages.
         for name in ("transformers", "datasets", "accelerate", "peft", "bitsandbytes", "httpx", "filelock"):
@@ -28,6 +29,8 @@ def _setup_logging(verbose: bool) -> None:
         import transformers
 
         datasets.disable_progress_bars()
+        # datasets logs parse failures at ERROR before raising; we re-raise them as one-line messages.
+        datasets.utils.logging.set_verbosity(logging.CRITICAL)
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
 
@@ -47,12 +50,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH|latest",
                    help="continue from the latest (or the given) checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="train on N processes, one per GPU (CPU processes without GPUs): the same command "
+                        "under `accelerate launch --multi_gpu --num_processes N`")
     p = sub.add_parser("eval", help="evaluate a trained run on a data file")
     p.add_argument("run_dir")
     p.add_argument("--data", required=True, help="jsonl/json/csv/parquet file in the run's data format")
     p = sub.add_parser("validate", help="check a recipe (and that its files exist) without loading weights")
     _recipe_args(p)
+    _export_parsers(sub)
     return parser
+
+
+def _export_parsers(sub) -> None:
+    """merge, push, chat, generate, predict: what a finished run is for."""
+    p = sub.add_parser("merge", help="merge a run's adapter into a full-precision base and measure fidelity")
+    p.add_argument("run_dir")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="dtype of the merged weights (auto: the run's compute dtype)")
+    p.add_argument("--base", default="dequantized", choices=["dequantized", "original"],
+                   help="quantized runs: merge into the de-quantized weights the adapter was trained against "
+                        "(default) or into the original weights")
+    p.add_argument("--out", default=None, metavar="DIR", help="where to write the merged model (RUN_DIR/merged)")
+    p.add_argument("--force", action="store_true", help="save the merged model even above the fidelity limit")
+    p.add_argument("--examples", type=int, default=64, metavar="N", help="held-out examples to compare on")
+    p.add_argument("--data", default=None, metavar="FILE", help="compare on this file instead of the run's "
+                   "validation data")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    p = sub.add_parser("push", help="upload a run's adapter (or merged model) with a model card to the Hub")
+    p.add_argument("run_dir")
+    p.add_argument("--repo", required=True, metavar="USER/NAME", help="Hub repository to create or update")
+    p.add_argument("--merged", action="store_true", help="push RUN_DIR/merged instead of the adapter")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/hub (what would be uploaded) only")
+    p.add_argument("--base-model", default=None, metavar="ID", help="the base's Hub id, when the recipe named "
+                   "a local folder")
+    for name, help_ in (("chat", "chat with a causal LM run (streaming, chat template)"),
+                        ("generate", "generate replies to prompts with a causal LM run"),
+                        ("predict", "classify a data file with a classifier run")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("run_dir", help="a run's output_dir, or a merged model folder")
+        p.add_argument("--merged", action="store_true", help="use RUN_DIR/merged instead of the adapter")
+        if name == "predict":
+            p.add_argument("--data", required=True, help="jsonl/json/csv/parquet file with the text column(s)")
+            p.add_argument("--out", default=None, metavar="FILE", help="predictions jsonl "
+                           "(default RUN_DIR/predictions.jsonl)")
+            p.add_argument("--batch-size", type=int, default=32)
+            continue
+        if name == "generate":
+            p.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+            p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
+        p.add_argument("--system", default=None, help="system prompt")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--top-p", type=float, default=1.0)
+
+
+def _run_export(args) -> int:
+    if args.command == "merge":
+        from .export import merge_run
+
+        entry = merge_run(args.run_dir, args.dtype, args.base, args.out, args.force, args.examples, args.data,
+                          args.max_shard_size)
+        print(json.dumps(entry, indent=2))
+        print(f"merged model written to {entry['out']}")
+        return 0
+    if args.command == "push":
+        from .hub import push
+
+        result = push(args.run_dir, args.repo, args.merged, args.private, args.dry_run, args.base_model)
+        print(json.dumps(result, indent=2))
+        return 0
+    from . import infer
+
+    im = infer.load_for_inference(args.run_dir, args.merged)
+    if args.command == "predict":
+        out = args.out or str(Path(args.run_dir) / "predictions.jsonl")
+        print(json.dumps(infer.predict_file(im, args.data, out, args.batch_size), indent=2))
+        return 0
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    if args.command == "generate":
+        for reply in infer.generate(im, args.prompt, args.system, raw=args.raw, **gen):
+            print(reply)
+        return 0
+    infer.chat(im, sys.stdin, sys.stdout, args.system, interactive=sys.stdin.isatty(), **gen)
+    return 0
 
 
 def _validate(recipe) -> list[str]:
@@ -68,6 +150,37 @@ def _validate(recipe) -> list[str]:
     if not recipe.data.train:
         problems.append("data.train: no training data given")
     return problems
+
+
+def _launch(argv: list[str], n: int) -> int:
+    """``train ... --num-processes N``: run the same argv under ``accelerate launch`` as N processes.
+
+    The argv goes through as a list (no shell), with ``--num-processes 1`` appended: argparse keeps the last
+    value, so the launched processes train instead of launching again.
+    """
+    import signal
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a free port, so that two runs on one machine do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "lora_ft", *argv, "--num-processes", "1"]
+    log.info("launching %d processes: %s", n, " ".join(cmd))
+    proc = subprocess.Popen(cmd)
+    # SIGTERM (a job scheduler) goes on to the launcher, which passes it to the processes; Ctrl-C reaches them
+    # from the terminal directly. Either way the processes save a checkpoint first, so wait for them.
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,19 +201,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train import train
 
-            recipe = load_recipe(args.recipe, args.overrides)
+            recipe = load_recipe(args.recipe, args.overrides)  # fails here, once, before N processes start
+            if args.num_processes > 1:
+                return _launch(sys.argv[1:] if argv is None else argv, args.num_processes)
             results = train(recipe, resume=args.resume, overwrite=args.overwrite)
-            print(json.dumps(results, indent=2))
-            print(f"adapter and reports written to {recipe.output_dir}")
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:  # under `accelerate launch` every process gets here
+                print(json.dumps(results, indent=2))
+                print(f"adapter and reports written to {recipe.output_dir}")
             return 0
         if args.command == "eval":
             from .train import evaluate_run
 
             print(json.dumps(evaluate_run(args.run_dir, args.data), indent=2))
             return 0
+        if args.command in ("merge", "push", "chat", "generate", "predict"):
+            return _run_export(args)
     except RecipeError as e:
         print(f"lora-ft: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"lora-ft: {str(e).replace('RECIPE', getattr(args, 'recipe', 'RECIPE'))}", file=sys.stderr)
+        return e.exit_code
     except (RuntimeError, FloatingPointError) as e:
         if args.verbose:
             raise

@@ -19,6 +19,12 @@ class RecipeError(ValueError):
     """A recipe (or a value derived from it) is wrong; the message says what to fix."""
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type), for one-line error reports."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -94,6 +100,9 @@ class TrainConfig(_Section):
     """Optimizer steps; overrides ``epochs`` when set."""
     micro_batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(1, gt=0)
+    global_batch_size: int | None = Field(None, gt=0)
+    """Examples per optimizer step over all processes. When set, ``grad_accum`` is derived (and a given one
+    replaced): global / (micro_batch_size × processes), so one recipe trains the same on 1 GPU or 8."""
     lr: float = Field(2e-4, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup: float = Field(0.03, ge=0)

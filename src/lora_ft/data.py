@@ -16,7 +16,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .config import DataConfig, RecipeError
+from .config import DataConfig, RecipeError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +35,18 @@ def read_split(spec: str, split: str) -> datasets.Dataset:
         reader = READERS.get(path.suffix.lower())
         if reader is None:
             raise RecipeError(f"data.{split}: cannot read '{path.suffix}' files; use .jsonl, .json, .csv or .parquet")
+        if path.stat().st_size == 0:
+            raise RecipeError(f"data.{split}: {spec} holds no examples")
         try:
             ds = datasets.load_dataset(reader, data_files=str(path), split="train")
         except Exception as e:  # datasets wraps parser errors in several exception types
-            cause = e.__cause__ or e
-            raise RecipeError(f"data.{split}: cannot parse {spec} as {reader}: "
-                              f"{str(cause).splitlines()[0][:200]}") from None
+            raise RecipeError(f"data.{split}: cannot parse {spec} as {reader}: {first_line(e.__cause__ or e)}") from None
     else:
         try:
             ds = datasets.load_dataset(spec, split=split)
         except Exception as e:
             raise RecipeError(f"data.{split}: '{spec}' is neither a local file nor a loadable Hub dataset "
-                              f"({str(e).splitlines()[0][:200]})") from None
+                              f"({first_line(e)})") from None
     if len(ds) == 0:
         raise RecipeError(f"data.{split}: {spec} holds no examples")
     return ds

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from platformdirs import user_cache_dir
 
+from .config import RecipeError, first_line
+
 log = logging.getLogger(__name__)
 
 _home: Path | None = None
@@ -104,7 +106,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     try:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:  # transformers raises ValueError/KeyError for architectures it cannot map
-        raise RuntimeError(f"{gguf}: cannot import this GGUF file ({str(e).splitlines()[0][:200]}); "
+        raise RecipeError(f"model.name: cannot import {gguf.name} ({first_line(e)}); "
                            "transformers supports GGUF for llama, mistral, qwen2, phi3, gemma and a few more") from None
     log.info("converting %s (%s) to safetensors in %s (once)", gguf.name, config.model_type, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -132,7 +134,7 @@ def gguf_cache_dir(gguf: Path) -> Path:
 def example_path(name: str) -> Path:
     """Local folder of ``example:NAME``, fetched and converted on first use."""
     if name not in EXAMPLES:
-        raise RuntimeError(f"unknown example model '{name}'; choose one of: {', '.join(EXAMPLES)}")
+        raise RecipeError(f"model.name: unknown example model '{name}'; choose one of: {', '.join(EXAMPLES)}")
     ex = EXAMPLES[name]
     out = home() / "examples" / name
     if out.joinpath("config.json").is_file():

@@ -19,7 +19,7 @@ from transformers import (
 )
 from transformers.quantizers.base import get_keys_to_not_convert
 
-from .config import ModelConfig, RecipeError
+from .config import ModelConfig, RecipeError, first_line
 from .examples import convert_gguf, example_path, gguf_cache_dir
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,16 @@ def resolve_source(name: str) -> str:
     return name  # a Hub id: from_pretrained downloads (or reads the local HF cache)
 
 
+def _cannot_load(source: str, err: Exception) -> RecipeError:
+    return RecipeError(f"model.name: cannot load '{source}' ({first_line(err)}); check the name, or the network and "
+                       "HF_HUB_OFFLINE for Hub ids")
+
+
 def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:  # transformers reports missing repos/files (and offline mode) as OSError
+        raise _cannot_load(source, e) from None
     if tok.pad_token is None:
         # Reusing an existing token avoids resizing (and, when quantized, re-quantizing) the embeddings.
         # pad == eos is safe here because labels are built from our own masks, never from pad ids, so the
@@ -149,7 +157,10 @@ def load_model(
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code is on: code from %s will run on this machine", source)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    config = AutoConfig.from_pretrained(source, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise _cannot_load(source, e) from None
     if cfg.task == "sequence_classification":
         if not id2label:
             raise RecipeError("sequence_classification needs labels; none were found in the training data")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -31,6 +32,7 @@ from .data import Collator, LengthGroupedBatches, TaskData, prepare_data
 from .evaluation import evaluate_all, train_loss
 from .model import LoadedModel, load_model, load_tokenizer, resolve_source
 from .report import plot_curves
+from .signals import StopOnSignal, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,110 @@ def make_accelerator(recipe: Recipe) -> tuple[Accelerator, str]:
     cuda = torch.cuda.is_available()
     compute = resolve_compute_dtype(recipe.model.compute_dtype, cuda, cuda and torch.cuda.is_bf16_supported())
     precision = {"bf16": "bf16", "fp16": "fp16"}.get(compute, "no")
+    # On a machine without GPUs, accelerate forms a (gloo) process group only when told it runs on the CPU:
+    # otherwise every process that torchrun / `accelerate launch --multi_gpu` starts trains alone, and all of
+    # them write the same files.
+    cpu = torch.distributed.is_available() and torch.distributed.is_torchelastic_launched() and not cuda
     # gradient_accumulation_steps stays 1: the loop accumulates itself, with token-weighted normalisation.
     accelerator = Accelerator(mixed_precision=precision, log_with=recipe.train.trackers or None,
-                              project_dir=recipe.output_dir)
+                              project_dir=recipe.output_dir, cpu=cpu)
+    if not accelerator.is_main_process:
+        # Every process runs the same code: without this each message would appear once per process.
+        logging.getLogger("lora_ft").setLevel(logging.WARNING)
     return accelerator, compute
+
+
+def scale_to_processes(recipe: Recipe, accelerator: Accelerator, resume: str | None = None) -> Recipe:
+    """The recipe as this launch runs it: ``grad_accum`` derived from ``train.global_batch_size`` for this many
+    processes, DeepSpeed told the batch sizes, and what the sharded engines cannot do refused up front."""
+    tc, world, kind = recipe.train, accelerator.num_processes, accelerator.distributed_type
+    if tc.global_batch_size is not None:
+        per_pass = tc.micro_batch_size * world
+        if tc.global_batch_size % per_pass:
+            raise RecipeError(f"train.global_batch_size {tc.global_batch_size} is not a multiple of micro_batch_size "
+                              f"{tc.micro_batch_size} × {world} process(es) = {per_pass}; choose a multiple of "
+                              f"{per_pass} or change micro_batch_size")
+        tc = tc.model_copy(update={"grad_accum": tc.global_batch_size // per_pass})
+        recipe = recipe.model_copy(update={"train": tc})
+    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise RecipeError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                          "(see recipes/accelerate/fsdp-qlora.yaml)")
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED) and (tc.checkpoint_every or resume):
+        # The optimizer state is sharded there, and checkpoints hold one process's optimizer state.
+        raise RecipeError(f"train.checkpoint_every and --resume work with DDP, not yet under {kind.value}; unset "
+                          "them or launch with a DDP config (recipes/accelerate/multi-gpu.yaml)")
+    if kind == DistributedType.DEEPSPEED:
+        # Our loader yields whole micro-batches (no batch_size for accelerate to read), and the engine decides
+        # when an optimizer step happens: it must know the recipe's numbers.
+        accelerator.state.deepspeed_plugin.deepspeed_config.update({
+            "train_micro_batch_size_per_gpu": tc.micro_batch_size, "gradient_accumulation_steps": tc.grad_accum,
+            "train_batch_size": tc.micro_batch_size * tc.grad_accum * world,
+            "gradient_clipping": tc.max_grad_norm or 0.0})
+    return recipe
+
+
+def _zero3(accelerator: Accelerator) -> bool:
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def _trainable(unwrapped: PeftModel) -> dict[str, torch.nn.Parameter]:
+    # Full names without activation-checkpoint wrappers: the names in the model's own state dict.
+    return {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in unwrapped.named_parameters() if p.requires_grad}
+
+
+def adapter_snapshot(accelerator: Accelerator, unwrapped: PeftModel) -> dict[str, torch.Tensor]:
+    """The trained weights as CPU tensors, identical on every process: to keep the best adapter and to save it.
+
+    Under FSDP2 and ZeRO-3 each process holds a shard of every weight, so every process must call this (the
+    gather is a collective); only the adapter is gathered, not the frozen base. Keys are then full parameter
+    names (what ``save_pretrained(state_dict=...)`` takes), otherwise peft's adapter keys.
+    """
+    if accelerator.is_fsdp2:
+        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+                for n, p in _trainable(unwrapped).items()}
+    if _zero3(accelerator):
+        import deepspeed
+
+        params = _trainable(unwrapped)
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {n: p.detach().cpu().clone() for n, p in params.items()}
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unwrapped).items()}
+
+
+def restore_adapter(accelerator: Accelerator, model, unwrapped: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Put an ``adapter_snapshot`` back into the (possibly sharded) model; every process calls this."""
+    if accelerator.is_fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    elif _zero3(accelerator):
+        import deepspeed
+
+        params = _trainable(unwrapped)
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n])
+    else:
+        set_peft_model_state_dict(unwrapped, state)
+
+
+def save_adapter(accelerator: Accelerator, unwrapped: PeftModel, folder: Path, tokenizer) -> None:
+    """Every process calls this (sharded engines gather first); the main process writes."""
+    if not (accelerator.is_fsdp2 or _zero3(accelerator)):
+        if accelerator.is_main_process:
+            ckpt.save_adapter(unwrapped, folder, tokenizer)
+        return
+    state = adapter_snapshot(accelerator, unwrapped)
+    if accelerator.is_main_process:  # as ckpt.save_adapter, from the gathered weights
+        tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def make_loader(ds, batch_size: int, tokenizer, causal: bool, shuffle: bool, seed: int,
@@ -109,14 +211,24 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     """Run a recipe end to end; return ``eval_results`` (also written to ``output_dir``)."""
     tc, out = recipe.train, Path(recipe.output_dir)
     accelerator, compute = make_accelerator(recipe)
+    recipe = scale_to_processes(recipe, accelerator, resume)
+    tc = recipe.train
     main = accelerator.is_main_process
     _check_output_dir(out, resume, overwrite)
+    resume_from = None
+    if resume is not None:  # before any loading: a missing checkpoint should fail in a second, not a minute
+        resume_from = ckpt.find_checkpoint(out / "checkpoints", resume)
+        if resume_from is None:
+            raise RecipeError(f"--resume {resume}: no intact checkpoint under {out / 'checkpoints'}")
     set_seed(tc.seed)
 
     # ---------------------------------------------------------------- setup
     s = setup(recipe, accelerator, compute)
     model, data, causal, tok = s.model, s.data, s.causal, s.loaded.tokenizer
     world = accelerator.num_processes
+    # DDP and FSDP average gradients over processes, and DeepSpeed also divides the loss by its accumulation
+    # steps; both are undone so that the gradient is Σloss / Σitems over the whole global batch.
+    loss_scale = world * (tc.grad_accum if accelerator.distributed_type == DistributedType.DEEPSPEED else 1)
     group = causal if recipe.data.group_by_length == "auto" else recipe.data.group_by_length
     train_loader = make_loader(data.splits["train"], tc.micro_batch_size, tok, causal, True, tc.seed, group)
     sampler = train_loader.batch_sampler  # kept: the loop sets its epoch (accelerate wraps the loader)
@@ -136,8 +248,8 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     info = {"source": s.loaded.source, "format": data.format, "id2label": data.id2label,
             "targets": sorted(unwrapped.peft_config["default"].target_modules),
             "head_modules": s.loaded.head_modules, "compute_dtype": compute, "world_size": world,
-            "global_batch": tc.micro_batch_size * tc.grad_accum * world, "total_steps": total_steps,
-            "data": data.stats}
+            "global_batch": tc.micro_batch_size * tc.grad_accum * world, "grad_accum": tc.grad_accum,
+            "total_steps": total_steps, "data": data.stats}
     log.info("global batch %d = micro_batch_size %d × grad_accum %d × %d process(es); %d optimizer steps",
              info["global_batch"], tc.micro_batch_size, tc.grad_accum, world, total_steps)
     if main:
@@ -153,17 +265,14 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     step, epoch, position, best, bad_evals, best_state, before = 0, 0, 0, math.inf, 0, None, None
     rng, evaluated_epoch, best_step, last_val = None, 0, 0, None
     validating = "validation" in eval_loaders
-    if resume is not None:
-        path = ckpt.find_checkpoint(out / "checkpoints", resume)
-        if path is None:
-            raise RecipeError(f"--resume {resume}: no intact checkpoint under {out / 'checkpoints'}")
-        state = ckpt.load_checkpoint(path, unwrapped)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, unwrapped)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
         best, bad_evals, before, rng = state["best"], state["bad_evals"], state["before"], state["rng"]
         best_state, best_step = state.get("best_state"), state.get("best_step", 0)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, epoch, position)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, position)
     if before is None:
         before = evaluate_all(model, eval_loaders, accelerator, causal)
         log.info("before training: %s", before)
@@ -193,7 +302,7 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
         accelerator.log({f"validation/{k}": v for k, v in val.items()}, step=step)
         if val["loss"] < best - 1e-6:
             best, best_step, bad_evals = val["loss"], step, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unwrapped).items()}
+            best_state = adapter_snapshot(accelerator, unwrapped)
         else:
             bad_evals += 1
         log.info("step %d: validation %s (best loss %.4f at step %d)", step, val, best, best_step)
@@ -203,65 +312,77 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     stream = micro_batches()
     if rng is not None:
         ckpt.set_rng_state(rng)  # last, so nothing between restore and the first step draws numbers
+
+    def save_checkpoint() -> Path:
+        return ckpt.save_checkpoint(out / "checkpoints", step, unwrapped, {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+            "epoch": epoch, "position": position, "best": best, "bad_evals": bad_evals,
+            "before": before, "best_state": best_state, "best_step": best_step}, tc.keep_checkpoints)
+
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="training", dynamic_ncols=True)
-    tokens, train_time, stopped = torch.zeros((), device=accelerator.device), 0.0, None
-    while step < total_steps and stopped is None:
-        t0 = time.perf_counter()
-        batches = [next(stream) for _ in range(tc.grad_accum)]
-        local = torch.stack([_items(b, causal) for b in batches]).sum()
-        n_items = accelerator.reduce(local, "sum").clamp(min=1)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                item_loss, _ = train_loss(model, batch, causal)
-                # DDP averages gradients over processes, hence × world: the result is Σloss / Σitems.
-                accelerator.backward(item_loss * world / n_items)
-            loss_sum += item_loss.detach()
-            tokens += batch["attention_mask"].sum()
-        grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        train_time += time.perf_counter() - t0  # excludes evaluation and checkpointing
-        if step % tc.log_every == 0 or step == total_steps:
-            loss = (accelerator.reduce(loss_sum, "sum") / n_items).item()
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss} at step {step}; lower train.lr, or use compute_dtype bf16/fp32 "
-                    "instead of fp16 (no adapter from this step was saved)")
-            row = {"step": step, "epoch": round(epoch + position / max(len(train_loader), 1), 4), "loss": loss,
-                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens.item() * world / train_time}
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            accelerator.log(row, step=step)
-            if main:
-                _append_jsonl(out / METRICS, row)
-        finished = epoch + (position == len(train_loader))  # epochs completed so far
-        epoch_done = tc.eval_every is None and finished > evaluated_epoch
-        evaluated_epoch = finished
-        if validating and step < total_steps and (
-            (tc.eval_every and step % tc.eval_every == 0) or epoch_done
-        ) and evaluate_and_track():
-            stopped = f"early stopping at step {step}: validation loss did not improve for " \
-                      f"{tc.early_stopping_patience} evaluations"
-            log.info(stopped)
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and main:
-            ckpt.save_checkpoint(out / "checkpoints", step, unwrapped, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "epoch": epoch, "position": position, "best": best, "bad_evals": bad_evals,
-                "before": before, "best_state": best_state, "best_step": best_step}, tc.keep_checkpoints)
-    bar.close()
+    with StopOnSignal() as stopper, bar:  # the bar closes on every exit, so errors print on a clean line
+        tokens, train_time, stopped = torch.zeros((), device=accelerator.device), 0.0, None
+        while step < total_steps and stopped is None:
+            t0 = time.perf_counter()
+            batches = [next(stream) for _ in range(tc.grad_accum)]
+            local = torch.stack([_items(b, causal) for b in batches]).sum()
+            n_items = accelerator.reduce(local, "sum").clamp(min=1)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(batches):
+                sync = i == len(batches) - 1
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    item_loss, _ = train_loss(model, batch, causal)
+                    accelerator.backward(item_loss * loss_scale / n_items)  # see loss_scale
+                loss_sum += item_loss.detach()
+                tokens += batch["attention_mask"].sum()
+            grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            train_time += time.perf_counter() - t0  # excludes evaluation and checkpointing
+            if step % tc.log_every == 0 or step == total_steps:
+                loss = (accelerator.reduce(loss_sum, "sum") / n_items).item()
+                if not math.isfinite(loss):
+                    last = ckpt.list_checkpoints(out / "checkpoints")
+                    raise FloatingPointError(
+                        f"loss became {loss} at step {step}; lower train.lr, or use compute_dtype bf16/fp32 instead "
+                        f"of fp16; nothing from this step was saved (last good checkpoint: "
+                        f"{last[-1] if last else 'none'})")
+                row = {"step": step, "epoch": round(epoch + position / max(len(train_loader), 1), 4), "loss": loss,
+                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens.item() * world / train_time}
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                accelerator.log(row, step=step)
+                if main:
+                    _append_jsonl(out / METRICS, row)
+            finished = epoch + (position == len(train_loader))  # epochs completed so far
+            epoch_done = tc.eval_every is None and finished > evaluated_epoch
+            evaluated_epoch = finished
+            if validating and step < total_steps and (
+                (tc.eval_every and step % tc.eval_every == 0) or epoch_done
+            ) and evaluate_and_track():
+                stopped = f"early stopping at step {step}: validation loss did not improve for " \
+                          f"{tc.early_stopping_patience} evaluations"
+                log.info(stopped)
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and main:
+                save_checkpoint()
+            signum = stopper.requested(accelerator)
+            if signum:
+                path = save_checkpoint() if main else None
+                accelerator.wait_for_everyone()
+                raise TrainingInterrupted(
+                    f"interrupted at step {step}/{total_steps}; checkpoint saved to {path}; continue with: "
+                    f"lora-ft train RECIPE --resume latest (output_dir {out})", signum)
     if validating and stopped is None:
         evaluate_and_track()
 
     # ---------------------------------------------------------------- cleanup: best adapter → outputs
     if best_state is not None and best_step != step:
-        set_peft_model_state_dict(unwrapped, best_state)
+        restore_adapter(accelerator, model, unwrapped, best_state)
         log.info("restored the best adapter (step %d)", best_step)
     # The validation result of the best step is reused when it is the current model: no second pass.
     reuse = {"validation": last_val[1]} if last_val and last_val[0] == step and best_step == step else {}
@@ -270,12 +391,12 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     after = {n: after[n] for n in eval_loaders}
     info.update(best_step=best_step or step, steps_done=step, stopped=stopped)
     results = {"before": before, "after": after}
+    save_adapter(accelerator, unwrapped, out / "adapter", tok)  # every process: sharded engines gather first
     accelerator.wait_for_everyone()
     if main:
         for split, metrics in after.items():
             if split != "validation" or best_step != step:  # else already logged at this step
                 _append_jsonl(out / METRICS, {"step": step, "split": split, "final": True, **metrics})
-        ckpt.save_adapter(unwrapped, out / "adapter", tok)
         (out / RESULTS).write_text(json.dumps(results, indent=2), encoding="utf-8")
         (out / RUN_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
         plot_curves(out / METRICS, out / "curves.png")
