@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import chat_rows, classification_rows, write_jsonl
+from conftest import classification_rows, write_jsonl
 
 from lora_ft.cli import main
 
@@ -60,7 +60,8 @@ CASES = {
     "lr <= 0": ({"train": {"lr": 0}}, "train.lr: Input should be greater than 0"),
     "dropout out of [0,1)": ({"lora": {"dropout": 1.0}}, "lora.dropout: Input should be less than 1"),
     "model folder missing": ({"model": {"name": "./no/such/model"}}, "model.name: ./no/such/model does not exist"),
-    "Hub id unreachable": ({"model": {"name": "nobody/no-such-model"}}, "model.name: cannot load 'nobody/no-such-model'"),
+    "Hub id unreachable": ({"model": {"name": "nobody/no-such-model"}},
+                           "model.name: cannot load 'nobody/no-such-model'"),
     "GGUF of unknown architecture": (lambda t, f: {"model": {"name": str(_gguf_of_unknown_architecture(t / "m.gguf"))}},
                                      "model.name: cannot import m.gguf"),
     "data file missing": (lambda t, f: {"data": {"train": str(t / "missing.jsonl")}}, "data.train: file not found"),

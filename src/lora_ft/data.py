@@ -40,7 +40,8 @@ def read_split(spec: str, split: str) -> datasets.Dataset:
         try:
             ds = datasets.load_dataset(reader, data_files=str(path), split="train")
         except Exception as e:  # datasets wraps parser errors in several exception types
-            raise RecipeError(f"data.{split}: cannot parse {spec} as {reader}: {first_line(e.__cause__ or e)}") from None
+            cause = first_line(e.__cause__ or e)
+            raise RecipeError(f"data.{split}: cannot parse {spec} as {reader}: {cause}") from None
     else:
         try:
             ds = datasets.load_dataset(spec, split=split)
