@@ -148,12 +148,12 @@ def cls_data(tmp_path_factory) -> dict[str, Path]:
             "test": write_jsonl(d / "test.jsonl", classification_rows(30, 3))}
 
 
-def make_recipe(model_dir: Path, data: dict[str, Path], out: Path, **sections):
+def make_recipe(model_dir: Path, splits: dict[str, Path], out: Path, **sections):
     """A Recipe for the tiny models; ``sections`` update model/lora/data/train keys."""
     from lora_ft.config import Recipe
 
     tree = {"model": {"name": str(model_dir)}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "data": {k: str(v) for k, v in data.items()},
+            "data": {k: str(v) for k, v in splits.items()},
             "train": {"max_steps": 30, "micro_batch_size": 8, "lr": 1e-2, "warmup": 0, "log_every": 1},
             "output_dir": str(out)}
     for section, values in sections.items():

@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="jsonl/json/csv/parquet file in the run's data format")
     p = sub.add_parser("validate", help="check a recipe (and that its files exist) without loading weights")
     _recipe_args(p)
+    p = sub.add_parser("sweep", help="train a grid of recipe variations and rank them on validation")
+    _recipe_args(p)
+    p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                   help="values to try for one recipe key, e.g. --grid lora.r=8,16 (repeatable)")
+    p.add_argument("--trials", type=int, default=None, help="run only this many random combinations")
+    p = sub.add_parser("inspect", help="report on the recipe's data (lengths, labels, duplicates, leakage)")
+    _recipe_args(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     _export_parsers(sub)
     return parser
 
@@ -197,6 +205,21 @@ def main(argv: list[str] | None = None) -> int:
                 raise RecipeError(f"{args.recipe}: {len(problems)} problem(s): " + "; ".join(problems))
             print(f"ok: {args.recipe} ({recipe.model.task}, {recipe.model.name}, quant={recipe.model.quant}, "
                   f"LoRA r={recipe.lora.r}) -> {recipe.output_dir}")
+            return 0
+        if args.command == "sweep":
+            from .sweep import run_sweep
+
+            rows = run_sweep(args.recipe, args.grid, args.overrides, args.trials)
+            for n, row in enumerate(rows, 1):
+                print(f"{n}. " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "output_dir"))
+            if rows and rows[0]["status"] == "ok":
+                print(f"best: {rows[0]['output_dir']}")
+            return 0 if any(r["status"] == "ok" for r in rows) else 1
+        if args.command == "inspect":
+            from .inspection import format_report, inspect_recipe
+
+            report = inspect_recipe(load_recipe(args.recipe, args.overrides))
+            print(json.dumps(report, indent=2) if args.json else format_report(report))
             return 0
         if args.command == "train":
             from .train import train

@@ -8,6 +8,7 @@ of being silently ignored (the failure mode of flat dict configs). This module i
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -153,6 +154,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "train": TrainConfig,
 }
 PATH_FIELDS = ("train", "validation", "test")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -196,6 +198,8 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string; on a command line it is a number
         parsed.append((key.strip(), value))
     return parsed
 

@@ -1,0 +1,36 @@
+"""``lora-ft inspect``: duplicates, leakage, truncation, label balance and the rendered loss mask."""
+
+from conftest import chat_rows, make_recipe, write_jsonl
+
+from lora_ft.inspection import format_report, inspect_recipe
+
+
+def test_chat_report_finds_duplicates_leakage_and_truncation(tiny_llama, tmp_path):
+    train = chat_rows(20, 0)
+    dup = {"messages": [dict(m) for m in train[0]["messages"]]}
+    dup["messages"][1]["content"] = dup["messages"][1]["content"].upper() + "!"  # near-duplicate of train[0]
+    long = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
+    files = {"train": write_jsonl(tmp_path / "t.jsonl", train + [train[1], dup, long]),
+             "validation": write_jsonl(tmp_path / "v.jsonl", [train[2], train[3]] + chat_rows(3, 99))}
+    recipe = make_recipe(tiny_llama, files, tmp_path / "run", data={"max_length": 64})
+    report = inspect_recipe(recipe)
+    tr, va = report["splits"]["train"], report["splits"]["validation"]
+    assert tr["examples"] == 23 and tr["exact_duplicates"] >= 1 and tr["near_duplicates"] >= 1
+    assert tr["truncated_at_max_length"] == 1 and tr["tokens"]["max"] > 200
+    assert va["in_train"] >= 2
+    text = format_report(report)
+    assert f"{va['in_train']} validation examples also occur in train" in text
+    assert "1 train examples are longer than max_length=64" in text
+    # the answer and its EOS carry loss, the prompt does not
+    assert report["sample"].endswith("[[" + train[0]["messages"][1]["content"] + "<|im_end|>]]\n")
+    assert report["sample"].count("[[") == 1
+
+
+def test_classification_report_counts_labels_and_flags_imbalance(tiny_bert, tmp_path):
+    rows = [{"text": f"rain {i}", "label": "weather"} for i in range(40)] + [{"text": "cash", "label": "money"}] * 3
+    recipe = make_recipe(tiny_bert, {"train": write_jsonl(tmp_path / "c.jsonl", rows)}, tmp_path / "run",
+                         model={"task": "sequence_classification"})
+    report = inspect_recipe(recipe)
+    assert report["splits"]["train"]["labels"] == {"money": 3, "weather": 40}
+    assert any("imbalanced" in p for p in report["problems"])
+    assert report["splits"]["train"]["exact_duplicates"] == 2
