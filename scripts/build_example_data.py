@@ -332,6 +332,19 @@ def write_dataset(out_dir: Path, name: str, splits: dict[str, list[dict[str, obj
         raise SystemExit(f"{name} is {total} bytes, over the {MAX_DATASET_BYTES} byte limit")
 
 
+REFERENCE_CATEGORIES = ("wisdom", "literature", "science", "people")
+REFERENCE_OUT = Path(__file__).resolve().parent.parent / "src" / "lora_ft" / "resources" / "general_text.jsonl"
+
+
+def build_reference_text(seed: int, n: int = 128) -> list[dict[str, object]]:
+    """General English text for lora_ft's forgetting guard: fortunes from categories the classification
+    dataset does not use, 80-400 characters, deduplicated, seeded sample."""
+    texts = sorted({t for c in REFERENCE_CATEGORIES if (FORTUNE_DIR / c).is_file()
+                    for t in read_fortunes(FORTUNE_DIR / c) if 80 <= len(t) <= 400})
+    random.Random(seed).shuffle(texts)
+    return [{"text": t} for t in texts[:n]]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments and rebuild both datasets."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -343,6 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     write_dataset(args.out_dir, "docstrings", build_docstrings(args.seed))
     write_dataset(args.out_dir, "fortunes", build_fortunes(args.seed, args.categories))
+    REFERENCE_OUT.parent.mkdir(parents=True, exist_ok=True)
+    LOG.info("reference text: %d bytes -> %s", write_jsonl(REFERENCE_OUT, build_reference_text(args.seed)),
+             REFERENCE_OUT)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,9 @@ def test_length_grouped_batches_cover_every_example_once_and_reduce_padding():
     assert pad < naive_pad / 4
     s.set_epoch(1)
     assert s.batches() != batches and LengthGroupedBatches(lengths, 8, True, 3).batches() == batches
+    for seed in range(6):  # 90 examples, batch 8: the short batch (2 examples) always comes last
+        odd = LengthGroupedBatches(lengths[:90], 8, shuffle=True, seed=seed).batches()
+        assert [len(b) for b in odd] == [8] * 11 + [2]
 
 
 def test_collator_left_pads_and_logits_to_keep_gives_the_full_loss(tiny_llama, tok):

@@ -47,13 +47,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_adapter(model: PeftModel, folder: Path, tokenizer=None) -> None:
-    """Write an adapter folder atomically: a reader never sees a half-written adapter."""
+def save_adapter(model: PeftModel, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
+    """Write an adapter folder atomically: a reader never sees a half-written adapter.
+
+    ``state_dict``: weights gathered from a sharded engine (FSDP2/ZeRO-3) instead of the model's own.
+    """
     tmp = folder.with_name(f".{folder.name}.tmp")
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     except OSError as e:

@@ -64,6 +64,19 @@ class LoraConfigSection(_Section):
         return v
 
 
+class AugmentConfig(_Section):
+    """On-the-fly augmentation of the training split only (never validation/test), seeded."""
+
+    neftune_alpha: float | None = Field(None, gt=0)
+    """Causal LMs: NEFTune noise on the input embeddings while training (5 is the paper's default)."""
+    token_dropout: float = Field(0.0, ge=0, lt=1)
+    """Classification: probability that a token is replaced by the unknown/mask token."""
+    random_deletion: float = Field(0.0, ge=0, lt=1)
+    """Classification: probability that a token is deleted (EDA)."""
+    random_swap: float = Field(0.0, ge=0, lt=1)
+    """Classification: fraction of positions swapped with a random other position (EDA)."""
+
+
 class DataConfig(_Section):
     """Where the data is and how to read it."""
 
@@ -89,6 +102,7 @@ class DataConfig(_Section):
     group_by_length: Literal["auto"] | bool = "auto"
     """Batch examples of similar length (less padding). ``auto``: on for causal LMs, off for classifiers,
     where length can correlate with the label and single-class batches make training erratic."""
+    augment: AugmentConfig = AugmentConfig()
     max_eval_examples: int | None = Field(None, gt=0)
     """Evaluate on at most this many examples per split (the first ones, so runs stay comparable)."""
 
@@ -99,7 +113,10 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; overrides ``epochs`` when set."""
-    micro_batch_size: int = Field(4, gt=0)
+    micro_batch_size: int | Literal["auto"] = 4
+    """Examples per forward pass. ``auto``: the largest that fits the device's memory by the planner
+    (``lora-ft plan``) at ``data.max_length``, with ``grad_accum`` derived to keep the global batch:
+    ``global_batch_size`` if set, else 4 × ``grad_accum`` × processes (the default micro-batch's)."""
     grad_accum: int = Field(1, gt=0)
     global_batch_size: int | None = Field(None, gt=0)
     """Examples per optimizer step over all processes. When set, ``grad_accum`` is derived (and a given one
@@ -108,6 +125,10 @@ class TrainConfig(_Section):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup: float = Field(0.03, ge=0)
     """A fraction of all steps when < 1, else a number of steps."""
+    lr_layer_decay: float | None = Field(None, gt=0, le=1)
+    """Layer-wise learning rates: layer l of L (1 = lowest) trains at ``lr · decay^(L−l)``."""
+    head_lr: float | None = Field(None, gt=0)
+    """Learning rate of a new task head (default: ``lr``)."""
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_every: int | None = Field(None, gt=0)
@@ -121,6 +142,47 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0)
     trackers: list[Literal["tensorboard", "wandb"]] = []
 
+    @field_validator("micro_batch_size", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, v: Any) -> Any:
+        # One readable error instead of pydantic's two (one per branch of the union); lax like int fields.
+        if v == "auto":
+            return v
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+        raise ValueError(f"Input should be a positive integer or 'auto' (got {v!r})")
+
+
+class FreezeConfig(_Section):
+    """Which adapters train when (the backbone itself always stays frozen)."""
+
+    strategy: Literal["none", "head_first", "gradual_unfreeze"] = "none"
+    """``head_first``: only the new head for ``head_steps`` (a linear probe), then everything (LP-FT).
+    ``gradual_unfreeze``: the top ``blocks_per_stage`` blocks' adapters first, one stage lower every
+    ``unfreeze_every`` steps (ULMFiT)."""
+    head_steps: int = Field(50, gt=0)
+    unfreeze_every: int = Field(50, gt=0)
+    blocks_per_stage: int = Field(1, gt=0)
+
+
+class ForgettingConfig(_Section):
+    """Guard against catastrophic forgetting: the model against its own base on general text."""
+
+    enabled: bool = False
+    reference: str | None = None
+    """jsonl/json/csv/parquet with a ``text`` column; default: the general-text sample shipped with lora_ft."""
+    max_examples: int = Field(64, gt=0)
+    max_kl: float | None = Field(None, gt=0)
+    """Stop when the mean per-token KL(adapted ‖ base) on the reference text exceeds this."""
+    max_ppl_increase: float | None = Field(None, gt=0)
+    """Stop when reference perplexity rises by more than this fraction over the base (0.1 = +10%)."""
+    action: Literal["stop", "rollback"] = "stop"
+    """On a breach: ``stop`` keeps the best adapter so far; ``rollback`` keeps the last one within budget."""
+
 
 class Recipe(_Section):
     """A whole run."""
@@ -129,6 +191,8 @@ class Recipe(_Section):
     lora: LoraConfigSection = LoraConfigSection()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    freeze: FreezeConfig = FreezeConfig()
+    forgetting: ForgettingConfig = ForgettingConfig()
     output_dir: str = "runs/default"
 
     @model_validator(mode="after")
@@ -138,6 +202,10 @@ class Recipe(_Section):
             raise ValueError("data.format 'classification' needs model.task: sequence_classification")
         if self.model.task == "sequence_classification" and d.format not in ("auto", "classification"):
             raise ValueError(f"model.task sequence_classification cannot train on data.format '{d.format}'")
+        if self.freeze.strategy == "head_first" and self.model.task != "sequence_classification":
+            raise ValueError("freeze.strategy head_first needs a new task head: model.task sequence_classification")
+        if self.forgetting.enabled and self.model.task != "causal_lm":
+            raise ValueError("forgetting.enabled measures language-model perplexity: it needs model.task causal_lm")
         if d.validation and d.validation_split:
             raise ValueError("give data.validation or data.validation_split, not both")
         return self
@@ -152,6 +220,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "lora": LoraConfigSection,
     "data": DataConfig,
     "train": TrainConfig,
+    "freeze": FreezeConfig,
+    "forgetting": ForgettingConfig,
 }
 PATH_FIELDS = ("train", "validation", "test")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -163,11 +233,22 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(choices)})"
 
 
+def _section_at(path: list[str]) -> type[BaseModel] | None:
+    """The schema class at a dotted location (``["data", "augment"]`` → AugmentConfig)."""
+    model: type[BaseModel] = Recipe
+    for key in path:
+        field = model.model_fields.get(key)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
 def _format_error(err: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
     where = ".".join(loc) or "recipe"
     if err["type"] == "extra_forbidden":
-        parent = SECTIONS.get(loc[0]) if len(loc) == 2 else Recipe if len(loc) == 1 else None
+        parent = _section_at(loc[:-1])
         hint = _did_you_mean(loc[-1], list(parent.model_fields)) if parent else ""
         return f"{where}: unknown key{hint}"
     msg = err["msg"].removeprefix("Value error, ")
@@ -204,9 +285,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+def _resolve_paths(data: dict[str, Any], base: Path, keys: tuple[str, ...]) -> None:
     """Relative data paths in a recipe file are relative to that file, so recipes run from anywhere."""
-    for key in PATH_FIELDS:
+    for key in keys:
         value = data.get(key)
         if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
             data[key] = str((base / value).resolve())
@@ -234,7 +315,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise RecipeError(f"{path}: a recipe is a mapping of sections (model, lora, data, train)")
         tree = loaded
         if isinstance(tree.get("data"), dict):
-            _resolve_paths(tree["data"], path.parent)
+            _resolve_paths(tree["data"], path.parent, PATH_FIELDS)
+        if isinstance(tree.get("forgetting"), dict):
+            _resolve_paths(tree["forgetting"], path.parent, ("reference",))
         if isinstance(tree.get("model"), dict):
             name = tree["model"].get("name")
             if isinstance(name, str) and name.endswith(".gguf") and (path.parent / name).exists():

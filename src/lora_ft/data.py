@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,6 +265,8 @@ def _tokenize(raw, formats, fmt, cfg, task, tok, id2label=None) -> TaskData:
             log.warning("data.%s: %d of %d examples were longer than max_length=%d and were truncated%s",
                         name, truncated, total, cfg.max_length,
                         f"; {dropped} lost every answer token and were dropped" if dropped else "")
+        if name == "train":  # a stable example id, so augmentation can be seeded per example
+            enc = enc.add_column("idx", list(range(len(enc))))
         data.splits[name] = enc.with_format(None)
     return data
 
@@ -303,6 +305,9 @@ class LengthGroupedBatches:
                 chunk.sort(key=lambda i: -self.lengths[i])
             out += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         rng.shuffle(out)
+        # The one short batch goes last: accelerate shards batches pairwise across processes and would
+        # drop a short batch (and its partner) found in the middle.
+        out.sort(key=lambda b: len(b) < self.batch_size)
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -323,8 +328,12 @@ class Collator:
 
     pad_id: int
     causal: bool
+    augment: Callable[[dict], dict] | None = None
+    """Training only: an example → example transform (see ``craft.Augmenter``)."""
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        if self.augment:
+            rows = [self.augment(r) for r in rows]
         width = max(len(r["input_ids"]) for r in rows)
         n = len(rows)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)

@@ -20,13 +20,15 @@ def plot_curves(metrics_file: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_file)
-    train = [r for r in rows if "split" not in r]
+    train = [r for r in rows if "split" not in r and "loss" in r]  # (rows with "freeze" mark schedule changes)
     evals: dict[str, list[dict]] = {}
     for r in rows:
         if "split" in r:
             evals.setdefault(r["split"], []).append(r)
+    forgetting = evals.pop("forgetting", [])
     has_acc = any("accuracy" in r for rs in evals.values() for r in rs)
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6.5, 4), squeeze=False)
+    panels = 1 + has_acc + bool(forgetting)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     ax = axes[0][0]
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", alpha=0.7)
@@ -42,6 +44,11 @@ def plot_curves(metrics_file: Path, png: Path) -> None:
         ax2.set(xlabel="optimizer step", ylabel="accuracy", title="accuracy")
         ax2.legend()
         ax2.grid(alpha=0.3)
+    if forgetting:
+        ax3 = axes[0][-1]
+        ax3.plot([r["step"] for r in forgetting], [r["kl"] for r in forgetting], "o-", color="tab:red")
+        ax3.set(xlabel="optimizer step", ylabel="mean KL(adapted ‖ base)", title="forgetting (general text)")
+        ax3.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,8 +18,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from peft import PeftModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -28,7 +27,17 @@ from transformers import get_scheduler
 from . import checkpoint as ckpt
 from .adapters import attach_adapters, load_adapter
 from .config import Recipe, RecipeError, resolve_compute_dtype
+from .craft import (
+    Augmenter,
+    FreezeSchedule,
+    activate_neftune,
+    forgetting_breach,
+    forgetting_metrics,
+    param_groups,
+    reference_examples,
+)
 from .data import Collator, LengthGroupedBatches, TaskData, prepare_data
+from .distributed import adapter_snapshot, restore_adapter, save_adapter, scale_to_processes
 from .evaluation import evaluate_all, train_loss
 from .model import LoadedModel, load_model, load_tokenizer, resolve_source
 from .report import plot_curves
@@ -48,113 +57,22 @@ def make_accelerator(recipe: Recipe) -> tuple[Accelerator, str]:
     # them write the same files.
     cpu = torch.distributed.is_available() and torch.distributed.is_torchelastic_launched() and not cuda
     # gradient_accumulation_steps stays 1: the loop accumulates itself, with token-weighted normalisation.
+    # A freezing schedule leaves some adapters without gradients for a while; DDP must be told to expect that.
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if recipe.freeze.strategy != "none" else []
     accelerator = Accelerator(mixed_precision=precision, log_with=recipe.train.trackers or None,
-                              project_dir=recipe.output_dir, cpu=cpu)
+                              project_dir=recipe.output_dir, cpu=cpu, kwargs_handlers=ddp)
     if not accelerator.is_main_process:
         # Every process runs the same code: without this each message would appear once per process.
         logging.getLogger("lora_ft").setLevel(logging.WARNING)
     return accelerator, compute
 
 
-def scale_to_processes(recipe: Recipe, accelerator: Accelerator, resume: str | None = None) -> Recipe:
-    """The recipe as this launch runs it: ``grad_accum`` derived from ``train.global_batch_size`` for this many
-    processes, DeepSpeed told the batch sizes, and what the sharded engines cannot do refused up front."""
-    tc, world, kind = recipe.train, accelerator.num_processes, accelerator.distributed_type
-    if tc.global_batch_size is not None:
-        per_pass = tc.micro_batch_size * world
-        if tc.global_batch_size % per_pass:
-            raise RecipeError(f"train.global_batch_size {tc.global_batch_size} is not a multiple of micro_batch_size "
-                              f"{tc.micro_batch_size} × {world} process(es) = {per_pass}; choose a multiple of "
-                              f"{per_pass} or change micro_batch_size")
-        tc = tc.model_copy(update={"grad_accum": tc.global_batch_size // per_pass})
-        recipe = recipe.model_copy(update={"train": tc})
-    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
-        raise RecipeError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
-                          "(see recipes/accelerate/fsdp-qlora.yaml)")
-    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED) and (tc.checkpoint_every or resume):
-        # The optimizer state is sharded there, and checkpoints hold one process's optimizer state.
-        raise RecipeError(f"train.checkpoint_every and --resume work with DDP, not yet under {kind.value}; unset "
-                          "them or launch with a DDP config (recipes/accelerate/multi-gpu.yaml)")
-    if kind == DistributedType.DEEPSPEED:
-        # Our loader yields whole micro-batches (no batch_size for accelerate to read), and the engine decides
-        # when an optimizer step happens: it must know the recipe's numbers.
-        accelerator.state.deepspeed_plugin.deepspeed_config.update({
-            "train_micro_batch_size_per_gpu": tc.micro_batch_size, "gradient_accumulation_steps": tc.grad_accum,
-            "train_batch_size": tc.micro_batch_size * tc.grad_accum * world,
-            "gradient_clipping": tc.max_grad_norm or 0.0})
-    return recipe
-
-
-def _zero3(accelerator: Accelerator) -> bool:
-    return (accelerator.distributed_type == DistributedType.DEEPSPEED
-            and accelerator.state.deepspeed_plugin.zero_stage == 3)
-
-
-def _trainable(unwrapped: PeftModel) -> dict[str, torch.nn.Parameter]:
-    # Full names without activation-checkpoint wrappers: the names in the model's own state dict.
-    return {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in unwrapped.named_parameters() if p.requires_grad}
-
-
-def adapter_snapshot(accelerator: Accelerator, unwrapped: PeftModel) -> dict[str, torch.Tensor]:
-    """The trained weights as CPU tensors, identical on every process: to keep the best adapter and to save it.
-
-    Under FSDP2 and ZeRO-3 each process holds a shard of every weight, so every process must call this (the
-    gather is a collective); only the adapter is gathered, not the frozen base. Keys are then full parameter
-    names (what ``save_pretrained(state_dict=...)`` takes), otherwise peft's adapter keys.
-    """
-    if accelerator.is_fsdp2:
-        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
-                for n, p in _trainable(unwrapped).items()}
-    if _zero3(accelerator):
-        import deepspeed
-
-        params = _trainable(unwrapped)
-        with deepspeed.zero.GatheredParameters(list(params.values())):
-            return {n: p.detach().cpu().clone() for n, p in params.items()}
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unwrapped).items()}
-
-
-def restore_adapter(accelerator: Accelerator, model, unwrapped: PeftModel, state: dict[str, torch.Tensor]) -> None:
-    """Put an ``adapter_snapshot`` back into the (possibly sharded) model; every process calls this."""
-    if accelerator.is_fsdp2:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    elif _zero3(accelerator):
-        import deepspeed
-
-        params = _trainable(unwrapped)
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state[n])
-    else:
-        set_peft_model_state_dict(unwrapped, state)
-
-
-def save_adapter(accelerator: Accelerator, unwrapped: PeftModel, folder: Path, tokenizer) -> None:
-    """Every process calls this (sharded engines gather first); the main process writes."""
-    if not (accelerator.is_fsdp2 or _zero3(accelerator)):
-        if accelerator.is_main_process:
-            ckpt.save_adapter(unwrapped, folder, tokenizer)
-        return
-    state = adapter_snapshot(accelerator, unwrapped)
-    if accelerator.is_main_process:  # as ckpt.save_adapter, from the gathered weights
-        tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def make_loader(ds, batch_size: int, tokenizer, causal: bool, shuffle: bool, seed: int,
-                group: bool = True) -> DataLoader:
+                group: bool = True, augment: Augmenter | None = None) -> DataLoader:
     sampler = LengthGroupedBatches([len(x) for x in ds["input_ids"]], batch_size, shuffle, seed, group=group)
     # A private generator: creating an iterator would otherwise draw from the global RNG, so a resumed run
     # (which creates its iterator after restoring the RNG) would see different dropout masks.
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(tokenizer.pad_token_id, causal),
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(tokenizer.pad_token_id, causal, augment),
                       generator=torch.Generator().manual_seed(seed))
 
 
@@ -230,13 +148,17 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     # steps; both are undone so that the gradient is Σloss / Σitems over the whole global batch.
     loss_scale = world * (tc.grad_accum if accelerator.distributed_type == DistributedType.DEEPSPEED else 1)
     group = causal if recipe.data.group_by_length == "auto" else recipe.data.group_by_length
-    train_loader = make_loader(data.splits["train"], tc.micro_batch_size, tok, causal, True, tc.seed, group)
+    augmenter = Augmenter(recipe.data.augment, tc.seed, set(tok.all_special_ids), tok.mask_token_id
+                          if tok.mask_token_id is not None else tok.unk_token_id) if not causal else None
+    train_loader = make_loader(data.splits["train"], tc.micro_batch_size, tok, causal, True, tc.seed, group,
+                               augmenter or None)
     sampler = train_loader.batch_sampler  # kept: the loop sets its epoch (accelerate wraps the loader)
     eval_loaders = {n: make_loader(ds, tc.micro_batch_size * 2, tok, causal, False, tc.seed)
                     for n, ds in data.splits.items() if n != "train"}
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    heads = s.loaded.head_modules
+    optimizer = torch.optim.AdamW(param_groups(model, tc, heads), lr=tc.lr, weight_decay=tc.weight_decay)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
     eval_loaders = {n: accelerator.prepare(v) for n, v in eval_loaders.items()}
     per_epoch = max(len(train_loader) // tc.grad_accum, 1)
     total_steps = tc.max_steps or max(math.ceil(tc.epochs * per_epoch), 1)
@@ -245,6 +167,11 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     scheduler = get_scheduler(tc.schedule if tc.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     unwrapped: PeftModel = accelerator.unwrap_model(model)
+    schedule = FreezeSchedule(unwrapped, recipe.freeze, heads)
+    fg = recipe.forgetting
+    ref_loader = DataLoader(reference_examples(fg.reference, tok, fg.max_examples, recipe.data.max_length),
+                            batch_size=tc.micro_batch_size * 2, collate_fn=Collator(tok.pad_token_id, True)) \
+        if fg.enabled else None
     info = {"source": s.loaded.source, "format": data.format, "id2label": data.id2label,
             "targets": sorted(unwrapped.peft_config["default"].target_modules),
             "head_modules": s.loaded.head_modules, "compute_dtype": compute, "world_size": world,
@@ -263,7 +190,8 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
 
     # ---------------------------------------------------------------- state (fresh or resumed)
     step, epoch, position, best, bad_evals, best_state, before = 0, 0, 0, math.inf, 0, None, None
-    rng, evaluated_epoch, best_step, last_val = None, 0, 0, None
+    rng, evaluated_epoch, best_step, last_val, forgot_before = None, 0, 0, None, None
+    recent_losses, prev_eval, worsening, within_budget = [], None, 0, None
     validating = "validation" in eval_loaders
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, unwrapped)
@@ -271,11 +199,14 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
         best, bad_evals, before, rng = state["best"], state["bad_evals"], state["before"], state["rng"]
-        best_state, best_step = state.get("best_state"), state.get("best_step", 0)
+        best_state, best_step, forgot_before = state.get("best_state"), state.get("best_step", 0), state.get("forgot")
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, position)
     if before is None:
         before = evaluate_all(model, eval_loaders, accelerator, causal)
         log.info("before training: %s", before)
+    if ref_loader is not None and forgot_before is None:
+        forgot_before = forgetting_metrics(model, ref_loader, accelerator)
+        before["forgetting"] = forgot_before
     if main and resume is None:
         for split, metrics in before.items():
             _append_jsonl(out / METRICS, {"step": 0, "split": split, **metrics})
@@ -285,6 +216,8 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
         while True:
             train_loader.set_epoch(epoch)  # accelerate re-sets the sampler's epoch from this on __iter__
             sampler.set_epoch(epoch)
+            if augmenter:
+                augmenter.epoch = epoch
             loader = accelerator.skip_first_batches(train_loader, position) if position else train_loader
             for batch in loader:
                 position += 1
@@ -294,18 +227,49 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     def evaluate_and_track() -> bool:
         """Evaluate on validation (never test: it must not steer training), keep the best adapter in
         memory, log; True when early stopping says stop."""
-        nonlocal best, bad_evals, best_state, best_step, last_val
+        nonlocal best, bad_evals, best_state, best_step, last_val, prev_eval, worsening, within_budget, stopped
         val = evaluate_all(model, {"validation": eval_loaders["validation"]}, accelerator, causal)["validation"]
         last_val = (step, val)
+        # Overfitting watch: the train/validation gap, and validation worsening while training improves.
+        train_mean = sum(recent_losses) / len(recent_losses) if recent_losses else float("nan")
+        recent_losses.clear()
+        row = {**val, "train_loss": train_mean, "gap": val["loss"] - train_mean}
+        if prev_eval and val["loss"] > prev_eval[0] and train_mean < prev_eval[1]:
+            worsening += 1
+            if worsening >= (tc.early_stopping_patience or 2):
+                log.warning("step %d: validation loss rose for %d evaluations while training loss fell: the "
+                            "adapter is overfitting (the best one is kept)", step, worsening)
+        else:
+            worsening = 0
+        prev_eval = (val["loss"], train_mean)
         if main:
-            _append_jsonl(out / METRICS, {"step": step, "split": "validation", **val})
-        accelerator.log({f"validation/{k}": v for k, v in val.items()}, step=step)
+            _append_jsonl(out / METRICS, {"step": step, "split": "validation", **row})
+        accelerator.log({f"validation/{k}": v for k, v in row.items()}, step=step)
         if val["loss"] < best - 1e-6:
             best, best_step, bad_evals = val["loss"], step, 0
             best_state = adapter_snapshot(accelerator, unwrapped)
         else:
             bad_evals += 1
         log.info("step %d: validation %s (best loss %.4f at step %d)", step, val, best, best_step)
+        if ref_loader is not None:
+            forgot = forgetting_metrics(model, ref_loader, accelerator, forgot_before["ppl_base"])
+            if main:
+                _append_jsonl(out / METRICS, {"step": step, "split": "forgetting", **forgot})
+            breach = forgetting_breach(forgot, fg.max_kl, fg.max_ppl_increase)
+            if breach is None:
+                if fg.action == "rollback":
+                    within_budget = (step, adapter_snapshot(accelerator, unwrapped))
+            else:
+                if fg.action == "rollback":  # the kept adapter is the last one within budget, not the best
+                    best_step, best_state = within_budget or (0, None)
+                    if best_state is None:  # nothing trained was within budget: back to the untrained adapter
+                        best_state = {k: torch.zeros_like(v) if "lora_B" in k else v
+                                      for k, v in adapter_snapshot(accelerator, unwrapped).items()}
+                stopped = f"forgetting guard at step {step}: {breach}; " + (
+                    f"rolled back to the adapter of step {best_step}" if fg.action == "rollback" else
+                    f"stopped (keeping the best adapter, step {best_step})")
+                log.warning(stopped)
+                return True
         return bool(tc.early_stopping_patience and bad_evals >= tc.early_stopping_patience)
 
     # ---------------------------------------------------------------- train
@@ -317,14 +281,22 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
         return ckpt.save_checkpoint(out / "checkpoints", step, unwrapped, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
             "epoch": epoch, "position": position, "best": best, "bad_evals": bad_evals,
-            "before": before, "best_state": best_state, "best_step": best_step}, tc.keep_checkpoints)
+            "before": before, "best_state": best_state, "best_step": best_step, "forgot": forgot_before},
+            tc.keep_checkpoints)
 
+    neftune = activate_neftune(unwrapped, recipe.data.augment.neftune_alpha) \
+        if causal and recipe.data.augment.neftune_alpha else None
     model.train()
+    stopped = None
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="training", dynamic_ncols=True)
     with StopOnSignal() as stopper, bar:  # the bar closes on every exit, so errors print on a clean line
-        tokens, train_time, stopped = torch.zeros((), device=accelerator.device), 0.0, None
+        tokens, train_time = torch.zeros((), device=accelerator.device), 0.0
         while step < total_steps and stopped is None:
             t0 = time.perf_counter()
+            if change := schedule.apply(step):
+                log.info("freeze schedule: %s", change)
+                if main:
+                    _append_jsonl(out / METRICS, {"step": step, "freeze": change})
             batches = [next(stream) for _ in range(tc.grad_accum)]
             local = torch.stack([_items(b, causal) for b in batches]).sum()
             n_items = accelerator.reduce(local, "sum").clamp(min=1)
@@ -355,6 +327,7 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
                        "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens.item() * world / train_time}
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
+                recent_losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 accelerator.log(row, step=step)
                 if main:
@@ -364,7 +337,7 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
             evaluated_epoch = finished
             if validating and step < total_steps and (
                 (tc.eval_every and step % tc.eval_every == 0) or epoch_done
-            ) and evaluate_and_track():
+            ) and evaluate_and_track() and stopped is None:
                 stopped = f"early stopping at step {step}: validation loss did not improve for " \
                           f"{tc.early_stopping_patience} evaluations"
                 log.info(stopped)
@@ -377,6 +350,8 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
                 raise TrainingInterrupted(
                     f"interrupted at step {step}/{total_steps}; checkpoint saved to {path}; continue with: "
                     f"lora-ft train RECIPE --resume latest (output_dir {out})", signum)
+    if neftune is not None:
+        neftune.remove()
     if validating and stopped is None:
         evaluate_and_track()
 
@@ -389,6 +364,8 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     after = {**evaluate_all(model, {n: v for n, v in eval_loaders.items() if n not in reuse}, accelerator,
                             causal), **reuse}
     after = {n: after[n] for n in eval_loaders}
+    if ref_loader is not None:
+        after["forgetting"] = forgetting_metrics(model, ref_loader, accelerator, forgot_before["ppl_base"])
     info.update(best_step=best_step or step, steps_done=step, stopped=stopped)
     results = {"before": before, "after": after}
     save_adapter(accelerator, unwrapped, out / "adapter", tok)  # every process: sharded engines gather first

@@ -1,0 +1,226 @@
+"""Data parallelism on the CPU: 2 processes (gloo) against 1, launched the way users launch them.
+
+The 1-process run accumulates 2 micro-batches per step, the 2-process run takes one micro-batch on each
+process: the same recipe (``train.global_batch_size: 16``), the same global batches, so the same updates up to
+float rounding. The 2-process run goes through a small driver that calls ``lora_ft.train.train`` and then dumps
+every process's in-memory adapter, so the test sees all ranks, not only the files the main process writes.
+Each launch costs ~30 s on 2 CPU cores, mostly imports: three launches in all.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_recipe
+from safetensors.torch import load_file
+
+from lora_ft.config import RecipeError, load_recipe
+from lora_ft.distributed import scale_to_processes
+from lora_ft.train import evaluate_run, train
+
+DRIVER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    import lora_ft.train as T
+    from lora_ft.cli import _setup_logging
+    from lora_ft.config import load_recipe
+
+    sessions = []
+    setup = T.setup
+    T.setup = lambda *a, **k: sessions.append(setup(*a, **k)) or sessions[-1]
+    _setup_logging(False)
+    T.train(load_recipe(sys.argv[1]))
+    s = sessions[0]
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(s.model).items()}
+    save_file(state, Path(sys.argv[2]) / f"rank{s.accelerator.process_index}.safetensors")
+""")
+MAX_STEPS = 8  # 12 micro-batches per epoch → 6 steps: the run crosses into a second (reshuffled) epoch
+CONFIGS = Path(__file__).parents[1] / "recipes" / "accelerate"
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(tmp / "hf")}  # no user accelerate config
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def accelerate_launch(n: int, *args: str) -> list[str]:
+    # The shipped DDP config (MULTI_GPU): accelerate starts N processes through torchrun, and on a machine
+    # without GPUs lora_ft runs them on the CPU with gloo. (`--cpu --num_processes N` starts one process
+    # unless mpirun is set up.)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi-gpu.yaml"),
+            "--num_processes", str(n), "--main_process_port", _port(), *args]
+
+
+def run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp), timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_recipe(recipe, path: Path) -> Path:
+    path.write_text(recipe.dump(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module", params=["none", "nf4"])
+def runs(request, tiny_llama, chat_data, tmp_path_factory):
+    """The same recipe on 1 (in this process) and on 2 processes; returns paths and the launch's stderr."""
+    quant = request.param
+    root = tmp_path_factory.mktemp(f"ddp-{quant}")
+    driver = root / "driver.py"
+    driver.write_text(DRIVER)
+    train_cfg = {"max_steps": MAX_STEPS, "micro_batch_size": 8, "global_batch_size": 16, "eval_every": 4,
+                 "checkpoint_every": 4}
+    train(make_recipe(tiny_llama, chat_data, root / "p1", model={"quant": quant}, train=train_cfg))
+    recipe = write_recipe(make_recipe(tiny_llama, chat_data, root / "p2", model={"quant": quant}, train=train_cfg),
+                          root / "p2.yaml")
+    (root / "dump2").mkdir()
+    stderr = run(accelerate_launch(2, str(driver), str(recipe), str(root / "dump2")), root).stderr
+    return {"quant": quant, "root": root, "driver": driver, "stderr": stderr}
+
+
+def test_ranks_end_with_bit_identical_adapters_and_the_file_is_that_adapter(runs):
+    root = runs["root"]
+    rank0, rank1 = load_file(root / "dump2" / "rank0.safetensors"), load_file(root / "dump2" / "rank1.safetensors")
+    saved = load_file(root / "p2" / "adapter" / "adapter_model.safetensors")
+    assert sorted(rank0) == sorted(rank1) == sorted(saved) and any("lora_B" in k for k in rank0)
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+        assert torch.equal(rank0[k], saved[k]), k
+    assert not (root / "dump2" / "rank2.safetensors").exists()
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(runs):
+    root = runs["root"]
+    info1, info2 = (json.loads((root / f"p{n}" / "run_info.json").read_text()) for n in (1, 2))
+    assert (info1["world_size"], info1["grad_accum"], info1["global_batch"]) == (1, 2, 16)
+    assert (info2["world_size"], info2["grad_accum"], info2["global_batch"]) == (2, 1, 16)
+    # The same examples in every step: the first step's loss (same weights) agrees to float rounding.
+    loss1 = {r["step"]: r["loss"] for r in rows(root / "p1") if "split" not in r}
+    loss2 = {r["step"]: r["loss"] for r in rows(root / "p2") if "split" not in r}
+    assert sorted(loss1) == sorted(loss2) == list(range(1, MAX_STEPS + 1))
+    assert abs(loss1[1] - loss2[1]) < 1e-6
+    assert max(abs(loss1[s] - loss2[s]) for s in loss1) < 1e-4
+    assert loss1[MAX_STEPS] < loss1[1] - 0.5  # it learned: the comparison is not between two untrained adapters
+    one, two = load_file(root / "p1" / "adapter" / "adapter_model.safetensors"), \
+        load_file(root / "p2" / "adapter" / "adapter_model.safetensors")
+    assert sorted(one) == sorted(two)
+    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+    scale = max(one[k].abs().max().item() for k in one if "lora_B" in k)
+    print(f"\n[{runs['quant']}] max |adapter(1 process) - adapter(2 processes)| = {diff:.3g} "
+          f"(largest lora_B weight {scale:.3g})")
+    assert scale > 1e-2 and diff < 1e-4
+
+
+def test_each_output_is_written_once_by_the_main_process(runs):
+    root = runs["root"]
+    p1, p2 = root / "p1", root / "p2"
+    # A second writer would duplicate metrics rows (append) or race on the folder renames.
+    assert [(r["step"], r.get("split")) for r in rows(p2)] == [(r["step"], r.get("split")) for r in rows(p1)]
+    assert sorted(p.name for p in p2.iterdir()) == sorted(p.name for p in p1.iterdir())
+    assert sorted(p.name for p in (p2 / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
+    assert sorted(p.name for p in (p2 / "adapter").iterdir()) == sorted(p.name for p in (p1 / "adapter").iterdir())
+    # Only the main process logs lora_ft's messages.
+    assert runs["stderr"].count("global batch 16 = micro_batch_size 8 × grad_accum 1 × 2 process(es)") == 1
+
+
+def test_evaluation_on_two_processes_equals_evaluation_on_one(runs, chat_data):
+    root = runs["root"]
+    r1, r2 = (json.loads((root / f"p{n}" / "eval_results.json").read_text()) for n in (1, 2))
+    # 24 examples in batches of 16: the second process pads its last batch with repeats, which
+    # gather_for_metrics must drop. Before training both runs hold identical weights.
+    for split in ("validation", "test"):
+        a, b = r1["before"][split], r2["before"][split]
+        assert (a["examples"], a["tokens"]) == (b["examples"], b["tokens"]) == (24, a["tokens"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert r2["after"][split]["loss"] == pytest.approx(r1["after"][split]["loss"], rel=1e-4)
+    # The 2-process run's final adapter, evaluated by one process: the same numbers.
+    again = evaluate_run(root / "p2", str(chat_data["validation"]))
+    assert (again["examples"], again["tokens"]) == (24, r2["after"]["validation"]["tokens"])
+    assert again["loss"] == pytest.approx(r2["after"]["validation"]["loss"], rel=1e-5)
+
+
+def test_cli_num_processes_resumes_mid_epoch_like_the_uninterrupted_run(runs):
+    """`lora-ft train --num-processes 2 --resume`: the convenience launch, and a mid-epoch resume under
+    sharding (accelerate's skip_first_batches over each process's batch shard, then a reshuffled epoch)."""
+    if runs["quant"] != "none":
+        pytest.skip("the launch and data paths do not depend on quantization")
+    root, part = runs["root"], runs["root"] / "part"
+    shutil.copytree(root / "p2" / "checkpoints" / "step-00000004", part / "checkpoints" / "step-00000004")
+    recipe = load_recipe(root / "p2.yaml").model_copy(update={"output_dir": str(part)})
+    path = write_recipe(recipe, root / "part.yaml")
+    r = run([sys.executable, "-m", "lora_ft", "train", str(path), "--resume", "--num-processes", "2"], root)
+    assert r.stdout.count('"before"') == 1  # the results are printed once, not once per process
+    info = json.loads((part / "run_info.json").read_text())
+    assert (info["world_size"], info["grad_accum"], info["global_batch"]) == (2, 1, 16)
+    full = {r["step"]: r["loss"] for r in rows(root / "p2") if "split" not in r}
+    resumed = {r["step"]: r["loss"] for r in rows(part) if "split" not in r}
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert max(abs(full[s] - resumed[s]) for s in resumed) < 1e-6
+    a = load_file(part / "adapter" / "adapter_model.safetensors")
+    b = load_file(root / "p2" / "adapter" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in b) < 1e-6
+
+
+def test_global_batch_size_must_divide_into_micro_batches_and_processes(tiny_llama, chat_data, tmp_path):
+    recipe = make_recipe(tiny_llama, chat_data, tmp_path / "r", train={"global_batch_size": 12,
+                                                                       "micro_batch_size": 8})
+    with pytest.raises(RecipeError, match=r"global_batch_size 12 is not a multiple of micro_batch_size 8 × 1 "
+                                          r"process\(es\) = 8"):
+        train(recipe)
+    assert not (tmp_path / "r").exists()
+
+
+def test_shipped_accelerate_configs_load_as_documented():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {p.stem: load_config_from_file(str(p)) for p in sorted(CONFIGS.glob("*.yaml"))}
+    assert {name: c.distributed_type.value for name, c in configs.items()} == {
+        "single-gpu": "NO", "multi-gpu": "MULTI_GPU", "multi-node": "MULTI_GPU", "fsdp-qlora": "FSDP",
+        "deepspeed-zero2": "DEEPSPEED", "deepspeed-zero3": "DEEPSPEED"}
+    assert configs["fsdp-qlora"].fsdp_config["fsdp_version"] == 2  # lora_ft refuses FSDP1
+    assert [configs[f"deepspeed-zero{n}"].deepspeed_config["zero_stage"] for n in (2, 3)] == [2, 3]
+    assert configs["multi-node"].num_machines == 2 and configs["multi-node"].main_process_ip
+
+
+def test_sharded_engines_get_the_recipe_numbers_or_a_clear_refusal(tiny_llama, chat_data, tmp_path):
+    """What ``scale_to_processes`` tells DeepSpeed and refuses under FSDP1/DeepSpeed (no GPUs here: stubs)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    recipe = make_recipe(tiny_llama, chat_data, tmp_path / "r", train={"global_batch_size": 32,
+                                                                       "micro_batch_size": 4})
+    plugin = SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {}})
+    ds = SimpleNamespace(num_processes=4, distributed_type=DistributedType.DEEPSPEED, is_fsdp2=False,
+                         state=SimpleNamespace(deepspeed_plugin=plugin))
+    assert scale_to_processes(recipe, ds).train.grad_accum == 2
+    assert plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {},
+                                       "gradient_accumulation_steps": 2, "train_batch_size": 32,
+                                       "gradient_clipping": 1.0}
+    with pytest.raises(RecipeError, match="--resume work with DDP, not yet under DEEPSPEED"):
+        scale_to_processes(recipe, ds, resume="latest")
+    fsdp1 = SimpleNamespace(num_processes=2, distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    with pytest.raises(RecipeError, match="set fsdp_version: 2"):
+        scale_to_processes(recipe, fsdp1)
