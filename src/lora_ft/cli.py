@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="report on the recipe's data (lengths, labels, duplicates, leakage)")
     _recipe_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = sub.add_parser("plan", help="predict peak training memory from the config alone, and what fits")
+    _recipe_args(p)
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="the budget, e.g. 24GB (GB = GiB); default: this machine's GPU memory, or its RAM")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="plan for a GPU (bf16, gradient checkpointing by default) or the CPU; default: cuda if present")
+    p.add_argument("--answer-fraction", type=float, default=1.0, metavar="F",
+                   help="causal LM: the fraction of each sequence that carries loss (logits are computed for it "
+                        "only); default 1 = the worst case (text data, train_on_prompt)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: data.max_length)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="micro-batch for the breakdown (default: the recipe's, or the largest that fits)")
     _export_parsers(sub)
     return parser
 
@@ -220,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
 
             report = inspect_recipe(load_recipe(args.recipe, args.overrides))
             print(json.dumps(report, indent=2) if args.json else format_report(report))
+            return 0
+        if args.command == "plan":
+            from .plan import plan_command
+
+            print(plan_command(load_recipe(args.recipe, args.overrides), args))
             return 0
         if args.command == "train":
             from .train import train

@@ -89,7 +89,7 @@ class FreezeSchedule:
     def apply(self, step: int) -> str | None:
         """Update ``requires_grad`` for ``step``; return a description when the trainable set changed."""
         stage = self.stage_at(step)
-        if stage == self.stage:
+        if stage == self.stage or self.cfg.strategy == "none":
             return None
         self.stage = stage
         for name, p in self.params.items():

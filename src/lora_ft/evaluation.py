@@ -44,10 +44,11 @@ def causal_loss(model: torch.nn.Module, batch: dict, per_example: bool = False):
     batch = dict(batch)
     keep = int(batch.pop("logits_to_keep"))
     labels = batch.pop("labels")
+    # use_cache=False: training and scoring never generate, and a KV cache copies K/V in every layer.
     if _supports_keep(model):
-        logits = model(**batch, logits_to_keep=keep).logits
+        logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
     else:  # older architectures: full logits, then the same slice
-        logits = model(**batch).logits[:, -keep:]
+        logits = model(**batch, use_cache=False).logits[:, -keep:]
     logits = logits[:, :-1].float()
     target = labels[:, labels.shape[1] - keep + 1 :]
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),

@@ -1,0 +1,371 @@
+"""Training throughput of lora_ft against TRL's ``SFTTrainer`` + peft, the same QLoRA job on the CPU (issue 6).
+
+    LORA_FT_HOME=/tmp/lfhome HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_train.py [--steps 16] [--keep DIR]
+
+Prints one JSON line on stdout (logs go to stderr). Both sides train SmolLM2-135M-Instruct, NF4 with double
+quantization and fp32 compute, LoRA r=16 / alpha=32 / dropout 0.05 on the same linear layers (the ones lora_ft's
+``target_modules: auto`` resolves), on the first ``steps × global batch`` examples of the quickstart chat data
+(``data/docstrings``), one epoch, max length 256, AdamW at lr 3e-4 with a cosine schedule and 2 warmup steps,
+gradient clipping at 1.0, seed 42, loss on the answers only, gradient checkpointing off (lora_ft's CPU default;
+TRL's default is on, which would only slow it down here), no evaluation during training.
+
+- **lora_ft**: ``lora_ft.train.train`` on ``recipes/quickstart/smollm2-qlora-chat.yaml`` with overrides.
+- **TRL**: the documented QLoRA recipe: ``SFTTrainer(model=path, quantization_config=BitsAndBytesConfig(...),
+  peft_config=LoraConfig(...))``. SmolLM2's chat template has no ``{% generation %}`` markers (and TRL ships no
+  training template for it), so ``assistant_only_loss`` cannot be used: the conversations are given as
+  conversational prompt/completion pairs with ``completion_only_loss=True``. TRL's completion mask also covers the
+  template's newline after ``<|im_end|>`` (one more label token per example than lora_ft). TRL casts the LoRA
+  weights of a quantized model to bf16 (its QLoRA convention); that is left as TRL does it.
+
+Each side runs in its own fresh process, one after the other, so that its peak RSS is its own:
+
+- **tokens/s**: real (non-padding) tokens of the examples trained ÷ the training loop's time (per optimizer step,
+  batch fetching included; model loading, saving and evaluation excluded). lora_ft's is the ``tokens_per_s`` of
+  the last step row of its ``metrics.jsonl``; TRL's is timed by a callback from the start of the epoch to the end
+  of the last step.
+- **peak RSS**: the process's high-water mark over loading and training (``ru_maxrss``); ``*_train_peak_rss_mb`` is
+  the high-water mark of the training phase alone (reset through ``/proc/self/clear_refs`` once the model is ready).
+- **held-out loss**: both final adapters are scored by the same code, ``lora_ft.train.evaluate_run``, on the first
+  ``--eval-examples`` examples of ``data/docstrings/validation.jsonl`` (token-weighted loss on the answer tokens,
+  lora_ft's masks), in a third process.
+- **MFU**: model FLOPs per second ÷ the float32 GEMM peak of this machine, measured in this run (best of several
+  ``torch.mm`` of 2048×2048 with ``torch.get_num_threads()`` threads, before and after the training runs). The
+  base is frozen, so it costs a forward and the activation half of the backward (4 FLOPs per weight per token,
+  no weight gradients); the LoRA weights cost 6. The output projection runs only on the positions that carry a
+  label (both sides compute logits only there). So FLOPs = tokens × (4·N_body + 6·N_lora) + label_tokens × 4·V·d,
+  where N_body is every weight outside the token embedding (the embedding lookup costs nothing) and V·d is the
+  tied output projection; attention scores (a few % at these lengths) are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes/quickstart/smollm2-qlora-chat.yaml"
+DATA = ROOT / "data/docstrings"
+MODEL = "example:smollm2-135m-instruct"
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+LR, WARMUP, SEED = 3e-4, 2, 42
+IGNORE = -100
+
+log = logging.getLogger("bench_train")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def rss_mb(field: str = "VmHWM") -> float:
+    """A field of /proc/self/status (VmHWM: peak RSS, VmRSS: current), in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def process_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def reset_peak() -> bool:
+    """Reset this process's RSS high-water mark (Linux ≥ 4.0), so the next peak is the training phase's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def source() -> str:
+    from lora_ft import examples
+    from lora_ft.model import resolve_source
+
+    examples.set_home(os.environ.get("LORA_FT_HOME"))
+    return resolve_source(MODEL)
+
+
+def gemm_peak_gflops(n: int = 2048, reps: int = 8) -> float:
+    """Best float32 ``torch.mm`` rate of n×n×n over ``reps`` runs (after a warm-up), in GFLOP/s."""
+    import torch
+
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a, b, out=c)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def model_shape(src: str) -> dict:
+    """Parameter counts for the FLOPs formula, from the config on the meta device (nothing allocated)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_ft.adapters import linear_modules, resolve_targets
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    targets = resolve_targets(model, "auto", [])
+    linear = set(linear_modules(model, []))
+    n_lora = sum(LORA["r"] * (m.in_features + m.out_features) for name, m in model.named_modules()
+                 if name in linear and name.rsplit(".", 1)[-1] in targets)
+    return {"n_total": total, "n_body": total - emb.numel() - (0 if head is emb else head.numel()),
+            "n_head": head.numel(), "n_lora": n_lora, "targets": sorted(targets)}
+
+
+def flops(shape: dict, tokens: int, label_tokens: int) -> float:
+    return tokens * (4 * shape["n_body"] + 6 * shape["n_lora"]) + label_tokens * 4 * shape["n_head"]
+
+
+# ------------------------------------------------------------------------------------------------ children
+def child_lora_ft(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    source()  # sets LORA_FT_HOME
+    from lora_ft.config import load_recipe
+    from lora_ft.data import prepare_data
+    from lora_ft.model import load_tokenizer
+    from lora_ft.train import train
+
+    out = Path(spec["out"])
+    recipe = load_recipe(RECIPE, [
+        f"model.name={MODEL}", "model.quant=nf4", "model.double_quant=true", "model.compute_dtype=fp32",
+        f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
+        "lora.target_modules=auto",
+        f"data.train={spec['train_file']}", "data.validation=null", "data.test=null",
+        f"data.max_length={spec['max_length']}", "data.format=messages",
+        f"train.max_steps={spec['steps']}", f"train.micro_batch_size={spec['micro_batch']}",
+        f"train.grad_accum={spec['grad_accum']}", f"train.lr={LR}", "train.schedule=cosine", f"train.warmup={WARMUP}",
+        "train.eval_every=null", "train.gradient_checkpointing=false", "train.max_grad_norm=1.0",
+        f"train.seed={SEED}", "train.log_every=1", "train.checkpoint_every=null",
+        "forgetting.enabled=false", f"output_dir={out}",
+    ])
+    marks: dict = {}
+
+    class TrainStart(logging.Handler):
+        """train() logs "global batch ..." once the model, adapters and optimizer are ready, before the loop."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "load_peak_mb" not in marks and record.getMessage().startswith("global batch"):
+                marks.update(load_peak_mb=process_peak_mb(), rss_before_train_mb=rss_mb("VmRSS"),
+                             reset=reset_peak())
+
+    logging.getLogger("lora_ft.train").addHandler(TrainStart(logging.INFO))
+    train(recipe, overwrite=True)
+    train_peak = process_peak_mb()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "tokens_per_s" in r]
+    info = json.loads((out / "run_info.json").read_text())
+    tok = load_tokenizer(source(), recipe.model)
+    ds = prepare_data(recipe.data, "causal_lm", tok, SEED).splits["train"]
+    tokens = sum(len(x) for x in ds["input_ids"])
+    assert tokens == info["data"]["train"]["tokens"], (tokens, info["data"]["train"])
+    tps = steps[-1]["tokens_per_s"]
+    return {"tokens": tokens, "label_tokens": sum(sum(t != IGNORE for t in x[1:]) for x in ds["labels"]),
+            "examples": len(ds), "steps": steps[-1]["step"], "tokens_per_s": tps, "train_s": tokens / tps,
+            "train_losses": [round(r["loss"], 4) for r in steps], "targets": info["targets"],
+            "global_batch": info["global_batch"], "peak_rss_mb": max(marks.get("load_peak_mb", 0), train_peak),
+            "train_peak_rss_mb": train_peak if marks.get("reset") else None,
+            "rss_before_train_mb": marks.get("rss_before_train_mb")}
+
+
+def child_trl(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    src = source()
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [json.loads(line) for line in Path(spec["train_file"]).read_text().splitlines()]
+    assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    # Conversational prompt/completion: the only answer-only loss TRL offers for a template without
+    # {% generation %} markers.
+    train_ds = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
+    marks: dict = {"train_s": 0.0}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks.update(load_peak_mb=process_peak_mb(), rss_before_train_mb=rss_mb("VmRSS"), reset=reset_peak())
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            marks["t"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            marks["train_s"] += now - marks["t"]
+            marks["t"] = now
+
+    args = SFTConfig(
+        output_dir=spec["out"], per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=spec["grad_accum"], max_steps=spec["steps"], num_train_epochs=1,
+        learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0, max_grad_norm=1.0,
+        max_length=spec["max_length"], packing=False, padding_free=False, completion_only_loss=True,
+        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, seed=SEED, report_to="none",
+        save_strategy="no", eval_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        model_init_kwargs={"dtype": "float32"},
+    )
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                             target_modules=spec["targets"], task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=src, args=args, train_dataset=train_ds,
+                         processing_class=AutoTokenizer.from_pretrained(src), peft_config=peft_config,
+                         quantization_config=bnb, callbacks=[Timer()])
+    ds = trainer.train_dataset
+    if len(ds) != spec["steps"] * spec["micro_batch"] * spec["grad_accum"]:
+        raise RuntimeError(f"TRL kept {len(ds)} of {len(rows)} examples: the sides would not train the same data")
+    trainer.train()
+    train_peak = process_peak_mb()
+    trainer.save_model(str(Path(spec["out"]) / "adapter"))
+    tokens = sum(len(x) for x in ds["input_ids"])
+    seen = getattr(trainer, "_total_train_tokens", tokens)  # TRL's own count: attention-mask sum of the batches
+    if seen != tokens:
+        log.warning("TRL counted %s non-padding tokens in its batches, the dataset holds %s", seen, tokens)
+    losses = [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]
+    return {"tokens": tokens, "label_tokens": sum(sum(t != IGNORE for t in x[1:]) for x in ds["labels"]),
+            "examples": len(ds), "steps": trainer.state.global_step, "tokens_per_s": tokens / marks["train_s"],
+            "train_s": marks["train_s"], "train_losses": losses,
+            "lora_dtype": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)),
+            "peak_rss_mb": max(marks.get("load_peak_mb", 0), train_peak),
+            "train_peak_rss_mb": train_peak if marks.get("reset") else None,
+            "rss_before_train_mb": marks.get("rss_before_train_mb")}
+
+
+def child_eval(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    source()
+    from lora_ft.train import evaluate_run
+
+    return {side: evaluate_run(run_dir, spec["eval_file"], split="heldout") for side, run_dir in spec["runs"].items()}
+
+
+CHILDREN = {"lora_ft": child_lora_ft, "trl": child_trl, "eval": child_eval}
+
+
+def run_child(kind: str, spec: dict, work: Path) -> dict:
+    spec_file, result_file = work / f"{kind}.spec.json", work / f"{kind}.result.json"
+    spec_file.write_text(json.dumps(spec))
+    log.info("---- %s (fresh process)", kind)
+    t0 = time.perf_counter()
+    # The child's stdout goes to our stderr: stdout carries only the final JSON line.
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, str(spec_file), str(result_file)],
+                          stdout=sys.stderr, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_train: the {kind} process failed (exit status {proc.returncode})")
+    log.info("---- %s done in %.0f s", kind, time.perf_counter() - t0)
+    return json.loads(result_file.read_text())
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=16, help="optimizer steps (one epoch over steps × global batch)")
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--eval-examples", type=int, default=48, help="held-out examples (validation split)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--keep", metavar="DIR", help="keep the runs (adapters, metrics) in DIR instead of a temp dir")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("lora_ft").setLevel(logging.INFO)
+
+    if a.child:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()  # the per-file "Loading weights" and "Map" bars would flood the log
+        transformers.utils.logging.disable_progress_bar()
+        kind, spec_file, result_file = a.child
+        result = CHILDREN[kind](json.loads(Path(spec_file).read_text()))
+        Path(result_file).write_text(json.dumps(result))
+        return
+
+    import torch
+
+    threads = a.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_train-"))
+    if a.keep and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        src = source()
+        shape = model_shape(src)
+        global_batch = a.micro_batch * a.grad_accum
+        n_train = a.steps * global_batch
+        train_rows = (DATA / "train.jsonl").read_text().splitlines()[:n_train]
+        if len(train_rows) < n_train:
+            raise SystemExit(f"bench_train: {n_train} training examples needed, {DATA / 'train.jsonl'} has fewer")
+        (work / "train.jsonl").write_text("\n".join(train_rows) + "\n")
+        (work / "validation.jsonl").write_text(
+            "\n".join((DATA / "validation.jsonl").read_text().splitlines()[: a.eval_examples]) + "\n")
+        peaks = [gemm_peak_gflops()]
+        log.info("threads %d; GEMM peak %.1f GFLOP/s; %d training examples, %d steps of %d; LoRA on %s",
+                 threads, peaks[0], n_train, a.steps, global_batch, shape["targets"])
+        spec = {"threads": threads, "steps": a.steps, "micro_batch": a.micro_batch, "grad_accum": a.grad_accum,
+                "max_length": a.max_length, "train_file": str(work / "train.jsonl"), "targets": shape["targets"]}
+        res = {"lora_ft": run_child("lora_ft", {**spec, "out": str(work / "lora_ft")}, work),
+               "trl": run_child("trl", {**spec, "out": str(work / "trl")}, work)}
+        peaks.append(gemm_peak_gflops())
+        if res["lora_ft"]["targets"] != shape["targets"]:
+            raise SystemExit(f"bench_train: LoRA targets differ: {res['lora_ft']['targets']} vs {shape['targets']}")
+        # TRL's adapter is scored through evaluate_run too: it needs a lora_ft run folder around the adapter.
+        for name in ("run_config.yaml", "run_info.json"):
+            shutil.copy(work / "lora_ft" / name, work / "trl" / name)
+        held = run_child("eval", {"threads": threads, "eval_file": str(work / "validation.jsonl"),
+                                  "runs": {s: str(work / s) for s in res}}, work)
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    peak = max(peaks)
+    out: dict = {}
+    for side, r in res.items():
+        mfu = flops(shape, r["tokens"], r["label_tokens"]) / r["train_s"] / (peak * 1e9)
+        out.update({f"{side}_tokens_per_s": round(r["tokens_per_s"], 1), f"{side}_peak_rss_mb": round(r["peak_rss_mb"]),
+                    f"{side}_train_peak_rss_mb": r["train_peak_rss_mb"] and round(r["train_peak_rss_mb"]),
+                    f"{side}_heldout_loss": round(held[side]["loss"], 4), f"{side}_mfu": round(mfu, 4),
+                    f"{side}_train_s": round(r["train_s"], 1), f"{side}_tokens": r["tokens"],
+                    f"{side}_label_tokens": r["label_tokens"], f"{side}_last_train_loss": r["train_losses"][-1]})
+    speed = res["lora_ft"]["tokens_per_s"] / res["trl"]["tokens_per_s"]
+    rss = res["lora_ft"]["peak_rss_mb"] / res["trl"]["peak_rss_mb"]
+    loss_gap = held["lora_ft"]["loss"] - held["trl"]["loss"]
+    out.update({
+        "speed_ratio": round(speed, 3), "rss_ratio": round(rss, 3), "heldout_loss_diff": round(loss_gap, 4),
+        "targets_met": {"speed_ge_1.5x": speed >= 1.5, "rss_le_1.0x": rss <= 1.0,
+                        "loss_le_trl_plus_0.02": loss_gap <= 0.02},
+        "gemm_peak_gflops": round(peak, 1), "gemm_runs_gflops": [round(p, 1) for p in peaks], "threads": threads,
+        "steps": a.steps, "global_batch": global_batch, "max_length": a.max_length,
+        "heldout_examples": held["lora_ft"]["examples"], "heldout_tokens": held["lora_ft"]["tokens"],
+        "flops_formula": "tokens*(4*N_body+6*N_lora) + label_tokens*4*V*d",
+        "n_body": shape["n_body"], "n_lora": shape["n_lora"], "trl_lora_dtype": res["trl"]["lora_dtype"],
+    })
+    log.info("train losses: lora_ft %s; trl %s", res["lora_ft"]["train_losses"], res["trl"]["train_losses"])
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

