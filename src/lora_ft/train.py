@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import checkpoint as ckpt
+from . import plan
 from .adapters import attach_adapters, load_adapter
 from .config import Recipe, RecipeError, resolve_compute_dtype
 from .craft import (
@@ -129,6 +130,9 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     """Run a recipe end to end; return ``eval_results`` (also written to ``output_dir``)."""
     tc, out = recipe.train, Path(recipe.output_dir)
     accelerator, compute = make_accelerator(recipe)
+    # micro_batch_size auto: the planner's largest that fits this device, grad_accum keeping the global batch
+    # (from the config and the data, before the model is loaded; see plan.resolve_auto_micro_batch).
+    recipe = plan.resolve_for_launch(recipe, accelerator)
     recipe = scale_to_processes(recipe, accelerator, resume)
     tc = recipe.train
     main = accelerator.is_main_process
