@@ -26,7 +26,7 @@ def _metric(name: str) -> evaluate.EvaluationModule:
     return evaluate.load(str(METRICS_DIR / f"{name}.py"))
 
 
-def _supports_keep(model: torch.nn.Module) -> bool:
+def supports_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the innermost transformers model takes ``logits_to_keep`` (through DDP and peft wrappers)."""
     base = model
     while hasattr(base, "get_base_model") or hasattr(base, "module"):
@@ -45,7 +45,7 @@ def causal_loss(model: torch.nn.Module, batch: dict, per_example: bool = False):
     keep = int(batch.pop("logits_to_keep"))
     labels = batch.pop("labels")
     # use_cache=False: training and scoring never generate, and a KV cache copies K/V in every layer.
-    if _supports_keep(model):
+    if supports_logits_to_keep(model):
         logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
     else:  # older architectures: full logits, then the same slice
         logits = model(**batch, use_cache=False).logits[:, -keep:]

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import Recipe, RecipeError, load_recipe
 from .data import IGNORE, prepare_data
-from .evaluation import _supports_keep, classification_logits
+from .evaluation import classification_logits, supports_logits_to_keep
 from .model import DTYPES, load_model, resolve_source
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def label_logits(model: torch.nn.Module, batch: dict, causal: bool) -> tuple[tor
     batch = dict(batch)
     keep = int(batch.pop("logits_to_keep"))
     labels = batch.pop("labels")
-    if _supports_keep(model):
+    if supports_logits_to_keep(model):
         logits = model(**batch, logits_to_keep=keep).logits
     else:
         logits = model(**batch).logits[:, -keep:]
