@@ -81,8 +81,6 @@ def make_loader(ds, batch_size: int, tokenizer, causal: bool, shuffle: bool, see
 class Session:
     """Everything ``setup`` builds; the rest of the recipe only reads it."""
 
-    recipe: Recipe
-    accelerator: Accelerator
     loaded: LoadedModel
     model: PeftModel
     data: TaskData
@@ -107,7 +105,7 @@ def setup(recipe: Recipe, accelerator: Accelerator, compute: str, adapter_dir: s
         gc = recipe.train.gradient_checkpointing
         model = attach_adapters(loaded.model, recipe.lora, cfg.task, loaded.head_modules,
                                 torch.cuda.is_available() if gc == "auto" else gc)
-    return Session(recipe, accelerator, loaded, model, data, cfg.task == "causal_lm")
+    return Session(loaded, model, data, cfg.task == "causal_lm")
 
 
 def _check_output_dir(out: Path, resume: str | None, overwrite: bool) -> None:
