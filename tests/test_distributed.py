@@ -29,6 +29,7 @@ DRIVER = textwrap.dedent("""
     import sys
     from pathlib import Path
 
+    from accelerate import PartialState
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -43,7 +44,7 @@ DRIVER = textwrap.dedent("""
     T.train(load_recipe(sys.argv[1]))
     s = sessions[0]
     state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(s.model).items()}
-    save_file(state, Path(sys.argv[2]) / f"rank{s.accelerator.process_index}.safetensors")
+    save_file(state, Path(sys.argv[2]) / f"rank{PartialState().process_index}.safetensors")
 """)
 MAX_STEPS = 8  # 12 micro-batches per epoch → 6 steps: the run crosses into a second (reshuffled) epoch
 CONFIGS = Path(__file__).parents[1] / "recipes" / "accelerate"
