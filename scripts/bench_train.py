@@ -9,7 +9,9 @@ quantization and fp32 compute, LoRA r=16 / alpha=32 / dropout 0.05 on the same l
 gradient clipping at 1.0, seed 42, loss on the answers only, gradient checkpointing off (lora_ft's CPU default;
 TRL's default is on, which would only slow it down here), no evaluation during training.
 
-- **lora_ft**: ``lora_ft.train.train`` on ``recipes/quickstart/smollm2-qlora-chat.yaml`` with overrides.
+- **lora_ft**: ``lora_ft.train.train`` on ``recipes/quickstart/smollm2-qlora-chat.yaml`` with overrides, and its
+  defaults otherwise: LoRA dropout fused into ``lora_A`` (``lora_dropout.py``) and, on the CPU, freed memory
+  returned to the OS every few blocks (``cpu_memory.py``; ``--no-trim`` turns that off, to see its share).
 - **TRL**: the documented QLoRA recipe: ``SFTTrainer(model=path, quantization_config=BitsAndBytesConfig(...),
   peft_config=LoraConfig(...))``. SmolLM2's chat template has no ``{% generation %}`` markers (and TRL ships no
   training template for it), so ``assistant_only_loss`` cannot be used: the conversations are given as
@@ -154,7 +156,7 @@ def child_lora_ft(spec: dict) -> dict:
         f"train.grad_accum={spec['grad_accum']}", f"train.lr={LR}", "train.schedule=cosine", f"train.warmup={WARMUP}",
         "train.eval_every=null", "train.gradient_checkpointing=false", "train.max_grad_norm=1.0",
         f"train.seed={SEED}", "train.log_every=1", "train.checkpoint_every=null",
-        "forgetting.enabled=false", f"output_dir={out}",
+        "forgetting.enabled=false", f"train.trim_cpu_memory={spec['trim']}", f"output_dir={out}",
     ])
     marks: dict = {}
 
@@ -286,6 +288,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--eval-examples", type=int, default=48, help="held-out examples (validation split)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--no-trim", action="store_true", help="lora_ft with train.trim_cpu_memory off")
     ap.add_argument("--keep", metavar="DIR", help="keep the runs (adapters, metrics) in DIR instead of a temp dir")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -310,7 +313,7 @@ def main() -> None:
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_train-"))
     if a.keep and work.exists():
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     try:
         src = source()
         shape = model_shape(src)
@@ -325,7 +328,8 @@ def main() -> None:
         peaks = [gemm_peak_gflops()]
         log.info("threads %d; GEMM peak %.1f GFLOP/s; %d training examples, %d steps of %d; LoRA on %s",
                  threads, peaks[0], n_train, a.steps, global_batch, shape["targets"])
-        spec = {"threads": threads, "steps": a.steps, "micro_batch": a.micro_batch, "grad_accum": a.grad_accum,
+        spec = {"threads": threads, "trim": not a.no_trim, "steps": a.steps, "micro_batch": a.micro_batch,
+                "grad_accum": a.grad_accum,
                 "max_length": a.max_length, "train_file": str(work / "train.jsonl"), "targets": shape["targets"]}
         res = {"lora_ft": run_child("lora_ft", {**spec, "out": str(work / "lora_ft")}, work),
                "trl": run_child("trl", {**spec, "out": str(work / "trl")}, work)}
@@ -347,6 +351,7 @@ def main() -> None:
         mfu = flops(shape, r["tokens"], r["label_tokens"]) / r["train_s"] / (peak * 1e9)
         out.update({f"{side}_tokens_per_s": round(r["tokens_per_s"], 1), f"{side}_peak_rss_mb": round(r["peak_rss_mb"]),
                     f"{side}_train_peak_rss_mb": r["train_peak_rss_mb"] and round(r["train_peak_rss_mb"]),
+                    f"{side}_rss_before_train_mb": r["rss_before_train_mb"] and round(r["rss_before_train_mb"]),
                     f"{side}_heldout_loss": round(held[side]["loss"], 4), f"{side}_mfu": round(mfu, 4),
                     f"{side}_train_s": round(r["train_s"], 1), f"{side}_tokens": r["tokens"],
                     f"{side}_label_tokens": r["label_tokens"], f"{side}_last_train_loss": r["train_losses"][-1]})
@@ -357,6 +362,7 @@ def main() -> None:
         "speed_ratio": round(speed, 3), "rss_ratio": round(rss, 3), "heldout_loss_diff": round(loss_gap, 4),
         "targets_met": {"speed_ge_1.5x": speed >= 1.5, "rss_le_1.0x": rss <= 1.0,
                         "loss_le_trl_plus_0.02": loss_gap <= 0.02},
+        "lora_ft_trim_cpu_memory": not a.no_trim,
         "gemm_peak_gflops": round(peak, 1), "gemm_runs_gflops": [round(p, 1) for p in peaks], "threads": threads,
         "steps": a.steps, "global_batch": global_batch, "max_length": a.max_length,
         "heldout_examples": held["lora_ft"]["examples"], "heldout_tokens": held["lora_ft"]["tokens"],

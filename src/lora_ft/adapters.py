@@ -9,6 +9,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_
 from transformers import PreTrainedModel
 
 from .config import LoraConfigSection, RecipeError
+from .lora_dropout import fuse_lora_dropout
 from .model import is_quantized
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ def attach_adapters(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora_config(cfg, task, targets, heads))
+    # peft's dropout keeps a full copy of every LoRA input for backward; see lora_dropout.py.
+    fuse_lora_dropout(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("LoRA on %s; trainable %s of %s parameters (%.2f%%)", targets if len(targets) < 12 else
              f"{len(targets)} modules", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

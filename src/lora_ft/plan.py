@@ -357,10 +357,11 @@ def _lora_inputs(t: LayerTerms, s: Setting, targets: list[Target], width: int, d
     """What the LoRA branches of the targets fed by one tensor (``width`` values of ``dtype`` bytes) save.
 
     ``shared_saved``: that tensor is saved anyway by someone else (so LoRA's reference costs nothing).
-    peft computes ``lora_B(lora_A(dropout(x)))``: ``lora_A`` saves its input (it trains), ``lora_B`` saves
-    ``lora_A``'s output (r values). Under autocast ``lora_A`` saves a 16-bit copy of an fp32 input, one per target
-    (autocast's cast cache only covers leaf weights); with dropout each target saves its own dropout output
-    (or its 16-bit copy) and the dropout mask.
+    ``lora_B`` saves ``lora_A``'s output (r values) for every target. With dropout (vanilla LoRA),
+    ``lora_dropout.DroppedLinear`` keeps a reference to the input and one bool mask per target. Without
+    dropout, peft's ``lora_A`` saves its input; under autocast a 16-bit copy of an fp32 input, one per target
+    (autocast's cast cache only covers leaf weights). DoRA keeps peft's unfused dropout: the dropout output
+    (or its 16-bit copy) and the mask, per target.
     """
     if not targets:
         return
@@ -368,12 +369,16 @@ def _lora_inputs(t: LayerTerms, s: Setting, targets: list[Target], width: int, d
     saved_dtype = s.act if cast else dtype
     for tg in targets:
         t.add(f"{tg.name}: lora_A output", s.r * s.act)
-    if s.lora_dropout > 0:
+    if s.lora_dropout > 0 and s.use_dora:
         t.add(f"{what}: dropout masks ({len(targets)})", len(targets) * width * _mask_bytes(s, dtype))
         t.add(f"{what}: dropout outputs saved by lora_A ({len(targets)})", len(targets) * width * saved_dtype)
+        return
+    if s.lora_dropout > 0:
+        t.add(f"{what}: dropout masks, bool ({len(targets)})", len(targets) * width)
     elif cast:
         t.add(f"{what}: 16-bit copies saved by lora_A ({len(targets)})", len(targets) * width * s.act)
-    elif not shared_saved:
+        return
+    if not shared_saved:
         t.add(f"{what}: saved by lora_A", width * dtype)
 
 
@@ -400,8 +405,9 @@ def _inputs(t: LayerTerms, s: Setting, shape: ModelShape, role: str, width: int,
             saved_by_other: bool) -> None:
     """One input tensor of a layer and every linear module it feeds: LoRA's and the base layers' saves."""
     targets = [x for x in shape.layer_targets if x.role == role]
-    # LoRA (dropout 0, no cast) saves the very tensor: the base layers' reference is then free.
-    lora_keeps_it = bool(targets) and not s.lora_dropout and not (s.autocast and dtype != s.act)
+    # LoRA saves the very tensor (fused dropout, or no dropout and no cast): the base layers' reference is free.
+    fused = s.lora_dropout > 0 and not s.use_dora
+    lora_keeps_it = bool(targets) and (fused or not (s.lora_dropout or (s.autocast and dtype != s.act)))
     _lora_inputs(t, s, targets, width, dtype, shared_saved=saved_by_other, what=role)
     _base_saves(t, s, [x for x in shape.layer_linear if x.role == role], width, dtype,
                 saved_already=saved_by_other or lora_keeps_it, what=role)

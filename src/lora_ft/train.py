@@ -28,6 +28,7 @@ from . import checkpoint as ckpt
 from . import plan
 from .adapters import attach_adapters, load_adapter
 from .config import Recipe, RecipeError, resolve_compute_dtype
+from .cpu_memory import release_freed_memory
 from .craft import (
     Augmenter,
     FreezeSchedule,
@@ -169,6 +170,7 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     scheduler = get_scheduler(tc.schedule if tc.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     unwrapped: PeftModel = accelerator.unwrap_model(model)
+    untrim = release_freed_memory(unwrapped) if tc.trim_cpu_memory and accelerator.device.type == "cpu" else None
     schedule = FreezeSchedule(unwrapped, recipe.freeze, heads)
     fg = recipe.forgetting
     ref_loader = DataLoader(reference_examples(fg.reference, tok, fg.max_examples, recipe.data.max_length),
@@ -354,6 +356,8 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
                     f"lora-ft train RECIPE --resume latest (output_dir {out})", signum)
     if neftune is not None:
         neftune.remove()
+    if untrim is not None:
+        untrim()
     if validating and stopped is None:
         evaluate_and_track()
 
