@@ -99,21 +99,26 @@ def build_bert_tokenizer():
                                    model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
+def save_random_model(tmp_path_factory, name: str, model_cls, cfg, tok) -> Path:
+    """``model_cls(cfg)`` with seed-0 random weights and ``tok``, saved as a local model folder."""
+    folder = tmp_path_factory.mktemp(name)
+    torch.manual_seed(0)
+    model_cls(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer random Llama (causal LM) with a ChatML template, saved as a local model folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tok = build_chat_tokenizer()
-    torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
                       initializer_range=0.2)  # large enough that a frozen random head can express peaked outputs
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_random_model(tmp_path_factory, "tiny-llama", LlamaForCausalLM, cfg, tok)
 
 
 @pytest.fixture(scope="session")
@@ -121,15 +126,11 @@ def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer random BERT *encoder* checkpoint: the classifier head does not exist in it yet."""
     from transformers import BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     tok = build_bert_tokenizer()
-    torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
                      initializer_range=0.2)
-    BertModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_random_model(tmp_path_factory, "tiny-bert", BertModel, cfg, tok)
 
 
 @pytest.fixture(scope="session")

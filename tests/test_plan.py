@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_bert_tokenizer, build_chat_tokenizer, make_recipe
+from conftest import build_bert_tokenizer, build_chat_tokenizer, make_recipe, save_random_model
 
 from lora_ft import plan
 from lora_ft.cli import main
@@ -20,15 +20,11 @@ def small_llama(tmp_path_factory):
     """A 4-layer Llama with GQA and a 4096 vocabulary: big enough that every term of the plan shows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("small-llama")
     tok = build_chat_tokenizer()
-    torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
                       eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_random_model(tmp_path_factory, "small-llama", LlamaForCausalLM, cfg, tok)
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +32,10 @@ def small_bert(tmp_path_factory):
     """A 4-layer BERT encoder (dropout 0.1 in attention and hidden states, as BERT checkpoints ship)."""
     from transformers import BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("small-bert")
     tok = build_bert_tokenizer()
-    torch.manual_seed(0)
     cfg = BertConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                      num_attention_heads=4, max_position_embeddings=512, pad_token_id=tok.pad_token_id)
-    BertModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_random_model(tmp_path_factory, "small-bert", BertModel, cfg, tok)
 
 
 @pytest.fixture

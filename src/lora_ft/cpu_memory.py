@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import re
 from collections.abc import Callable
 
 import torch
 
-log = logging.getLogger(__name__)
+from .craft import blocks
 
-_BLOCK = re.compile(r"\.(?:layers?|h|blocks?)\.\d+$")  # the numbered blocks of a transformer
+log = logging.getLogger(__name__)
 
 
 def _malloc_trim() -> Callable[[], None] | None:
@@ -35,8 +34,8 @@ def _malloc_trim() -> Callable[[], None] | None:
 def release_freed_memory(model: torch.nn.Module, every: int = 5) -> Callable[[], None]:
     """Trim the heap after every ``every``-th transformer block's forward and its gradient; returns ``remove``."""
     trim = _malloc_trim()
-    blocks = [m for n, m in model.named_modules() if _BLOCK.search(n)]
-    if trim is None or not blocks:
+    every_block = blocks(model)
+    if trim is None or not every_block:
         return lambda: None
 
     def on_grad(grad: torch.Tensor) -> None:  # a tensor hook must return None (or a replacement gradient)
@@ -50,8 +49,8 @@ def release_freed_memory(model: torch.nn.Module, every: int = 5) -> Callable[[],
         if isinstance(out, torch.Tensor) and out.requires_grad:
             out.register_hook(on_grad)  # runs when backward reaches this block
 
-    handles = [b.register_forward_hook(after_forward) for b in blocks[every - 1 :: every]]
-    log.debug("returning freed memory to the OS after %d of %d blocks", len(handles), len(blocks))
+    handles = [b.register_forward_hook(after_forward) for b in every_block[every - 1 :: every]]
+    log.debug("returning freed memory to the OS after %d of %d blocks", len(handles), len(every_block))
 
     def remove() -> None:
         for h in handles:

@@ -30,6 +30,11 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks themselves (``….layers.3``), in order: the modules ``layer_of`` numbers."""
+    return [m for n, m in model.named_modules() if (hit := _LAYER.search(n + ".")) and hit.end() == len(n) + 1]
+
+
 def is_head(name: str, heads: list[str]) -> bool:
     # peft names head copies "<head>.modules_to_save.default.weight"
     return any(f".{h}.modules_to_save." in f".{name}" or name.startswith(f"{h}.") for h in heads)

@@ -66,7 +66,7 @@ class DropoutLinear(nn.Linear):
         self.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.bias is not None or not torch.is_grad_enabled():
+        if not self.training or not torch.is_grad_enabled():
             return super().forward(F.dropout(x, self.p, self.training))
         keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - self.p)
         return DroppedLinear.apply(x, self.weight, keep, self.p)
@@ -75,17 +75,14 @@ class DropoutLinear(nn.Linear):
         return f"{super().extra_repr()}, dropout={self.p}"
 
 
-def fuse_lora_dropout(model: nn.Module) -> int:
-    """Fuse every vanilla LoRA target's dropout into its ``lora_A``; return how many were fused."""
-    fused = 0
+def fuse_lora_dropout(model: nn.Module) -> None:
+    """Fuse every vanilla LoRA target's dropout into its ``lora_A`` (bias-free ``nn.Linear``, no variant)."""
     for layer in model.modules():
         if not isinstance(layer, LoraLayer):
             continue
         for name, dropout in list(layer.lora_dropout.items()):
             lora_a = layer.lora_A[name] if name in layer.lora_A else None
             if (isinstance(dropout, nn.Dropout) and dropout.p > 0 and type(lora_a) is nn.Linear
-                    and name not in getattr(layer, "lora_variant", {})):
+                    and lora_a.bias is None and name not in getattr(layer, "lora_variant", {})):
                 layer.lora_A[name] = DropoutLinear(lora_a, dropout.p)
                 layer.lora_dropout[name] = nn.Identity()
-                fused += 1
-    return fused

@@ -352,6 +352,11 @@ def _mask_bytes(s: Setting, dtype_bytes: int) -> int:
     return 1 if s.device == "cuda" else dtype_bytes
 
 
+def _fused_dropout(s: Setting) -> bool:
+    """Whether ``lora_dropout.fuse_lora_dropout`` replaces peft's dropout (vanilla LoRA with dropout)."""
+    return s.lora_dropout > 0 and not s.use_dora
+
+
 def _lora_inputs(t: LayerTerms, s: Setting, targets: list[Target], width: int, dtype: int, shared_saved: bool,
                  what: str) -> None:
     """What the LoRA branches of the targets fed by one tensor (``width`` values of ``dtype`` bytes) save.
@@ -369,11 +374,11 @@ def _lora_inputs(t: LayerTerms, s: Setting, targets: list[Target], width: int, d
     saved_dtype = s.act if cast else dtype
     for tg in targets:
         t.add(f"{tg.name}: lora_A output", s.r * s.act)
-    if s.lora_dropout > 0 and s.use_dora:
+    if s.lora_dropout > 0 and not _fused_dropout(s):
         t.add(f"{what}: dropout masks ({len(targets)})", len(targets) * width * _mask_bytes(s, dtype))
         t.add(f"{what}: dropout outputs saved by lora_A ({len(targets)})", len(targets) * width * saved_dtype)
         return
-    if s.lora_dropout > 0:
+    if _fused_dropout(s):
         t.add(f"{what}: dropout masks, bool ({len(targets)})", len(targets) * width)
     elif cast:
         t.add(f"{what}: 16-bit copies saved by lora_A ({len(targets)})", len(targets) * width * s.act)
@@ -406,8 +411,7 @@ def _inputs(t: LayerTerms, s: Setting, shape: ModelShape, role: str, width: int,
     """One input tensor of a layer and every linear module it feeds: LoRA's and the base layers' saves."""
     targets = [x for x in shape.layer_targets if x.role == role]
     # LoRA saves the very tensor (fused dropout, or no dropout and no cast): the base layers' reference is free.
-    fused = s.lora_dropout > 0 and not s.use_dora
-    lora_keeps_it = bool(targets) and (fused or not (s.lora_dropout or (s.autocast and dtype != s.act)))
+    lora_keeps_it = bool(targets) and (_fused_dropout(s) or not (s.lora_dropout or (s.autocast and dtype != s.act)))
     _lora_inputs(t, s, targets, width, dtype, shared_saved=saved_by_other, what=role)
     _base_saves(t, s, [x for x in shape.layer_linear if x.role == role], width, dtype,
                 saved_already=saved_by_other or lora_keeps_it, what=role)
