@@ -49,13 +49,21 @@ def test_train_then_eval_from_the_command_line(tiny_llama, chat_data, tmp_path, 
     p = tmp_path / "r.yaml"
     p.write_text(f"model: {{name: {tiny_llama}}}\ndata: {{train: {chat_data['train']}, "
                  f"validation: {chat_data['validation']}}}\noutput_dir: {tmp_path / 'run'}\n")
-    assert main(["train", str(p), "--set", "train.max_steps=20", "--set", "train.lr=1e-2"]) == 0
+    assert main(["train", str(p), "--set", "train.max_steps=20", "--set", "train.lr=1e-2",
+                 "--set", "data.max_eval_examples=4"]) == 0
     results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert results["after"]["validation"]["examples"] == 4  # the cap applies to evaluation during training
     assert results["after"]["validation"]["loss"] < results["before"]["validation"]["loss"]
+    rows = [json.loads(x) for x in chat_data["validation"].read_text().splitlines()]
+    first4 = write_jsonl(tmp_path / "first4.jsonl", rows[:4])
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run"), "--data", str(chat_data["validation"])]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--data", str(first4)]) == 0
     printed = json.loads(capsys.readouterr().out)
+    assert printed["examples"] == 4
     assert printed["loss"] == pytest.approx(results["after"]["validation"]["loss"], rel=1e-4)
+    # ... but not to `lora-ft eval`: it scores every row of the file it is given
+    assert main(["eval", str(tmp_path / "run"), "--data", str(chat_data["validation"])]) == 0
+    assert len(rows) == 24 and json.loads(capsys.readouterr().out)["examples"] == 24
     # the run is protected: a second train into it fails cleanly
     assert main(["train", str(p)]) == 2
 

@@ -1,5 +1,7 @@
 """Recipe schema: defaults, strict keys with did-you-mean, all errors at once, overrides, paths."""
 
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -108,3 +110,103 @@ def test_random_text_either_loads_or_raises_recipe_error(tmp_path, text):
         load_recipe(p)
     except RecipeError:
         pass
+
+
+QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart" / "smollm2-qlora-chat.yaml"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_real_recipes_either_load_or_raise_recipe_error(tmp_path, data):
+    """A real recipe with characters deleted, inserted or replaced (indentation, colons, numbers break)."""
+    text = QUICKSTART.read_text(encoding="utf-8")
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(text)))
+        op = data.draw(st.sampled_from(["delete", "insert", "replace"]))
+        piece = data.draw(st.text(alphabet=" :-[]{}\n#'\".0123456789abcx\t&*!|>%@", min_size=1, max_size=3))
+        text = text[:at] + (piece if op != "delete" else "") + text[at + (op != "insert") :]
+    p = tmp_path / "mutated.yaml"
+    p.write_text(text, encoding="utf-8")
+    try:
+        assert isinstance(load_recipe(p), Recipe)
+    except RecipeError as e:
+        assert "\n" not in str(e)
+
+
+DEEP_MAP = "a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 1500))
+
+
+@pytest.mark.parametrize("text", ["[" * 3000 + "]" * 3000, DEEP_MAP, "train: {lr: .inf}", "train: {epochs: .inf}",
+                                  "lora: {alpha: .nan}",
+                                  "train: {warmup: -.inf}"])
+def test_deep_nesting_and_infinite_numbers_are_recipe_errors(tmp_path, text):
+    with pytest.raises(RecipeError, match="nested too deeply|finite number"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_forgetting_guard_refuses_inits_that_rewrite_the_base(tmp_path):
+    with pytest.raises(RecipeError, match="forgetting.enabled compares with the base model, which lora.init 'olora'"):
+        load_recipe(write(tmp_path, "forgetting: {enabled: true}\nlora: {init: olora}\n"))
+    assert load_recipe(write(tmp_path, "forgetting: {enabled: true}\nlora: {init: gaussian}\n")).forgetting.enabled
+
+
+# ------------------------------------------------------------------------------------------------ lora.init
+@pytest.mark.parametrize(("given", "expected"), [("true", True), ("false", False), ("gaussian", "gaussian"),
+                                                 ("pissa", "pissa"), ("OLoRA", "olora")])
+def test_supported_lora_inits_load(tmp_path, given, expected):
+    assert load_recipe(write(tmp_path, f"lora: {{init: {given}}}\n")).lora.init == expected
+
+
+@pytest.mark.parametrize(("given", "needle"), [
+    ("pisa", "lora.init: unknown init 'pisa' (did you mean 'pissa'?)"),
+    ("eva", "lora.init: 'eva' needs a pass over the training data"),
+    ("corda", "lora.init: 'corda' needs peft's preprocess_corda pass"),
+    ("loftq", "lora.init: 'loftq' quantizes the base itself"),
+    ("pissa_niter_4", "lora.init: 'pissa_niter_4' re-runs a randomized SVD when the adapter is loaded, so the "
+                      "saved adapter would not reload faithfully: use 'pissa'"),
+])
+def test_unsupported_lora_inits_are_refused_with_the_fix(tmp_path, given, needle):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, f"lora: {{init: {given}}}\n"))
+    msg = str(e.value)
+    assert needle in msg and "1 problem(s)" in msg and "\n" not in msg
+    if given in ("eva", "corda", "loftq"):
+        assert msg.endswith("use one of true, false, gaussian, pissa, olora")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])
+def test_weight_rewriting_inits_need_an_unquantized_base(tmp_path, init, quant):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, f"model: {{quant: {quant}}}\nlora: {{init: {init}}}\n"))
+    assert f"lora.init: '{init}' rewrites the base weights, which needs them in full precision, not model.quant " \
+           f"{quant}: set model.quant: none, or lora.init: true" in str(e.value)
+    ok = load_recipe(write(tmp_path, f"model: {{quant: {quant}}}\nlora: {{init: gaussian}}\n"))
+    assert (ok.model.quant, ok.lora.init) == (quant, "gaussian")
+
+
+def test_init_problems_are_reported_with_the_other_problems(tmp_path, capsys):
+    p = write(tmp_path, "model: {quant: nf4}\nlora: {init: pissa}\ntrain: {lr: -1, epoch: 2}\ndata: {train: x.jsonl}\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert "3 problem(s)" in msg and "\n" not in msg
+    assert "lora.init: 'pissa' rewrites the base weights" in msg and "train.lr" in msg and "train.epoch" in msg
+    # `lora-ft validate` reads recipes the same way: it fails without loading anything.
+    from lora_ft.cli import main
+
+    p = write(tmp_path, "lora: {init: eva}\n", "eva.yaml")
+    assert main(["validate", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-ft: error: ") and "lora.init: 'eva' needs" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------ compute dtype
+def test_auto_compute_dtype_is_bf16_only_on_gpus_that_support_it():
+    from lora_ft.config import resolve_compute_dtype
+
+    assert resolve_compute_dtype("auto", cuda=True, bf16_supported=True) == "bf16"
+    assert resolve_compute_dtype("auto", cuda=True, bf16_supported=False) == "fp32"
+    assert resolve_compute_dtype("auto", cuda=False, bf16_supported=True) == "fp32"
+    assert resolve_compute_dtype("auto", cuda=False, bf16_supported=False) == "fp32"
+    assert resolve_compute_dtype("fp16", cuda=False, bf16_supported=False) == "fp16"  # explicit wins

@@ -166,18 +166,36 @@ def test_augmentation_is_training_only_and_reproducible(tiny_bert, cls_data, tmp
 
 
 def test_forgetting_guard_measures_and_stops(tiny_llama, chat_data, tmp_path):
+    import json
+    import shutil
+
     from conftest import make_recipe
 
     from lora_ft.train import train
 
     splits = {k: v for k, v in chat_data.items() if k != "test"}
-    recipe = make_recipe(tiny_llama, splits, tmp_path / "fg", train={"max_steps": 20, "eval_every": 5},
+    recipe = make_recipe(tiny_llama, splits, tmp_path / "fg", train={"max_steps": 20, "eval_every": 5,
+                                                                     "checkpoint_every": 10},
                          forgetting={"enabled": True, "max_examples": 16})
     results = train(recipe)
-    before, after = results["before"]["forgetting"], results["after"]["forgetting"]
+    # Forgetting is reported beside the splits, not as one: every split has a loss.
+    assert json.loads((tmp_path / "fg" / "eval_results.json").read_text()) == json.loads(json.dumps(results))
+    assert set(results) == {"before", "after", "forgetting"} and set(results["forgetting"]) == {"before", "after"}
+    for when in ("before", "after"):
+        assert set(results[when]) == {"validation"} and "loss" in results[when]["validation"]
+    before, after = results["forgetting"]["before"], results["forgetting"]["after"]
     assert before["kl"] == pytest.approx(0.0, abs=1e-6) and before["ppl_adapted"] == pytest.approx(before["ppl_base"])
     assert after["kl"] > 0.05 and after["ppl_base"] == pytest.approx(before["ppl_base"])
-    assert len([r for r in _rows(tmp_path / "fg") if r.get("split") == "forgetting"]) >= 4
+    steps = [r["step"] for r in _rows(tmp_path / "fg") if r.get("split") == "forgetting"]
+    assert steps == [0, 5, 10, 15, 20, 20]  # before, every evaluation, and the final (restored) adapter
+
+    # A resumed run keeps the measurement of the untrained adapter from its checkpoint.
+    (tmp_path / "part" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "fg" / "checkpoints" / "step-00000010",
+                    tmp_path / "part" / "checkpoints" / "step-00000010")
+    resumed = train(recipe.model_copy(update={"output_dir": str(tmp_path / "part")}), resume="latest")
+    assert resumed["forgetting"]["before"] == before and set(resumed["before"]) == {"validation"}
+    assert resumed["forgetting"]["after"]["kl"] == pytest.approx(after["kl"], rel=1e-4)
 
     budget = after["kl"] / 4  # a budget the full run exceeds: training must stop early and roll back
     guarded = make_recipe(tiny_llama, splits, tmp_path / "fg2", train={"max_steps": 20, "eval_every": 5},
@@ -188,4 +206,4 @@ def test_forgetting_guard_measures_and_stops(tiny_llama, chat_data, tmp_path):
     info = json.loads((tmp_path / "fg2" / "run_info.json").read_text())
     assert info["stopped"].startswith("forgetting guard at step") and "rolled back" in info["stopped"]
     assert info["steps_done"] < 20
-    assert results2["after"]["forgetting"]["kl"] <= budget
+    assert results2["forgetting"]["after"]["kl"] <= budget

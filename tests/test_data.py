@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_bert_tokenizer, build_chat_tokenizer, chat_rows, write_jsonl
+from conftest import build_bert_tokenizer, build_chat_tokenizer, chat_rows, classification_rows, write_jsonl
 
 from lora_ft.config import DataConfig, RecipeError
 from lora_ft.data import IGNORE, Collator, LengthGroupedBatches, encode_chat, prepare_data
@@ -146,3 +146,101 @@ def test_collator_left_pads_and_logits_to_keep_gives_the_full_loss(tiny_llama, t
     # left padding + position ids: a padded row gives the logits of the same row alone
     alone = model(input_ids=torch.tensor([rows[1]["input_ids"]])).logits[0, -1]
     torch.testing.assert_close(ref[1, -1], alone, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ file types, Hub ids
+def test_json_csv_and_parquet_give_the_same_examples_as_jsonl(tmp_path):
+    import datasets
+
+    btok = build_bert_tokenizer()
+    rows = classification_rows(20, 4)
+    ds = datasets.Dataset.from_list(rows)
+    files = {"jsonl": write_jsonl(tmp_path / "d.jsonl", rows)}
+    ds.to_json(files.setdefault("json", tmp_path / "d.json"), lines=False)  # one JSON array, not lines
+    ds.to_csv(files.setdefault("csv", tmp_path / "d.csv"), index=False)
+    ds.to_parquet(files.setdefault("parquet", tmp_path / "d.parquet"))
+    assert (tmp_path / "d.json").read_text().lstrip().startswith("[")
+    encoded = {}
+    for kind, path in files.items():
+        data = prepare_data(DataConfig(train=str(path)), "sequence_classification", btok, 0)
+        encoded[kind] = ({c: data.splits["train"][c] for c in ("input_ids", "labels")}, data.id2label)
+    assert encoded["jsonl"][1] == {0: "animals", 1: "money", 2: "weather"}
+    assert len(encoded["jsonl"][0]["input_ids"]) == 20
+    for kind in ("json", "csv", "parquet"):
+        assert encoded[kind] == encoded["jsonl"], kind
+
+
+def test_hub_dataset_ids_are_loaded_with_the_split_they_stand_for(monkeypatch):
+    import datasets
+
+    import lora_ft.data
+
+    calls = []
+
+    def fake_load_dataset(path, *args, **kwargs):
+        calls.append((path, args, kwargs))
+        return datasets.Dataset.from_list(classification_rows(6, len(calls)))
+
+    monkeypatch.setattr(lora_ft.data.datasets, "load_dataset", fake_load_dataset)
+    cfg = DataConfig(train="someone/topics", validation="someone/topics", test="someone/topics-test")
+    data = prepare_data(cfg, "sequence_classification", build_bert_tokenizer(), 0)
+    assert calls == [("someone/topics", (), {"split": "train"}), ("someone/topics", (), {"split": "validation"}),
+                     ("someone/topics-test", (), {"split": "test"})]
+    assert sorted(data.splits) == ["test", "train", "validation"] and data.stats["validation"]["examples"] == 6
+
+
+def test_text_pairs_get_segment_ids_and_two_separators(tmp_path):
+    btok = build_bert_tokenizer()
+    rows = [{"question": "what does the cat say", "answer": "the cat says meow", "label": "yes"},
+            {"question": "is the rain big", "answer": "the stock market is small today", "label": "no"}]
+    p = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = DataConfig(train=str(p), text_column="question", text_pair_column="answer")
+    data = prepare_data(cfg, "sequence_classification", btok, 0)
+    sep = btok.sep_token_id
+    for row, raw in zip(data.splits["train"], rows, strict=True):
+        ids, types = row["input_ids"], row["token_type_ids"]
+        assert ids.count(sep) == 2 and ids[-1] == sep and ids[0] == btok.cls_token_id
+        first_sep = ids.index(sep)
+        # segment 0: [CLS] question [SEP]; segment 1: answer [SEP]
+        assert types == [0] * (first_sep + 1) + [1] * (len(ids) - first_sep - 1)
+        assert btok.decode(ids[1:first_sep]) == raw["question"]
+        assert btok.decode(ids[first_sep + 1 : -1]) == raw["answer"]
+    batch = Collator(btok.pad_token_id, causal=False)([data.splits["train"][i] for i in range(2)])
+    assert batch["token_type_ids"].shape == batch["input_ids"].shape and (batch["token_type_ids"] == 1).any()
+    # a pair longer than max_length is truncated, and counted
+    short = prepare_data(cfg.model_copy(update={"max_length": 8}), "sequence_classification", btok, 0)
+    assert short.stats["train"]["truncated"] == 2 and short.stats["train"]["max_tokens"] == 8
+
+
+# ------------------------------------------------------------------------------- classifier batching
+def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:
+    computed = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return 1 - sum(lengths[i] for b in batches for i in b) / computed
+
+
+def test_auto_groups_classifier_batches_in_small_windows_that_still_mix_labels():
+    # The shipped fortunes data (here with the tiny test tokenizer: 12 to 128 tokens), four labels.
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    btok = build_bert_tokenizer()
+    data = prepare_data(DataConfig(train=str(root / "data/fortunes/train.jsonl"), max_length=128),
+                        "sequence_classification", btok, 0)
+    train = data.splits["train"]
+    lengths, labels = [len(x) for x in train["input_ids"]], train["labels"]
+    assert max(lengths) > 5 * min(lengths)
+    window = LengthGroupedBatches.window_for("auto", causal=False)
+    assert (window, LengthGroupedBatches.window_for("auto", causal=True)) == (4, 64)
+    assert LengthGroupedBatches.window_for(False, causal=True) == 0
+    assert LengthGroupedBatches.window_for(True, causal=False) == 64
+    grouped, shuffled = [], []
+    for epoch in range(4):
+        for w, out in ((window, grouped), (0, shuffled)):
+            sampler = LengthGroupedBatches(lengths, 16, shuffle=True, seed=42, window=w)
+            sampler.set_epoch(epoch)
+            out += sampler.batches()
+    assert sorted(i for b in grouped[: len(sampler)] for i in b) == list(range(len(lengths)))
+    assert padding_fraction(lengths, grouped) < padding_fraction(lengths, shuffled) / 2
+    assert padding_fraction(lengths, shuffled) > 0.4
+    # Batches still mix labels: a full batch holds at least 3 of the 4 labels, as shuffled ones do.
+    assert min(len({labels[i] for i in b}) for b in grouped if len(b) == 16) >= 3

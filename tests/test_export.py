@@ -1,5 +1,7 @@
 """lora-ft merge on tiny models: merged outputs reproduce the adapter model, and the folder is plain transformers."""
 
+import ast
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lora_ft.cli import main
-from lora_ft.export import KL_LIMITS, FidelityError, load_adapter_model, merge_run, open_run
+from lora_ft.export import KL_LIMITS, MERGE_MARKER, FidelityError, load_adapter_model, merge_run, open_run
 from lora_ft.train import train
 
 FEW_STEPS = {"max_steps": 12, "eval_every": None}
@@ -48,6 +50,11 @@ def logits_on(model, tok, texts: list[str]) -> torch.Tensor:
     enc = tok(texts, return_tensors="pt", padding=True)
     out = model(**enc).logits.float()
     return out[enc["attention_mask"].bool()] if out.dim() == 3 else out
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def kl(ref: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -175,3 +182,79 @@ def test_merge_errors_are_one_line_with_exit_2(fp32_run, tmp_path, capsys):
         assert main(["merge", str(fp32_run), "--out", str(out)]) == 2
         assert "is not a merged model folder" in capsys.readouterr().err
     assert (other / "todo.txt").read_text() == "keep me" and (fp32_run / "run_config.yaml").is_file()
+
+
+def test_refused_merge_through_the_cli_is_one_line_with_exit_1(nf4_run, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["merge", str(nf4_run), "--base", "original", "--out", str(out), "--examples", "12"]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("lora-ft: error:")]
+    assert len(errors) == 1 and "--force" in errors[0] and "mean KL" in errors[0], captured.err
+    assert captured.out == "" and not out.exists() and not list(tmp_path.iterdir())
+    entry = json.loads((nf4_run / "merge_report.json").read_text())["original-fp32"]
+    assert not entry["passed"] and not entry["saved"] and f"{entry['kl_mean']:.3g}" in errors[0]
+
+
+def test_merge_never_replaces_a_folder_it_did_not_write(fp32_run, tiny_llama, tmp_path, capsys):
+    # The base model's own folder (what a mistyped --out most plausibly names) is refused before any loading.
+    before = tree_hashes(tiny_llama)
+    siblings = set(tiny_llama.parent.iterdir())
+    assert main(["merge", str(fp32_run), "--out", str(tiny_llama)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "choose another --out or remove it" in err[0]
+    assert tree_hashes(tiny_llama) == before and set(tiny_llama.parent.iterdir()) == siblings
+
+    # Another run's merge is not ours to replace either.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    (foreign / MERGE_MARKER).write_text(json.dumps({"run_dir": str(tmp_path / "another-run")}))
+    assert main(["merge", str(fp32_run), "--out", str(foreign)]) == 2
+    assert "holds the merged model of another run" in capsys.readouterr().err
+    assert (foreign / "config.json").read_text() == "{}"
+
+    # This run's own earlier merge is replaced; the marker says which run wrote the folder.
+    out = tmp_path / "mine"
+    first = merge_run(fp32_run, examples=4, out=out)
+    (out / "stale.txt").write_text("from the first merge")
+    second = merge_run(fp32_run, examples=4, out=out)
+    assert second["written"] >= first["written"] and not (out / "stale.txt").exists()
+    marker = json.loads((out / MERGE_MARKER).read_text())
+    assert marker == {"run_dir": str(fp32_run.resolve()), "base": "original", "dtype": "fp32",
+                      "written": second["written"]}
+    assert AutoModelForCausalLM.from_pretrained(out).config.architectures == ["LlamaForCausalLM"]
+
+
+def test_nf4_adapter_card_loads_the_base_quantized_as_in_training(nf4_run, tmp_path, capsys):
+    """The card's snippet, run as written, reproduces the evaluated adapter model (nf4 base); the old snippet
+    (the adapter on the full-precision base) did not."""
+    from huggingface_hub import ModelCard
+    from peft import AutoPeftModelForCausalLM
+
+    assert main(["push", str(nf4_run), "--repo", "alice/tiny-nf4", "--dry-run"]) == 0
+    capsys.readouterr()
+    folder = nf4_run / "hub"
+    card = ModelCard.load(folder / "README.md")
+    code = card.text.split("## Usage", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    ast.parse(code)
+    recipe = open_run(nf4_run).recipe
+    assert 'bnb_4bit_quant_type="nf4"' in code and f"bnb_4bit_use_double_quant={recipe.model.double_quant}" in code
+
+    # Run the snippet up to the model load, with the Hub id replaced by the folder that would be uploaded.
+    lines = code.splitlines()
+    load = next(i for i, line in enumerate(lines) if line.startswith("model = "))
+    namespace: dict = {}
+    exec("\n".join(lines[: load + 1]).replace('"alice/tiny-nf4"', repr(str(folder))), namespace)
+    model = namespace["model"].eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    reference = load_adapter_model(open_run(nf4_run), "cpu", tok)
+    assert model.get_base_model().is_loaded_in_4bit
+    trained = reference.get_base_model().config.quantization_config.to_dict()
+    shown = model.get_base_model().config.quantization_config.to_dict()
+    keys = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+    assert {k: shown[k] for k in keys} == {k: trained[k] for k in keys}
+    texts = chat_texts(nf4_run)
+    ref = logits_on(reference, tok, texts)
+    assert kl(ref, logits_on(model, tok, texts)).mean().item() < 1e-6
+    full_precision = AutoPeftModelForCausalLM.from_pretrained(folder).eval()
+    assert kl(ref, logits_on(full_precision, tok, texts)).mean().item() > KL_LIMITS["fp32"]

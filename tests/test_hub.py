@@ -1,7 +1,9 @@
 """lora-ft push: the Hub folder (card, files that load), the upload at the HfApi boundary, and the token's secrecy."""
 
+import ast
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import huggingface_hub
@@ -10,12 +12,13 @@ import torch
 from conftest import make_recipe
 from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from lora_ft.cli import main
 from lora_ft.config import load_recipe
-from lora_ft.export import Run, merge_run, open_run
-from lora_ft.hub import RECIPE_FILE, base_license
+from lora_ft.export import MERGE_MARKER, Run, merge_run, open_run
+from lora_ft.hub import RECIPE_FILE, base_license, base_model_id, build_card, results_table, split_results
+from lora_ft.model import quantization_config
 from lora_ft.train import train
 
 FAKE_TOKEN = "hf_FAKEtokenFORtestsXYZ0123456789abcdef"
@@ -46,6 +49,26 @@ def token_env(monkeypatch, tmp_path):
     """A fake token in HF_TOKEN, and no token file (a real login on this machine must not be used)."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """The run's training outputs only (no merges, no Hub folder), to change without touching the original."""
+    return Path(shutil.copytree(run, dest, ignore=shutil.ignore_patterns("merged*", "hub", "merge_report.json")))
+
+
+def usage_code(card: ModelCard) -> str:
+    """The Python block of the card's Usage section."""
+    section = card.text.split("## Usage", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def bnb_call(code: str) -> BitsAndBytesConfig:
+    """The snippet's ``BitsAndBytesConfig(...)``, evaluated."""
+    calls = [n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", None) == "BitsAndBytesConfig"]
+    assert len(calls) == 1, code
+    return eval(compile(ast.Expression(calls[0]), "card", "eval"), {"torch": torch, "BitsAndBytesConfig":
+                                                                    BitsAndBytesConfig})
 
 
 @torch.no_grad()
@@ -191,3 +214,162 @@ def test_license_comes_from_the_base_models_card(chat_run, tmp_path):
     run = open_run(chat_run)
     assert base_license(Run(run.dir, run.recipe, {"source": str(base)}), None) == "mit"
     assert base_license(run, None) is None
+
+
+@pytest.mark.parametrize("quant, double_quant", [("nf4", True), ("fp4", False), ("int8", True)])
+def test_quantized_adapter_card_loads_the_base_as_training_did(chat_run, quant, double_quant):
+    run = open_run(chat_run)
+    recipe = run.recipe.model_copy(update={"model": run.recipe.model.model_copy(
+        update={"quant": quant, "double_quant": double_quant})})
+    q_run = Run(run.dir, recipe, {**run.info, "compute_dtype": "bf16"})
+    card = build_card(q_run, "alice/q", False, BASE_ID, None, None)
+    code = usage_code(card)
+    tree = ast.parse(code)  # valid Python
+    # The config the card builds is the one training builds for this recipe (model.quantization_config).
+    trained = quantization_config(recipe.model, torch.bfloat16, []).to_dict()
+    shown = bnb_call(code).to_dict()
+    keys = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+            "bnb_4bit_compute_dtype")
+    assert {k: shown[k] for k in keys} == {k: trained[k] for k in keys}
+    if quant != "int8":
+        assert f'bnb_4bit_quant_type="{quant}"' in code and f"bnb_4bit_use_double_quant={double_quant}" in code
+    load = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") ==
+                "from_pretrained" and getattr(n.func.value, "id", "") == "AutoPeftModelForCausalLM")
+    kwargs = {k.arg: ast.unparse(k.value) for k in load.keywords}
+    assert kwargs == {"quantization_config": "quantization_config", "dtype": "torch.bfloat16"}
+    assert "`lora-ft push --merged`" in card.text.split("```python")[0].split("## Usage")[1]
+    # The merged model is full precision: its snippet loads it plainly; an unquantized run has no config either.
+    assert "BitsAndBytesConfig" not in str(build_card(q_run, "alice/q", True, BASE_ID, None, None))
+    assert "BitsAndBytesConfig" not in str(build_card(run, "alice/q", False, BASE_ID, None, None))
+
+
+def test_card_says_when_the_base_was_dequantized_from_gguf(chat_run, tmp_path):
+    run = open_run(chat_run)
+
+    def card_for(name: str, merged: bool = False) -> ModelCard:
+        recipe = run.recipe.model_copy(update={"model": run.recipe.model.model_copy(update={"name": name})})
+        r = Run(run.dir, recipe, run.info)
+        return build_card(r, "alice/g", merged, base_model_id(r), None, None)
+
+    example = card_for("example:smollm2-135m-instruct")
+    assert example.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    sentence = next(line for line in example.text.splitlines() if "GGUF" in line)
+    assert "de-quantized from the Q4_1 GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf`" in sentence
+    assert "`HuggingFaceTB/SmolLM2-135M-Instruct`" in sentence and "`lora-ft push --merged`" in sentence
+    assert "Q8_0 GGUF file `tiny.Q8_0.gguf`" in card_for(str(tmp_path / "tiny.Q8_0.gguf")).text
+    assert "the GGUF file `tiny.gguf`" in card_for(str(tmp_path / "tiny.gguf")).text
+    merged = next(line for line in card_for("example:smollm2-135m-instruct", True).text.splitlines()
+                  if "GGUF" in line)
+    assert "this merged model is built on them" in merged
+    # Not from GGUF: the MiniLM example (a plain checkpoint) and the tiny local model.
+    assert "GGUF" not in card_for("example:minilm-l6").text and "GGUF" not in str(build_card(
+        run, "alice/g", False, None, None, None))
+
+
+def test_results_table_reads_both_shapes_and_puts_forgetting_under_its_own_heading(chat_run):
+    real = json.loads((chat_run / "eval_results.json").read_text())
+    assert "forgetting" not in real["after"] and "forgetting" not in real  # no guard in this run
+    f0 = {"kl": 0.0, "ppl": 188.71, "ppl_base": 188.71, "examples": 64}
+    f1 = {"kl": 0.03368, "ppl": 176.2, "ppl_base": 188.71, "examples": 64}
+    old = {"before": {**real["before"], "forgetting": f0}, "after": {**real["after"], "forgetting": f1}}
+    new = {"before": real["before"], "after": real["after"], "forgetting": {"before": f0, "after": f1}}
+    assert split_results(old) == split_results(new) == (real["before"], real["after"], {"before": f0,
+                                                                                          "after": f1})
+    table = results_table(new)
+    assert table == results_table(old)
+    splits, forgetting = table.split("### Forgetting guard")
+    val = real["after"]["validation"]
+    assert f"| validation | loss | {real['before']['validation']['loss']:.4g} | {val['loss']:.4g} |" in splits
+    assert f"| validation | examples | {real['before']['validation']['examples']} | {val['examples']} |" in splits
+    assert "forgetting" not in splits and "tokens" not in splits
+    assert "KL(adapted ‖ base) and perplexity on general text, adapted vs base" in forgetting
+    assert "| KL(adapted ‖ base), nats/token | 0 | 0.03368 |" in forgetting
+    assert "| perplexity, adapted | 188.7 | 176.2 |" in forgetting
+    assert "| perplexity, base | 188.7 | 188.7 |" in forgetting and "| examples | 64 | 64 |" in forgetting
+    assert "Forgetting guard" not in results_table(real)
+
+
+def test_card_of_a_run_with_the_forgetting_guard(tiny_llama, chat_data, tmp_path, no_network):
+    out = tmp_path / "guarded"
+    recipe = make_recipe(tiny_llama, chat_data, out, train={"max_steps": 4},
+                         forgetting={"enabled": True, "max_examples": 8})
+    recipe.data.max_eval_examples = 8
+    train(recipe)
+    assert main(["push", str(out), "--repo", "alice/guarded", "--dry-run", "--base-model", BASE_ID]) == 0
+    card = ModelCard.load(out / "hub" / "README.md")
+    _, after, forgetting = split_results(json.loads((out / "eval_results.json").read_text()))
+    assert "forgetting" not in after and forgetting["after"]["kl"] > 0
+    results = card.text.split("## Results", 1)[1].split("\n## ", 1)[0]
+    assert not any(line.startswith("| forgetting") for line in results.splitlines())
+    guard = results.split("### Forgetting guard", 1)[1]
+    assert f"| KL(adapted ‖ base), nats/token | {forgetting['before']['kl']:.4g} | " \
+           f"{forgetting['after']['kl']:.4g} |" in guard
+
+
+@pytest.fixture(scope="module")
+def merged_elsewhere(chat_run, tmp_path_factory):
+    """A copy of the chat run, merged with ``merge --out DIR`` (no RUN_DIR/merged)."""
+    root = tmp_path_factory.mktemp("merged-elsewhere")
+    run = copy_run(chat_run, root / "run")
+    merge_run(run, examples=8, out=root / "elsewhere")
+    return run, root / "elsewhere"
+
+
+def test_push_merged_finds_a_merge_written_with_out(merged_elsewhere, tmp_path, no_network, capsys):
+    run, elsewhere = merged_elsewhere
+    assert not (run / "merged").exists()
+    assert main(["push", str(run), "--repo", "alice/m", "--merged", "--dry-run"]) == 0
+    folder = run / "hub"
+    assert json.loads(capsys.readouterr().out)["folder"] == str(folder)
+    assert (folder / "model.safetensors").read_bytes() == (elsewhere / "model.safetensors").read_bytes()
+    assert (elsewhere / MERGE_MARKER).is_file() and not (folder / MERGE_MARKER).exists()  # local bookkeeping only
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers" and "Merged into the original base weights in fp32" in card.text
+
+    # RUN_DIR/merged, when present, is what --merged means; --merged-dir names another folder (and implies --merged).
+    merge_run(run, dtype="bf16", examples=8)
+    assert main(["push", str(run), "--repo", "alice/m", "--merged", "--dry-run"]) == 0
+    assert "Merged into the original base weights in bf16" in ModelCard.load(folder / "README.md").text
+    assert main(["push", str(run), "--repo", "alice/m", "--merged-dir", str(elsewhere), "--dry-run"]) == 0
+    assert "Merged into the original base weights in fp32" in ModelCard.load(folder / "README.md").text
+    assert (folder / "model.safetensors").read_bytes() == (elsewhere / "model.safetensors").read_bytes()
+    capsys.readouterr()
+
+    # Nothing merged anywhere: one line that names both ways out.
+    unmerged = copy_run(run, tmp_path / "unmerged")
+    for args in (["--merged"], ["--merged-dir", str(tmp_path / "nowhere")]):
+        assert main(["push", str(unmerged), "--repo", "alice/m", "--dry-run", "--base-model", BASE_ID, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds no merged model" in err[0] and "--merged-dir DIR" in err[0], err
+
+
+def test_hub_folder_is_a_snapshot_of_the_reports(merged_elsewhere, no_network):
+    run, elsewhere = merged_elsewhere
+    assert main(["push", str(run), "--repo", "alice/m", "--merged-dir", str(elsewhere), "--dry-run"]) == 0
+    folder = run / "hub"
+    snapshot = {name: (folder / name).read_bytes() for name in ("merge_report.json", "eval_results.json")}
+    assert snapshot == {name: (run / name).read_bytes() for name in snapshot}
+    # Rewritten in place, as merge_run and training write them: the Hub folder keeps what it was built from.
+    try:
+        for name in snapshot:
+            (run / name).write_text(json.dumps({"rewritten": True}), encoding="utf-8")
+        assert {name: (folder / name).read_bytes() for name in snapshot} == snapshot
+    finally:  # the module's other tests read the run's reports
+        for name, data in snapshot.items():
+            (run / name).write_bytes(data)
+    # The weights are linked, not copied (a merged model can be gigabytes): merges never edit them in place.
+    assert (folder / "model.safetensors").stat().st_ino == (elsewhere / "model.safetensors").stat().st_ino
+
+
+def test_card_metadata_names_hub_datasets_and_the_base_license(chat_run, tiny_llama, tmp_path, no_network):
+    run = copy_run(chat_run, tmp_path / "run")
+    base = Path(shutil.copytree(tiny_llama, tmp_path / "base"))
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# a base model\n")
+    recipe = open_run(run).recipe
+    recipe.data.train = "org/ds"  # a Hub dataset id; validation and test stay local files (no Hub name)
+    (run / "run_config.yaml").write_text(recipe.dump(), encoding="utf-8")
+    info = json.loads((run / "run_info.json").read_text())
+    (run / "run_info.json").write_text(json.dumps({**info, "source": str(base)}), encoding="utf-8")
+    assert main(["push", str(run), "--repo", "alice/ds", "--dry-run", "--base-model", BASE_ID]) == 0
+    card = ModelCard.load(run / "hub" / "README.md")
+    assert card.data.datasets == ["org/ds"] and card.data.license == "mit" and card.data.base_model == BASE_ID

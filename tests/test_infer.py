@@ -107,7 +107,9 @@ def test_predict_writes_label_names_and_probabilities(cls_run, cls_data, tmp_pat
     after = json.loads((cls_run / "eval_results.json").read_text())["after"]["test"]["accuracy"]
     assert summary["accuracy"] == pytest.approx(after)
 
-    merge_run(cls_run, examples=30)
+    # Merged elsewhere (merge --out DIR): --merged finds it through merge_report.json.
+    merge_run(cls_run, examples=30, out=tmp_path / "cls-merged")
+    assert not (cls_run / "merged").exists()
     merged_out = tmp_path / "merged.jsonl"
     assert main(["predict", str(cls_run), "--merged", "--data", str(cls_data["test"]), "--out", str(merged_out)]) == 0
     merged_rows = [json.loads(x) for x in merged_out.read_text().splitlines()]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import build_bert_tokenizer, build_chat_tokenizer, make_recipe, save_random_model
 
-from lora_ft import plan
+from lora_ft import chunked_loss, plan
 from lora_ft.cli import main
 from lora_ft.config import Recipe, RecipeError
 
@@ -121,6 +121,32 @@ def test_predicted_peak_is_within_15_percent_of_the_measured_cpu_peak(small_llam
     assert e.step_peak == pytest.approx(measured["peak"], rel=0.15), {r.label: r.bytes for r in e.rows}
 
 
+@pytest.fixture(scope="module")
+def wide_vocab_llama(tmp_path_factory):
+    """A one-layer Llama with a 32k vocabulary: the loss is most of the step, as for SmolLM2 or Llama 3."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_chat_tokenizer()
+    cfg = LlamaConfig(vocab_size=32_768, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    return save_random_model(tmp_path_factory, "wide-vocab-llama", LlamaForCausalLM, cfg, tok)
+
+
+@pytest.mark.parametrize("evaluation", [False, True])
+def test_chunked_loss_term_is_measured_where_the_vocabulary_dominates(wide_vocab_llama, one_thread, monkeypatch,
+                                                                      evaluation):
+    monkeypatch.setattr(chunked_loss, "CHUNK_VALUES", 64 * 32_768)  # chunks of 64 positions: several per batch
+    recipe = recipe_for(wide_vocab_llama)
+    shape, s = plan.model_shape(recipe), plan.setting_for(recipe, "cpu")
+    e = plan.estimate(shape, s, 4, 256, answer_fraction=0.5)
+    measured = plan.measure_peak(recipe, 8 if evaluation else 4, 256, answer_fraction=0.5, evaluation=evaluation)
+    predicted = e.eval_peak if evaluation else e.step_peak
+    assert predicted == pytest.approx(measured["peak"], rel=0.15), {r.label: r.bytes for r in e.rows}
+    full = plan._loss_bytes(shape, s, 4, e.keep, chunked=False)[0]
+    assert measured["step"] < full / 2  # unchunked, three (positions × vocabulary) copies alone would not fit
+
+
 @pytest.mark.parametrize("model,quant", [("llama", "none"), ("llama", "nf4"), ("bert", "none")])
 def test_evaluation_step_is_predicted_too(small_llama, small_bert, one_thread, model, quant):
     """Evaluation (micro-batch × 2, no gradients) is a peak of its own, and the first thing training does."""
@@ -166,6 +192,39 @@ def test_auto_micro_batch_is_the_largest_that_fits_and_keeps_the_global_batch(sm
     assert (resolved.train.micro_batch_size, resolved.train.grad_accum) == (6, 2)
     with pytest.raises(RecipeError, match="one example of data.max_length 256 needs"):
         plan.resolve_auto_micro_batch(recipe, 1, "cpu", total[0] * 0.9)
+
+
+def test_auto_gradient_checkpointing_is_on_only_when_memory_needs_it(small_llama, monkeypatch):
+    from dataclasses import replace
+
+    recipe = recipe_for(small_llama, train={"micro_batch_size": 8}, data={"max_length": 256})
+    assert recipe.train.gradient_checkpointing == "auto"
+    shape, s = plan.model_shape(recipe), plan.setting_for(recipe, "cuda")
+    off = plan.estimate(shape, replace(s, gradient_checkpointing=False), 8, 256).total
+    on = plan.estimate(shape, replace(s, gradient_checkpointing=True), 8, 256).total
+    assert on < off
+
+    def gc(r, budget):
+        return plan.resolve_auto_checkpointing(r, 1, "cuda", budget).train.gradient_checkpointing
+
+    assert gc(recipe, off * 1.01) is False  # fits without: no recomputation
+    assert gc(recipe, (on + off) / 2) is True  # fits only with it
+    # auto micro-batch, global batch 8: on only when it buys a larger micro-batch of that global batch
+    auto = recipe_for(small_llama, train={"micro_batch_size": "auto", "global_batch_size": 8}, data={"max_length": 256})
+    assert gc(auto, off * 1.01) is False  # 8 fit either way
+    assert gc(auto, (on + off) / 2) is True  # 8 with it, fewer without
+    explicit = recipe_for(small_llama, train={"micro_batch_size": 8, "gradient_checkpointing": False})
+    assert gc(explicit, 1.0) is False  # the recipe's own choice is never overridden
+
+
+def test_launch_resolves_checkpointing_without_a_data_pass_when_the_worst_case_fits(small_llama, monkeypatch):
+    from accelerate import PartialState
+
+    recipe = recipe_for(small_llama, train={"micro_batch_size": 2}, data={"max_length": 64, "train": "x.jsonl"})
+    monkeypatch.setattr(plan, "answer_tokens_from_data", lambda r: pytest.fail("no data pass needed"))
+    accelerator = PartialState(cpu=True)
+    resolved = plan.resolve_for_launch(recipe, accelerator)
+    assert resolved.train.gradient_checkpointing is False and resolved.train.micro_batch_size == 2
 
 
 def test_training_with_auto_micro_batch_uses_the_planned_batch(tiny_llama, chat_data, tmp_path, monkeypatch):
@@ -223,6 +282,11 @@ def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     acts = {r.label: r.bytes for r in est().rows}["activations"]
     assert acts >= shape.layers * 2 * frozen  # the weight copies are there
     logits = {r.label: r.bytes for r in est(frac=0.5).rows}["logits + loss *"]
-    assert logits == pytest.approx(3 * 4 * 4 * 128 * shape.vocab + 2 * shape.vocab * shape.hidden)
+    head16, positions = 2 * shape.vocab * shape.hidden, 4 * 128
+    # chunked: one chunk (fp32 + 16-bit logits) and two hidden-size vectors per position, not three full copies
+    assert shape.chunked_loss and positions < chunked_loss.chunk_rows(shape.vocab)
+    assert logits == pytest.approx(6 * positions * shape.vocab + 2 * 4 * positions * shape.hidden + head16)
+    s_cuda = plan.setting_for(recipe_for(small_llama), "cuda")
+    assert plan._loss_bytes(shape, s_cuda, 4, 128, chunked=False)[0] == 3 * 4 * positions * shape.vocab + head16
     one = plan.layer_terms(shape, plan.setting_for(recipe_for(small_llama), "cpu"), 1)
     assert not one.per_token_seq  # no mask to save

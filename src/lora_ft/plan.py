@@ -15,8 +15,9 @@ module, and the rules lora_ft applies when it really loads the model decide what
   ``torch.autograd.graph.saved_tensors_hooks``), plus the attention terms that grow with the sequence length.
   With gradient checkpointing only each layer's input is kept, and one layer is recomputed at a time.
 - **logits**: lora_ft computes logits only for the kept positions (from the first label token to the end of the
-  batch, see ``data.Collator``); the loss holds three fp32 copies of (kept positions × vocabulary).
-- **evaluation**: micro-batch × 2 without gradients, a peak of its own (the logits double).
+  batch, see ``data.Collator``), one chunk of positions at a time (``chunked_loss``); architectures it does not
+  chunk hold three fp32 copies of (kept positions × vocabulary).
+- **evaluation**: micro-batch × 2 without gradients, a peak of its own.
 
 The prediction is the peak of tensor memory (what ``torch.cuda.max_memory_allocated`` reports); the framework
 overhead (CUDA context, allocator slack, or the Python process on the CPU) is added before comparing with a budget.
@@ -37,6 +38,7 @@ from typing import Any, Literal
 
 import torch
 
+from .chunked_loss import PLAIN_HEAD_MODELS, chunk_rows
 from .config import Recipe, RecipeError, first_line, resolve_compute_dtype
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,7 @@ class ModelShape:
     layer_linear: tuple[Target, ...]  # every linear module of one transformer layer (all layers are alike)
     layer_targets: tuple[Target, ...]  # those of them that carry LoRA
     notes: tuple[str, ...] = ()
+    chunked_loss: bool = False  # causal LM whose loss goes through ``chunked_loss`` (no full logits)
 
     @property
     def q_dim(self) -> int:
@@ -166,12 +169,14 @@ def _model_shape(source: str, task: str, lora_targets: tuple[str, ...] | str, qu
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     from .adapters import linear_modules, resolve_targets
-    from .model import _task_class, new_head_modules
+    from .model import _cannot_load, _task_class, new_head_modules, warn_remote_code
 
+    if trust_remote_code:
+        warn_remote_code(source)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as e:
-        raise RecipeError(f"model.name: cannot read the config of '{source}' ({first_line(e, 160)})") from None
+        raise _cannot_load(source, e) from None
     heads_new, keep_full = new_head_modules(config, task, source)
     with torch.device("meta"):
         model = _task_class(task).from_config(config, trust_remote_code=trust_remote_code)
@@ -230,7 +235,8 @@ def _model_shape(source: str, task: str, lora_targets: tuple[str, ...] | str, qu
         max_positions=_cfg(config, "max_position_embeddings", "n_positions"),
         total_params=sum(p.numel() for p in model.parameters()), linear=tuple(linear),
         quantizable=frozenset(quantizable), head_params=int(head_params), lora_modules=lora_modules,
-        layer_linear=tuple(layer_linear), layer_targets=tuple(layer_targets), notes=tuple(notes))
+        layer_linear=tuple(layer_linear), layer_targets=tuple(layer_targets), notes=tuple(notes),
+        chunked_loss=task == "causal_lm" and model_type in PLAIN_HEAD_MODELS)
 
 
 def model_shape(recipe: Recipe, source: str | None = None) -> ModelShape:
@@ -503,27 +509,39 @@ def _backward_working(shape: ModelShape, s: Setting, tokens: int, seq: int) -> t
     return grads + dequant, "gradients in flight" + (" + one de-quantized weight" if dequant else "")
 
 
-def _loss_bytes(shape: ModelShape, s: Setting, batch: int, keep: int) -> tuple[float, str]:
+def _loss_bytes(shape: ModelShape, s: Setting, batch: int, keep: int, grad: bool = True,
+                chunked: bool | None = None) -> tuple[float, str]:
     """Logits and loss for ``keep`` positions per example (causal LM), or the classifier's tiny logits.
 
-    Three fp32 (positions × vocabulary) tensors coexist, in forward: the logits, their contiguous copy for
-    ``cross_entropy`` (the ``[:, :-1]`` slice is not contiguous) and the log-softmax it saves; in backward: that
-    log-softmax, the gradient reaching it and the gradient it passes on. Under autocast the logits come out in
-    16 bits and accelerate converts them to fp32 (so the count stays three), and the output head keeps a 16-bit
-    copy of its fp32 weight for the backward.
+    Chunked (``chunked_loss``, the default where the architecture allows it): one chunk of logits at a time —
+    fp32, plus under autocast the 16-bit matmul output beside it (6 bytes per value) — and per position two
+    hidden-size fp32 vectors: in forward the gathered hidden states and the gradient computed there, in backward
+    that gradient (scaled in place) and the one the slicing passes on. Without gradients only the chunk and the
+    gathered hidden states.
+    Unchunked: three fp32 (positions × vocabulary) tensors coexist, in forward: the logits, their contiguous copy
+    for ``cross_entropy`` (the ``[:, :-1]`` slice is not contiguous) and the log-softmax it saves; in backward:
+    that log-softmax, the gradient reaching it and the gradient it passes on. Under autocast the logits come out
+    in 16 bits and accelerate converts them to fp32 (so the count stays three), and the output head keeps a
+    16-bit copy of its fp32 weight for the backward.
     """
     if shape.task != "causal_lm":
         return 0.0, "classifier logits: negligible"
-    n = batch * keep * shape.vocab
-    if s.autocast:
-        return 3 * 4 * n + 2 * shape.vocab * shape.hidden, (
-            f"{batch}×{keep} positions × {shape.vocab} vocab: 3 fp32 copies + 16-bit head weight")
-    return 3 * 4 * n, f"{batch}×{keep} positions × {shape.vocab} vocab: 3 fp32 copies"
+    positions = batch * keep
+    head16 = 2 * shape.vocab * shape.hidden if s.autocast else 0  # autocast's 16-bit copy of the head weight
+    if shape.chunked_loss if chunked is None else chunked:
+        rows = min(positions, chunk_rows(shape.vocab))
+        chunk = rows * shape.vocab * (6 if s.autocast else 4)
+        per_position = (2 if grad else 1) * 4 * shape.hidden
+        return chunk + positions * per_position + head16, (
+            f"{batch}×{keep} positions, chunks of {rows} × {shape.vocab} vocab")
+    n = positions * shape.vocab
+    return 3 * 4 * n + head16, f"{batch}×{keep} positions × {shape.vocab} vocab: 3 fp32 copies" + (
+        " + 16-bit head weight" if head16 else "")
 
 
 def _eval_bytes(shape: ModelShape, s: Setting, batch: int, seq: int, keep: int) -> tuple[float, str]:
     """Evaluation runs ``batch`` examples (the loop uses micro-batch × 2) without gradients: nothing is saved
-    across layers, so its peak is the logits (the same three fp32 copies as training) or one layer's tensors in
+    across layers, so its peak is the loss (``_loss_bytes`` without gradients) or one layer's tensors in
     flight, whichever is larger. In the MLP those are the residual stream and the normed input (fp32), and the
     intermediates: gate, up, act(gate), their product and LoRA's new sum beside the base output (five) — fc1's
     output, its LoRA sum and the activation (three) without a gate."""
@@ -532,7 +550,7 @@ def _eval_bytes(shape: ModelShape, s: Setting, batch: int, seq: int, keep: int) 
     layer = tokens * (2 * 4 * shape.hidden + (5 if shape.gated_mlp else 3) * shape.intermediate * proj)
     if batch > 1:
         layer += tokens * seq * s.act  # the additive padding mask
-    logits = _loss_bytes(shape, s, batch, keep)[0]
+    logits = _loss_bytes(shape, s, batch, keep, grad=False)[0]
     return max(logits, layer), f"micro-batch {batch}, no gradients: " + ("logits" if logits >= layer else "one layer")
 
 
@@ -595,8 +613,8 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
     # backpropagates (with checkpointing: the recomputed layer's activations + its gradients in flight).
     recompute = one_layer if s.gradient_checkpointing else 0.0
     transient = max(loss, recompute + work)
-    if shape.task == "causal_lm" and keep < L:  # what logits_to_keep saves over logits for every position
-        loss_note += f" (all {L} positions: {fmt_size(_loss_bytes(shape, s, b, L)[0])})"
+    if shape.task == "causal_lm":  # what chunking and logits_to_keep save over full logits for every position
+        loss_note += f" (full logits, all {L} positions: {fmt_size(_loss_bytes(shape, s, b, L, chunked=False)[0])})"
     rows.append(Row("activations", acts, act_note))
     # Not at the same moment: the peak holds the larger of the two.
     rows.append(Row("logits + loss *", loss, loss_note))
@@ -642,6 +660,19 @@ def device_memory(device: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- auto batch
+def _per_process_batch(tc, world: int) -> int:
+    """The examples each process contributes to one optimizer step under ``micro_batch_size: auto``."""
+    global_batch = tc.global_batch_size or REFERENCE_MICRO_BATCH * tc.grad_accum * world
+    if global_batch % world:
+        raise RecipeError(f"train.global_batch_size {global_batch} is not a multiple of the {world} processes")
+    return global_batch // world
+
+
+def _fitting_divisor(per_process: int, fit: int) -> int:
+    """The largest micro-batch ≤ ``fit`` that divides the per-process batch (0 when nothing fits)."""
+    return max((d for d in range(1, min(fit, per_process) + 1) if per_process % d == 0), default=0)
+
+
 def resolve_auto_micro_batch(recipe: Recipe, world: int, device: str, budget: float | None = None,
                              answer_tokens: int | None = None, source: str | None = None,
                              bf16_supported: bool = True) -> Recipe:
@@ -668,16 +699,41 @@ def resolve_auto_micro_batch(recipe: Recipe, world: int, device: str, budget: fl
             f"train.micro_batch_size auto: one example of data.max_length {seq} needs {fmt_size(need)}, more than the "
             f"{fmt_size(budget)} of this {device}; lower data.max_length, use model.quant nf4 or turn on "
             "train.gradient_checkpointing")
-    global_batch = tc.global_batch_size or REFERENCE_MICRO_BATCH * tc.grad_accum * world
-    if global_batch % world:
-        raise RecipeError(f"train.global_batch_size {global_batch} is not a multiple of the {world} processes")
-    per_process = global_batch // world
-    micro = max(d for d in range(1, min(fit, per_process) + 1) if per_process % d == 0)
+    per_process = _per_process_batch(tc, world)
+    micro = _fitting_divisor(per_process, fit)
     log.info("micro_batch_size auto: %d (largest that fits %s at max_length %d: %d; global batch %d = %d × %d × %d)",
-             micro, fmt_size(budget), seq, fit, global_batch, micro, per_process // micro, world)
+             micro, fmt_size(budget), seq, fit, per_process * world, micro, per_process // micro, world)
     tc = tc.model_copy(update={"micro_batch_size": micro, "grad_accum": per_process // micro,
                                "global_batch_size": tc.global_batch_size})
     return recipe.model_copy(update={"train": tc})
+
+
+def resolve_auto_checkpointing(recipe: Recipe, world: int, device: str, budget: float,
+                               answer_tokens: int | None = None, source: str | None = None,
+                               bf16_supported: bool = True) -> Recipe:
+    """``train.gradient_checkpointing: auto`` → on only when memory needs it: recomputing every layer costs about
+    a third more compute, so it is worth it only when the step does not fit without it, or (with an ``auto``
+    micro-batch) when it lets a larger micro-batch of the global batch fit."""
+    tc = recipe.train
+    if tc.gradient_checkpointing != "auto":
+        return recipe
+    shape = model_shape(recipe, source)
+    s = setting_for(recipe, device, bf16_supported)
+    on, off = replace(s, gradient_checkpointing=True), replace(s, gradient_checkpointing=False)
+    seq = recipe.data.max_length
+    if tc.micro_batch_size == "auto":
+        per_process = _per_process_batch(tc, world)
+        fits = {x: _fitting_divisor(per_process, largest_micro_batch(shape, x, seq, budget,
+                                                                     answer_tokens=answer_tokens))
+                for x in (on, off)}
+        need = fits[on] > fits[off]
+        why = f"micro-batch {fits[off]} without, {fits[on]} with it"
+    else:
+        peak = estimate(shape, off, tc.micro_batch_size, seq, answer_tokens=answer_tokens).total
+        need = peak > budget
+        why = f"without it the step needs {fmt_size(peak)}"
+    log.info("gradient_checkpointing auto: %s (%s; %s of %s)", "on" if need else "off", why, fmt_size(budget), device)
+    return recipe.model_copy(update={"train": tc.model_copy(update={"gradient_checkpointing": need})})
 
 
 def answer_tokens_of(dataset) -> int | None:
@@ -708,16 +764,41 @@ def answer_tokens_from_data(recipe: Recipe) -> int | None:
 
 
 def resolve_for_launch(recipe: Recipe, accelerator) -> Recipe:
-    """``train()``'s step for ``micro_batch_size: auto``: plan against this process's device (its GPU's total
-    memory, or the machine's RAM) with the data's longest answer, before any loader is built."""
-    if recipe.train.micro_batch_size != "auto":
+    """``train()``'s step for the ``auto`` memory settings (``gradient_checkpointing``, then ``micro_batch_size``):
+    plan against this process's device (its GPU's total memory, or the machine's RAM) with the data's longest
+    answer, before any loader is built. The resolved values go to ``run_config.yaml``."""
+    tc = recipe.train
+    if tc.micro_batch_size != "auto" and tc.gradient_checkpointing != "auto":
         return recipe
     device = accelerator.device.type
     if device not in ("cuda", "cpu"):
-        raise RecipeError(f"train.micro_batch_size auto plans for CUDA GPUs and the CPU, not {device}; give a number")
+        if tc.micro_batch_size == "auto":
+            raise RecipeError(f"train.micro_batch_size auto plans for CUDA GPUs and the CPU, not {device}; "
+                              "give a number")
+        return recipe  # gradient_checkpointing auto keeps its device default (train.setup)
+    from .model import resolve_source
+
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    return resolve_auto_micro_batch(recipe, accelerator.num_processes, device, device_memory(device),
-                                    answer_tokens_from_data(recipe), bf16_supported=bf16)
+    budget, world = device_memory(device), accelerator.num_processes
+    with accelerator.main_process_first():  # as in train.setup: one rank fetches/converts example or GGUF models
+        source = resolve_source(recipe.model.name)
+    if tc.micro_batch_size != "auto":
+        try:
+            # A fixed micro-batch that fits with loss on every position needs no pass over the data.
+            worst = resolve_auto_checkpointing(recipe, world, device, budget, source=source, bf16_supported=bf16)
+            if not worst.train.gradient_checkpointing:
+                return worst
+            answer = answer_tokens_from_data(recipe)
+            return resolve_auto_checkpointing(recipe, world, device, budget, answer, source, bf16)
+        except RecipeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an architecture the planner cannot build must still train
+            log.warning("gradient_checkpointing auto: cannot plan this model (%s); using the device default",
+                        first_line(e))
+            return recipe
+    answer = answer_tokens_from_data(recipe)
+    recipe = resolve_auto_checkpointing(recipe, world, device, budget, answer, source, bf16)
+    return resolve_auto_micro_batch(recipe, world, device, budget, answer, source, bf16)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -725,9 +806,13 @@ def plan_report(recipe: Recipe, device: str, memory: int | None, answer_fraction
                 seq_len: int | None = None, micro_batch: int | None = None) -> str:
     """``lora-ft plan``: the breakdown for the recipe's micro-batch × max_length, and what fits the budget."""
     shape = model_shape(recipe)
-    s = setting_for(recipe, device)
     budget = memory if memory is not None else device_memory(device)
     seq = seq_len or recipe.data.max_length
+    if micro_batch and recipe.train.micro_batch_size == "auto":
+        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"micro_batch_size": micro_batch})})
+    # As training decides it (resolve_for_launch), with the answer fraction standing in for the data.
+    recipe = resolve_auto_checkpointing(recipe, 1, device, budget, max(1, math.ceil(answer_fraction * seq)) - 1 or None)
+    s = setting_for(recipe, device)
     mb = micro_batch or (recipe.train.micro_batch_size if recipe.train.micro_batch_size != "auto" else None)
     if mb is None:
         mb = max(1, largest_micro_batch(shape, s, seq, budget, answer_fraction))

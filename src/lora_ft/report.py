@@ -1,9 +1,46 @@
-"""Run reports: the loss/metric curves drawn from ``metrics.jsonl``."""
+"""Run reports: the loss/metric curves drawn from ``metrics.jsonl``, and what experiment trackers get."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+def available_trackers(names: list[str]) -> list[str]:
+    """The enabled trackers whose package is installed; a warning for each one that is not (accelerate
+    drops those with only a debug message, so a user would find an empty log folder and no reason)."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    kept = []
+    for name in names:
+        if bool(installed[name]()):
+            kept.append(name)
+        else:
+            log.warning("train.trackers: %s is not installed, so nothing is logged to it; "
+                        "pip install %s, or remove it from train.trackers", name, name)
+    return kept
+
+
+def tracker_config(tree: dict[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
+    """A nested recipe dump as one flat mapping of scalars (``train.lr``, ``lora.target_modules`` …).
+
+    TensorBoard's hparams accept only scalars: nested mappings become dotted keys, and lists, None and
+    empty mappings become JSON strings.
+    """
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(tracker_config(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value)
+    return flat
 
 
 def read_metrics(path: Path) -> list[dict]:

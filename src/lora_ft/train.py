@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,11 +39,11 @@ from .craft import (
     param_groups,
     reference_examples,
 )
-from .data import Collator, LengthGroupedBatches, TaskData, prepare_data
+from .data import CAUSAL_WINDOW, Collator, LengthGroupedBatches, TaskData, prepare_data
 from .distributed import adapter_snapshot, restore_adapter, save_adapter, scale_to_processes
 from .evaluation import evaluate_all, train_loss
 from .model import LoadedModel, load_model, load_tokenizer, resolve_source
-from .report import plot_curves
+from .report import available_trackers, plot_curves, tracker_config
 from .signals import StopOnSignal, TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def make_accelerator(recipe: Recipe) -> tuple[Accelerator, str]:
     # gradient_accumulation_steps stays 1: the loop accumulates itself, with token-weighted normalisation.
     # A freezing schedule leaves some adapters without gradients for a while; DDP must be told to expect that.
     ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if recipe.freeze.strategy != "none" else []
-    accelerator = Accelerator(mixed_precision=precision, log_with=recipe.train.trackers or None,
+    accelerator = Accelerator(mixed_precision=precision, log_with=available_trackers(recipe.train.trackers) or None,
                               project_dir=recipe.output_dir, cpu=cpu, kwargs_handlers=ddp)
     if not accelerator.is_main_process:
         # Every process runs the same code: without this each message would appear once per process.
@@ -70,8 +71,9 @@ def make_accelerator(recipe: Recipe) -> tuple[Accelerator, str]:
 
 
 def make_loader(ds, batch_size: int, tokenizer, causal: bool, shuffle: bool, seed: int,
-                group: bool = True, augment: Augmenter | None = None) -> DataLoader:
-    sampler = LengthGroupedBatches([len(x) for x in ds["input_ids"]], batch_size, shuffle, seed, group=group)
+                window: int = CAUSAL_WINDOW, augment: Augmenter | None = None) -> DataLoader:
+    """``window``: batches per length-sorted window when shuffling (0: shuffle only)."""
+    sampler = LengthGroupedBatches([len(x) for x in ds["input_ids"]], batch_size, shuffle, seed, window)
     # A private generator: creating an iterator would otherwise draw from the global RNG, so a resumed run
     # (which creates its iterator after restoring the RNG) would see different dropout masks.
     return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(tokenizer.pad_token_id, causal, augment),
@@ -115,6 +117,31 @@ def _check_output_dir(out: Path, resume: str | None, overwrite: bool) -> None:
                           "--overwrite to replace it, or choose another output_dir")
 
 
+def _clear_run(out: Path) -> None:
+    """``--overwrite``: remove the old run's outputs, so none of them (a checkpoint that ``--resume latest`` would
+    pick, a stale adapter or report) is mistaken for the new run's. Other files in the folder stay."""
+    for name in ("checkpoints", "adapter", "merged", "hub"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (RUN_CONFIG, RUN_INFO, METRICS, RESULTS, "curves.png", "merge_report.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _raise_if_non_finite(accelerator: Accelerator, first_bad: torch.Tensor, checkpoints: Path) -> None:
+    """Raise if any process saw a NaN/inf loss (``first_bad``: its first such step, 0 for none). Called where a
+    host sync happens anyway (logging) and before every save, so no checkpoint holds weights a non-finite step
+    has touched."""
+    bad = accelerator.gather(first_bad[None])
+    bad = bad[bad > 0]
+    if bad.numel():
+        at = int(bad.min())
+        # The weights saved at step at-1 are the ones that gave the non-finite loss: not a good checkpoint.
+        good = [c for c in ckpt.list_checkpoints(checkpoints) if int(c.name.split("-")[1]) <= at - 2]
+        raise FloatingPointError(
+            f"loss became non-finite at step {at}; lower train.lr, or use compute_dtype bf16/fp32 instead of fp16; "
+            f"nothing from that step on was saved (last good checkpoint: {good[-1] if good else 'none'}"
+            + (f"; continue with --resume {good[-1].name} --set train.lr=..." if good else "") + ")")
+
+
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
@@ -150,10 +177,10 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     # DDP and FSDP average gradients over processes, and DeepSpeed also divides the loss by its accumulation
     # steps; both are undone so that the gradient is Σloss / Σitems over the whole global batch.
     loss_scale = world * (tc.grad_accum if accelerator.distributed_type == DistributedType.DEEPSPEED else 1)
-    group = causal if recipe.data.group_by_length == "auto" else recipe.data.group_by_length
+    window = LengthGroupedBatches.window_for(recipe.data.group_by_length, causal)  # batches per sorted window
     augmenter = Augmenter(recipe.data.augment, tc.seed, set(tok.all_special_ids), tok.mask_token_id
                           if tok.mask_token_id is not None else tok.unk_token_id) if not causal else None
-    train_loader = make_loader(data.splits["train"], tc.micro_batch_size, tok, causal, True, tc.seed, group,
+    train_loader = make_loader(data.splits["train"], tc.micro_batch_size, tok, causal, True, tc.seed, window,
                                augmenter or None)
     sampler = train_loader.batch_sampler  # kept: the loop sets its epoch (accelerate wraps the loader)
     eval_loaders = {n: make_loader(ds, tc.micro_batch_size * 2, tok, causal, False, tc.seed)
@@ -184,13 +211,15 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     log.info("global batch %d = micro_batch_size %d × grad_accum %d × %d process(es); %d optimizer steps",
              info["global_batch"], tc.micro_batch_size, tc.grad_accum, world, total_steps)
     if main:
+        if overwrite and resume is None:
+            _clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         if resume is None:
             (out / METRICS).unlink(missing_ok=True)
         (out / RUN_CONFIG).write_text(recipe.dump(), encoding="utf-8")
         (out / RUN_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
-    if tc.trackers:
-        accelerator.init_trackers("lora_ft", config=json.loads(json.dumps(recipe.model_dump(mode="json"))))
+    if tc.trackers:  # TensorBoard's hparams take only scalars: a flat, dotted config
+        accelerator.init_trackers("lora_ft", config=tracker_config(recipe.model_dump(mode="json")))
 
     # ---------------------------------------------------------------- state (fresh or resumed)
     step, epoch, position, best, bad_evals, best_state, before = 0, 0, 0, math.inf, 0, None, None
@@ -204,15 +233,18 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
         step, epoch, position = state["step"], state["epoch"], state["position"]
         best, bad_evals, before, rng = state["best"], state["bad_evals"], state["before"], state["rng"]
         best_state, best_step, forgot_before = state.get("best_state"), state.get("best_step", 0), state.get("forgot")
+        loop = state.get("loop", {})  # what the periodic evaluation tracks between evaluations
+        evaluated_epoch, within_budget = loop.get("evaluated_epoch", epoch), loop.get("within_budget")
+        prev_eval, worsening, recent_losses = loop.get("prev_eval"), loop.get("worsening", 0), loop.get("recent", [])
+        before.pop("forgetting", None)  # checkpoints of older versions kept it among the splits
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, position)
     if before is None:
         before = evaluate_all(model, eval_loaders, accelerator, causal)
         log.info("before training: %s", before)
     if ref_loader is not None and forgot_before is None:
         forgot_before = forgetting_metrics(model, ref_loader, accelerator)
-        before["forgetting"] = forgot_before
     if main and resume is None:
-        for split, metrics in before.items():
+        for split, metrics in {**before, **({"forgetting": forgot_before} if forgot_before else {})}.items():
             _append_jsonl(out / METRICS, {"step": 0, "split": split, **metrics})
 
     def micro_batches():
@@ -285,14 +317,19 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
         return ckpt.save_checkpoint(out / "checkpoints", step, unwrapped, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
             "epoch": epoch, "position": position, "best": best, "bad_evals": bad_evals,
-            "before": before, "best_state": best_state, "best_step": best_step, "forgot": forgot_before},
-            tc.keep_checkpoints)
+            "before": before, "best_state": best_state, "best_step": best_step, "forgot": forgot_before,
+            "loop": {"evaluated_epoch": evaluated_epoch, "within_budget": within_budget, "prev_eval": prev_eval,
+                     "worsening": worsening, "recent": list(recent_losses)}}, tc.keep_checkpoints)
+
+    def check_finite() -> None:
+        _raise_if_non_finite(accelerator, first_bad, out / "checkpoints")
 
     neftune = activate_neftune(unwrapped, recipe.data.augment.neftune_alpha) \
         if causal and recipe.data.augment.neftune_alpha else None
     model.train()
     stopped = None
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="training", dynamic_ncols=True)
+    first_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)  # first non-finite step, 0: none
     with StopOnSignal() as stopper, bar:  # the bar closes on every exit, so errors print on a clean line
         tokens, train_time = torch.zeros((), device=accelerator.device), 0.0
         while step < total_steps and stopped is None:
@@ -318,15 +355,11 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
+            first_bad.masked_fill_((first_bad == 0) & ~torch.isfinite(loss_sum), step)  # no host sync here
             train_time += time.perf_counter() - t0  # excludes evaluation and checkpointing
             if step % tc.log_every == 0 or step == total_steps:
+                check_finite()
                 loss = (accelerator.reduce(loss_sum, "sum") / n_items).item()
-                if not math.isfinite(loss):
-                    last = ckpt.list_checkpoints(out / "checkpoints")
-                    raise FloatingPointError(
-                        f"loss became {loss} at step {step}; lower train.lr, or use compute_dtype bf16/fp32 instead "
-                        f"of fp16; nothing from this step was saved (last good checkpoint: "
-                        f"{last[-1] if last else 'none'})")
                 row = {"step": step, "epoch": round(epoch + position / max(len(train_loader), 1), 4), "loss": loss,
                        "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens.item() * world / train_time}
                 if grad_norm is not None:
@@ -345,15 +378,21 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
                 stopped = f"early stopping at step {step}: validation loss did not improve for " \
                           f"{tc.early_stopping_patience} evaluations"
                 log.info(stopped)
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and main:
-                save_checkpoint()
+            saved = None
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                check_finite()
+                saved = save_checkpoint() if main else None
             signum = stopper.requested(accelerator)
             if signum:
-                path = save_checkpoint() if main else None
+                if not (tc.checkpoint_every and step % tc.checkpoint_every == 0):  # else just saved
+                    check_finite()
+                    saved = save_checkpoint() if main else None
+                path = saved
                 accelerator.wait_for_everyone()
                 raise TrainingInterrupted(
                     f"interrupted at step {step}/{total_steps}; checkpoint saved to {path}; continue with: "
                     f"lora-ft train RECIPE --resume latest (output_dir {out})", signum)
+    check_finite()  # before the final evaluation and save
     if neftune is not None:
         neftune.remove()
     if untrim is not None:
@@ -370,14 +409,16 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
     after = {**evaluate_all(model, {n: v for n, v in eval_loaders.items() if n not in reuse}, accelerator,
                             causal), **reuse}
     after = {n: after[n] for n in eval_loaders}
-    if ref_loader is not None:
-        after["forgetting"] = forgetting_metrics(model, ref_loader, accelerator, forgot_before["ppl_base"])
+    results: dict[str, Any] = {"before": before, "after": after}
+    if ref_loader is not None:  # not a split: the model against its own base on general text
+        results["forgetting"] = {"before": forgot_before, "after": forgetting_metrics(
+            model, ref_loader, accelerator, forgot_before["ppl_base"])}
     info.update(best_step=best_step or step, steps_done=step, stopped=stopped)
-    results = {"before": before, "after": after}
     save_adapter(accelerator, unwrapped, out / "adapter", tok)  # every process: sharded engines gather first
     accelerator.wait_for_everyone()
     if main:
-        for split, metrics in after.items():
+        final = {**after, **({"forgetting": results["forgetting"]["after"]} if ref_loader is not None else {})}
+        for split, metrics in final.items():
             if split != "validation" or best_step != step:  # else already logged at this step
                 _append_jsonl(out / METRICS, {"step": step, "split": split, "final": True, **metrics})
         (out / RESULTS).write_text(json.dumps(results, indent=2), encoding="utf-8")
@@ -398,7 +439,8 @@ def evaluate_run(run_dir: str | Path, data_file: str, split: str = "eval") -> di
     recipe = load_recipe(run_dir / RUN_CONFIG)
     info = json.loads((run_dir / RUN_INFO).read_text())
     id2label = {int(k): v for k, v in info["id2label"].items()} if info.get("id2label") else None
-    recipe.data.validation, recipe.data.test = None, None
+    # The whole file is scored: max_eval_examples caps only the periodic evaluation during training.
+    recipe.data.validation, recipe.data.test, recipe.data.max_eval_examples = None, None, None
     accelerator, compute = make_accelerator(recipe.model_copy(update={"train": recipe.train.model_copy(
         update={"trackers": []})}))
     s = setup(recipe, accelerator, compute, str(run_dir / "adapter"), {split: data_file}, id2label)

@@ -1,0 +1,124 @@
+"""The chunked linear + cross-entropy: the same losses and LoRA gradients as full logits, without their memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import chat_rows
+
+from lora_ft import chunked_loss
+from lora_ft.data import Collator, encode_chat
+from lora_ft.evaluation import causal_loss
+
+
+@pytest.fixture()
+def lora_llama(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(base, cfg)
+
+
+@pytest.fixture()
+def batch(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    rows = [encode_chat(tok, r["messages"], False) for r in chat_rows(6, 11)]
+    return Collator(pad, causal=True)(rows)
+
+
+def _loss_and_grads(model, batch, chunked: bool, autocast: bool = False):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        per_example, counts = causal_loss(model, batch, per_example=True, chunked=chunked)
+    (per_example.sum() / counts.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return per_example.detach(), counts, grads
+
+
+def test_chunked_loss_equals_full_logits_in_losses_and_lora_gradients(lora_llama, batch, monkeypatch):
+    # 7 positions per chunk: several chunks, some of them made only of masked prompt positions.
+    monkeypatch.setattr(chunked_loss, "CHUNK_VALUES", 7 * lora_llama.config.vocab_size)
+    assert chunked_loss.supports_chunked_loss(lora_llama)
+    ref, ref_counts, ref_grads = _loss_and_grads(lora_llama, batch, chunked=False)
+    got, counts, grads = _loss_and_grads(lora_llama, batch, chunked=True)
+    assert torch.equal(counts, ref_counts) and ref.min() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 7 * 2  # A and B, 7 targets, 2 layers
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Under bf16 autocast both compute the head's matmul in bf16: equal to bf16 rounding.
+    ref16, _, ref16_grads = _loss_and_grads(lora_llama, batch, chunked=False, autocast=True)
+    got16, _, grads16 = _loss_and_grads(lora_llama, batch, chunked=True, autocast=True)
+    torch.testing.assert_close(got16, ref16, rtol=2e-2, atol=2e-2)
+    for name, g in grads16.items():
+        assert torch.nn.functional.cosine_similarity(g.flatten(), ref16_grads[name].flatten(), dim=0) > 0.99, name
+
+
+def test_chunked_loss_without_gradients_matches_and_keeps_nothing(lora_llama, batch):
+    with torch.no_grad():
+        ref, _ = causal_loss(lora_llama, batch, chunked=False)
+        got, _ = causal_loss(lora_llama, batch, chunked=True)
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _peak_step_bytes(model, batch, chunked: bool) -> int:
+    """Net CPU allocation peak of forward + backward, as the planner's ``measure_peak`` counts it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss, n = causal_loss(model, batch, chunked=chunked)
+        (loss / n).backward()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    net = top = 0
+    for e in events:
+        net += e.nbytes()
+        top = max(top, net)
+    return top
+
+
+def test_chunked_loss_never_holds_the_batch_logits(tmp_path, batch, monkeypatch):
+    """A large vocabulary next to a tiny model, as for SmolLM2 or Llama 3: the step's peak falls by about the
+    three (positions × vocabulary) fp32 copies the unchunked loss holds."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = 32_768
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    monkeypatch.setattr(chunked_loss, "CHUNK_VALUES", 16 * vocab)  # 16 positions per chunk
+    positions = batch["input_ids"].shape[0] * (int(batch["logits_to_keep"]) - 1)
+    assert positions > 64
+    full = _peak_step_bytes(model, batch, chunked=False)
+    chunked = _peak_step_bytes(model, batch, chunked=True)
+    logits = positions * vocab * 4
+    assert full - chunked > 2 * logits, (full, chunked, logits)
+    assert chunked < full / 3, (full, chunked, logits)
+
+
+def test_chunked_loss_falls_back_where_the_head_trains_or_the_architecture_is_unknown(lora_llama, tiny_llama):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    trained_head = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                  LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert not chunked_loss.supports_chunked_loss(trained_head)
+    # An architecture that may transform its logits after the head (soft-capping, scaling) is not trusted.
+    lora_llama.get_base_model().config.model_type = "gemma2"
+    assert not chunked_loss.supports_chunked_loss(lora_llama)
+
+
+def test_a_second_backward_is_refused_not_silently_wrong(lora_llama, batch):
+    loss, n = causal_loss(lora_llama, batch, chunked=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
