@@ -122,3 +122,28 @@ def test_a_second_backward_is_refused_not_silently_wrong(lora_llama, batch):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+def test_under_accelerate_mixed_precision_the_head_computes_as_it_would_in_the_forward(lora_llama, batch,
+                                                                                       monkeypatch):
+    """accelerate wraps only the model's forward in autocast; the loss runs after it. The chunked head must still
+    compute in bf16 (as the head inside the forward would), not silently in fp32."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        model = Accelerator(cpu=True, mixed_precision="bf16").prepare(lora_llama)
+        seen, real = [], chunked_loss.ChunkedLinearCrossEntropy.forward
+
+        def spy(ctx, *args):
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            return real(ctx, *args)
+
+        monkeypatch.setattr(chunked_loss.ChunkedLinearCrossEntropy, "forward", staticmethod(spy))
+        got, _ = causal_loss(model, batch, per_example=True, chunked=True)
+        ref, _ = causal_loss(model, batch, per_example=True, chunked=False)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen == [True]
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)

@@ -21,7 +21,8 @@ head, or an architecture that transforms the logits after the head (Gemma 2's so
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -118,14 +119,25 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad.mul_(grad_losses[:, None].to(grad.dtype)), None, None, None, None, None
 
 
+@dataclass
+class HeadInput:
+    """What the output head received inside the model's forward, and the autocast state it ran under there
+    (accelerate's mixed precision wraps only the forward; the loss must compute the head as it would have)."""
+
+    hidden: torch.Tensor
+    autocast: torch.autocast
+
+
 @contextmanager
-def head_inputs(head: nn.Module) -> Iterator[list[torch.Tensor]]:
+def head_inputs(head: nn.Module) -> Iterator[list[HeadInput]]:
     """While active, the head's forward receives an empty slice (no logits computed) and its real input is
     appended to the yielded list, still attached to the autograd graph."""
-    captured: list[torch.Tensor] = []
+    captured: list[HeadInput] = []
 
     def take_input(module: nn.Module, args: tuple) -> tuple:
-        captured.append(args[0])
+        kind = args[0].device.type
+        captured.append(HeadInput(args[0], torch.autocast(kind, dtype=torch.get_autocast_dtype(kind),
+                                                          enabled=torch.is_autocast_enabled(kind))))
         return (args[0][..., :0, :], *args[1:])
 
     handle = head.register_forward_pre_hook(take_input)
@@ -135,10 +147,13 @@ def head_inputs(head: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def chunked_token_losses(head: nn.Linear, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-position losses for ``hidden`` (..., H) against ``target`` (...), shaped like ``target``."""
+def chunked_token_losses(head: nn.Linear, hidden: torch.Tensor, target: torch.Tensor,
+                         autocast: torch.autocast | None = None) -> torch.Tensor:
+    """Per-position losses for ``hidden`` (..., H) against ``target`` (...), shaped like ``target``;
+    ``autocast``: the state the head would have run under (``HeadInput.autocast``)."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     need_grad = torch.is_grad_enabled() and flat_hidden.requires_grad
-    losses = ChunkedLinearCrossEntropy.apply(flat_hidden, head.weight, head.bias, target.reshape(-1),
-                                             chunk_rows(head.out_features), need_grad)
+    with autocast or nullcontext():
+        losses = ChunkedLinearCrossEntropy.apply(flat_hidden, head.weight, head.bias, target.reshape(-1),
+                                                 chunk_rows(head.out_features), need_grad)
     return losses.view(target.shape)

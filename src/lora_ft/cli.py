@@ -113,7 +113,8 @@ def _export_parsers(sub) -> None:
                         ("predict", "classify a data file with a classifier run")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("run_dir", help="a run's output_dir, or a merged model folder")
-        p.add_argument("--merged", action="store_true", help="use RUN_DIR/merged instead of the adapter")
+        p.add_argument("--merged", action="store_true", help="use the merged model instead of the adapter: "
+                       "RUN_DIR/merged, else the latest passing 'merge --out DIR'")
         if name == "predict":
             p.add_argument("--data", required=True, help="jsonl/json/csv/parquet file with the text column(s)")
             p.add_argument("--out", default=None, metavar="FILE", help="predictions jsonl "

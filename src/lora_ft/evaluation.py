@@ -53,7 +53,7 @@ def causal_loss(model: torch.nn.Module, batch: dict, per_example: bool = False, 
         with head_inputs(head) as captured:
             model(**batch, **kwargs, use_cache=False)
         # Without logits_to_keep the head saw every position: the same slice as the logits below.
-        losses = chunked_token_losses(head, captured[0][:, -keep:][:, :-1], target)
+        losses = chunked_token_losses(head, captured[0].hidden[:, -keep:][:, :-1], target, captured[0].autocast)
     else:
         logits = model(**batch, **kwargs, use_cache=False).logits[:, -keep:][:, :-1].float()
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
