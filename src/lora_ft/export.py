@@ -231,7 +231,7 @@ def compare_outputs(ref: list[tuple[torch.Tensor, torch.Tensor]],
 def fidelity_loader(run: Run, tokenizer: PreTrainedTokenizerBase, examples: int, data_file: str | None):
     """Held-out examples for the comparison: ``--data``, else the run's validation data, else its test data.
     Returns (loader, split name, number of examples)."""
-    from .train import make_loader
+    from .session import make_loader
 
     cfg = run.recipe.data.model_copy(update={"max_eval_examples": examples})
     extra, need_train = None, False

@@ -775,12 +775,12 @@ def resolve_for_launch(recipe: Recipe, accelerator) -> Recipe:
         if tc.micro_batch_size == "auto":
             raise RecipeError(f"train.micro_batch_size auto plans for CUDA GPUs and the CPU, not {device}; "
                               "give a number")
-        return recipe  # gradient_checkpointing auto keeps its device default (train.setup)
+        return recipe  # gradient_checkpointing auto keeps its device default (session.setup)
     from .model import resolve_source
 
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     budget, world = device_memory(device), accelerator.num_processes
-    with accelerator.main_process_first():  # as in train.setup: one rank fetches/converts example or GGUF models
+    with accelerator.main_process_first():  # as in session.setup: one rank fetches/converts example or GGUF models
         source = resolve_source(recipe.model.name)
     if tc.micro_batch_size != "auto":
         try:
@@ -960,7 +960,7 @@ def _measure(recipe: Recipe, micro_batch: int, seq_len: int, answer_fraction: fl
     from .adapters import attach_adapters
     from .evaluation import causal_loss, classification_logits, train_loss
     from .model import load_model, load_tokenizer, resolve_source
-    from .train import make_accelerator
+    from .session import make_accelerator
 
     accelerator, compute = make_accelerator(recipe)
     cfg = recipe.model

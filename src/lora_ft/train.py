@@ -13,13 +13,12 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedType, set_seed
 from peft import PeftModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -27,8 +26,7 @@ from transformers import get_scheduler
 
 from . import checkpoint as ckpt
 from . import plan
-from .adapters import attach_adapters, load_adapter
-from .config import Recipe, RecipeError, resolve_compute_dtype
+from .config import Recipe, RecipeError
 from .cpu_memory import release_freed_memory
 from .craft import (
     Augmenter,
@@ -39,76 +37,16 @@ from .craft import (
     param_groups,
     reference_examples,
 )
-from .data import CAUSAL_WINDOW, Collator, LengthGroupedBatches, TaskData, prepare_data
+from .data import Collator, LengthGroupedBatches
 from .distributed import adapter_snapshot, restore_adapter, save_adapter, scale_to_processes
 from .evaluation import evaluate_all, train_loss
-from .model import LoadedModel, load_model, load_tokenizer, resolve_source
-from .report import available_trackers, plot_curves, tracker_config
+from .report import plot_curves, tracker_config
+from .session import make_accelerator, make_loader, setup
 from .signals import StopOnSignal, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
 RUN_CONFIG, RUN_INFO, METRICS, RESULTS = "run_config.yaml", "run_info.json", "metrics.jsonl", "eval_results.json"
-
-
-def make_accelerator(recipe: Recipe) -> tuple[Accelerator, str]:
-    cuda = torch.cuda.is_available()
-    compute = resolve_compute_dtype(recipe.model.compute_dtype, cuda, cuda and torch.cuda.is_bf16_supported())
-    precision = {"bf16": "bf16", "fp16": "fp16"}.get(compute, "no")
-    # On a machine without GPUs, accelerate forms a (gloo) process group only when told it runs on the CPU:
-    # otherwise every process that torchrun / `accelerate launch --multi_gpu` starts trains alone, and all of
-    # them write the same files.
-    cpu = torch.distributed.is_available() and torch.distributed.is_torchelastic_launched() and not cuda
-    # gradient_accumulation_steps stays 1: the loop accumulates itself, with token-weighted normalisation.
-    # A freezing schedule leaves some adapters without gradients for a while; DDP must be told to expect that.
-    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if recipe.freeze.strategy != "none" else []
-    accelerator = Accelerator(mixed_precision=precision, log_with=available_trackers(recipe.train.trackers) or None,
-                              project_dir=recipe.output_dir, cpu=cpu, kwargs_handlers=ddp)
-    if not accelerator.is_main_process:
-        # Every process runs the same code: without this each message would appear once per process.
-        logging.getLogger("lora_ft").setLevel(logging.WARNING)
-    return accelerator, compute
-
-
-def make_loader(ds, batch_size: int, tokenizer, causal: bool, shuffle: bool, seed: int,
-                window: int = CAUSAL_WINDOW, augment: Augmenter | None = None) -> DataLoader:
-    """``window``: batches per length-sorted window when shuffling (0: shuffle only)."""
-    sampler = LengthGroupedBatches([len(x) for x in ds["input_ids"]], batch_size, shuffle, seed, window)
-    # A private generator: creating an iterator would otherwise draw from the global RNG, so a resumed run
-    # (which creates its iterator after restoring the RNG) would see different dropout masks.
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(tokenizer.pad_token_id, causal, augment),
-                      generator=torch.Generator().manual_seed(seed))
-
-
-@dataclass
-class Session:
-    """Everything ``setup`` builds; the rest of the recipe only reads it."""
-
-    loaded: LoadedModel
-    model: PeftModel
-    data: TaskData
-    causal: bool
-
-
-def setup(recipe: Recipe, accelerator: Accelerator, compute: str, adapter_dir: str | None = None,
-          extra_splits: dict[str, str] | None = None, id2label: dict[int, str] | None = None) -> Session:
-    """Tokenizer → data → model → adapters. Data comes first because a classifier's head size is the
-    number of labels found in the training split."""
-    cfg = recipe.model
-    with accelerator.main_process_first():  # one rank fetches/converts example or GGUF models
-        source = resolve_source(cfg.name)
-    tokenizer = load_tokenizer(source, cfg)
-    need_train = adapter_dir is None
-    data = prepare_data(recipe.data, cfg.task, tokenizer, recipe.train.seed, need_train, extra_splits, id2label)
-    device = accelerator.device if accelerator.device.type != "cuda" else accelerator.local_process_index
-    loaded = load_model(cfg.model_copy(update={"name": source}), compute, device, data.id2label, tokenizer)
-    if adapter_dir is not None:
-        model = load_adapter(loaded.model, adapter_dir)
-    else:
-        gc = recipe.train.gradient_checkpointing
-        model = attach_adapters(loaded.model, recipe.lora, cfg.task, loaded.head_modules,
-                                torch.cuda.is_available() if gc == "auto" else gc)
-    return Session(loaded, model, data, cfg.task == "causal_lm")
 
 
 def _check_output_dir(out: Path, resume: str | None, overwrite: bool) -> None:
