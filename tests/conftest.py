@@ -108,17 +108,22 @@ def save_random_model(tmp_path_factory, name: str, model_cls, cfg, tok) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    """A 2-layer random Llama (causal LM) with a ChatML template, saved as a local model folder."""
+def save_random_llama(tmp_path_factory, name: str, **sizes) -> Path:
+    """A random Llama with the chat tokenizer (vocabulary: the tokenizer's unless ``sizes`` says otherwise)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_chat_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
-                      initializer_range=0.2)  # large enough that a frozen random head can express peaked outputs
-    return save_random_model(tmp_path_factory, "tiny-llama", LlamaForCausalLM, cfg, tok)
+    cfg = LlamaConfig(**{"vocab_size": len(tok), **sizes}, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    return save_random_model(tmp_path_factory, name, LlamaForCausalLM, cfg, tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (causal LM) with a ChatML template, saved as a local model folder."""
+    return save_random_llama(tmp_path_factory, "tiny-llama", hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=256, tie_word_embeddings=False,
+                             initializer_range=0.2)  # large enough that a frozen random head can be peaked
 
 
 @pytest.fixture(scope="session")

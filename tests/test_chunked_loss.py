@@ -44,7 +44,7 @@ def _loss_and_grads(model, batch, chunked: bool, autocast: bool = False):
 def test_chunked_loss_equals_full_logits_in_losses_and_lora_gradients(lora_llama, batch, monkeypatch):
     # 7 positions per chunk: several chunks, some of them made only of masked prompt positions.
     monkeypatch.setattr(chunked_loss, "CHUNK_VALUES", 7 * lora_llama.config.vocab_size)
-    assert chunked_loss.supports_chunked_loss(lora_llama)
+    assert chunked_loss.output_head(lora_llama) is not None
     ref, ref_counts, ref_grads = _loss_and_grads(lora_llama, batch, chunked=False)
     got, counts, grads = _loss_and_grads(lora_llama, batch, chunked=True)
     assert torch.equal(counts, ref_counts) and ref.min() > 0
@@ -111,10 +111,10 @@ def test_chunked_loss_falls_back_where_the_head_trains_or_the_architecture_is_un
 
     trained_head = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
                                   LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
-    assert not chunked_loss.supports_chunked_loss(trained_head)
+    assert chunked_loss.output_head(trained_head) is None
     # An architecture that may transform its logits after the head (soft-capping, scaling) is not trusted.
     lora_llama.get_base_model().config.model_type = "gemma2"
-    assert not chunked_loss.supports_chunked_loss(lora_llama)
+    assert chunked_loss.output_head(lora_llama) is None
 
 
 def test_a_second_backward_is_refused_not_silently_wrong(lora_llama, batch):

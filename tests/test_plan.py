@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_bert_tokenizer, build_chat_tokenizer, make_recipe, save_random_model
+from conftest import build_bert_tokenizer, make_recipe, save_random_llama, save_random_model
 
 from lora_ft import chunked_loss, plan
 from lora_ft.cli import main
@@ -18,13 +18,9 @@ from lora_ft.config import Recipe, RecipeError
 @pytest.fixture(scope="module")
 def small_llama(tmp_path_factory):
     """A 4-layer Llama with GQA and a 4096 vocabulary: big enough that every term of the plan shows."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = build_chat_tokenizer()
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
-    return save_random_model(tmp_path_factory, "small-llama", LlamaForCausalLM, cfg, tok)
+    return save_random_llama(tmp_path_factory, "small-llama", vocab_size=4096, hidden_size=256,
+                             intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +120,9 @@ def test_predicted_peak_is_within_15_percent_of_the_measured_cpu_peak(small_llam
 @pytest.fixture(scope="module")
 def wide_vocab_llama(tmp_path_factory):
     """A one-layer Llama with a 32k vocabulary: the loss is most of the step, as for SmolLM2 or Llama 3."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = build_chat_tokenizer()
-    cfg = LlamaConfig(vocab_size=32_768, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
-    return save_random_model(tmp_path_factory, "wide-vocab-llama", LlamaForCausalLM, cfg, tok)
+    return save_random_llama(tmp_path_factory, "wide-vocab-llama", vocab_size=32_768, hidden_size=64,
+                             intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("evaluation", [False, True])

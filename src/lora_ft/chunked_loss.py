@@ -14,7 +14,7 @@ FLOPs as the unfused forward + backward; peak memory one chunk of logits instead
 
 The hidden states come from the model's own forward — a pre-hook on the output head takes its input and hands
 the head an empty slice — so DDP's forward, gradient checkpointing and peft's wrappers run exactly as before.
-Where that is not safe the loss falls back to full logits (``supports_chunked_loss``): a trainable or sharded
+Where that is not safe the loss falls back to full logits (``output_head`` returns None): a trainable or sharded
 head, or an architecture that transforms the logits after the head (Gemma 2's soft-capping, Cohere's scale).
 """
 
@@ -67,10 +67,6 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     if hasattr(head.weight, "full_tensor") or hasattr(head.weight, "ds_id") or type(head.weight) is not nn.Parameter:
         return None
     return head
-
-
-def supports_chunked_loss(model: nn.Module) -> bool:
-    return output_head(model) is not None
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -105,7 +105,7 @@ def open_run(run_dir: str | Path) -> Run:
     return Run(run_dir, load_recipe(run_dir / RUN_CONFIG), info)
 
 
-def _saved_entries(run: Run) -> list[dict[str, Any]]:
+def saved_entries(run: Run) -> list[dict[str, Any]]:
     """The saved merges recorded in ``merge_report.json``, oldest first."""
     path = run.dir / REPORT
     entries = json.loads(path.read_text()).values() if path.is_file() else []
@@ -120,7 +120,7 @@ def merged_folder(run: Run) -> Path:
     if default.exists():
         return default
     # Only the last merge saved into a folder describes what it holds now (a later --force may have replaced it).
-    latest = {str(Path(e["out"]).resolve()): e for e in _saved_entries(run)}
+    latest = {str(Path(e["out"]).resolve()): e for e in saved_entries(run)}
     passing = [e for e in latest.values() if e.get("passed") and (Path(e["out"]) / "config.json").is_file()]
     return Path(max(passing, key=lambda e: e.get("written", ""))["out"]) if passing else default
 
@@ -142,7 +142,7 @@ def _check_out(run: Run, out: Path) -> None:
     if owner and Path(owner).resolve() == run.dir.resolve():
         return
     legacy = owner is None and (out / "config.json").is_file() and not (out / RUN_CONFIG).exists() \
-        and str(out.resolve()) in {str(Path(e["out"]).resolve()) for e in _saved_entries(run)}
+        and str(out.resolve()) in {str(Path(e["out"]).resolve()) for e in saved_entries(run)}
     if legacy:
         return
     if owner:

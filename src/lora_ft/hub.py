@@ -22,7 +22,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from .config import RecipeError
 from .data import READERS
 from .examples import EXAMPLES
-from .export import MERGE_MARKER, REPORT, Run, merged_folder, open_run
+from .export import MERGE_MARKER, REPORT, Run, merged_folder, open_run, saved_entries
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +187,9 @@ def gguf_origin(run: Run) -> tuple[str, str | None] | None:
 
 
 def _merge_entry(run: Run, merged_dir: Path) -> dict[str, Any] | None:
-    path = run.dir / REPORT
-    if not path.is_file():
-        return None
-    entries = [e for e in json.loads(path.read_text()).values()
-               if e.get("saved") and Path(e.get("out", "")).resolve() == merged_dir.resolve()]
-    return max(entries, key=lambda e: e.get("written", "")) if entries else None
+    """The report entry of the merge that wrote ``merged_dir`` last."""
+    entries = [e for e in saved_entries(run) if Path(e["out"]).resolve() == merged_dir.resolve()]
+    return entries[-1] if entries else None
 
 
 def build_card(run: Run, repo_id: str, merged: bool, base_id: str | None, license: str | None,

@@ -316,19 +316,14 @@ def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) ->
                 stopped = f"early stopping at step {step}: validation loss did not improve for " \
                           f"{tc.early_stopping_patience} evaluations"
                 log.info(stopped)
-            saved = None
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+            signum = stopper.requested(accelerator)  # collective: every process gets the same answer
+            if signum or (tc.checkpoint_every and step % tc.checkpoint_every == 0):  # one save, even for both
                 check_finite()
                 saved = save_checkpoint() if main else None
-            signum = stopper.requested(accelerator)
             if signum:
-                if not (tc.checkpoint_every and step % tc.checkpoint_every == 0):  # else just saved
-                    check_finite()
-                    saved = save_checkpoint() if main else None
-                path = saved
                 accelerator.wait_for_everyone()
                 raise TrainingInterrupted(
-                    f"interrupted at step {step}/{total_steps}; checkpoint saved to {path}; continue with: "
+                    f"interrupted at step {step}/{total_steps}; checkpoint saved to {saved}; continue with: "
                     f"lora-ft train RECIPE --resume latest (output_dir {out})", signum)
     check_finite()  # before the final evaluation and save
     if neftune is not None:
