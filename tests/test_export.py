@@ -225,6 +225,28 @@ def test_merge_never_replaces_a_folder_it_did_not_write(fp32_run, tiny_llama, tm
     assert AutoModelForCausalLM.from_pretrained(out).config.architectures == ["LlamaForCausalLM"]
 
 
+def test_a_merge_that_cannot_be_written_keeps_the_earlier_merge(fp32_run, tmp_path, capsys, monkeypatch):
+    """A full disk while writing the merged model: one line saying what to do, the earlier merge in --out
+    untouched, no temporary folder left (the same folder writer as checkpoints and adapters)."""
+    import safetensors
+    import transformers.modeling_utils
+
+    out = tmp_path / "merged"
+    merge_run(fp32_run, examples=4, out=out)
+    before = tree_hashes(out)
+
+    def full_disk(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    assert main(["merge", str(fp32_run), "--examples", "4", "--out", str(out)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-ft:")]  # not the bars
+    assert len(err) == 1 and f"could not write {out}" in err[0] and "No space left on device" in err[0]
+    assert "run lora-ft merge again" in err[0] and "--resume" not in err[0]
+    assert tree_hashes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
 def test_nf4_adapter_card_loads_the_base_quantized_as_in_training(nf4_run, tmp_path, capsys):
     """The card's snippet, run as written, reproduces the evaluated adapter model (nf4 base); the old snippet
     (the adapter on the full-precision base) did not."""

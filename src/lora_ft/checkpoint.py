@@ -16,6 +16,7 @@ import errno
 import logging
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,10 @@ def _nearly_full(folder: Path) -> bool:
     return usage.free < NEARLY_FULL_BYTES or usage.free < NEARLY_FULL_FRACTION * usage.total
 
 
-def _failed(target: Path, tmp: Path, err: BaseException) -> SaveError:
+RETRY_TRAINING = "free disk space (or set another output_dir) and continue with --resume latest"
+
+
+def _failed(target: Path, tmp: Path, err: BaseException, retry: str = RETRY_TRAINING) -> SaveError:
     """One-line SaveError for any write failure; frees the temporary folder (the old copy is untouched)."""
     # Measured before the partial write is removed: that is when a full disk shows.
     full = _nearly_full(target.parent) or getattr(err, "errno", None) == errno.ENOSPC
@@ -60,8 +64,7 @@ def _failed(target: Path, tmp: Path, err: BaseException) -> SaveError:
     else:  # SafetensorError, torch's RuntimeError: their first line says what happened
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     hint = " (disk full?)" if full and "(disk full?)" not in reason else ""
-    return SaveError(f"could not write {target}: {reason}{hint}; the previous copy is intact - free disk "
-                     "space (or set another output_dir) and continue with --resume latest")
+    return SaveError(f"could not write {target}: {reason}{hint}; the previous copy is intact - {retry}")
 
 
 def _aside(folder: Path) -> Path:
@@ -117,43 +120,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_adapter(model: PeftModel, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
-    """Write an adapter folder atomically: a reader never sees a half-written adapter.
+def write_folder(folder: Path, write: Callable[[Path], None], tmp: Path | None = None,
+                 retry: str = RETRY_TRAINING) -> None:
+    """Create or replace ``folder`` with what ``write(tmp)`` puts into a fresh temporary folder: a reader never
+    sees a half-written folder, and a kill at any moment leaves an intact copy (see ``_replace``/``_recover``).
 
-    ``state_dict``: weights gathered from a sharded engine (FSDP2/ZeRO-3) instead of the model's own.
-    Any write failure (OSError, safetensors' SafetensorError, ...) becomes a one-line SaveError.
+    Used for checkpoints, adapters and merged models alike. Any write failure (OSError, torch's RuntimeError
+    "unexpected pos" on a full disk, safetensors' SafetensorError) becomes a one-line SaveError ending in
+    ``retry``: what to do next.
     """
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp = tmp or folder.with_name(f".{folder.name}.tmp")
     _recover(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        _replace(tmp, folder)
+    except Exception as e:  # safetensors raises a plain Exception subclass on a full disk
+        raise _failed(folder, tmp, e, retry) from None
+
+
+def save_adapter(model: PeftModel, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
+    """Write an adapter folder (and the tokenizer) through ``write_folder``.
+
+    ``state_dict``: weights gathered from a sharded engine (FSDP2/ZeRO-3) instead of the model's own.
+    """
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace(tmp, folder)
-    except Exception as e:  # safetensors raises a plain Exception subclass on a full disk
-        raise _failed(folder, tmp, e) from None
+
+    write_folder(folder, write)
 
 
 def save_checkpoint(root: Path, step: int, model: PeftModel, training_state: dict[str, Any], keep: int) -> Path:
-    """``root/step-N`` via a temporary folder and a rename, then prune to the newest ``keep``.
-
-    Any write failure becomes a one-line SaveError; the previous checkpoints stay intact.
-    """
+    """``root/step-N`` through ``write_folder``, then prune to the newest ``keep``; the previous checkpoints stay
+    intact when the write fails."""
     root = Path(root)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
     recover_checkpoints(root)
     for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save: never valid
         shutil.rmtree(stale, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp / "adapter")
         torch.save({**training_state, "rng": rng_state()}, tmp / STATE_FILE)
-        _replace(tmp, final)  # a second save of the same step (a signal on a checkpoint_every step) lands here
-    except Exception as e:  # OSError, torch's RuntimeError ("unexpected pos"), SafetensorError
-        raise _failed(final, tmp, e) from None
+
+    # A second save of the same step (a signal on a checkpoint_every step) replaces it like any other folder.
+    write_folder(final, write, tmp=root / f".tmp-step-{step:08d}")
     for stale in list_checkpoints(root)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final

@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .checkpoint import write_folder
 from .config import Recipe, RecipeError, load_recipe
 from .data import IGNORE, prepare_data
 from .evaluation import classification_logits, supports_logits_to_keep
@@ -287,22 +287,20 @@ def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out:
                 max_shard_size: str | int, marker: dict[str, Any]) -> None:
     """A folder ``AutoModelFor*.from_pretrained`` opens alone: sharded safetensors, config (with ``id2label``),
     tokenizer with its chat template, generation config; plus ``MERGE_MARKER`` (``marker``: which run wrote it).
-    Written to a temporary folder and renamed."""
+    Written through ``checkpoint.write_folder`` (a temporary folder, then renamed in)."""
     config = model.config
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # de-quantized weights: a leftover config would make loaders re-quantize
     config.use_cache = True  # training may have switched the KV cache off; inference wants it
     if model.can_generate() and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(tmp)
-    (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MERGE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+    write_folder(out, write, retry="free disk space (or choose another --out) and run lora-ft merge again")
 
 
 def _limit_key(*dtypes: str) -> str:

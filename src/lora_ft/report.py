@@ -9,6 +9,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+
 def available_trackers(names: list[str]) -> list[str]:
     """The enabled trackers whose package is installed; a warning for each one that is not (accelerate
     drops those with only a debug message, so a user would find an empty log folder and no reason)."""
