@@ -277,6 +277,11 @@ def test_nf4_adapter_card_loads_the_base_quantized_as_in_training(nf4_run, tmp_p
     assert {k: shown[k] for k in keys} == {k: trained[k] for k in keys}
     texts = chat_texts(nf4_run)
     ref = logits_on(reference, tok, texts)
+    # Same kernel as lora_ft's reference: on AVX512-BF16 CPUs bitsandbytes' inference path re-packs the weights and
+    # computes in bf16 (KL 1.9e-4 here), which is a kernel difference, not a different model.
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
     assert kl(ref, logits_on(model, tok, texts)).mean().item() < 1e-6
     full_precision = AutoPeftModelForCausalLM.from_pretrained(folder).eval()
     assert kl(ref, logits_on(full_precision, tok, texts)).mean().item() > KL_LIMITS["fp32"]

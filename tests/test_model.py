@@ -193,3 +193,35 @@ def test_remote_code_runs_only_when_the_recipe_says_so_and_is_warned_first(tiny_
         model_mod.load_tokenizer(str(tiny_llama), ModelConfig(name=str(tiny_llama)))
         model_mod.load_tokenizer(str(tiny_llama), ModelConfig(name=str(tiny_llama), trust_remote_code=True))
     assert seen == [(False, False), (True, True)]  # off by default; when on, the warning comes before any code
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_an_evaluation_pass_leaves_4bit_weights_and_lora_gradients_unchanged(tiny_llama, quant):
+    """On AVX512-BF16 CPUs bitsandbytes re-packs 4-bit weights in its first eval-mode no-grad forward, and its
+    backward then computes wrong gradients; lora_ft's models must keep the trainable layout. (On other CPUs
+    bitsandbytes never re-packs, so there this holds either way.)"""
+    from lora_ft.adapters import attach_adapters
+    from lora_ft.config import LoraConfigSection
+
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def gradients(evaluate_first: bool):
+        loaded = load_model(ModelConfig(name=str(tiny_llama), quant=quant), "fp32")
+        torch.manual_seed(0)
+        model = attach_adapters(loaded.model, LoraConfigSection(r=4, dropout=0.0, init="gaussian"), "causal_lm", [],
+                                False)
+        weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+        stored = weight.detach().clone()
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            assert torch.equal(weight.detach(), stored)  # not re-packed
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, after_eval = gradients(False), gradients(True)
+    assert any(g.abs().max() > 0 for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(after_eval[name], plain[name], rtol=0, atol=1e-6)

@@ -218,6 +218,8 @@ def load_model(
         raise
     if quant is None:
         model.to(device)
+    else:
+        _keep_cpu_weights_trainable(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, tokenizer, source, heads, compute)
@@ -237,6 +239,20 @@ def _from_bitsandbytes(err: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return "bitsandbytes" in str(err) or "automatic conversion of the weights" in str(err)
+
+
+def _keep_cpu_weights_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from re-packing 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit.forward`` re-packs the weight in place the first
+    time it runs in eval mode without gradients (lora_ft's evaluation before training), and its backward does not
+    understand that layout: measured on a tiny NF4 Llama, the LoRA gradients after one evaluation differed from
+    the correct ones by up to 2.3 (the loss itself stayed right), and the stored weights no longer matched the
+    checkpoint. The flag is per layer instance; on other CPUs and on GPUs it is already off.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
