@@ -1,8 +1,8 @@
-"""Predicted (``lora_ft.plan``, config only) vs measured peak training memory, one table row per configuration.
+"""Predicted (``lora_ft.memory``, config only) vs measured peak training memory, one table row per configuration.
 
     LORA_FT_HOME=/tmp/lfhome HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_plan.py [--quick] [--only SUBSTR]
 
-Each configuration is measured in a fresh subprocess by ``lora_ft.plan.measure_peak``: on a GPU
+Each configuration is measured in a fresh subprocess by ``lora_ft.training.measure.measure_peak``: on a GPU
 ``torch.cuda.max_memory_allocated`` over one training step; on the CPU the bytes held before the step
 (parameters, buffers, quantization state, AdamW state) plus the peak of the net allocations during the step,
 from the profiler's allocator events. The step is the real one (``load_model``, ``attach_adapters``,
@@ -34,7 +34,7 @@ QUICK = [c for c in CONFIGS if c[4] == 64]
 
 
 def recipe_for(model: str, task: str, quant: str, extra: dict):
-    from lora_ft.config import Recipe
+    from lora_ft.recipe import Recipe
 
     tree = {"model": {"name": model, "task": task, "quant": quant}, "lora": {"r": 16}}
     for section, values in extra.items():
@@ -46,16 +46,19 @@ def one(spec: list) -> dict:
     """Measure and predict one configuration (run in its own process)."""
     import torch
 
-    from lora_ft import examples, plan
+    from lora_ft.memory.estimate import estimate
+    from lora_ft.memory.shape import model_shape, setting_for
+    from lora_ft.modeling import examples
+    from lora_ft.training.measure import measure_peak
 
     examples.set_home(os.environ.get("LORA_FT_HOME"))
     model, task, quant, b, s, frac, extra = spec
     recipe = recipe_for(model, task, quant, extra)
     t0 = time.perf_counter()
-    measured = plan.measure_peak(recipe, b, s, frac)
+    measured = measure_peak(recipe, b, s, frac)
     seconds = time.perf_counter() - t0
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    e = plan.estimate(plan.model_shape(recipe), plan.setting_for(recipe, device), b, s, frac)
+    e = estimate(model_shape(recipe), setting_for(recipe, device), b, s, frac)
     # The training step's prediction: what measure_peak measures (evaluation is a separate, smaller step here).
     return {"spec": spec, "device": device, "seconds": round(seconds, 1), "measured": measured,
             "predicted": e.step_peak, "rows": {r.label: r.bytes for r in e.rows}}

@@ -9,9 +9,9 @@ quantization and fp32 compute, LoRA r=16 / alpha=32 / dropout 0.05 on the same l
 gradient clipping at 1.0, seed 42, loss on the answers only, gradient checkpointing off (lora_ft's CPU default;
 TRL's default is on, which would only slow it down here), no evaluation during training.
 
-- **lora_ft**: ``lora_ft.train.train`` on ``recipes/quickstart/smollm2-qlora-chat.yaml`` with overrides, and its
-  defaults otherwise: LoRA dropout fused into ``lora_A`` (``lora_dropout.py``) and, on the CPU, freed memory
-  returned to the OS every few blocks (``cpu_memory.py``; ``--no-trim`` turns that off, to see its share).
+- **lora_ft**: ``lora_ft.training.trainer.train`` on ``recipes/quickstart/smollm2-qlora-chat.yaml`` with
+  overrides, and its defaults otherwise: LoRA dropout fused into ``lora_A`` (``lora_dropout.py``) and, on the CPU,
+  freed memory returned to the OS every few blocks (``cpu_memory.py``; ``--no-trim`` turns that off, to see its share).
 - **TRL**: the documented QLoRA recipe: ``SFTTrainer(model=path, quantization_config=BitsAndBytesConfig(...),
   peft_config=LoraConfig(...))``. SmolLM2's chat template has no ``{% generation %}`` markers (and TRL ships no
   training template for it), so ``assistant_only_loss`` cannot be used: the conversations are given as
@@ -27,7 +27,8 @@ Each side runs in its own fresh process, one after the other, so that its peak R
   of the last step.
 - **peak RSS**: the process's high-water mark over loading and training (``ru_maxrss``); ``*_train_peak_rss_mb`` is
   the high-water mark of the training phase alone (reset through ``/proc/self/clear_refs`` once the model is ready).
-- **held-out loss**: both final adapters are scored by the same code, ``lora_ft.train.evaluate_run``, on the first
+- **held-out loss**: both final adapters are scored by the same code,
+  ``lora_ft.training.evaluation.evaluate_run``, on the first
   ``--eval-examples`` examples of ``data/docstrings/validation.jsonl`` (token-weighted loss on the answer tokens,
   lora_ft's masks), in a third process.
 - **MFU**: model FLOPs per second ÷ the float32 GEMM peak of this machine, measured in this run (best of several
@@ -89,8 +90,8 @@ def reset_peak() -> bool:
 
 
 def source() -> str:
-    from lora_ft import examples
-    from lora_ft.model import resolve_source
+    from lora_ft.modeling import examples
+    from lora_ft.modeling.loading import resolve_source
 
     examples.set_home(os.environ.get("LORA_FT_HOME"))
     return resolve_source(MODEL)
@@ -115,7 +116,7 @@ def model_shape(src: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_ft.adapters import linear_modules, resolve_targets
+    from lora_ft.modeling.adapters import linear_modules, resolve_targets
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
@@ -140,10 +141,11 @@ def child_lora_ft(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     source()  # sets LORA_FT_HOME
-    from lora_ft.config import load_recipe
-    from lora_ft.data import prepare_data
-    from lora_ft.model import load_tokenizer
-    from lora_ft.train import train
+    from lora_ft.data.prepare import prepare_data
+    from lora_ft.modeling.loading import load_tokenizer
+    from lora_ft.objectives import objective_for
+    from lora_ft.recipe import load_recipe
+    from lora_ft.training.trainer import train
 
     out = Path(spec["out"])
     recipe = load_recipe(RECIPE, [
@@ -168,14 +170,14 @@ def child_lora_ft(spec: dict) -> dict:
                 marks.update(load_peak_mb=process_peak_mb(), rss_before_train_mb=rss_mb("VmRSS"),
                              reset=reset_peak())
 
-    logging.getLogger("lora_ft.train").addHandler(TrainStart(logging.INFO))
+    logging.getLogger("lora_ft.training.trainer").addHandler(TrainStart(logging.INFO))
     train(recipe, overwrite=True)
     train_peak = process_peak_mb()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "tokens_per_s" in r]
     info = json.loads((out / "run_info.json").read_text())
     tok = load_tokenizer(source(), recipe.model)
-    ds = prepare_data(recipe.data, "causal_lm", tok, SEED).splits["train"]
+    ds = prepare_data(recipe.data, objective_for(recipe, tok), SEED).splits["train"]
     tokens = sum(len(x) for x in ds["input_ids"])
     assert tokens == info["data"]["train"]["tokens"], (tokens, info["data"]["train"])
     tps = steps[-1]["tokens_per_s"]
@@ -257,7 +259,7 @@ def child_eval(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     source()
-    from lora_ft.train import evaluate_run
+    from lora_ft.training.evaluation import evaluate_run
 
     return {side: evaluate_run(run_dir, spec["eval_file"], split="heldout") for side, run_dir in spec["runs"].items()}
 

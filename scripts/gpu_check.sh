@@ -67,10 +67,10 @@ cat >"$work/run.py" <<'EOF'
 """Train a recipe as lora_ft does, then report the peak GPU memory (max over processes) and the outputs."""
 import json, os, sys
 import torch
-from lora_ft import examples
+from lora_ft.modeling import examples
 from lora_ft.cli import _setup_logging
-from lora_ft.config import load_recipe
-from lora_ft.train import train
+from lora_ft.recipe import load_recipe
+from lora_ft.training.trainer import train
 
 _setup_logging(False)
 examples.set_home(os.environ.get("LORA_FT_HOME"))

@@ -156,7 +156,7 @@ def cls_data(tmp_path_factory) -> dict[str, Path]:
 
 def make_recipe(model_dir: Path, splits: dict[str, Path], out: Path, **sections):
     """A Recipe for the tiny models; ``sections`` update model/lora/data/train keys."""
-    from lora_ft.config import Recipe
+    from lora_ft.recipe import Recipe
 
     tree = {"model": {"name": str(model_dir)}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
             "data": {k: str(v) for k, v in splits.items()},
@@ -176,3 +176,42 @@ def _fresh_root_logging():
     yield
     for handler in list(logging.getLogger().handlers):
         logging.getLogger().removeHandler(handler)
+
+
+def prepare(cfg, task: str, tok, seed: int = 0, **kwargs):
+    """``data.prepare.prepare_data`` with the objective of ``task`` (what ``session.setup`` builds)."""
+    from lora_ft.data.prepare import prepare_data
+    from lora_ft.objectives import OBJECTIVES
+
+    return prepare_data(cfg, OBJECTIVES[task](cfg, tok), seed, **kwargs)
+
+
+def metrics_rows(out: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``."""
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def bert_lora(tiny_bert):
+    """The tiny BERT as a 2-label classifier with LoRA r=2: (peft model, new head modules)."""
+    from lora_ft.modeling.adapters import attach_adapters
+    from lora_ft.modeling.loading import load_model
+    from lora_ft.recipe import LoraConfigSection, ModelConfig
+
+    loaded = load_model(ModelConfig(name=str(tiny_bert), task="sequence_classification"), "fp32",
+                        id2label={0: "a", 1: "b"})
+    return attach_adapters(loaded.model, LoraConfigSection(r=2), "sequence_classification", loaded.head_modules,
+                           False), loaded.head_modules
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The chat tokenizer with pad == eos: the hardest case for answer masks."""
+    t = build_chat_tokenizer()
+    t.pad_token = t.eos_token
+    return t
+
+
+def labelled_text(tok, enc) -> str:
+    """The tokens of an encoded example that carry loss, decoded."""
+    return tok.decode([i for i, lab in zip(enc["input_ids"], enc["labels"], strict=True) if lab != -100])

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from lora_ft.adapters import attach_adapters, resolve_targets
-from lora_ft.config import LoraConfigSection, ModelConfig, RecipeError
-from lora_ft.model import load_model
+from lora_ft.errors import RecipeError
+from lora_ft.modeling.adapters import attach_adapters, resolve_targets
+from lora_ft.modeling.loading import load_model
+from lora_ft.recipe import LoraConfigSection, ModelConfig
 
 
 def test_auto_targets_every_backbone_linear_but_not_the_output_head(tiny_llama):

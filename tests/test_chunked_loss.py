@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import chat_rows
 
-from lora_ft import chunked_loss
-from lora_ft.data import Collator, encode_chat
-from lora_ft.evaluation import causal_loss
+from lora_ft.data.chat import encode_chat
+from lora_ft.objectives import chunked_loss
+from lora_ft.objectives.causal_lm import causal_loss, pad_left
 
 
 @pytest.fixture()
@@ -29,7 +29,7 @@ def batch(tiny_llama):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows = [encode_chat(tok, r["messages"], False) for r in chat_rows(6, 11)]
-    return Collator(pad, causal=True)(rows)
+    return pad_left(rows, pad)
 
 
 def _loss_and_grads(model, batch, chunked: bool, autocast: bool = False):

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from lora_ft import cpu_memory
-from lora_ft.adapters import attach_adapters
-from lora_ft.config import LoraConfigSection, ModelConfig
-from lora_ft.model import load_model
+from lora_ft.modeling.adapters import attach_adapters
+from lora_ft.modeling.loading import load_model
+from lora_ft.recipe import LoraConfigSection, ModelConfig
+from lora_ft.training import cpu_memory
 
 
 def _glibc() -> bool:

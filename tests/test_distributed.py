@@ -2,7 +2,8 @@
 
 The 1-process run accumulates 2 micro-batches per step, the 2-process run takes one micro-batch on each
 process: the same recipe (``train.global_batch_size: 16``), the same global batches, so the same updates up to
-float rounding. The 2-process run goes through a small driver that calls ``lora_ft.train.train`` and then dumps
+float rounding. The 2-process run goes through a small driver that runs
+``lora_ft.training.trainer.Trainer`` and then dumps
 every process's in-memory adapter, so the test sees all ranks, not only the files the main process writes.
 Each launch costs ~30 s on 2 CPU cores, mostly imports: three launches in all.
 """
@@ -21,9 +22,11 @@ import torch
 from conftest import make_recipe
 from safetensors.torch import load_file
 
-from lora_ft.config import RecipeError, load_recipe
-from lora_ft.distributed import scale_to_processes
-from lora_ft.train import evaluate_run, train
+from lora_ft.errors import RecipeError
+from lora_ft.recipe import load_recipe
+from lora_ft.training.distributed import scale_to_processes
+from lora_ft.training.evaluation import evaluate_run
+from lora_ft.training.trainer import train
 
 DRIVER = textwrap.dedent("""
     import sys
@@ -33,17 +36,14 @@ DRIVER = textwrap.dedent("""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    import lora_ft.train as T
     from lora_ft.cli import _setup_logging
-    from lora_ft.config import load_recipe
+    from lora_ft.recipe import load_recipe
+    from lora_ft.training.trainer import Trainer
 
-    sessions = []
-    setup = T.setup
-    T.setup = lambda *a, **k: sessions.append(setup(*a, **k)) or sessions[-1]
     _setup_logging(False)
-    T.train(load_recipe(sys.argv[1]))
-    s = sessions[0]
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(s.model).items()}
+    trainer = Trainer(load_recipe(sys.argv[1]))
+    trainer.run()
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(trainer.unwrapped).items()}
     save_file(state, Path(sys.argv[2]) / f"rank{PartialState().process_index}.safetensors")
 """)
 MAX_STEPS = 8  # 12 micro-batches per epoch → 6 steps: the run crosses into a second (reshuffled) epoch
@@ -238,10 +238,10 @@ FSDP2_DRIVER = textwrap.dedent("""
     from safetensors.torch import load_file
     from torch.distributed.fsdp import fully_shard
 
-    from lora_ft.adapters import attach_adapters
-    from lora_ft.config import LoraConfigSection, ModelConfig
-    from lora_ft.distributed import adapter_snapshot, restore_adapter, save_adapter
-    from lora_ft.model import load_model
+    from lora_ft.modeling.adapters import attach_adapters
+    from lora_ft.recipe import LoraConfigSection, ModelConfig
+    from lora_ft.training.distributed import adapter_snapshot, restore_adapter, save_adapter
+    from lora_ft.modeling.loading import load_model
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

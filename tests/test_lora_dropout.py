@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from lora_ft.adapters import attach_adapters, lora_config
-from lora_ft.config import LoraConfigSection, ModelConfig
-from lora_ft.lora_dropout import DropoutLinear, DroppedLinear
-from lora_ft.model import load_model
+from lora_ft.modeling.adapters import attach_adapters, lora_config
+from lora_ft.modeling.loading import load_model
+from lora_ft.modeling.lora_dropout import DropoutLinear, DroppedLinear
+from lora_ft.recipe import LoraConfigSection, ModelConfig
 
 TARGETS = 7  # per Llama block: q, k, v, o, gate, up, down
 

@@ -6,13 +6,13 @@ import pytest
 import yaml
 
 from lora_ft.cli import main
-from lora_ft.config import RecipeError
-from lora_ft.sweep import parse_grid, run_sweep
+from lora_ft.errors import UsageError
+from lora_ft.training.sweep import parse_grid, run_sweep
 
 
 def test_parse_grid():
     assert parse_grid(["lora.r=4,8", "train.lr=1e-3,3e-3"]) == {"lora.r": [4, 8], "train.lr": [1e-3, 3e-3]}
-    with pytest.raises(RecipeError, match="section.key=value1,value2"):
+    with pytest.raises(UsageError, match="section.key=value1,value2"):
         parse_grid(["lora.r"])
 
 

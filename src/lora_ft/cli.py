@@ -1,4 +1,9 @@
-"""``lora-ft``: thin commands. Parse, load the recipe, call one function. Only this module reads argv/env."""
+"""``lora-ft``: thin commands. Parse, load the recipe, call one function. Only this module reads argv/env.
+
+Each command imports the package it runs when it runs: torch, transformers and datasets take seconds to import,
+and ``lora-ft validate`` or ``--help`` need none of them. Every ``LoraFtError`` becomes one ``lora-ft: error:``
+line and its exit code (``errors.py``); anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,15 @@ import argparse
 import json
 import logging
 import os
+import signal
+import socket
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 
-from .config import RecipeError, load_recipe
-from .signals import TrainingInterrupted
+from .errors import LoraFtError, RecipeError, TrainingInterrupted, UsageError
+from .recipe import load_recipe
 
 log = logging.getLogger("lora_ft")
 
@@ -25,7 +33,7 @@ def _setup_logging(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
-        import datasets
+        import datasets  # heavy, as above: only once a command runs
         import transformers
 
         datasets.disable_progress_bars()
@@ -130,23 +138,85 @@ def _export_parsers(sub) -> None:
         p.add_argument("--top-p", type=float, default=1.0)
 
 
-def _run_export(args) -> int:
-    if args.command == "merge":
-        from .export import merge_run
+# ------------------------------------------------------------------------------------------------ commands
+# Each command: (parsed args, raw argv) -> exit status. They import what they run when they run (see above).
+def _cmd_validate(args, argv) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    problems = _validate(recipe)
+    if problems:
+        raise RecipeError(f"{args.recipe}: {len(problems)} problem(s): " + "; ".join(problems))
+    print(f"ok: {args.recipe} ({recipe.model.task}, {recipe.model.name}, quant={recipe.model.quant}, "
+          f"LoRA r={recipe.lora.r}) -> {recipe.output_dir}")
+    return 0
 
-        entry = merge_run(args.run_dir, args.dtype, args.base, args.out, args.force, args.examples, args.data,
-                          args.max_shard_size)
-        print(json.dumps(entry, indent=2))
-        print(f"merged model written to {entry['out']}")
-        return 0
-    if args.command == "push":
-        from .hub import push
 
-        result = push(args.run_dir, args.repo, args.merged, args.private, args.dry_run, args.base_model,
-                      args.merged_dir)
-        print(json.dumps(result, indent=2))
-        return 0
-    from . import infer
+def _cmd_sweep(args, argv) -> int:
+    from .training.sweep import run_sweep
+
+    rows = run_sweep(args.recipe, args.grid, args.overrides, args.trials)
+    for n, row in enumerate(rows, 1):
+        print(f"{n}. " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "output_dir"))
+    if rows and rows[0]["status"] == "ok":
+        print(f"best: {rows[0]['output_dir']}")
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+def _cmd_inspect(args, argv) -> int:
+    from .inspection import format_report, inspect_recipe
+
+    report = inspect_recipe(load_recipe(args.recipe, args.overrides))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _cmd_plan(args, argv) -> int:
+    print(_plan(load_recipe(args.recipe, args.overrides), args))
+    return 0
+
+
+def _cmd_train(args, argv) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)  # fails here, once, before N processes start
+    if args.num_processes > 1:
+        return _launch(sys.argv[1:] if argv is None else argv, args.num_processes)
+    from accelerate import PartialState
+
+    from .training.trainer import train
+
+    results = train(recipe, resume=args.resume, overwrite=args.overwrite)
+    if PartialState().is_main_process:  # under `accelerate launch` every process gets here
+        print(json.dumps(results, indent=2))
+        print(f"adapter and reports written to {recipe.output_dir}")
+    return 0
+
+
+def _cmd_eval(args, argv) -> int:
+    from .training.evaluation import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run_dir, args.data), indent=2))
+    return 0
+
+
+def _cmd_merge(args, argv) -> int:
+    from .shipping.merge import merge_run
+
+    entry = merge_run(args.run_dir, args.dtype, args.base, args.out, args.force, args.examples, args.data,
+                      args.max_shard_size)
+    print(json.dumps(entry, indent=2))
+    print(f"merged model written to {entry['out']}")
+    return 0
+
+
+def _cmd_push(args, argv) -> int:
+    from .shipping.hub import push
+
+    result = push(args.run_dir, args.repo, args.merged, args.private, args.dry_run, args.base_model, args.merged_dir)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_infer(args, argv) -> int:
+    """chat, generate and predict: the run's model loaded once, then used."""
+    from .shipping import infer
 
     im = infer.load_for_inference(args.run_dir, args.merged)
     if args.command == "predict":
@@ -160,6 +230,25 @@ def _run_export(args) -> int:
         return 0
     infer.chat(im, sys.stdin, sys.stdout, args.system, interactive=sys.stdin.isatty(), **gen)
     return 0
+
+
+COMMANDS = {"validate": _cmd_validate, "sweep": _cmd_sweep, "inspect": _cmd_inspect, "plan": _cmd_plan,
+            "train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "push": _cmd_push, "chat": _cmd_infer,
+            "generate": _cmd_infer, "predict": _cmd_infer}
+
+
+def _plan(recipe, args) -> str:
+    """``lora-ft plan``: the flags checked, then the planner's report."""
+    import torch  # heavy: only the commands that load models need it
+
+    from .memory.report import plan_report
+    from .memory.shape import parse_size
+
+    if not 0 < args.answer_fraction <= 1:
+        raise UsageError(f"--answer-fraction {args.answer_fraction}: give a fraction in (0, 1]")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    memory = parse_size(args.memory) if args.memory is not None else None
+    return plan_report(recipe, device, memory, args.answer_fraction, args.seq_len, args.micro_batch)
 
 
 def _validate(recipe) -> list[str]:
@@ -183,10 +272,6 @@ def _launch(argv: list[str], n: int) -> int:
     The argv goes through as a list (no shell), with ``--num-processes 1`` appended: argparse keeps the last
     value, so the launched processes train instead of launching again.
     """
-    import signal
-    import socket
-    import subprocess
-
     with socket.socket() as s:  # a free port, so that two runs on one machine do not collide
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -211,77 +296,26 @@ def _launch(argv: list[str], n: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from . import examples
+    from .modeling import examples
 
     examples.set_home(os.environ.get("LORA_FT_HOME"))
     try:
-        if args.command == "validate":
-            recipe = load_recipe(args.recipe, args.overrides)
-            problems = _validate(recipe)
-            if problems:
-                raise RecipeError(f"{args.recipe}: {len(problems)} problem(s): " + "; ".join(problems))
-            print(f"ok: {args.recipe} ({recipe.model.task}, {recipe.model.name}, quant={recipe.model.quant}, "
-                  f"LoRA r={recipe.lora.r}) -> {recipe.output_dir}")
-            return 0
-        if args.command == "sweep":
-            from .sweep import run_sweep
-
-            rows = run_sweep(args.recipe, args.grid, args.overrides, args.trials)
-            for n, row in enumerate(rows, 1):
-                print(f"{n}. " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "output_dir"))
-            if rows and rows[0]["status"] == "ok":
-                print(f"best: {rows[0]['output_dir']}")
-            return 0 if any(r["status"] == "ok" for r in rows) else 1
-        if args.command == "inspect":
-            from .inspection import format_report, inspect_recipe
-
-            report = inspect_recipe(load_recipe(args.recipe, args.overrides))
-            print(json.dumps(report, indent=2) if args.json else format_report(report))
-            return 0
-        if args.command == "plan":
-            from .plan import plan_command
-
-            print(plan_command(load_recipe(args.recipe, args.overrides), args))
-            return 0
-        if args.command == "train":
-            from .train import train
-
-            recipe = load_recipe(args.recipe, args.overrides)  # fails here, once, before N processes start
-            if args.num_processes > 1:
-                return _launch(sys.argv[1:] if argv is None else argv, args.num_processes)
-            results = train(recipe, resume=args.resume, overwrite=args.overwrite)
-            from accelerate import PartialState
-
-            if PartialState().is_main_process:  # under `accelerate launch` every process gets here
-                print(json.dumps(results, indent=2))
-                print(f"adapter and reports written to {recipe.output_dir}")
-            return 0
-        if args.command == "eval":
-            from .train import evaluate_run
-
-            print(json.dumps(evaluate_run(args.run_dir, args.data), indent=2))
-            return 0
-        if args.command in ("merge", "push", "chat", "generate", "predict"):
-            return _run_export(args)
-    except RecipeError as e:
-        print(f"lora-ft: error: {e}", file=sys.stderr)
-        return 2
+        return COMMANDS[args.command](args, argv)
     except TrainingInterrupted as e:
         print(f"lora-ft: {str(e).replace('RECIPE', getattr(args, 'recipe', 'RECIPE'))}", file=sys.stderr)
         return e.exit_code
-    except (RuntimeError, FloatingPointError) as e:
-        if args.verbose:
+    except LoraFtError as e:
+        if args.verbose and not isinstance(e, RecipeError | UsageError):
             raise
-        print(f"lora-ft: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
-    except OSError as e:  # writes outside checkpoint.py's guarded saves: run_config.yaml, metrics.jsonl, reports
+        print(f"lora-ft: {e.prefix}{e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # writes outside storage.py's guarded saves: run_config.yaml, metrics.jsonl, reports
         if args.verbose:
             raise
         where = f": {e.filename}" if e.filename else ""
         print(f"lora-ft: error: {e.strerror or e}{where} (check the path and its permissions; when the disk is full, "
               "free space or set another output_dir)", file=sys.stderr)
         return 1
-    return 1
 
 
 if __name__ == "__main__":

@@ -12,21 +12,12 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from .config import Recipe
-from .data import IGNORE, detect_format, encode_causal, read_split, to_messages
-from .model import load_tokenizer, resolve_source
+from .data.reading import read_split
+from .modeling.loading import load_tokenizer, resolve_source
+from .objectives import objective_for
+from .recipe import Recipe
 
 _WORDS = re.compile(r"\w+")
-
-
-def example_text(row: dict, fmt: str, recipe: Recipe) -> str:
-    """The text that identifies an example, for duplicate and leakage checks."""
-    d = recipe.data
-    if fmt == "classification":
-        return " ".join(str(row[c]) for c in (d.text_column, d.text_pair_column) if c)
-    if fmt == "text":
-        return str(row[d.text_column])
-    return "\n".join(f"{m['role']}: {m['content']}" for m in to_messages(row, fmt, d))
 
 
 def normalise(text: str) -> str:
@@ -40,48 +31,29 @@ def _percentiles(values: list[int]) -> dict[str, int]:
     return {"min": s[0], "median": int(statistics.median(s)), "p90": pick(0.9), "p99": pick(0.99), "max": s[-1]}
 
 
-def render_mask(tok, input_ids: list[int], labels: list[int]) -> str:
-    """The example as text, with the tokens that carry loss wrapped in [[...]]."""
-    out, inside = [], False
-    for t, lab in zip(input_ids, labels, strict=True):
-        on = lab != IGNORE
-        if on != inside:
-            out.append("[[" if on else "]]")
-            inside = on
-        out.append(tok.decode([t]))
-    return "".join(out) + ("]]" if inside else "")
-
-
 def inspect_recipe(recipe: Recipe) -> dict[str, Any]:
     """Everything ``lora-ft inspect`` reports, as a dict (``problems`` holds the findings in words)."""
-    d, task = recipe.data, recipe.model.task
-    tok = load_tokenizer(resolve_source(recipe.model.name), recipe.model)
+    d = recipe.data
+    objective = objective_for(recipe, load_tokenizer(resolve_source(recipe.model.name), recipe.model))
     specs = {name: getattr(d, name) for name in ("train", "validation", "test") if getattr(d, name)}
     report: dict[str, Any] = {"splits": {}, "problems": []}
     keys: dict[str, list[str]] = {}
     sample = None
-    unlimited = d.model_copy(update={"max_length": 10**9})
     for name, spec in specs.items():
         ds = read_split(spec, name)
-        fmt = detect_format(ds.column_names, task, d, name)
-        texts = [example_text(row, fmt, recipe) for row in ds]
-        if fmt == "classification":
-            lengths = [len(tok(t)["input_ids"]) for t in texts]
-            if sample is None:
-                sample = f"{texts[0]}  ->  label {ds[0][d.label_column]!r}"
-        else:
-            encoded = [encode_causal(row, fmt, tok, unlimited) for row in ds]
-            lengths = [len(e["input_ids"]) for e in encoded]
-            if sample is None:
-                sample = render_mask(tok, encoded[0]["input_ids"], encoded[0]["labels"])
+        fmt = objective.detect_format(ds.column_names, name)
+        texts = [objective.example_text(row, fmt) for row in ds]
+        lengths = [objective.length(row, fmt) for row in ds]
+        if sample is None:
+            sample = objective.describe(ds[0], fmt)
         too_long = sum(n > d.max_length for n in lengths)
         norm = [normalise(t) for t in texts]
         split = {"examples": len(ds), "format": fmt, "tokens": _percentiles(lengths),
                  "truncated_at_max_length": too_long,
                  "exact_duplicates": len(texts) - len(set(texts)),
                  "near_duplicates": (len(texts) - len(set(norm))) - (len(texts) - len(set(texts)))}
-        if fmt == "classification":
-            split["labels"] = dict(sorted(Counter(str(v) for v in ds[d.label_column]).items()))
+        if objective.label_column():
+            split["labels"] = dict(sorted(Counter(str(v) for v in ds[objective.label_column()]).items()))
             counts = list(split["labels"].values())
             if len(counts) > 1 and max(counts) > 3 * min(counts):
                 report["problems"].append(f"{name}: labels are imbalanced ({split['labels']})")

@@ -1,0 +1,81 @@
+"""Rendering conversations with the tokenizer's chat template, and which tokens carry loss.
+
+Shared by every objective that trains on chat data: supervised fine-tuning now, preference tuning next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import RecipeError
+from ..recipe import DataConfig
+
+IGNORE = -100
+"""The label of a position that carries no loss (``torch.nn.functional.cross_entropy``'s default ignore_index)."""
+CHAT_FORMATS = ("messages", "prompt_completion", "alpaca")
+
+
+def to_messages(row: dict[str, Any], fmt: str, cfg: DataConfig) -> list[dict[str, str]]:
+    if fmt == "messages":
+        messages = [{"role": m["role"], "content": m["content"]} for m in row[cfg.messages_column]]
+    elif fmt == "prompt_completion":
+        messages = [{"role": "user", "content": str(row[cfg.prompt_column])},
+                    {"role": "assistant", "content": str(row[cfg.completion_column])}]
+    else:  # alpaca
+        extra = row.get(cfg.input_column) or ""
+        prompt = str(row[cfg.instruction_column]) + (f"\n\n{extra}" if extra else "")
+        messages = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": str(row[cfg.output_column])}]
+    if cfg.system_prompt and messages and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return messages
+
+
+def assistant_char_spans(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[str, list]:
+    """Render a conversation; return the text and the character spans of each assistant answer.
+
+    Written by hand because transformers' ``return_assistant_tokens_mask`` (and TRL's
+    ``assistant_only_loss``) only work with templates that carry ``{% generation %}`` markers, which most
+    shipped templates (SmolLM2, Llama, Qwen) lack. A span runs from the end of the rendered prompt to the
+    end of the answer's EOS/turn-end token, so the EOS is learned and the template's trailing newline is not.
+    """
+    full = tok.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i == 0:
+            continue
+        before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            continue  # templates that rewrite earlier turns: only prefix-stable answers get loss
+        end = len(upto)
+        eos = upto.rfind(tok.eos_token, len(before), end) if tok.eos_token else -1
+        spans.append((len(before), eos + len(tok.eos_token) if eos >= 0 else end))
+    if not spans:
+        raise RecipeError("chat example without an answer: every conversation needs an assistant turn "
+                          "after the prompt")
+    return full, spans
+
+
+def encode_chat(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], train_on_prompt: bool) -> dict:
+    text, spans = assistant_char_spans(tok, messages)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        t if train_on_prompt or any(s <= start < e for s, e in spans) else IGNORE
+        for t, (start, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
+    return {"input_ids": enc["input_ids"], "labels": labels}
+
+
+def encode_plain(tok: PreTrainedTokenizerBase, prompt: str, answer: str) -> dict:
+    """Prompt/answer without a chat template: loss on the answer and the EOS."""
+    p = tok(prompt, add_special_tokens=True)["input_ids"]
+    a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return {"input_ids": p + a, "labels": [IGNORE] * len(p) + a}
+
+
+def encode_text(tok: PreTrainedTokenizerBase, text: str) -> dict:
+    ids = tok(text, add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
+    return {"input_ids": ids, "labels": list(ids)}

@@ -1,0 +1,175 @@
+"""Saved activations of one transformer layer, tensor by tensor: what autograd keeps per token for the backward.
+
+Read from the transformers, peft and bitsandbytes code paths and checked against
+``torch.autograd.graph.saved_tensors_hooks``; the encoder (BERT family) and decoder (Llama family) layers are
+listed separately, and the LoRA branches according to ``lora_dropout.py``'s fused dropout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .shape import ModelShape, Setting, Target
+
+
+# ---------------------------------------------------------------------------------------------- activations
+@dataclass
+class LayerTerms:
+    """Saved activations of one layer: bytes per token, plus the parts that grow with the sequence length."""
+
+    per_token: list[tuple[str, float]] = field(default_factory=list)
+    per_token_seq: list[tuple[str, float]] = field(default_factory=list)  # × sequence length (per token)
+    per_layer: list[tuple[str, float]] = field(default_factory=list)  # independent of tokens
+
+    def add(self, name: str, nbytes: float) -> None:
+        if nbytes:
+            self.per_token.append((name, nbytes))
+
+    def bytes(self, tokens: int, seq: int) -> float:
+        return (tokens * sum(b for _, b in self.per_token) + tokens * seq * sum(b for _, b in self.per_token_seq)
+                + sum(b for _, b in self.per_layer))
+
+
+def _mask_bytes(s: Setting, dtype_bytes: int) -> int:
+    # CUDA's fused dropout saves a bool mask; the CPU path multiplies by a noise tensor of the input's dtype.
+    return 1 if s.device == "cuda" else dtype_bytes
+
+
+def _fused_dropout(s: Setting) -> bool:
+    """Whether ``lora_dropout.fuse_lora_dropout`` replaces peft's dropout (vanilla LoRA with dropout)."""
+    return s.lora_dropout > 0 and not s.use_dora
+
+
+def _lora_inputs(t: LayerTerms, s: Setting, targets: list[Target], width: int, dtype: int, shared_saved: bool,
+                 what: str) -> None:
+    """What the LoRA branches of the targets fed by one tensor (``width`` values of ``dtype`` bytes) save.
+
+    ``shared_saved``: that tensor is saved anyway by someone else (so LoRA's reference costs nothing).
+    ``lora_B`` saves ``lora_A``'s output (r values) for every target. With dropout (vanilla LoRA),
+    ``lora_dropout.DroppedLinear`` keeps a reference to the input and one bool mask per target. Without
+    dropout, peft's ``lora_A`` saves its input; under autocast a 16-bit copy of an fp32 input, one per target
+    (autocast's cast cache only covers leaf weights). DoRA keeps peft's unfused dropout: the dropout output
+    (or its 16-bit copy) and the mask, per target.
+    """
+    if not targets:
+        return
+    cast = s.autocast and dtype != s.act
+    saved_dtype = s.act if cast else dtype
+    for tg in targets:
+        t.add(f"{tg.name}: lora_A output", s.r * s.act)
+    if s.lora_dropout > 0 and not _fused_dropout(s):
+        t.add(f"{what}: dropout masks ({len(targets)})", len(targets) * width * _mask_bytes(s, dtype))
+        t.add(f"{what}: dropout outputs saved by lora_A ({len(targets)})", len(targets) * width * saved_dtype)
+        return
+    if _fused_dropout(s):
+        t.add(f"{what}: dropout masks, bool ({len(targets)})", len(targets) * width)
+    elif cast:
+        t.add(f"{what}: 16-bit copies saved by lora_A ({len(targets)})", len(targets) * width * s.act)
+        return
+    if not shared_saved:
+        t.add(f"{what}: saved by lora_A", width * dtype)
+
+
+def _base_saves(t: LayerTerms, s: Setting, base: list[Target], width: int, dtype: int, saved_already: bool,
+                what: str) -> None:
+    """What the frozen base linear layers fed by one tensor save (with or without LoRA on them).
+
+    - unquantized, fp32: nothing (a frozen weight needs no input to pass the gradient back);
+    - unquantized under autocast: the 16-bit copy of the *weight* that autocast made (independent of tokens);
+    - int8: bitsandbytes keeps the input itself (``ctx.A`` / ``ctx.tensors``), once per input tensor, unless
+      it is ``saved_already``;
+    - 4-bit: nothing (the weight is de-quantized again in backward).
+    """
+    if not base:
+        return
+    if s.quant == "none" and s.autocast:
+        t.per_layer.append((f"{what}: 16-bit weight copies kept by autocast",
+                            2 * sum(x.fan_in * x.fan_out for x in base)))
+    if s.quant == "int8" and not saved_already:
+        t.add(f"{what}: input kept by int8 matmul", width * dtype)
+
+
+def _inputs(t: LayerTerms, s: Setting, shape: ModelShape, role: str, width: int, dtype: int,
+            saved_by_other: bool) -> None:
+    """One input tensor of a layer and every linear module it feeds: LoRA's and the base layers' saves."""
+    targets = [x for x in shape.layer_targets if x.role == role]
+    # LoRA saves the very tensor (fused dropout, or no dropout and no cast): the base layers' reference is free.
+    lora_keeps_it = bool(targets) and (_fused_dropout(s) or not (s.lora_dropout or (s.autocast and dtype != s.act)))
+    _lora_inputs(t, s, targets, width, dtype, shared_saved=saved_by_other, what=role)
+    _base_saves(t, s, [x for x in shape.layer_linear if x.role == role], width, dtype,
+                saved_already=saved_by_other or lora_keeps_it, what=role)
+
+
+def _decoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
+    """A pre-norm decoder layer (Llama, Mistral, Qwen, Gemma...): x → RMSNorm → q,k,v → RoPE → SDPA → o → +x →
+    RMSNorm → gate, up → SiLU(gate)·up → down → +.
+
+    dtypes: the residual stream is fp32 (embeddings are fp32 in every lora_ft mode) and so are the norm outputs
+    (fp32 norm weights); unquantized projections compute in ``s.act`` under autocast; bitsandbytes layers return
+    their input's dtype, so projections of fp32 norm outputs stay fp32 when quantized.
+    """
+    t = LayerTerms()
+    h, i, a = shape.hidden, shape.intermediate, s.act
+    proj = 4 if (s.quant != "none" or not s.autocast) else a  # dtype of q/k/v/gate/up outputs
+    # Norms: RMSNorm saves its input (the residual stream, fp32) and 1/rms (one fp32 per token), twice.
+    t.add("residual stream into the two norms (fp32)", 2 * 4 * h)
+    t.add("norm statistics (fp32)", 2 * 4)
+    # Attention: SDPA (flash / memory-efficient) saves q, k, v, its output and the log-sum-exp per head. With a
+    # padding mask (batch > 1) transformers repeats k/v to all heads first (GQA only without a mask).
+    # Under autocast SDPA saves 16-bit copies; RoPE's fp32 cos/sin keep q, k fp32 until then.
+    kv = shape.q_dim if (batch > 1 and shape.kv_heads != shape.heads) else shape.kv_dim
+    t.add("attention q, k, v, output", (2 * shape.q_dim + 2 * kv) * a)
+    t.add("attention log-sum-exp (fp32)", 4 * shape.heads)
+    if batch > 1:
+        # SDPA turns the boolean padding mask into an additive one of the query dtype, saved by every layer.
+        t.per_token_seq.append(("attention mask, additive (batch × seq²)", a))
+    if shape.attn_dropout > 0 and s.device == "cpu":  # no fused CPU kernel with dropout: see _encoder_layer
+        t.per_token_seq.append(("attention probabilities: softmax, mask, dropped", shape.heads * (4 + 2 * a)))
+    # LoRA and base layers per input tensor. The attention output is the tensor SDPA saves.
+    _inputs(t, s, shape, "attn_in", h, 4, False)
+    _inputs(t, s, shape, "attn_out", shape.q_dim, a, True)
+    _inputs(t, s, shape, "mlp_in", h, 4, False)
+    # MLP: gate and up outputs, SiLU(gate) (saved by the product) — all of the projection dtype.
+    if shape.gated_mlp:
+        t.add("MLP gate, up, act(gate)", 3 * i * proj)
+    else:
+        t.add("MLP fc1 output (saved by the activation)", i * proj)
+    _inputs(t, s, shape, "mlp_out", i, proj, False)
+    return t
+
+
+def _encoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
+    """A post-norm encoder layer (BERT family): x → q,k,v → attention → dense → dropout → +x → LayerNorm →
+    intermediate → GELU → output → dropout → + → LayerNorm. The layer input x is the previous LayerNorm's output
+    (fp32), so nothing saves it unless LoRA or int8 does."""
+    t = LayerTerms()
+    h, i, a = shape.hidden, shape.intermediate, s.act
+    proj = 4 if (s.quant != "none" or not s.autocast) else a
+    math_kernel = shape.attn_dropout > 0 and s.device == "cpu"
+    if math_kernel:
+        # CPU SDPA has no fused kernel with dropout: the math path saves q, k, v, the softmax output (fp32),
+        # the dropout mask and the dropped probabilities, and the output is copied to (batch, seq, hidden).
+        t.add("attention q, k, v", 3 * h * a)
+        t.per_token_seq.append(("attention probabilities: softmax, mask, dropped", shape.heads * (4 + 2 * a)))
+    else:
+        t.add("attention q, k, v, output", 4 * h * a)
+        t.add("attention log-sum-exp (fp32)", 4 * shape.heads)
+        if batch > 1:
+            t.per_token_seq.append(("attention mask, additive (batch × seq²)", a))
+    if shape.hidden_dropout > 0:
+        t.add("hidden dropout masks (2)", 2 * h * _mask_bytes(s, proj))
+    t.add("LayerNorm inputs (fp32) and statistics", 2 * (4 * h + 8))
+    t.add("GELU input", i * proj)
+    # The fused kernels' output is laid out (batch, seq, heads, dim): the attention output is the saved one;
+    # the math kernel's is copied into that layout.
+    _inputs(t, s, shape, "attn_in", h, 4, False)
+    _inputs(t, s, shape, "attn_out", h, a, not math_kernel)
+    _inputs(t, s, shape, "mlp_in", h, 4, False)
+    _inputs(t, s, shape, "mlp_out", i, proj, False)
+    return t
+
+
+def layer_terms(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
+    return (_encoder_layer if shape.family == "encoder" else _decoder_layer)(shape, s, batch)
+
+

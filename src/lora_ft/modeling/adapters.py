@@ -1,0 +1,105 @@
+"""LoRA adapters: which modules get them, peft's config, and attaching them to the base model."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from transformers import PreTrainedModel
+
+from ..errors import RecipeError
+from ..recipe import LoraConfigSection
+from .loading import is_quantized
+from .lora_dropout import fuse_lora_dropout
+
+log = logging.getLogger(__name__)
+
+TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "sequence_classification": TaskType.SEQ_CLS}
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    # bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear; GPT-2 style models use transformers' Conv1D.
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_modules(model: PreTrainedModel, exclude: list[str]) -> list[str]:
+    """Full names of the backbone's linear layers, minus the output embedding and ``exclude`` (heads)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in model.named_modules():
+        if not _is_linear(module) or module is output:
+            continue
+        if any(name == e or name.startswith(e + ".") for e in exclude):
+            continue
+        names.append(name)
+    return names
+
+
+def resolve_targets(model: PreTrainedModel, requested: str | list[str], heads: list[str]) -> list[str]:
+    """``auto`` → every backbone linear layer, as short suffixes when those are unambiguous.
+
+    Chosen here rather than with peft's ``target_modules="all-linear"``: that excludes only the output embedding
+    (or a classifier named in its short list), and even with ``exclude_modules=["classifier"]`` peft 0.21 still
+    lists a RoBERTa head's ``classifier.dense`` and ``classifier.out_proj`` among the targets (checked on a tiny
+    RoBERTa): exclusion matches whole names, not the layers inside a head that we train fully
+    (``modules_to_save``). The planner also needs this list without building a peft model.
+    """
+    candidates = linear_modules(model, heads)
+    if requested == "auto":
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        # A suffix is safe only if every linear layer carrying it is a candidate (e.g. not "dense" when
+        # the head also has a "dense"); otherwise fall back to full names for exactness.
+        all_linear = [n for n, m in model.named_modules() if _is_linear(m)]
+        if all(n in candidates for n in all_linear if n.rsplit(".", 1)[-1] in suffixes):
+            return suffixes
+        return candidates
+    missing = [t for t in requested if not any(n == t or n.endswith("." + t) for n in candidates)]
+    if missing:
+        known = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise RecipeError(f"lora.target_modules {missing} match no linear layer of the backbone; "
+                          f"candidates: {', '.join(known)}")
+    return list(requested)
+
+
+def lora_config(cfg: LoraConfigSection, task: str, targets: list[str], heads: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        init_lora_weights=cfg.init,
+        modules_to_save=list(heads) or None,  # a copy: peft extends this list in place
+        task_type=TASK_TYPES[task],
+    )
+
+
+def attach_adapters(
+    model: PreTrainedModel, cfg: LoraConfigSection, task: str, heads: list[str], gradient_checkpointing: bool
+) -> PeftModel:
+    """Freeze the base, prepare k-bit layers for training, inject LoRA; heads train in full."""
+    targets = resolve_targets(model, cfg.target_modules, heads)
+    if is_quantized(model):
+        # Casts the remaining non-quantized weights (norms, embeddings) to fp32 for stable training and
+        # makes the embedding outputs require grad so checkpointed blocks still backpropagate.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        # Non-reentrant checkpointing works with DDP and frozen inputs (no "mark variable ready twice").
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, lora_config(cfg, task, targets, heads))
+    # peft's dropout keeps a full copy of every LoRA input for backward; see lora_dropout.py.
+    fuse_lora_dropout(peft_model)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("LoRA on %s; trainable %s of %s parameters (%.2f%%)", targets if len(targets) < 12 else
+             f"{len(targets)} modules", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return peft_model
+
+
+def load_adapter(model: PreTrainedModel, adapter_dir: str, trainable: bool = False) -> PeftModel:
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)

@@ -1,0 +1,269 @@
+"""Loading the base model and its tokenizer: source resolution, quantization, task heads, pad token."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.quantizers.base import get_keys_to_not_convert
+from transformers.utils import cached_file
+
+from ..errors import RecipeError, first_line
+from ..recipe import ModelConfig
+from .examples import convert_gguf, example_path, gguf_cache_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_source(name: str) -> str:
+    """``example:X`` / ``*.gguf`` / folder / Hub id → something ``from_pretrained`` accepts."""
+    if name.startswith("example:"):
+        return str(example_path(name.removeprefix("example:")))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise RecipeError(f"model.name: GGUF file not found: {name}")
+        return str(convert_gguf(path, gguf_cache_dir(path)))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise RecipeError(f"model.name: {name} has no config.json; point it at a model folder or .gguf file")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise RecipeError(f"model.name: {name} does not exist; give a local folder, a .gguf file or a Hub id")
+    return name  # a Hub id: from_pretrained downloads (or reads the local HF cache)
+
+
+def _cannot_load(source: str, err: Exception) -> RecipeError:
+    return RecipeError(f"model.name: cannot load '{source}' ({first_line(err)}); check the name, or the network and "
+                       "HF_HUB_OFFLINE for Hub ids")
+
+
+@functools.cache
+def warn_remote_code(source: str) -> None:
+    """Once per source and process, before the first call that may run the repository's own code."""
+    log.warning("model.trust_remote_code is on: code from %s will run on this machine", source)
+
+
+def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    if cfg.trust_remote_code:
+        warn_remote_code(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:  # transformers reports missing repos/files (and offline mode) as OSError
+        raise _cannot_load(source, e) from None
+    if tok.pad_token is None:
+        # Reusing an existing token avoids resizing (and, when quantized, re-quantizing) the embeddings.
+        # pad == eos is safe here because labels are built from our own masks, never from pad ids, so the
+        # real EOS at the end of every answer keeps its loss.
+        tok.pad_token = tok.unk_token or tok.eos_token
+        if tok.pad_token is None:
+            raise RecipeError(f"model.name: tokenizer of {source} has no pad, unk or eos token to pad with")
+    return tok
+
+
+AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+
+
+def auto_class(task: str) -> type:
+    """The transformers auto class of ``model.task`` (which head the model gets)."""
+    return AUTO_CLASSES[task]
+
+
+def load_config(source: str, cfg: ModelConfig):
+    """The model's ``config.json`` (and nothing else) as transformers reads it."""
+    if cfg.trust_remote_code:
+        warn_remote_code(source)
+    try:
+        return AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:  # transformers reports missing repos/files (and offline mode) as OSError
+        raise _cannot_load(source, e) from None
+
+
+def _weights_file(source: str, filename: str, revision: str | None, fetch: bool) -> str | None:
+    """``filename`` of a local folder or Hub repo, through transformers' own file resolution; None if absent."""
+    try:
+        return cached_file(source, filename, revision=revision, local_files_only=not fetch,
+                           _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError) as e:  # gated/private repo, bad revision: from_pretrained reports it properly
+        log.debug("cannot resolve %s of %s: %s", filename, source, first_line(e))
+        return None
+
+
+def _checkpoint_keys(source: str, revision: str | None = None, fetch: bool = False) -> set[str] | None:
+    """Tensor names stored in a checkpoint (read from the index or the safetensors header only), or None.
+
+    ``source`` is a local folder or a Hub id. The small index file is always resolved; a single
+    ``model.safetensors`` only when ``fetch`` (from_pretrained downloads it next anyway) or already cached,
+    so predicting memory from the config (plan) never downloads weights.
+    """
+    index = _weights_file(source, "model.safetensors.index.json", revision, True)
+    if index:
+        return set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"])
+    single = _weights_file(source, "model.safetensors", revision, fetch)
+    if single:
+        with safe_open(single, "pt") as f:
+            return set(f.keys())
+    return None
+
+
+def new_head_modules(config, task: str, source: str, revision: str | None = None,
+                     fetch: bool = False) -> tuple[list[str], list[str]]:
+    """Modules the task model creates that the checkpoint lacks (e.g. BERT's ``classifier``).
+
+    The checkpoint's tensor names come from its index or safetensors header (local folder or Hub id, see
+    ``_checkpoint_keys``); without them, every module outside the backbone counts as new.
+
+    Also returns the modules transformers keeps unquantized by default (output embeddings, tied weights),
+    because passing our own skip list to bitsandbytes replaces that default. Built on the meta device, so
+    nothing is allocated. These heads are freshly initialised: they must stay
+    in full precision (bitsandbytes would quantize them and peft's ``modules_to_save`` then fails on the
+    quantized copy) and they are trained and saved with the adapter.
+    """
+    with torch.device("meta"):
+        model = auto_class(task).from_config(config)
+    prefix = model.base_model_prefix
+    stored = _checkpoint_keys(source, revision, fetch)
+    heads = []
+    for name, module in model.named_modules():
+        params = [p for p, _ in module.named_parameters(recurse=False)]
+        if not name or not params:
+            continue
+        if stored is None:  # names unknown (.bin-only checkpoint): every module outside the backbone is new
+            is_new = not name.startswith(prefix + ".")
+        else:
+            keys = [f"{name}.{p}" for p in params]
+            is_new = not any(k in stored or k.removeprefix(prefix + ".") in stored for k in keys)
+        if is_new and task == "sequence_classification":
+            heads.append(name)
+    # Keep the top-most names only ("classifier", not "classifier.dense" as well).
+    top = [h for h in heads if not any(h.startswith(o + ".") for o in heads if o != h)]
+    return top, get_keys_to_not_convert(model)
+
+
+def quantization_config(cfg: ModelConfig, compute: torch.dtype, skip: list[str]) -> BitsAndBytesConfig | None:
+    if cfg.quant == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RecipeError(f"model.quant {cfg.quant} needs bitsandbytes: pip install bitsandbytes "
+                          "(or set model.quant: none)") from None
+    except Exception as e:  # noqa: BLE001 - a build for another device can fail on import in many ways
+        raise _bnb_unsupported(cfg.quant, e) from None
+    if cfg.quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        # Stored in the compute dtype so FSDP can flatten quantized and plain parameters together.
+        bnb_4bit_quant_storage=compute if compute != torch.float32 else torch.uint8,
+        llm_int8_skip_modules=skip,
+    )
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    head_modules: list[str]
+    compute_dtype: torch.dtype
+
+
+def load_model(
+    cfg: ModelConfig,
+    compute_dtype: str,
+    device: torch.device | str = "cpu",
+    id2label: dict[int, str] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> LoadedModel:
+    """Load the base model for ``cfg.task``, quantized as asked, on ``device``."""
+    source = resolve_source(cfg.name)
+    tokenizer = tokenizer or load_tokenizer(source, cfg)
+    config = load_config(source, cfg)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if cfg.task == "sequence_classification":
+        if not id2label:
+            raise RecipeError("sequence_classification needs labels; none were found in the training data")
+        config.num_labels = len(id2label)
+        config.id2label = {int(i): str(n) for i, n in id2label.items()}
+        config.label2id = {str(n): int(i) for i, n in id2label.items()}
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    # fetch: the weights file is resolved here, then found in the cache by from_pretrained (no second download).
+    heads, keep_full = new_head_modules(config, cfg.task, source, cfg.revision, fetch=True)
+    compute = DTYPES[compute_dtype]
+    quant = quantization_config(cfg, compute, sorted(set(heads) | set(keep_full)))
+    # Quantized layers compute in `compute`; unquantized models load in fp32 and use autocast for speed,
+    # because LoRA weights and optimizer state should stay fp32 either way.
+    dtype = compute if quant is not None else torch.float32
+    device_map = {"": device} if quant is not None else None
+    try:
+        model = auto_class(cfg.task).from_pretrained(
+            source, config=config, dtype=dtype, quantization_config=quant, device_map=device_map, **kwargs
+        )
+    except Exception as e:
+        if quant is not None and _from_bitsandbytes(e):
+            raise _bnb_unsupported(cfg.quant, e) from None
+        raise
+    if quant is None:
+        model.to(device)
+    else:
+        _keep_cpu_weights_trainable(model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, source, heads, compute)
+
+
+def _bnb_unsupported(quant: str, err: Exception) -> RecipeError:
+    return RecipeError(f"model.quant {quant}: bitsandbytes cannot run here ({first_line(err)}); install a "
+                       "bitsandbytes build for this device, or set model.quant: none")
+
+
+def _from_bitsandbytes(err: BaseException) -> bool:
+    """Whether an error was raised inside bitsandbytes, or by transformers about it: its environment checks, or
+    the weight conversions of a quantized load (transformers collects their errors and raises its own)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if f"{os.sep}bitsandbytes{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return "bitsandbytes" in str(err) or "automatic conversion of the weights" in str(err)
+
+
+def _keep_cpu_weights_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from re-packing 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit.forward`` re-packs the weight in place the first
+    time it runs in eval mode without gradients (lora_ft's evaluation before training), and its backward does not
+    understand that layout: measured on a tiny NF4 Llama, the LoRA gradients after one evaluation differed from
+    the correct ones by up to 2.3 (the loss itself stayed right), and the stored weights no longer matched the
+    checkpoint. The flag is per layer instance; on other CPUs and on GPUs it is already off.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))

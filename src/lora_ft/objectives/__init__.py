@@ -1,0 +1,26 @@
+"""Objectives: what a kind of training signal needs (tokenization, batches, loss, metrics, head).
+
+A new task type is one new file here with an ``Objective`` subclass, and one line in ``OBJECTIVES``.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from ..recipe import Recipe
+from .base import Batch, Objective
+from .causal_lm import CausalLM
+from .classification import SequenceClassification
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "causal_lm": CausalLM,
+    "sequence_classification": SequenceClassification,
+}
+
+
+def objective_for(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Objective:
+    """The recipe's objective, bound to its data config and the model's tokenizer."""
+    return OBJECTIVES[recipe.model.task](recipe.data, tokenizer)
+
+
+__all__ = ["OBJECTIVES", "Batch", "CausalLM", "Objective", "SequenceClassification", "objective_for"]

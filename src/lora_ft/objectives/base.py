@@ -1,0 +1,117 @@
+"""The contract between a kind of training signal and the engine that trains it.
+
+An ``Objective`` says how its examples are read and tokenized, how a list of them becomes a batch, how the loss
+and the evaluation metrics are computed, and which model (head) it trains. The data preparation
+(``data/prepare.py``), the trainer, the evaluation loop and the merge's fidelity check call these methods and
+never branch on the task, so a new task type is one new file in this package plus a line in its registry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import RecipeError
+from ..recipe import AugmentConfig, DataConfig
+
+Batch = dict[str, Any]
+
+
+class Objective(ABC):
+    """One training signal (next-token SFT, sequence classification, …) for one tokenizer and data config.
+
+    Args:
+        cfg: the recipe's ``data`` section (formats, column names, ``max_length``).
+        tokenizer: the model's tokenizer, with its pad token set.
+    """
+
+    model_task: ClassVar[str]
+    """The ``model.task`` this objective trains: which auto class (and head) the model is loaded with."""
+    length_window: ClassVar[int]
+    """Batches per length-sorted window under ``data.group_by_length: auto`` (0: shuffle only)."""
+    formats: ClassVar[tuple[str, ...]]
+    """The ``data.format`` values this objective reads."""
+    compared: ClassVar[str]
+    """What ``label_logits`` returns, in words (the merge report's ``compared``)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase):
+        self.cfg, self.tokenizer = cfg, tokenizer
+
+    # ------------------------------------------------------------------------------------------- data
+    @abstractmethod
+    def detect_format(self, columns: list[str], split: str) -> str:
+        """The data format of a split with these columns (``data.format``, or guessed under ``auto``)."""
+
+    def need_columns(self, columns: list[str], split: str, *wanted: str | None) -> None:
+        """Raise the one-line error for a split that lacks a column the format needs."""
+        missing = [c for c in wanted if c and c not in columns]
+        if missing:
+            raise RecipeError(f"data.{split}: column(s) {missing} not found; columns present: {columns} "
+                              f"(set data.*_column to rename)")
+
+    def fit_labels(self, raw: dict[str, datasets.Dataset], id2label: dict[int, str] | None) -> dict[int, str] | None:
+        """Learn (or take) the label set from the splits, check every split against it; None when the objective
+        has no labels."""
+        return None
+
+    @abstractmethod
+    def encode(self, row: dict[str, Any], fmt: str) -> dict[str, Any]:
+        """One example tokenized: its model inputs and labels, plus ``truncated`` (it was longer than
+        ``max_length``) and ``usable`` (it still carries a training signal after truncation)."""
+
+    @abstractmethod
+    def collate(self, rows: list[dict[str, Any]], augment: Callable[[dict], dict] | None = None) -> Batch:
+        """Pad tokenized examples into one batch; ``augment`` (training only) transforms each example first."""
+
+    @abstractmethod
+    def length(self, row: dict[str, Any], fmt: str) -> int:
+        """Tokens of one example before truncation (``lora-ft inspect``)."""
+
+    @abstractmethod
+    def example_text(self, row: dict[str, Any], fmt: str) -> str:
+        """The text that identifies an example, for ``lora-ft inspect``'s duplicate and leakage checks."""
+
+    @abstractmethod
+    def describe(self, row: dict[str, Any], fmt: str) -> str:
+        """One example as ``lora-ft inspect`` shows it, with what carries the training signal."""
+
+    def label_column(self) -> str | None:
+        """The column whose value counts ``lora-ft inspect`` reports (class balance); None for none."""
+        return None
+
+    # ------------------------------------------------------------------------------------ augmentation
+    def token_augmenter(self, cfg: AugmentConfig, seed: int) -> Callable[[dict], dict] | None:
+        """The example transform ``data.augment`` asks for, if this objective supports token augmentation."""
+        return None
+
+    def neftune_alpha(self, cfg: AugmentConfig) -> float | None:
+        """NEFTune's noise scale, if this objective trains with it."""
+        return None
+
+    # ------------------------------------------------------------------------------------ optimisation
+    @abstractmethod
+    def items(self, batch: Batch) -> torch.Tensor:
+        """What the batch's summed loss is divided by (label tokens, examples); counted before the forward so the
+        whole global batch's count is known when the first micro-batch backpropagates."""
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """The batch's summed loss (divided by the global ``items`` by the trainer)."""
+
+    # -------------------------------------------------------------------------------------- evaluation
+    @abstractmethod
+    def eval_step(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-example values of one batch (gathered across processes by the evaluation loop)."""
+
+    @abstractmethod
+    def summarize(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The metrics of a whole split from its gathered per-example values (``loss`` always)."""
+
+    @abstractmethod
+    def label_logits(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of every position that carries a label: what a merged model must reproduce."""

@@ -1,0 +1,204 @@
+"""Supervised fine-tuning of a causal LM: next-token loss on the answer tokens (or on all of plain text).
+
+Batches are padded on the left with explicit position ids, so every answer ends at the right edge of the batch:
+``logits_to_keep`` then asks the model for the logits of the last K positions only (those that carry loss), and
+the loss goes through the frozen output head a chunk at a time (``chunked_loss``), never as full logits. The
+loss is summed over label tokens and divided by the label tokens of the whole global batch (the trainer).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.chat import IGNORE, encode_chat, encode_plain, encode_text, to_messages
+from ..errors import RecipeError
+from ..recipe import AugmentConfig
+from .base import Batch, Objective
+from .chunked_loss import chunked_token_losses, head_inputs, innermost, output_head
+
+
+def supports_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the innermost transformers model takes ``logits_to_keep`` (through DDP and peft wrappers)."""
+    return _forward_has_keep(type(innermost(model)))
+
+
+@cache
+def _forward_has_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def _kept(batch: Batch) -> tuple[dict[str, Any], int, torch.Tensor]:
+    """(model inputs, kept positions, targets of the kept positions) of a left-padded batch."""
+    inputs = dict(batch)
+    keep = int(inputs.pop("logits_to_keep"))
+    labels = inputs.pop("labels")
+    return inputs, keep, labels[:, labels.shape[1] - keep + 1 :]
+
+
+def token_losses(model: torch.nn.Module, batch: Batch, chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position next-token losses of the kept positions (0 where no label) and their targets.
+
+    ``chunked``: through ``chunked_loss`` where the model allows it (no full-vocabulary logits; same values).
+    """
+    inputs, keep, target = _kept(batch)
+    head = output_head(model) if chunked else None
+    # use_cache=False: training and scoring never generate, and a KV cache copies K/V in every layer.
+    kwargs = {"logits_to_keep": keep} if supports_logits_to_keep(model) else {}
+    if head is not None:
+        with head_inputs(head) as captured:
+            model(**inputs, **kwargs, use_cache=False)
+        # Without logits_to_keep the head saw every position: the same slice as the logits below.
+        return chunked_token_losses(head, captured[0].hidden[:, -keep:][:, :-1], target,
+                                    captured[0].autocast), target
+    logits = model(**inputs, **kwargs, use_cache=False).logits[:, -keep:][:, :-1].float()
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                             ignore_index=IGNORE, reduction="none").view(target.shape)
+    return losses, target
+
+
+def causal_loss(model: torch.nn.Module, batch: Batch, per_example: bool = False, chunked: bool = True):
+    """Summed next-token loss and the number of label tokens (per example with ``per_example``)."""
+    losses, target = token_losses(model, batch, chunked)
+    counts = (target != IGNORE).sum(-1)
+    if per_example:
+        return losses.sum(-1), counts
+    return losses.sum(), counts.sum()
+
+
+def pad_left(rows: list[dict[str, Any]], pad_id: int) -> Batch:
+    """Left-padded ``input_ids``/``labels``, the attention mask, position ids that start at 0 on each example's
+    first real token, and ``logits_to_keep``: the positions from the first label onwards."""
+    width = max(len(r["input_ids"]) for r in rows)
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    for i, r in enumerate(rows):
+        k = len(r["input_ids"])
+        ids[i, width - k :] = torch.tensor(r["input_ids"])
+        labels[i, width - k :] = torch.tensor(r["labels"])
+        mask[i, width - k :] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    has_label = (labels[:, 1:] != IGNORE).any(0)
+    first = int(has_label.nonzero()[0]) if has_label.any() else width - 2
+    # Logits at position t predict token t+1: keep positions first..width-2, plus the last (unused).
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels,
+            "logits_to_keep": width - first}
+
+
+class CausalLM(Objective):
+    """Next-token prediction on chat/instruction answers (``messages``, ``prompt_completion``, ``alpaca``) or on
+    every token of plain ``text``."""
+
+    model_task = "causal_lm"
+    length_window = 64
+    """As transformers' ``group_by_length``: length hardly says anything about a chat answer's content."""
+    formats = ("messages", "prompt_completion", "alpaca", "text")
+    compared = "next-token distributions on answer tokens"
+
+    def detect_format(self, columns: list[str], split: str) -> str:
+        cfg = self.cfg
+        fmt = cfg.format
+        if fmt == "auto":
+            if cfg.messages_column in columns:
+                fmt = "messages"
+            elif cfg.prompt_column in columns and cfg.completion_column in columns:
+                fmt = "prompt_completion"
+            elif cfg.instruction_column in columns and cfg.output_column in columns:
+                fmt = "alpaca"
+            elif cfg.text_column in columns:
+                fmt = "text"
+            else:
+                raise RecipeError(f"data.{split}: cannot tell the data format from the columns {columns}; "
+                                  "set data.format and the column names")
+        self.need_columns(columns, split, *{
+            "messages": (cfg.messages_column,),
+            "prompt_completion": (cfg.prompt_column, cfg.completion_column),
+            "alpaca": (cfg.instruction_column, cfg.output_column),
+            "text": (cfg.text_column,),
+        }[fmt])
+        return fmt
+
+    def encode_full(self, row: dict[str, Any], fmt: str) -> dict[str, list[int]]:
+        """``input_ids`` and ``labels`` of one example, before truncation."""
+        tok, cfg = self.tokenizer, self.cfg
+        if fmt == "text":
+            return encode_text(tok, str(row[cfg.text_column]))
+        if tok.chat_template:
+            return encode_chat(tok, to_messages(row, fmt, cfg), cfg.train_on_prompt)
+        if fmt == "messages":
+            raise RecipeError("the tokenizer has no chat template, so 'messages' data cannot be rendered; use a "
+                              "chat model, or data.format prompt_completion/text")
+        m = to_messages(row, fmt, cfg)
+        return encode_plain(tok, "\n".join(x["content"] for x in m[:-1]) + "\n", m[-1]["content"])
+
+    def encode(self, row: dict[str, Any], fmt: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.encode_full(row, fmt)
+        truncated = len(out["input_ids"]) > self.cfg.max_length
+        if truncated:
+            out = {k: v[: self.cfg.max_length] for k, v in out.items()}
+        out["truncated"] = truncated
+        out["usable"] = any(t != IGNORE for t in out["labels"][1:])  # position 0 predicts nothing
+        return out
+
+    def collate(self, rows: list[dict[str, Any]], augment: Callable[[dict], dict] | None = None) -> Batch:
+        if augment:
+            rows = [augment(r) for r in rows]
+        return pad_left(rows, self.tokenizer.pad_token_id)
+
+    def example_text(self, row: dict[str, Any], fmt: str) -> str:
+        if fmt == "text":
+            return str(row[self.cfg.text_column])
+        return "\n".join(f"{m['role']}: {m['content']}" for m in to_messages(row, fmt, self.cfg))
+
+    def length(self, row: dict[str, Any], fmt: str) -> int:
+        return len(self.encode_full(row, fmt)["input_ids"])
+
+    def describe(self, row: dict[str, Any], fmt: str) -> str:
+        """The example as text, with the tokens that carry loss wrapped in [[...]]."""
+        encoded = self.encode_full(row, fmt)
+        out, inside = [], False
+        for t, lab in zip(encoded["input_ids"], encoded["labels"], strict=True):
+            on = lab != IGNORE
+            if on != inside:
+                out.append("[[" if on else "]]")
+                inside = on
+            out.append(self.tokenizer.decode([t]))
+        return "".join(out) + ("]]" if inside else "")
+
+    def neftune_alpha(self, cfg: AugmentConfig) -> float | None:
+        return cfg.neftune_alpha
+
+    def items(self, batch: Batch) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != IGNORE).sum()
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return causal_loss(model, batch)[0]
+
+    def eval_step(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        loss, count = causal_loss(model, batch, per_example=True)
+        return {"loss": loss.detach().float(), "tokens": count}
+
+    def summarize(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        tokens = values["tokens"].sum().item()
+        loss = values["loss"].double().sum().item() / max(tokens, 1)
+        return {"loss": loss, "examples": len(values["tokens"]), "perplexity": math.exp(min(loss, 50.0)),
+                "tokens": int(tokens)}
+
+    @torch.no_grad()
+    def label_logits(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next-token logits of the answer tokens: the positions the loss is computed on."""
+        inputs, keep, target = _kept(batch)
+        if supports_logits_to_keep(model):
+            logits = model(**inputs, logits_to_keep=keep).logits
+        else:
+            logits = model(**inputs).logits[:, -keep:]
+        mask = target != IGNORE
+        return logits[:, :-1][mask].float(), target[mask]

@@ -1,0 +1,334 @@
+"""The recipe schema: typed sections, strict keys, and the values derived from them.
+
+A recipe is YAML with the sections ``model``, ``lora``, ``data``, ``train``, ``freeze``, ``forgetting`` and
+``output_dir``. Every field has a default, so a recipe names only what differs; unknown keys are rejected with a
+did-you-mean (``loading.py``) instead of being silently ignored (the failure mode of flat dict configs). Values
+derived from several fields (the batch arithmetic, the compute dtype) are methods here, so each is computed in
+one place. This package imports nothing of ours but ``errors``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from ..errors import RecipeError, did_you_mean
+
+
+class _Section(BaseModel):
+    # allow_inf_nan=False: YAML's .inf/.nan are floats, and no field of a recipe means anything infinite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class ModelConfig(_Section):
+    """Which pre-trained model to load and how."""
+
+    name: str = "example:smollm2-135m-instruct"
+    """Hub id, local folder, path to a ``.gguf`` file, or ``example:NAME``."""
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    quant: Literal["none", "int8", "nf4", "fp4"] = "none"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    def resolved_compute_dtype(self, cuda: bool, bf16_supported: bool) -> str:
+        """``auto`` → bf16 on GPUs that support it, else fp32 (fp16 training needs loss scaling care)."""
+        if self.compute_dtype != "auto":
+            return self.compute_dtype
+        return "bf16" if cuda and bf16_supported else "fp32"
+
+
+LORA_INITS = ("gaussian", "pissa", "olora")
+"""``lora.init`` names (besides true/false) that lora_ft supports end to end: they need no data pass, and
+``PeftModel.from_pretrained`` on the original base reproduces the trained model (peft re-runs the
+deterministic SVD/QR on load, then loads the trained factors)."""
+FULL_PRECISION_INITS = ("pissa", "olora")
+"""Inits that rewrite the base weights (W - BA): they need model.quant none."""
+_REFUSED_INITS = {
+    "eva": "needs a pass over the training data (peft's initialize_lora_eva_weights) that lora_ft does not run",
+    "corda": "needs peft's preprocess_corda pass over the training data, which lora_ft does not run",
+    "lora_ga": "needs gradients from a pass over the training data, which lora_ft does not run",
+    "loftq": "quantizes the base itself and needs a loftq_config (for QLoRA set model.quant: nf4 with lora.init: true)",
+}
+
+
+class LoraConfigSection(_Section):
+    """The adapter: passed to peft's ``LoraConfig``."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["auto"] | list[str] = "auto"
+    """``auto``: every linear layer of the backbone, never the output or task head."""
+    use_dora: bool = False
+    use_rslora: bool = False
+    init: bool | str = True
+    """peft's ``init_lora_weights``: true (B = 0, the adapter starts as a no-op), false (random, for
+    debugging), ``gaussian``, or ``pissa`` / ``olora`` (start from the base weights' principal directions;
+    model.quant none only). Data-driven inits (``eva``, ``corda``) and ``pissa_niter_N`` are refused."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one module name, or 'auto'")
+        return v
+
+    @field_validator("init")
+    @classmethod
+    def _supported_init(cls, v: bool | str) -> bool | str:
+        if isinstance(v, bool):
+            return v
+        name = v.strip().lower()
+        if name in LORA_INITS:
+            return name
+        supported = "true, false, " + ", ".join(LORA_INITS)
+        if name.startswith("pissa_niter"):
+            # peft runs the randomized SVD again when the adapter is loaded: the residual base differs
+            # from the one the adapter was trained on (max |Δlogit| 0.065 on a tiny Llama).
+            raise ValueError(f"'{v}' re-runs a randomized SVD when the adapter is loaded, so the saved adapter "
+                             "would not reload faithfully: use 'pissa'")
+        if name in _REFUSED_INITS:
+            raise ValueError(f"'{v}' {_REFUSED_INITS[name]}: use one of {supported}")
+        raise ValueError(f"unknown init '{v}'{did_you_mean(name, ['true', 'false', *LORA_INITS])}")
+
+
+class AugmentConfig(_Section):
+    """On-the-fly augmentation of the training split only (never validation/test), seeded."""
+
+    neftune_alpha: float | None = Field(None, gt=0)
+    """Causal LMs: NEFTune noise on the input embeddings while training (5 is the paper's default)."""
+    token_dropout: float = Field(0.0, ge=0, lt=1)
+    """Classification: probability that a token is replaced by the unknown/mask token."""
+    random_deletion: float = Field(0.0, ge=0, lt=1)
+    """Classification: probability that a token is deleted (EDA)."""
+    random_swap: float = Field(0.0, ge=0, lt=1)
+    """Classification: fraction of positions swapped with a random other position (EDA)."""
+
+
+class DataConfig(_Section):
+    """Where the data is and how to read it."""
+
+    train: str | None = None
+    validation: str | None = None
+    validation_split: float = Field(0.0, ge=0, lt=1)
+    """Fraction of ``train`` carved out (with ``train.seed``) when no ``validation`` file is given."""
+    test: str | None = None
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text", "classification"] = "auto"
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    system_prompt: str | None = None
+    max_length: int = Field(512, gt=1)
+    train_on_prompt: bool = False
+    """Chat/instruction data: also put loss on the prompt tokens (default: answers only)."""
+    group_by_length: Literal["auto"] | bool = "auto"
+    """Batch examples of similar length (less padding). ``auto``: causal LMs sort within windows of 64 batches;
+    classifiers within windows of 4 only, because length can correlate with the label and single-class
+    batches make training erratic (fortunes: padding 55% → 27%, batches still mix 3-4 labels). ``true``:
+    windows of 64 for both; ``false``: only shuffled."""
+    augment: AugmentConfig = AugmentConfig()
+    max_eval_examples: int | None = Field(None, gt=0)
+    """Evaluate on at most this many examples per split (the first ones, so runs stay comparable)."""
+
+
+REFERENCE_MICRO_BATCH = 4
+"""The default micro-batch; ``micro_batch_size: auto`` keeps the global batch this one would give."""
+EVAL_BATCH_FACTOR = 2
+"""Evaluation batches are this many micro-batches: no activations are kept for a backward pass (the planner
+checks that this fits too)."""
+
+
+class TrainConfig(_Section):
+    """The optimisation loop."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; overrides ``epochs`` when set."""
+    micro_batch_size: int | Literal["auto"] = REFERENCE_MICRO_BATCH
+    """Examples per forward pass. ``auto``: the largest that fits the device's memory by the planner
+    (``lora-ft plan``) at ``data.max_length``, with ``grad_accum`` derived to keep the global batch:
+    ``global_batch_size`` if set, else 4 × ``grad_accum`` × processes (the default micro-batch's)."""
+    grad_accum: int = Field(1, gt=0)
+    global_batch_size: int | None = Field(None, gt=0)
+    """Examples per optimizer step over all processes. When set, ``grad_accum`` is derived (and a given one
+    replaced): global / (micro_batch_size × processes), so one recipe trains the same on 1 GPU or 8."""
+    lr: float = Field(2e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = Field(0.03, ge=0)
+    """A fraction of all steps when < 1, else a number of steps."""
+    lr_layer_decay: float | None = Field(None, gt=0, le=1)
+    """Layer-wise learning rates: layer l of L (1 = lowest) trains at ``lr · decay^(L−l)``."""
+    head_lr: float | None = Field(None, gt=0)
+    """Learning rate of a new task head (default: ``lr``)."""
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    """Evaluate every N optimizer steps (and always at the end); None: at the end of each epoch."""
+    early_stopping_patience: int | None = Field(None, gt=0)
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    """``auto``: on only when memory needs it, decided by the planner (``lora-ft plan``) against the device's memory
+    when training starts: when the step does not fit without it, or (``micro_batch_size: auto``) when it lets a
+    larger micro-batch fit. Recomputing every layer costs about a third more compute."""
+    trim_cpu_memory: bool = True
+    """On the CPU, return freed activation memory to the OS every few blocks: about half the peak RSS for
+    ~15% more time (see ``cpu_memory.py``). No effect on GPUs."""
+    seed: int = 42
+    log_every: int = Field(1, gt=0)
+    checkpoint_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    trackers: list[Literal["tensorboard", "wandb"]] = []
+
+    @field_validator("micro_batch_size", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, v: Any) -> Any:
+        # One readable error instead of pydantic's two (one per branch of the union); lax like int fields.
+        if v == "auto":
+            return v
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+        raise ValueError(f"Input should be a positive integer or 'auto' (got {v!r})")
+
+    # ------------------------------------------------------------------ batch arithmetic: the only place it lives
+    def _micro(self) -> int:
+        if self.micro_batch_size == "auto":  # a bug, not a user error: launch.resolve_for_launch runs first
+            raise RuntimeError("train.micro_batch_size auto must be resolved before the batch sizes are derived")
+        return self.micro_batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Examples per evaluation forward pass (``EVAL_BATCH_FACTOR`` micro-batches)."""
+        return EVAL_BATCH_FACTOR * self._micro()
+
+    def global_batch(self, processes: int) -> int:
+        """Examples per optimizer step over all processes."""
+        return self._micro() * self.grad_accum * processes
+
+    def for_processes(self, processes: int) -> TrainConfig:
+        """This config as a launch on ``processes`` processes runs it: with ``global_batch_size`` set, ``grad_accum``
+        is derived so that one recipe trains the same on 1 GPU or 8."""
+        if self.global_batch_size is None:
+            return self
+        per_pass = self._micro() * processes
+        if self.global_batch_size % per_pass:
+            raise RecipeError(f"train.global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                              f"{self._micro()} × {processes} process(es) = {per_pass}; choose a multiple of "
+                              f"{per_pass} or change micro_batch_size")
+        return self.model_copy(update={"grad_accum": self.global_batch_size // per_pass})
+
+    def per_process_batch(self, processes: int) -> int:
+        """Examples each process contributes to one optimizer step, as ``micro_batch_size: auto`` keeps it:
+        ``global_batch_size`` when given, else what the default micro-batch would give
+        (``REFERENCE_MICRO_BATCH`` × ``grad_accum`` × processes)."""
+        global_batch = self.global_batch_size or REFERENCE_MICRO_BATCH * self.grad_accum * processes
+        if global_batch % processes:
+            raise RecipeError(f"train.global_batch_size {global_batch} is not a multiple of the {processes} processes")
+        return global_batch // processes
+
+    def total_steps(self, micro_batches_per_epoch: int) -> int:
+        """Optimizer steps of the run: ``max_steps``, else ``epochs`` × steps per epoch (at least one)."""
+        per_epoch = max(micro_batches_per_epoch // self.grad_accum, 1)
+        return self.max_steps or max(math.ceil(self.epochs * per_epoch), 1)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """``warmup`` below 1 is a fraction of ``total_steps``, otherwise a number of steps."""
+        return int(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
+
+
+class FreezeConfig(_Section):
+    """Which adapters train when (the backbone itself always stays frozen)."""
+
+    strategy: Literal["none", "head_first", "gradual_unfreeze"] = "none"
+    """``head_first``: only the new head for ``head_steps`` (a linear probe), then everything (LP-FT).
+    ``gradual_unfreeze``: the top ``blocks_per_stage`` blocks' adapters first, one stage lower every
+    ``unfreeze_every`` steps (ULMFiT)."""
+    head_steps: int = Field(50, gt=0)
+    unfreeze_every: int = Field(50, gt=0)
+    blocks_per_stage: int = Field(1, gt=0)
+
+
+class ForgettingConfig(_Section):
+    """Guard against catastrophic forgetting: the model against its own base on general text."""
+
+    enabled: bool = False
+    reference: str | None = None
+    """jsonl/json/csv/parquet with a ``text`` column; default: the general-text sample shipped with lora_ft."""
+    max_examples: int = Field(64, gt=0)
+    max_kl: float | None = Field(None, gt=0)
+    """Stop when the mean per-token KL(adapted ‖ base) on the reference text exceeds this."""
+    max_ppl_increase: float | None = Field(None, gt=0)
+    """Stop when reference perplexity rises by more than this fraction over the base (0.1 = +10%)."""
+    action: Literal["stop", "rollback"] = "stop"
+    """On a breach: ``stop`` keeps the best adapter so far; ``rollback`` keeps the last one within budget."""
+
+
+class Recipe(_Section):
+    """A whole run."""
+
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfigSection = LoraConfigSection()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    freeze: FreezeConfig = FreezeConfig()
+    forgetting: ForgettingConfig = ForgettingConfig()
+    output_dir: str = "runs/default"
+
+    @field_validator("lora")
+    @classmethod
+    def _init_fits_quant(cls, lora: LoraConfigSection, info: ValidationInfo) -> LoraConfigSection:
+        # peft refuses PiSSA on quantized weights (TypeError after the model has loaded); for OLoRA it
+        # de-quantizes, subtracts and re-quantizes, a path lora_ft does not test. A field validator, not part of
+        # _consistent: pydantic runs model validators only once every field is valid, and this rule should be
+        # reported together with the other problems of the recipe.
+        model = info.data.get("model")
+        if isinstance(model, ModelConfig) and model.quant != "none" and lora.init in FULL_PRECISION_INITS:
+            raise ValueError(f"lora.init: '{lora.init}' rewrites the base weights, which needs them in full "
+                             f"precision, not model.quant {model.quant}: set model.quant: none, or lora.init: true")
+        return lora
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        d = self.data
+        if d.format == "classification" and self.model.task != "sequence_classification":
+            raise ValueError("data.format 'classification' needs model.task: sequence_classification")
+        if self.model.task == "sequence_classification" and d.format not in ("auto", "classification"):
+            raise ValueError(f"model.task sequence_classification cannot train on data.format '{d.format}'")
+        if self.freeze.strategy == "head_first" and self.model.task != "sequence_classification":
+            raise ValueError("freeze.strategy head_first needs a new task head: model.task sequence_classification")
+        if self.forgetting.enabled and self.model.task != "causal_lm":
+            raise ValueError("forgetting.enabled measures language-model perplexity: it needs model.task causal_lm")
+        if self.forgetting.enabled and self.lora.init in FULL_PRECISION_INITS:
+            # The guard's "base" is the model with the adapter switched off, which these inits have rewritten.
+            raise ValueError(f"forgetting.enabled compares with the base model, which lora.init '{self.lora.init}' "
+                             "rewrites: use lora.init: true, or turn the guard off")
+        if d.validation and d.validation_split:
+            raise ValueError("give data.validation or data.validation_split, not both")
+        return self
+
+    def dump(self) -> str:
+        """The fully resolved recipe as YAML (what ``run_config.yaml`` holds)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelConfig,
+    "lora": LoraConfigSection,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "freeze": FreezeConfig,
+    "forgetting": ForgettingConfig,
+}

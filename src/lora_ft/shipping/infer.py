@@ -1,0 +1,186 @@
+"""Quick inference on a run: ``lora-ft chat`` / ``generate`` (causal LMs) and ``predict`` (classifiers).
+
+Each works with the adapter model (the base loaded as training loaded it, plus the adapter: exactly what was
+evaluated) or with the merged model (``--merged``: ``RUN_DIR/merged`` or the latest passing ``merge --out DIR``,
+or any merged folder given as RUN_DIR).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    TextStreamer,
+)
+
+from ..data.reading import read_split
+from ..errors import RunError, UsageError
+from ..run import RUN_CONFIG, default_device, load_adapter_model, load_run_tokenizer, merged_folder, open_run
+
+log = logging.getLogger(__name__)
+
+COMMANDS_HELP = "/reset clears the conversation, /exit (or end of input) quits"
+
+
+@dataclass
+class InferenceModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    causal: bool
+    max_length: int | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+
+
+def load_for_inference(path: str | Path, merged: bool = False, device: torch.device | str | None = None
+                       ) -> InferenceModel:
+    """A run folder (adapter model, or ``merged/`` with ``merged=True``) or a merged model folder."""
+    path, device = Path(path), torch.device(device) if device else default_device()
+    if (path / RUN_CONFIG).is_file():
+        run = open_run(path)
+        data = run.recipe.data
+        cols = dict(max_length=data.max_length, text_column=data.text_column,
+                    text_pair_column=data.text_pair_column, label_column=data.label_column)
+        if not merged:
+            tok = load_run_tokenizer(run)
+            return InferenceModel(load_adapter_model(run, device, tok), tok, run.causal, **cols)
+        folder = merged_folder(run)
+        if not (folder / "config.json").is_file():
+            raise RunError(f"{folder} holds no merged model; run 'lora-ft merge {path}' first "
+                              "(or drop --merged to use the adapter)")
+        return _load_plain(folder, device, cols)
+    if (path / "config.json").is_file():
+        return _load_plain(path, device, {})
+    raise RunError(f"{path} is neither a lora_ft run (no {RUN_CONFIG}) nor a model folder (no config.json)")
+
+
+def _load_plain(folder: Path, device: torch.device, cols: dict[str, Any]) -> InferenceModel:
+    """A merged folder opens with plain transformers: that is the point of merging."""
+    config = AutoConfig.from_pretrained(folder)
+    causal = not any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    model = cls.from_pretrained(folder, dtype="auto").to(device).eval()
+    return InferenceModel(model, AutoTokenizer.from_pretrained(folder), causal, **cols)
+
+
+# ------------------------------------------------------------------------------------------ generation
+class _StreamTo(TextStreamer):
+    """``TextStreamer`` writes to stdout with ``print``; this writes to any text stream (tests, pipes)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stream: IO[str]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stream = stream
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.stream.write(text + ("\n" if stream_end else ""))
+        self.stream.flush()
+
+
+def _encode(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], raw: bool) -> dict[str, torch.Tensor]:
+    if tok.chat_template and not raw:
+        return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    # No chat template (or --raw): the text as is, as a base model would continue it.
+    return tok("\n".join(m["content"] for m in messages), return_tensors="pt")
+
+
+@torch.no_grad()
+def generate_reply(im: InferenceModel, messages: list[dict[str, str]], max_new_tokens: int = 256,
+                   temperature: float = 0.0, top_p: float = 1.0, raw: bool = False,
+                   stream: IO[str] | None = None) -> str:
+    """The assistant's next reply to ``messages``; greedy when ``temperature`` is 0 (reproducible)."""
+    if not im.causal:
+        raise UsageError("this run is a classifier: use 'lora-ft predict RUN_DIR --data FILE'")
+    device = next(im.model.parameters()).device
+    inputs = {k: v.to(device) for k, v in _encode(im.tokenizer, messages, raw).items()}
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = im.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=im.tokenizer.pad_token_id,
+                            streamer=_StreamTo(im.tokenizer, stream) if stream else None, **sampling)
+    return im.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def _start(system: str | None) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def generate(im: InferenceModel, prompts: list[str], system: str | None = None, **kwargs: Any) -> list[str]:
+    """One independent reply per prompt (no shared history)."""
+    return [generate_reply(im, _start(system) + [{"role": "user", "content": p}], **kwargs) for p in prompts]
+
+
+def chat(im: InferenceModel, stdin: IO[str], stdout: IO[str], system: str | None = None,
+         interactive: bool = False, **kwargs: Any) -> list[dict[str, str]]:
+    """Read user turns line by line, stream each reply, keep the conversation; returns it at the end."""
+    if not im.tokenizer.chat_template:
+        log.warning("the tokenizer has no chat template: turns are joined as plain text")
+    messages = _start(system)
+    if interactive:
+        stdout.write(f"chat with the model ({COMMANDS_HELP})\n")
+    while True:
+        if interactive:
+            stdout.write("\n>>> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = _start(system)
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = generate_reply(im, messages, stream=stdout, **kwargs)
+        messages.append({"role": "assistant", "content": reply})
+    return messages
+
+
+# --------------------------------------------------------------------------------------- classification
+@torch.no_grad()
+def predict_file(im: InferenceModel, data_file: str, out: str | Path, batch_size: int = 32) -> dict[str, Any]:
+    """Classify every row of ``data_file``; write it to ``out`` (jsonl) with ``prediction`` (the label name)
+    and ``probabilities`` (label name → probability). Returns a summary (with accuracy when labels are given)."""
+    if im.causal:
+        raise UsageError("this run is a causal LM: use 'lora-ft generate' or 'lora-ft chat'")
+    ds = read_split(data_file, "predict")
+    need = [c for c in (im.text_column, im.text_pair_column) if c]
+    missing = [c for c in need if c not in ds.column_names]
+    if missing:
+        raise UsageError(f"--data {data_file}: column(s) {missing} not found; columns present: {ds.column_names}")
+    id2label = {int(k): v for k, v in im.model.config.id2label.items()}
+    device = next(im.model.parameters()).device
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n, correct, labelled = 0, 0, 0
+    with out.open("w", encoding="utf-8") as f:
+        for start in range(0, len(ds), batch_size):
+            rows = ds[start : start + batch_size]
+            args = [[str(x) for x in rows[c]] for c in need]
+            enc = im.tokenizer(*args, padding=True, truncation=True, max_length=im.max_length,
+                               return_tensors="pt").to(device)
+            probs = im.model(**enc).logits.float().softmax(-1).cpu()
+            for i in range(len(probs)):
+                row = {k: v[i] for k, v in rows.items()}
+                pred = id2label[int(probs[i].argmax())]
+                row.update(prediction=pred, probabilities={id2label[j]: round(float(p), 6)
+                                                           for j, p in enumerate(probs[i])})
+                if im.label_column in row and row[im.label_column] is not None:
+                    labelled += 1
+                    correct += str(row[im.label_column]) == pred
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                n += 1
+    summary: dict[str, Any] = {"examples": n, "predictions": str(out)}
+    if labelled:
+        summary.update(labelled=labelled, accuracy=correct / labelled)
+    return summary

@@ -1,0 +1,131 @@
+"""Training checkpoints: adapter + optimizer/scheduler/RNG/data position, written atomically.
+
+Only the trainable weights are saved (peft's adapter format, safetensors); the frozen base is re-loaded
+from its source, so a checkpoint of a 7B QLoRA run is tens of MB, not GB. The non-tensor training state
+is a ``torch.save`` of plain containers and tensors, read back with ``weights_only=True`` (no pickle code).
+
+Checkpoints and adapters are written through ``storage.write_folder`` (a temporary folder, then renamed in), so
+a kill at any moment leaves an intact copy. What a checkpoint holds besides the adapter is composed by the
+trainer (``LoopState.to_checkpoint`` plus the optimizer and scheduler); this module adds the RNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from ..errors import UsageError
+from ..storage import recover, write_folder
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+ADAPTER_FILE = "adapter/adapter_model.safetensors"
+RETRY_TRAINING = "free disk space (or set another output_dir) and continue with --resume latest"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_adapter(model: PeftModel, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
+    """Write an adapter folder (and the tokenizer) through ``write_folder``.
+
+    ``state_dict``: weights gathered from a sharded engine (FSDP2/ZeRO-3) instead of the model's own.
+    """
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    write_folder(folder, write, RETRY_TRAINING)
+
+
+def save_checkpoint(root: Path, step: int, model: PeftModel, training_state: dict[str, Any], keep: int) -> Path:
+    """``root/step-N`` through ``write_folder``, then prune to the newest ``keep``; the previous checkpoints stay
+    intact when the write fails."""
+    root = Path(root)
+    final = root / f"step-{step:08d}"
+    recover_checkpoints(root)
+    for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save: never valid
+        shutil.rmtree(stale, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp / "adapter")
+        torch.save({**training_state, "rng": rng_state()}, tmp / STATE_FILE)
+
+    # A second save of the same step (a signal on a checkpoint_every step) replaces it like any other folder.
+    write_folder(final, write, RETRY_TRAINING, tmp=root / f".tmp-step-{step:08d}")
+    for stale in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def recover_checkpoints(root: Path) -> None:
+    """Put back (or drop) the aside copies an interrupted replacement of a step left under ``root``."""
+    if root.is_dir():
+        for aside in root.glob(".step-*.old"):
+            recover(aside.with_name(aside.name[1:].removesuffix(".old")))
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def _readable(path: Path) -> bool:
+    """Load the state (``weights_only``: a pickle with code is refused) and the adapter; log why not."""
+    try:
+        torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+        load_file(path / ADAPTER_FILE)
+        return True
+    except Exception as e:  # missing file, truncated zip, bad safetensors header, pickled code: all "unusable"
+        log.warning("skipping checkpoint %s: unreadable (%s)", path, (str(e).strip().splitlines() or [""])[0][:160])
+        return False
+
+
+def find_checkpoint(root: Path, which: str = "latest") -> Path | None:
+    """The newest intact checkpoint under ``root``, or None; partial or corrupt ones are skipped with a message.
+
+    ``which`` other than ``latest`` names one checkpoint: a path, or a bare name such as ``step-00000003``
+    looked up under ``root``. A named one that is missing or unreadable raises UsageError listing the
+    intact checkpoints there.
+    """
+    root = Path(root)
+    recover_checkpoints(root)
+    if which == "latest":
+        return next((p for p in reversed(list_checkpoints(root)) if _readable(p)), None)
+    path = Path(which).expanduser()
+    if not path.exists() and not path.is_absolute():
+        path = root / which  # `--resume step-00000003`: the run's own checkpoints, not the cwd
+    if path.is_dir() and _readable(path):
+        return path
+    state = "is not an intact checkpoint" if path.exists() else "does not exist"
+    available = [p.name for p in list_checkpoints(root) if _readable(p)]
+    raise UsageError(f"--resume {which}: {path} {state}; intact checkpoints under {root}: "
+                      f"{', '.join(available) or 'none'} (give one of them, or --resume latest)")
+
+
+def load_checkpoint(path: Path, model: PeftModel) -> dict[str, Any]:
+    """Restore adapter weights into ``model``; return the rest (optimizer, scheduler, position, ``rng``).
+
+    The caller restores ``rng`` last, just before the first resumed step, so nothing in between draws.
+    """
+    set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))
+    return torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")

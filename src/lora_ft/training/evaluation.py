@@ -1,0 +1,53 @@
+"""Evaluation: the objective's metrics on whole splits, the same on 1 process or N.
+
+Shared by training (before, periodically, after) and ``lora-ft eval``. The objective computes per-example values;
+they are gathered with ``gather_for_metrics`` (which drops the duplicates a sharded last batch carries), so
+multi-process evaluation equals single-process evaluation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ..objectives import Objective
+from ..run import open_run
+from .session import make_accelerator, make_loader, setup
+
+
+@torch.no_grad()
+def evaluate_loader(model: torch.nn.Module, loader, objective: Objective, accelerator: Accelerator) -> dict[str, float]:
+    """The objective's metrics of one split; the model's train/eval mode is left as it was."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for batch in loader:
+        for name, value in accelerator.gather_for_metrics(objective.eval_step(model, batch)).items():
+            parts[name].append(value.cpu())
+    model.train(was_training)
+    return objective.summarize({name: torch.cat(values) for name, values in parts.items()})
+
+
+def evaluate_all(model: torch.nn.Module, loaders: dict, objective: Objective,
+                 accelerator: Accelerator) -> dict[str, dict[str, float]]:
+    """``evaluate_loader`` for every split, by name."""
+    return {name: evaluate_loader(model, loader, objective, accelerator) for name, loader in loaders.items()}
+
+
+def evaluate_run(run_dir: str | Path, data_file: str, split: str = "eval") -> dict[str, float]:
+    """``lora-ft eval``: the run's adapter on any file, with the run's own recipe and label set.
+
+    The whole file is scored: ``max_eval_examples`` caps only the periodic evaluation during training.
+    """
+    run = open_run(run_dir)
+    data = run.recipe.data.model_copy(update={"validation": None, "test": None, "max_eval_examples": None})
+    train = run.recipe.train.model_copy(update={"trackers": []})
+    recipe = run.recipe.model_copy(update={"data": data, "train": train})
+    accelerator, compute = make_accelerator(recipe)
+    s = setup(recipe, accelerator, compute, str(run.adapter_dir), {split: data_file}, run.id2label)
+    loader = accelerator.prepare(make_loader(s.data.splits[split], train.eval_batch_size, s.objective.collate,
+                                             False, 0))
+    return evaluate_loader(s.model, loader, s.objective, accelerator)

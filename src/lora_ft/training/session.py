@@ -1,0 +1,102 @@
+"""Building a run's pieces: the Accelerator, the data loaders, and tokenizer → objective → data → model → adapters.
+
+Shared by training (``trainer.py``), evaluation of a saved run, merging and the planner's measurements
+(``measure.py``), so that every command loads a model exactly the way training did.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from peft import PeftModel
+from torch.utils.data import DataLoader
+
+from ..data.batching import LengthGroupedBatches
+from ..data.prepare import TaskData, prepare_data
+from ..modeling.adapters import attach_adapters, load_adapter
+from ..modeling.loading import LoadedModel, load_model, load_tokenizer, resolve_source
+from ..objectives import Objective, objective_for
+from ..recipe import Recipe
+from .report import available_trackers
+
+
+def make_accelerator(recipe: Recipe) -> tuple[Accelerator, str]:
+    cuda = torch.cuda.is_available()
+    compute = recipe.model.resolved_compute_dtype(cuda, cuda and torch.cuda.is_bf16_supported())
+    precision = {"bf16": "bf16", "fp16": "fp16"}.get(compute, "no")
+    # On a machine without GPUs, accelerate forms a (gloo) process group only when told it runs on the CPU:
+    # otherwise every process that torchrun / `accelerate launch --multi_gpu` starts trains alone, and all of
+    # them write the same files.
+    cpu = torch.distributed.is_available() and torch.distributed.is_torchelastic_launched() and not cuda
+    # gradient_accumulation_steps stays 1: the loop accumulates itself, with token-weighted normalisation.
+    # A freezing schedule leaves some adapters without gradients for a while; DDP must be told to expect that.
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if recipe.freeze.strategy != "none" else []
+    accelerator = Accelerator(mixed_precision=precision, log_with=available_trackers(recipe.train.trackers) or None,
+                              project_dir=recipe.output_dir, cpu=cpu, kwargs_handlers=ddp)
+    if not accelerator.is_main_process:
+        # Every process runs the same code: without this each message would appear once per process.
+        logging.getLogger("lora_ft").setLevel(logging.WARNING)
+    return accelerator, compute
+
+
+def make_loader(ds, batch_size: int, collate: Callable[[list[dict]], dict], shuffle: bool, seed: int,
+                window: int = 0) -> DataLoader:
+    """Length-grouped batches of ``ds`` padded by ``collate``; ``window``: batches per length-sorted window when
+    shuffling (0: shuffle only)."""
+    sampler = LengthGroupedBatches([len(x) for x in ds["input_ids"]], batch_size, shuffle, seed, window)
+    # A private generator: creating an iterator would otherwise draw from the global RNG, so a resumed run
+    # (which creates its iterator after restoring the RNG) would see different dropout masks.
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class Session:
+    """Everything ``setup`` builds; the rest of a command only reads it."""
+
+    loaded: LoadedModel
+    model: PeftModel
+    data: TaskData
+    objective: Objective
+
+
+def setup(recipe: Recipe, accelerator: Accelerator, compute: str, adapter_dir: str | None = None,
+          extra_splits: dict[str, str] | None = None, id2label: dict[int, str] | None = None) -> Session:
+    """Tokenizer → objective → data → model → adapters. Data comes before the model because a classifier's head
+    size is the number of labels found in the training split.
+
+    Args:
+        recipe: the resolved recipe.
+        accelerator: places the model on this process's device.
+        compute: the compute dtype (``make_accelerator``).
+        adapter_dir: load this trained adapter instead of attaching a fresh one (evaluation of a saved run).
+        extra_splits: further splits by name → file (``lora-ft eval --data``).
+        id2label: a trained classifier's label set.
+    """
+    cfg = recipe.model
+    with accelerator.main_process_first():  # one rank fetches/converts example or GGUF models
+        source = resolve_source(cfg.name)
+    tokenizer = load_tokenizer(source, cfg)
+    objective = objective_for(recipe, tokenizer)
+    data = prepare_data(recipe.data, objective, recipe.train.seed, adapter_dir is None, extra_splits, id2label)
+    loaded, model = build_model(recipe, accelerator, compute, source, tokenizer, data.id2label, adapter_dir)
+    return Session(loaded, model, data, objective)
+
+
+def build_model(recipe: Recipe, accelerator: Accelerator, compute: str, source: str, tokenizer,
+                id2label: dict[int, str] | None = None,
+                adapter_dir: str | None = None) -> tuple[LoadedModel, PeftModel]:
+    """The base model on this process's device, quantized as the recipe says, with fresh LoRA adapters (or the
+    trained ones in ``adapter_dir``): exactly what ``setup`` trains, also for the planner's measurements."""
+    cfg = recipe.model
+    device = accelerator.device if accelerator.device.type != "cuda" else accelerator.local_process_index
+    loaded = load_model(cfg.model_copy(update={"name": source}), compute, device, id2label, tokenizer)
+    if adapter_dir is not None:
+        return loaded, load_adapter(loaded.model, adapter_dir)
+    gc = recipe.train.gradient_checkpointing
+    return loaded, attach_adapters(loaded.model, recipe.lora, cfg.task, loaded.head_modules,
+                                   torch.cuda.is_available() if gc == "auto" else gc)

@@ -1,0 +1,380 @@
+"""The training engine: one class, ``setup → evaluate (before) → train → finish``, on Accelerate.
+
+One explicit loop instead of ``transformers.Trainer``: the loss comes from the objective (``objectives/``), summed
+over its items and divided by the items of the whole global batch (so 1 process × N accumulation steps equals N
+processes × 1 step); the best adapter is kept in memory; every piece of loop state lives in ``self.state``
+(``state.LoopState``), which is what a checkpoint saves and a resumed run restores. The loop never branches on the
+task: what differs between tasks is the objective's business, and the guards (``guards.py``) are consulted after
+each validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ..data.batching import LengthGroupedBatches
+from ..errors import NonFiniteLoss, TrainingInterrupted, UsageError
+from ..memory.launch import resolve_for_launch
+from ..recipe import Recipe
+from ..run import CURVES, RESULTS, RUN_INFO, RunFolder
+from . import checkpoint as ckpt
+from .cpu_memory import release_freed_memory
+from .distributed import adapter_snapshot, restore_adapter, save_adapter, scale_to_processes
+from .evaluation import evaluate_all
+from .freezing import FreezeSchedule
+from .guards import ForgettingGuard
+from .neftune import activate_neftune
+from .param_groups import param_groups
+from .report import plot_curves, tracker_config
+from .session import Session, make_accelerator, make_loader, setup
+from .signals import StopOnSignal
+from .state import LoopState
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """One training run of a recipe.
+
+    Args:
+        recipe: the validated recipe (``auto`` values are resolved in ``setup``).
+        resume: ``latest`` or a checkpoint name/path to continue from; None starts fresh.
+        overwrite: replace a run already in ``output_dir``.
+    """
+
+    def __init__(self, recipe: Recipe, resume: str | None = None, overwrite: bool = False):
+        self.recipe, self.resume, self.overwrite = recipe, resume, overwrite
+        self.folder = RunFolder(recipe.output_dir)
+        self.state = LoopState()
+        self.stopped: str | None = None  # why training ended early (early stopping, forgetting guard)
+        self.last_validation: tuple[int, dict[str, float]] | None = None  # reused at the end when still current
+        self.session: Session | None = None
+
+    def run(self) -> dict[str, Any]:
+        """The whole run; returns ``eval_results`` (also written to ``output_dir``)."""
+        self.setup()
+        self.evaluate_before()
+        self.train()
+        return self.finish()
+
+    # ==================================================================================================== setup
+    def setup(self) -> None:
+        """Accelerator and resolved recipe → model, data, optimizer → run folder → resumed state.
+
+        The order matters: the ``auto`` memory settings decide the micro-batch the loaders are built with; a
+        missing checkpoint must fail before a minute of loading; the run folder is written only once everything
+        that can reject the recipe has run.
+        """
+        self.accelerator, compute = make_accelerator(self.recipe)
+        # micro_batch_size / gradient_checkpointing auto: the planner's choice for this device, from the config
+        # and the data, before any loader is built (see memory.launch); then grad_accum for this many processes.
+        self.recipe = scale_to_processes(resolve_for_launch(self.recipe, self.accelerator), self.accelerator,
+                                         self.resume)
+        self.tc = self.recipe.train
+        self.folder.check_new(self.resume, self.overwrite)
+        resume_from = None
+        if self.resume is not None:
+            resume_from = ckpt.find_checkpoint(self.folder.checkpoints, self.resume)
+            if resume_from is None:
+                raise UsageError(f"--resume {self.resume}: no intact checkpoint under {self.folder.checkpoints}")
+        set_seed(self.tc.seed)
+        self.session = setup(self.recipe, self.accelerator, compute)
+        self._build_loop()
+        self._start_folder(compute)
+        self._rng = self._restore(resume_from) if resume_from is not None else None
+
+    def _build_loop(self) -> None:
+        """Loaders, optimizer and schedule, prepared by Accelerate; the hooks and guards the loop uses."""
+        s, tc, acc = self.session, self.tc, self.accelerator
+        self.objective, tok, heads = s.objective, s.loaded.tokenizer, s.loaded.head_modules
+        window = LengthGroupedBatches.window_for(self.recipe.data.group_by_length, self.objective.length_window)
+        self.augmenter = self.objective.token_augmenter(self.recipe.data.augment, tc.seed)
+        train_loader = make_loader(s.data.splits["train"], tc.micro_batch_size,
+                                   partial(self.objective.collate, augment=self.augmenter), True, tc.seed, window)
+        self.sampler = train_loader.batch_sampler  # kept: the loop sets its epoch (accelerate wraps the loader)
+        eval_loaders = {n: make_loader(ds, tc.eval_batch_size, self.objective.collate, False, tc.seed)
+                        for n, ds in s.data.splits.items() if n != "train"}
+        optimizer = torch.optim.AdamW(param_groups(s.model, tc, heads), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.model, self.optimizer, self.train_loader = acc.prepare(s.model, optimizer, train_loader)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP2 replaced them with shards
+        self.eval_loaders = {n: acc.prepare(v) for n, v in eval_loaders.items()}
+        self.total_steps = tc.total_steps(len(self.train_loader))
+        # Not passed to accelerator.prepare: its wrapper steps the schedule once per process per step.
+        self.scheduler = get_scheduler(tc.schedule if tc.schedule != "constant" else "constant_with_warmup",
+                                       self.optimizer, num_warmup_steps=tc.warmup_steps(self.total_steps),
+                                       num_training_steps=self.total_steps)
+        self.unwrapped = acc.unwrap_model(self.model)
+        # DDP and FSDP average gradients over processes, and DeepSpeed also divides the loss by its accumulation
+        # steps; both are undone so that the gradient is Σloss / Σitems over the whole global batch.
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self.loss_scale = acc.num_processes * (tc.grad_accum if deepspeed else 1)
+        self.freeze = FreezeSchedule(self.unwrapped, self.recipe.freeze, heads)
+        fg = self.recipe.forgetting
+        self.forgetting = ForgettingGuard(fg, tok, self.objective.collate, tc.eval_batch_size,
+                                          self.recipe.data.max_length) if fg.enabled else None
+        self.validating = "validation" in self.eval_loaders
+
+    def _start_folder(self, compute: str) -> None:
+        """Write the resolved recipe and the run's facts (main process); start the trackers."""
+        s, tc, world = self.session, self.tc, self.accelerator.num_processes
+        self.info = {"source": s.loaded.source, "format": s.data.format, "id2label": s.data.id2label,
+                     "targets": sorted(self.unwrapped.peft_config["default"].target_modules),
+                     "head_modules": s.loaded.head_modules, "compute_dtype": compute, "world_size": world,
+                     "global_batch": tc.global_batch(world), "grad_accum": tc.grad_accum,
+                     "total_steps": self.total_steps, "data": s.data.stats}
+        log.info("global batch %d = micro_batch_size %d × grad_accum %d × %d process(es); %d optimizer steps",
+                 self.info["global_batch"], tc.micro_batch_size, tc.grad_accum, world, self.total_steps)
+        if self.accelerator.is_main_process:
+            if self.overwrite and self.resume is None:
+                self.folder.clear()
+            self.folder.start(self.recipe, self.info, fresh=self.resume is None)
+        if tc.trackers:  # TensorBoard's hparams take only scalars: a flat, dotted config
+            self.accelerator.init_trackers("lora_ft", config=tracker_config(self.recipe.model_dump(mode="json")))
+
+    def _restore(self, path: Path) -> dict[str, Any]:
+        """Adapter, optimizer, schedule and loop state from a checkpoint; returns the RNG state, which ``train``
+        sets last, so that nothing between here and the first step draws from it."""
+        saved = ckpt.load_checkpoint(path, self.unwrapped)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.state = LoopState.from_checkpoint(saved)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step, self.state.epoch,
+                 self.state.position)
+        return saved["rng"]
+
+    # ================================================================================================ evaluate
+    def evaluate(self, names: list[str] | None = None) -> dict[str, dict[str, float]]:
+        loaders = self.eval_loaders if names is None else {n: self.eval_loaders[n] for n in names}
+        return evaluate_all(self.model, loaders, self.objective, self.accelerator)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return adapter_snapshot(self.accelerator, self.unwrapped)
+
+    def evaluate_before(self) -> None:
+        """The base model (untrained adapter) on every split, and the forgetting guard's reference; a resumed run
+        reuses what its checkpoint recorded."""
+        st = self.state
+        if st.before is None:
+            st.before = self.evaluate()
+            log.info("before training: %s", st.before)
+        if self.forgetting is not None and st.forgetting.before is None:
+            st.forgetting.before = self.forgetting.measure(self.model, self.accelerator)
+        if self.accelerator.is_main_process and self.resume is None:
+            extra = {"forgetting": st.forgetting.before} if st.forgetting.before else {}
+            for split, metrics in {**st.before, **extra}.items():
+                self.folder.log({"step": 0, "split": split, **metrics})
+
+    def evaluate_and_track(self) -> bool:
+        """Evaluate on validation (never test: it must not steer training), keep the best adapter, log, consult
+        the guards; True when training should stop (early stopping or a forgetting breach)."""
+        st, tc, main = self.state, self.tc, self.accelerator.is_main_process
+        val = self.evaluate(["validation"])["validation"]
+        self.last_validation = (st.step, val)
+        row = {**val, **st.watch.on_evaluation(val["loss"], st.step, tc.early_stopping_patience)}
+        if main:
+            self.folder.log({"step": st.step, "split": "validation", **row})
+        self.accelerator.log({f"validation/{k}": v for k, v in row.items()}, step=st.step)
+        st.best.consider(val["loss"], st.step, self.snapshot)
+        log.info("step %d: validation %s (best loss %.4f at step %d)", st.step, val, st.best.loss, st.best.step)
+        if self.forgetting is not None:
+            forgot = self.forgetting.measure(self.model, self.accelerator, st.forgetting.before)
+            if main:
+                self.folder.log({"step": st.step, "split": "forgetting", **forgot})
+            breach = self.forgetting.judge(forgot, st.step, st.forgetting, st.best, self.snapshot)
+            if breach is not None:
+                self.stopped = breach
+                log.warning(breach)
+                return True
+        return st.best.patience_exhausted(tc.early_stopping_patience)
+
+    # =================================================================================================== train
+    def micro_batches(self):
+        """The training batches from where the state says the run is, epoch after epoch."""
+        st = self.state
+        while True:
+            self.train_loader.set_epoch(st.epoch)  # accelerate re-sets the sampler's epoch from this on __iter__
+            self.sampler.set_epoch(st.epoch)
+            if self.augmenter:
+                self.augmenter.epoch = st.epoch
+            loader = self.accelerator.skip_first_batches(self.train_loader, st.position) if st.position \
+                else self.train_loader
+            for batch in loader:
+                st.position += 1
+                yield batch
+            st.epoch, st.position = st.epoch + 1, 0
+
+    def train_step(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over ``grad_accum`` micro-batches: (summed loss, global items, gradient norm).
+
+        The items of the whole global batch are counted before the first backward, so each micro-batch's loss
+        is divided by the global count (token-weighted, however the batch is split over steps and processes).
+        """
+        acc = self.accelerator
+        local = torch.stack([self.objective.items(b) for b in batches]).sum()
+        n_items = acc.reduce(local, "sum").clamp(min=1)
+        loss_sum = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            with nullcontext() if sync else acc.no_sync(self.model):
+                loss = self.objective.loss(self.model, batch)
+                acc.backward(loss * self.loss_scale / n_items)  # see loss_scale
+            loss_sum += loss.detach()
+            self.tokens += batch["attention_mask"].sum()
+        norm = acc.clip_grad_norm_(self.params, self.tc.max_grad_norm) if self.tc.max_grad_norm else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, n_items, norm
+
+    def train(self) -> None:
+        """Steps until ``total_steps`` or a stop; evaluates, checkpoints and answers signals between steps."""
+        st, tc, acc = self.state, self.tc, self.accelerator
+        stream = self.micro_batches()
+        alpha = self.objective.neftune_alpha(self.recipe.data.augment)
+        neftune = activate_neftune(self.unwrapped, alpha) if alpha else None
+        untrim = release_freed_memory(self.unwrapped) if tc.trim_cpu_memory and acc.device.type == "cpu" else None
+        self.tokens, self.train_time = torch.zeros((), device=acc.device), 0.0
+        self.first_bad = torch.zeros((), dtype=torch.long, device=acc.device)  # first non-finite step, 0: none
+        if self._rng is not None:
+            ckpt.set_rng_state(self._rng)  # last, so nothing between restore and the first step draws numbers
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=st.step, disable=not acc.is_main_process, desc="training",
+                   dynamic_ncols=True)
+        with StopOnSignal() as stopper, bar:  # the bar closes on every exit, so errors print on a clean line
+            while st.step < self.total_steps and self.stopped is None:
+                t0 = time.perf_counter()
+                if change := self.freeze.apply(st.step):
+                    log.info("freeze schedule: %s", change)
+                    if acc.is_main_process:
+                        self.folder.log({"step": st.step, "freeze": change})
+                loss_sum, n_items, norm = self.train_step([next(stream) for _ in range(tc.grad_accum)])
+                st.step += 1
+                bar.update(1)
+                self.first_bad.masked_fill_((self.first_bad == 0) & ~torch.isfinite(loss_sum), st.step)  # no sync
+                self.train_time += time.perf_counter() - t0  # excludes evaluation and checkpointing
+                if st.step % tc.log_every == 0 or st.step == self.total_steps:
+                    self._log_step(loss_sum, n_items, norm, bar)
+                self._maybe_evaluate()
+                self._answer_signal_or_checkpoint(stopper)
+        self.check_finite()  # before the final evaluation and save
+        for hook in (neftune.remove if neftune else None, untrim):
+            if hook is not None:
+                hook()
+        if self.validating and self.stopped is None:
+            self.evaluate_and_track()
+
+    def _log_step(self, loss_sum: torch.Tensor, n_items: torch.Tensor, norm: torch.Tensor | None, bar) -> None:
+        """The step's loss (a host sync: only at logging steps), learning rate, gradient norm and throughput."""
+        self.check_finite()
+        st, acc = self.state, self.accelerator
+        loss = (acc.reduce(loss_sum, "sum") / n_items).item()
+        row = {"step": st.step, "epoch": st.epoch_progress(len(self.train_loader)), "loss": loss,
+               "lr": self.scheduler.get_last_lr()[0],
+               "tokens_per_s": self.tokens.item() * acc.num_processes / self.train_time}
+        if norm is not None:
+            row["grad_norm"] = float(norm)
+        st.watch.record(loss)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        acc.log(row, step=st.step)
+        if acc.is_main_process:
+            self.folder.log(row)
+
+    def _maybe_evaluate(self) -> None:
+        """Validation every ``eval_every`` steps, or at the end of each epoch when that is unset (the last step is
+        evaluated after the loop)."""
+        st, tc = self.state, self.tc
+        finished = st.epoch + (st.position == len(self.train_loader))  # epochs completed so far
+        epoch_done = tc.eval_every is None and finished > st.evaluated_epoch
+        st.evaluated_epoch = finished
+        due = (tc.eval_every and st.step % tc.eval_every == 0) or epoch_done
+        if self.validating and st.step < self.total_steps and due and self.evaluate_and_track() \
+                and self.stopped is None:
+            self.stopped = (f"early stopping at step {st.step}: validation loss did not improve for "
+                            f"{tc.early_stopping_patience} evaluations")
+            log.info(self.stopped)
+
+    def _answer_signal_or_checkpoint(self, stopper: StopOnSignal) -> None:
+        """One checkpoint on a ``checkpoint_every`` step or a signal (one save, even for both); after a signal,
+        stop with the command that continues."""
+        st, acc = self.state, self.accelerator
+        signum = stopper.requested(acc)  # collective: every process gets the same answer
+        saved = None
+        if signum or (self.tc.checkpoint_every and st.step % self.tc.checkpoint_every == 0):
+            self.check_finite()
+            saved = self.save_checkpoint() if acc.is_main_process else None
+        if signum:
+            acc.wait_for_everyone()
+            raise TrainingInterrupted(
+                f"interrupted at step {st.step}/{self.total_steps}; checkpoint saved to {saved}; continue with: "
+                f"lora-ft train RECIPE --resume latest (output_dir {self.folder.path})", signum)
+
+    def save_checkpoint(self) -> Path:
+        saved = {**self.state.to_checkpoint(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        return ckpt.save_checkpoint(self.folder.checkpoints, self.state.step, self.unwrapped, saved,
+                                    self.tc.keep_checkpoints)
+
+    def check_finite(self) -> None:
+        """Raise if any process saw a NaN/inf loss. Called where a host sync happens anyway (logging) and before
+        every save, so no checkpoint holds weights a non-finite step has touched."""
+        bad = self.accelerator.gather(self.first_bad[None])
+        bad = bad[bad > 0]
+        if not bad.numel():
+            return
+        at = int(bad.min())
+        # The weights saved at step at-1 are the ones that gave the non-finite loss: not a good checkpoint.
+        good = [c for c in ckpt.list_checkpoints(self.folder.checkpoints) if int(c.name.split("-")[1]) <= at - 2]
+        raise NonFiniteLoss(
+            f"loss became non-finite at step {at}; lower train.lr, or use compute_dtype bf16/fp32 instead of fp16; "
+            f"nothing from that step on was saved (last good checkpoint: {good[-1] if good else 'none'}"
+            + (f"; continue with --resume {good[-1].name} --set train.lr=..." if good else "") + ")")
+
+    # ================================================================================================== finish
+    def finish(self) -> dict[str, Any]:
+        """The best adapter back in place → evaluated on every split → saved with the reports."""
+        st, acc = self.state, self.accelerator
+        best = st.best
+        if best.weights is not None and best.step != st.step:
+            restore_adapter(acc, self.model, self.unwrapped, best.weights)
+            log.info("restored the best adapter (step %d)", best.step)
+        # The validation result of the best step is reused when it is the current model: no second pass.
+        current = self.last_validation is not None and self.last_validation[0] == st.step and best.step == st.step
+        reuse = {"validation": self.last_validation[1]} if current else {}
+        after = {**self.evaluate([n for n in self.eval_loaders if n not in reuse]), **reuse}
+        after = {n: after[n] for n in self.eval_loaders}
+        results: dict[str, Any] = {"before": st.before, "after": after}
+        if self.forgetting is not None:  # not a split: the model against its own base on general text
+            results["forgetting"] = {"before": st.forgetting.before, "after": self.forgetting.measure(
+                self.model, acc, st.forgetting.before)}
+        self.info.update(best_step=best.step or st.step, steps_done=st.step, stopped=self.stopped)
+        save_adapter(acc, self.unwrapped, self.folder.adapter, self.session.loaded.tokenizer)  # every process
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self._write_reports(results, after, best.step != st.step)
+        acc.end_training()
+        return results
+
+    def _write_reports(self, results: dict[str, Any], after: dict[str, Any], restored: bool) -> None:
+        final = {**after, **({"forgetting": results["forgetting"]["after"]} if "forgetting" in results else {})}
+        for split, metrics in final.items():
+            if split != "validation" or restored:  # else already logged at this step
+                self.folder.log({"step": self.state.step, "split": split, "final": True, **metrics})
+        self.folder.write_json(RESULTS, results)
+        self.folder.write_json(RUN_INFO, self.info)
+        plot_curves(self.folder.metrics, self.folder / CURVES)
+        log.info("after training: %s", after)
+
+
+def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run a recipe end to end; return ``eval_results`` (also written to ``output_dir``)."""
+    return Trainer(recipe, resume, overwrite).run()

@@ -1,0 +1,29 @@
+"""The classification objective: text pairs get segment ids, right padding."""
+
+from conftest import build_bert_tokenizer, prepare, write_jsonl
+
+from lora_ft.objectives.classification import pad_right
+from lora_ft.recipe import DataConfig
+
+
+def test_text_pairs_get_segment_ids_and_two_separators(tmp_path):
+    btok = build_bert_tokenizer()
+    rows = [{"question": "what does the cat say", "answer": "the cat says meow", "label": "yes"},
+            {"question": "is the rain big", "answer": "the stock market is small today", "label": "no"}]
+    p = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = DataConfig(train=str(p), text_column="question", text_pair_column="answer")
+    data = prepare(cfg, "sequence_classification", btok, 0)
+    sep = btok.sep_token_id
+    for row, raw in zip(data.splits["train"], rows, strict=True):
+        ids, types = row["input_ids"], row["token_type_ids"]
+        assert ids.count(sep) == 2 and ids[-1] == sep and ids[0] == btok.cls_token_id
+        first_sep = ids.index(sep)
+        # segment 0: [CLS] question [SEP]; segment 1: answer [SEP]
+        assert types == [0] * (first_sep + 1) + [1] * (len(ids) - first_sep - 1)
+        assert btok.decode(ids[1:first_sep]) == raw["question"]
+        assert btok.decode(ids[first_sep + 1 : -1]) == raw["answer"]
+    batch = pad_right([data.splits["train"][i] for i in range(2)], btok.pad_token_id)
+    assert batch["token_type_ids"].shape == batch["input_ids"].shape and (batch["token_type_ids"] == 1).any()
+    # a pair longer than max_length is truncated, and counted
+    short = prepare(cfg.model_copy(update={"max_length": 8}), "sequence_classification", btok, 0)
+    assert short.stats["train"]["truncated"] == 2 and short.stats["train"]["max_tokens"] == 8

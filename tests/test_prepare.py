@@ -1,0 +1,59 @@
+"""Preparing task data through the objective: formats, columns, truncation, labels, carved validation."""
+
+import pytest
+from conftest import build_bert_tokenizer, chat_rows, labelled_text, prepare, write_jsonl
+
+from lora_ft.errors import RecipeError
+from lora_ft.recipe import DataConfig
+
+
+def test_formats_detected_and_masked(tmp_path, tok):
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "What does the owl say?", "completion": "hoot"}])
+    alp = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Name the sound", "input": "owl", "output": "hoot"}])
+    txt = write_jsonl(tmp_path / "t.jsonl", [{"text": "the cat says meow"}])
+    for path, fmt in ((pc, "prompt_completion"), (alp, "alpaca"), (txt, "text")):
+        data = prepare(DataConfig(train=str(path)), "causal_lm", tok, 0)
+        assert data.format == fmt
+        row = data.splits["train"][0]
+        if fmt == "text":
+            assert row["labels"] == row["input_ids"]
+        else:
+            assert labelled_text(tok, row) == "hoot<|im_end|>"
+
+
+def test_missing_columns_list_the_present_ones(tmp_path, tok):
+    p = write_jsonl(tmp_path / "x.jsonl", [{"question": "a", "answer": "b"}])
+    with pytest.raises(RecipeError, match=r"columns \['question', 'answer'\]"):
+        prepare(DataConfig(train=str(p)), "causal_lm", tok, 0)
+    with pytest.raises(RecipeError, match=r"column\(s\) \['msgs'\] not found; columns present"):
+        prepare(DataConfig(train=str(p), format="messages", messages_column="msgs"), "causal_lm", tok, 0)
+
+
+def test_truncation_is_counted_and_answerless_examples_dropped(tmp_path, tok):
+    rows = chat_rows(4, 0) + [{"messages": [{"role": "user", "content": "word " * 80},
+                                            {"role": "assistant", "content": "ok"}]}]
+    p = write_jsonl(tmp_path / "t.jsonl", rows)
+    data = prepare(DataConfig(train=str(p), max_length=40), "causal_lm", tok, 0)
+    assert data.stats["train"]["truncated"] == 1 and data.stats["train"]["dropped"] == 1
+    assert data.stats["train"]["examples"] == 4
+    with pytest.raises(RecipeError, match="raise max_length"):
+        prepare(DataConfig(train=str(p), max_length=8), "causal_lm", tok, 0)
+
+
+def test_classification_labels_from_train_and_unseen_labels_rejected(tmp_path):
+    btok = build_bert_tokenizer()
+    tr = write_jsonl(tmp_path / "tr.jsonl", [{"text": "rain", "label": "weather"}, {"text": "cash", "label": "money"}])
+    va = write_jsonl(tmp_path / "va.jsonl", [{"text": "snow", "label": "sport"}])
+    data = prepare(DataConfig(train=str(tr)), "sequence_classification", btok, 0)
+    assert data.id2label == {0: "money", 1: "weather"}
+    assert [r["labels"] for r in data.splits["train"]] == [1, 0]
+    with pytest.raises(RecipeError, match=r"label\(s\) \['sport'\] never occur in the training data"):
+        prepare(DataConfig(train=str(tr), validation=str(va)), "sequence_classification", btok, 0)
+
+
+def test_validation_split_is_carved_with_the_seed(tmp_path, tok):
+    p = write_jsonl(tmp_path / "t.jsonl", chat_rows(50, 0))
+    a = prepare(DataConfig(train=str(p), validation_split=0.2), "causal_lm", tok, 7)
+    b = prepare(DataConfig(train=str(p), validation_split=0.2), "causal_lm", tok, 7)
+    assert len(a.splits["validation"]) == 10 and len(a.splits["train"]) == 40
+    assert a.splits["validation"]["input_ids"] == b.splits["validation"]["input_ids"]

@@ -1,0 +1,212 @@
+"""Recipe schema: defaults, strict keys with did-you-mean, all errors at once, overrides, paths."""
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lora_ft.errors import RecipeError
+from lora_ft.recipe import ModelConfig, Recipe, load_recipe, parse_overrides
+
+
+def write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_make_a_valid_recipe(tmp_path):
+    r = load_recipe(write(tmp_path, "data: {train: x.jsonl}\n"))
+    assert r.model.quant == "none" and r.lora.target_modules == "auto" and r.train.schedule == "cosine"
+    assert r.model.trust_remote_code is False
+
+
+def test_good_recipe_and_overrides(tmp_path):
+    p = write(tmp_path, "model: {quant: nf4}\nlora: {r: 4}\ntrain: {lr: 0.001}\n")
+    r = load_recipe(p, ["train.lr=1e-4", "lora.r=8", "lora.target_modules=[q_proj, v_proj]"])
+    assert r.model.quant == "nf4" and r.lora.r == 8 and r.train.lr == pytest.approx(1e-4)
+    assert r.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_typo_gets_did_you_mean(tmp_path):
+    with pytest.raises(RecipeError, match=r"lora\.rank: unknown key \(did you mean 'r'\?\)"):
+        load_recipe(write(tmp_path, "lora: {rank: 8}\n"))
+    with pytest.raises(RecipeError, match=r"trian: unknown key \(did you mean 'train'\?\)"):
+        load_recipe(write(tmp_path, "trian: {lr: 1}\n"))
+
+
+def test_every_error_is_reported_at_once_on_one_line(tmp_path):
+    p = write(tmp_path, "model: {quant: nf5}\nlora: {r: 0, dropout: 1.5}\ntrain: {lr: -1, epoch: 2}\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert "5 problem(s)" in msg and "\n" not in msg
+    for needle in ("model.quant", "lora.r", "lora.dropout", "train.lr", "train.epoch: unknown key"):
+        assert needle in msg
+
+
+def test_wrong_type(tmp_path):
+    with pytest.raises(RecipeError, match=r"train.micro_batch_size: .*integer.*'eight'"):
+        load_recipe(write(tmp_path, "train: {micro_batch_size: eight}\n"))
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    with pytest.raises(RecipeError, match="malformed YAML at line 3, column 1"):
+        load_recipe(write(tmp_path, "model:\n  name: [unclosed\n"))
+
+
+def test_relative_data_paths_resolve_against_the_recipe(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text("{}\n")
+    r = load_recipe(write(tmp_path, "data: {train: d/train.jsonl}\n"))
+    assert r.data.train == str((tmp_path / "d" / "train.jsonl").resolve())
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(RecipeError, match="needs model.task: sequence_classification"):
+        load_recipe(write(tmp_path, "data: {format: classification}\n"))
+    with pytest.raises(RecipeError, match="not both"):
+        load_recipe(write(tmp_path, "data: {validation: v.jsonl, validation_split: 0.1}\n"))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(RecipeError, match="section.key=value"):
+        parse_overrides(["train.lr"])
+
+
+def test_dump_round_trips(tmp_path):
+    r = load_recipe(write(tmp_path, "model: {quant: fp4}\nlora: {r: 2}\n"))
+    again = load_recipe(write(tmp_path, r.dump(), "again.yaml"))
+    assert again == r
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
+        ["model", "lora", "data", "train", "r", "lr", "quant", "name", "task", "epochs", "x"]), c, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=yaml_values)
+def test_random_recipes_either_load_or_raise_recipe_error(tmp_path, tree):
+    import yaml
+
+    p = tmp_path / "fuzz.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    try:
+        assert isinstance(load_recipe(p), Recipe)
+    except RecipeError:
+        pass
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=60))
+def test_random_text_either_loads_or_raises_recipe_error(tmp_path, text):
+    p = tmp_path / "fuzz.yaml"
+    p.write_text("model:\n  quant: nf4\n" + text, encoding="utf-8")
+    try:
+        load_recipe(p)
+    except RecipeError:
+        pass
+
+
+QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart" / "smollm2-qlora-chat.yaml"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_real_recipes_either_load_or_raise_recipe_error(tmp_path, data):
+    """A real recipe with characters deleted, inserted or replaced (indentation, colons, numbers break)."""
+    text = QUICKSTART.read_text(encoding="utf-8")
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(text)))
+        op = data.draw(st.sampled_from(["delete", "insert", "replace"]))
+        piece = data.draw(st.text(alphabet=" :-[]{}\n#'\".0123456789abcx\t&*!|>%@", min_size=1, max_size=3))
+        text = text[:at] + (piece if op != "delete" else "") + text[at + (op != "insert") :]
+    p = tmp_path / "mutated.yaml"
+    p.write_text(text, encoding="utf-8")
+    try:
+        assert isinstance(load_recipe(p), Recipe)
+    except RecipeError as e:
+        assert "\n" not in str(e)
+
+
+DEEP_MAP = "a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 1500))
+
+
+@pytest.mark.parametrize("text", ["[" * 3000 + "]" * 3000, DEEP_MAP, "train: {lr: .inf}", "train: {epochs: .inf}",
+                                  "lora: {alpha: .nan}",
+                                  "train: {warmup: -.inf}"])
+def test_deep_nesting_and_infinite_numbers_are_recipe_errors(tmp_path, text):
+    with pytest.raises(RecipeError, match="nested too deeply|finite number"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_forgetting_guard_refuses_inits_that_rewrite_the_base(tmp_path):
+    with pytest.raises(RecipeError, match="forgetting.enabled compares with the base model, which lora.init 'olora'"):
+        load_recipe(write(tmp_path, "forgetting: {enabled: true}\nlora: {init: olora}\n"))
+    assert load_recipe(write(tmp_path, "forgetting: {enabled: true}\nlora: {init: gaussian}\n")).forgetting.enabled
+
+
+# ------------------------------------------------------------------------------------------------ lora.init
+@pytest.mark.parametrize(("given", "expected"), [("true", True), ("false", False), ("gaussian", "gaussian"),
+                                                 ("pissa", "pissa"), ("OLoRA", "olora")])
+def test_supported_lora_inits_load(tmp_path, given, expected):
+    assert load_recipe(write(tmp_path, f"lora: {{init: {given}}}\n")).lora.init == expected
+
+
+@pytest.mark.parametrize(("given", "needle"), [
+    ("pisa", "lora.init: unknown init 'pisa' (did you mean 'pissa'?)"),
+    ("eva", "lora.init: 'eva' needs a pass over the training data"),
+    ("corda", "lora.init: 'corda' needs peft's preprocess_corda pass"),
+    ("loftq", "lora.init: 'loftq' quantizes the base itself"),
+    ("pissa_niter_4", "lora.init: 'pissa_niter_4' re-runs a randomized SVD when the adapter is loaded, so the "
+                      "saved adapter would not reload faithfully: use 'pissa'"),
+])
+def test_unsupported_lora_inits_are_refused_with_the_fix(tmp_path, given, needle):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, f"lora: {{init: {given}}}\n"))
+    msg = str(e.value)
+    assert needle in msg and "1 problem(s)" in msg and "\n" not in msg
+    if given in ("eva", "corda", "loftq"):
+        assert msg.endswith("use one of true, false, gaussian, pissa, olora")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])
+def test_weight_rewriting_inits_need_an_unquantized_base(tmp_path, init, quant):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, f"model: {{quant: {quant}}}\nlora: {{init: {init}}}\n"))
+    assert f"lora.init: '{init}' rewrites the base weights, which needs them in full precision, not model.quant " \
+           f"{quant}: set model.quant: none, or lora.init: true" in str(e.value)
+    ok = load_recipe(write(tmp_path, f"model: {{quant: {quant}}}\nlora: {{init: gaussian}}\n"))
+    assert (ok.model.quant, ok.lora.init) == (quant, "gaussian")
+
+
+def test_init_problems_are_reported_with_the_other_problems(tmp_path, capsys):
+    p = write(tmp_path, "model: {quant: nf4}\nlora: {init: pissa}\ntrain: {lr: -1, epoch: 2}\ndata: {train: x.jsonl}\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert "3 problem(s)" in msg and "\n" not in msg
+    assert "lora.init: 'pissa' rewrites the base weights" in msg and "train.lr" in msg and "train.epoch" in msg
+    # `lora-ft validate` reads recipes the same way: it fails without loading anything.
+    from lora_ft.cli import main
+
+    p = write(tmp_path, "lora: {init: eva}\n", "eva.yaml")
+    assert main(["validate", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-ft: error: ") and "lora.init: 'eva' needs" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------ compute dtype
+def test_auto_compute_dtype_is_bf16_only_on_gpus_that_support_it():
+    auto, fp16 = ModelConfig(), ModelConfig(compute_dtype="fp16")
+    assert auto.resolved_compute_dtype(cuda=True, bf16_supported=True) == "bf16"
+    assert auto.resolved_compute_dtype(cuda=True, bf16_supported=False) == "fp32"
+    assert auto.resolved_compute_dtype(cuda=False, bf16_supported=True) == "fp32"
+    assert auto.resolved_compute_dtype(cuda=False, bf16_supported=False) == "fp32"
+    assert fp16.resolved_compute_dtype(cuda=False, bf16_supported=False) == "fp16"  # explicit wins

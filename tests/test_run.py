@@ -1,0 +1,74 @@
+"""The run folder: a run is never trained into twice, --overwrite clears only what is a run's, and a saved run
+reads back with its recipe, labels and merges."""
+
+import json
+
+import pytest
+from conftest import make_recipe
+
+from lora_ft.errors import RunError
+from lora_ft.run import MERGE_REPORT, RUN_INFO, RunFolder, labels_of, merged_folder, open_run
+
+
+def _fake_run(tmp_path, tiny_llama, chat_data, info=None):
+    recipe = make_recipe(tiny_llama, chat_data, tmp_path / "run")
+    folder = RunFolder(recipe.output_dir)
+    folder.start(recipe, info or {"id2label": {"0": "a", "1": "b"}, "compute_dtype": "bf16"}, fresh=True)
+    (folder.adapter).mkdir()
+    (folder.adapter / "adapter_config.json").write_text("{}")
+    return recipe, folder
+
+
+def test_a_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, tiny_llama, chat_data):
+    _, folder = _fake_run(tmp_path, tiny_llama, chat_data)
+    with pytest.raises(RunError, match="already holds a run; pass --resume latest"):
+        folder.check_new(None, False)
+    folder.check_new("latest", False)
+    folder.check_new(None, True)
+    RunFolder(tmp_path / "empty").check_new(None, False)
+
+
+def test_clear_removes_the_runs_outputs_and_keeps_other_files(tmp_path, tiny_llama, chat_data):
+    _, folder = _fake_run(tmp_path, tiny_llama, chat_data)
+    folder.log({"step": 1, "loss": 2.0})
+    (folder.checkpoints / "step-00000001").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    folder.clear()
+    assert sorted(p.name for p in folder.path.iterdir()) == ["notes.txt"]
+
+
+def test_a_saved_run_reads_back_with_its_recipe_labels_and_dtype(tmp_path, tiny_llama, chat_data):
+    recipe, folder = _fake_run(tmp_path, tiny_llama, chat_data)
+    folder.log({"step": 1, "loss": 2.0})
+    folder.log({"step": 1, "split": "validation", "loss": 2.5})
+    run = open_run(folder.path)
+    assert run.recipe == recipe and run.id2label == {0: "a", 1: "b"} and run.compute_dtype == "bf16"
+    assert run.causal and not run.quantized and run.adapter_dir == folder.path / "adapter"
+    assert [r["loss"] for r in folder.read_metrics()] == [2.0, 2.5]
+    assert labels_of({}) is None and json.loads((folder / RUN_INFO).read_text())["compute_dtype"] == "bf16"
+
+
+def test_opening_a_folder_that_is_no_run_or_has_no_adapter_says_which(tmp_path, tiny_llama, chat_data):
+    with pytest.raises(RunError, match="is not a lora_ft run \\(no run_config.yaml\\)"):
+        open_run(tmp_path)
+    _, folder = _fake_run(tmp_path, tiny_llama, chat_data)
+    (folder.adapter / "adapter_config.json").unlink()
+    with pytest.raises(RunError, match="has no trained adapter"):
+        open_run(folder.path)
+    assert open_run(folder.path, need_adapter=False).info["compute_dtype"] == "bf16"
+
+
+def test_merged_folder_is_the_default_or_the_latest_passing_merge_elsewhere(tmp_path, tiny_llama, chat_data):
+    _, folder = _fake_run(tmp_path, tiny_llama, chat_data)
+    run = open_run(folder.path)
+    assert merged_folder(run) == folder.path / "merged"
+    elsewhere, failed = tmp_path / "m1", tmp_path / "m2"
+    for out in (elsewhere, failed):
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+    folder.write_json(MERGE_REPORT, {
+        "dequantized-fp32": {"saved": True, "passed": True, "out": str(elsewhere), "written": "2026-01-01T00:00:00"},
+        "original-fp32": {"saved": True, "passed": False, "out": str(failed), "written": "2026-01-02T00:00:00"}})
+    assert merged_folder(run) == elsewhere
+    (folder / "merged").mkdir()
+    assert merged_folder(run) == folder.path / "merged"
