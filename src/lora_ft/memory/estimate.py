@@ -22,8 +22,8 @@ module, and the rules lora_ft applies when it really loads the model decide what
 The prediction is the peak of tensor memory (what ``torch.cuda.max_memory_allocated`` reports); the framework
 overhead (CUDA context, allocator slack, or the Python process on the CPU) is added before comparing with a budget.
 ``training.measure.measure_peak`` measures the same quantity on this machine, for ``scripts/bench_plan.py`` and the
-tests. The terms were checked on the CPU (fp32 and bf16 autocast, with and without checkpointing); the CUDA-only ones (bool
-dropout masks, the overhead constants) follow the CUDA code paths and have not been measured on a GPU yet.
+tests. The terms were checked on the CPU (fp32 and bf16 autocast, with and without checkpointing); the CUDA-only
+ones (bool dropout masks, the overhead constants) follow the CUDA code paths and have not been measured on a GPU yet.
 """
 
 from __future__ import annotations
