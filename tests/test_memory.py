@@ -113,6 +113,8 @@ CASES = [
     ("llama", "none", 128, {"model": {"compute_dtype": "bf16"}}),
     ("llama", "none", 128, {"train": {"gradient_checkpointing": True}, "lora": {"dropout": 0.0}}),
     ("llama", "int8", 32, {"lora": {"dropout": 0.0}}),  # int8 and LoRA share their saved input
+    # The llama cases above pack (data.packing auto); these measure left-padded batches.
+    *[("llama", q, 128, {"data": {"packing": False}}) for q in ("none", "nf4")],
 ]
 
 
@@ -273,9 +275,11 @@ def test_plan_command_prints_the_breakdown_and_what_fits(tmp_path, capsys):
 
 def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     """Checkpointing and 4-bit shrink the plan; without checkpointing, autocast keeps a 16-bit copy of every
-    frozen unquantized weight; the logits follow the answer fraction; batch 1 has no padding mask."""
-    def est(quant="none", gc=False, device="cuda", b=4, frac=1.0):
-        recipe = recipe_for(small_llama, quant=quant, train={"gradient_checkpointing": gc})
+    frozen unquantized weight; unpacked, the logits follow the answer fraction and batch 1 has no padding mask;
+    packed, every position may carry a label and even one row has a mask."""
+    def est(quant="none", gc=False, device="cuda", b=4, frac=1.0, packing=False):
+        recipe = recipe_for(small_llama, quant=quant, train={"gradient_checkpointing": gc},
+                            data={"packing": packing})
         return estimate(model_shape(recipe), setting_for(recipe, device), b, 256, frac)
 
     assert est(gc=True).peak < est().peak
@@ -289,7 +293,12 @@ def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     # chunked: one chunk (fp32 + 16-bit logits) and two hidden-size vectors per position, not three full copies
     assert shape.chunked_loss and positions < chunked_loss.chunk_rows(shape.vocab)
     assert logits == pytest.approx(6 * positions * shape.vocab + 2 * 4 * positions * shape.hidden + head16)
-    s_cuda = setting_for(recipe_for(small_llama), "cuda")
+    unpacked = recipe_for(small_llama, data={"packing": False})
+    s_cuda = setting_for(unpacked, "cuda")
     assert _loss_bytes(shape, s_cuda, 4, 128, chunked=False)[0] == 3 * 4 * positions * shape.vocab + head16
-    one = layer_terms(shape, setting_for(recipe_for(small_llama), "cpu"), 1)
-    assert not one.per_token_seq  # no mask to save
+    assert not layer_terms(shape, setting_for(unpacked, "cpu"), 1).per_token_seq  # no mask to save
+    packed = setting_for(recipe_for(small_llama), "cpu")
+    assert packed.packed and layer_terms(shape, packed, 1).per_token_seq  # the example boundaries' mask
+    logits_packed = {r.label: r.bytes for r in est(frac=0.5, packing=True).rows}["logits + loss *"]
+    assert logits_packed == pytest.approx(6 * 2 * positions * shape.vocab + 2 * 4 * 2 * positions * shape.hidden
+                                          + head16)  # all 256 positions of each row
