@@ -189,7 +189,7 @@ def test_remote_code_runs_only_when_the_recipe_says_so_and_is_warned_first(tiny_
         return real(source, **kwargs)
 
     monkeypatch.setattr(model_mod.AutoTokenizer, "from_pretrained", spy)
-    model_mod.warn_remote_code.cache_clear()
+    model_mod._warn_once.cache_clear()
     with caplog.at_level("WARNING", logger="lora_ft.modeling.loading"):
         model_mod.load_tokenizer(str(tiny_llama), ModelConfig(name=str(tiny_llama)))
         model_mod.load_tokenizer(str(tiny_llama), ModelConfig(name=str(tiny_llama), trust_remote_code=True))

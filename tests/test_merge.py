@@ -173,9 +173,11 @@ def test_nf4_classifier_head_survives_the_merge(tiny_bert, cls_data, tmp_path_fa
 def test_merge_errors_are_one_line_with_exit_2(fp32_run, tmp_path, capsys):
     assert main(["merge", str(tmp_path)]) == 2
     assert "is not a lora_ft run" in capsys.readouterr().err
-    assert main(["merge", str(fp32_run), "--examples", "0"]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse, with lora_ft's one-line errors (arguments.Parser)
+        main(["merge", str(fp32_run), "--examples", "0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--examples 0" in err[0]
+    assert refused.value.code == 2 and err == ["lora-ft: error: merge: argument --examples: must be at least 1 (got 0) "
+                                               "(see lora-ft merge --help)"]
     # --out never replaces something that is not an earlier merge (the run itself, a folder of other files).
     other = tmp_path / "notes"
     other.mkdir()
@@ -249,11 +251,15 @@ def test_a_merge_that_cannot_be_written_keeps_the_earlier_merge(fp32_run, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
-def test_nf4_adapter_card_loads_the_base_quantized_as_in_training(nf4_run, tmp_path, capsys):
+def test_nf4_adapter_card_loads_the_base_quantized_as_in_training(nf4_run, tmp_path, capsys, monkeypatch):
     """The card's snippet, run as written, reproduces the evaluated adapter model (nf4 base); the old snippet
     (the adapter on the full-precision base) did not."""
     from huggingface_hub import ModelCard
     from peft import AutoPeftModelForCausalLM
+
+    # The published adapter names its base by the folder's name (never this machine's path to it): run the snippet
+    # where that name is the base's folder, as the Hub id would be on the Hub.
+    monkeypatch.chdir(Path(open_run(nf4_run).recipe.model.name).parent)
 
     assert main(["push", str(nf4_run), "--repo", "alice/tiny-nf4", "--dry-run"]) == 0
     capsys.readouterr()
