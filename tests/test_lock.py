@@ -106,3 +106,53 @@ def test_a_lock_of_another_host_is_honoured_while_its_heartbeat_lives(age, held,
             assert read_holder(lock_file)["pid"] == os.getpid()
         assert "taking over the lock left by pid 4242 on host gpu-node-7" in caplog.text
         assert "no heartbeat for" in caplog.text
+
+
+def test_a_second_train_into_a_running_runs_folder_refuses_and_a_killed_run_is_taken_over(tiny_llama, chat_data,
+                                                                                          tmp_path, capsys):
+    """The issue's case: `train --overwrite` into the folder of a run in progress (another real process) used to
+    delete its metrics and checkpoints. It refuses at once, naming that process, and changes nothing; after the
+    process is killed, `--resume latest` takes the lock over and finishes the run."""
+    import hashlib
+
+    import yaml
+
+    from lora_ft.cli import main
+
+    out = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_llama)}, "data": {"train": str(chat_data["train"]), "max_length": 128},
+        "train": {"max_steps": 100000, "micro_batch_size": 2, "checkpoint_every": 1, "keep_checkpoints": 2},
+        "output_dir": str(out)}))
+    proc = subprocess.Popen([sys.executable, "-m", "lora_ft", "train", str(recipe)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                                            "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "step-00000002").exists():  # training, and checkpointing
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        holder = read_holder(out / ".lora_ft.lock")
+        assert main(["train", str(recipe), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == (f"lora-ft: error: output_dir {out} is in use by another lora_ft process: pid {proc.pid} on host "
+                       f"{holder['host']}, started {holder['started']} (lora-ft train {recipe}); wait for it to finish "
+                       "or stop it, or choose another output_dir")
+        # Nothing of the running run was touched: its config stays, nothing was set aside.
+        config = hashlib.sha256((out / "run_config.yaml").read_bytes()).hexdigest()
+        assert (out / "metrics.jsonl").is_file() and not (out / ".lora_ft.replaced").exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert hashlib.sha256((out / "run_config.yaml").read_bytes()).hexdigest() == config
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "/adapter/" not in str(p))
+    latest = max(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    steps = int(latest.removeprefix("step-")) + 1
+    assert main(["train", str(recipe), "--resume", "latest", "--set", f"train.max_steps={steps}"]) == 0
+    assert f"taking over the lock left by pid {proc.pid}" in capsys.readouterr().err
+    after = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "/adapter/" not in str(p)
+                   and not str(p.relative_to(out)).startswith("adapter/"))
+    print(f"\nlock, after kill -9 of the holder: {before}\nafter the takeover run: {after}", file=sys.__stdout__)
+    assert ".lora_ft.lock" in before and ".lora_ft.lock" not in after
+    assert json.loads((out / "run_info.json").read_text())["steps_done"] == steps

@@ -293,3 +293,31 @@ def test_nf4_adapter_card_loads_the_base_quantized_as_in_training(nf4_run, tmp_p
     assert kl(ref, logits_on(model, tok, texts)).mean().item() < 1e-6
     full_precision = AutoPeftModelForCausalLM.from_pretrained(folder).eval()
     assert kl(ref, logits_on(full_precision, tok, texts)).mean().item() > KL_LIMITS["fp32"]
+
+
+def test_a_signal_during_the_save_of_a_merge_leaves_everything_as_it_was(fp32_run, tmp_path, capsys, monkeypatch):
+    """SIGTERM landed inside the write of the merged weights (a hook in save_pretrained): one line, exit 143, no
+    half-written folder, the earlier merge and merge_report.json untouched, the run unlocked."""
+    import os
+    import signal
+
+    from transformers import PreTrainedModel
+
+    out = tmp_path / "m"
+    assert main(["merge", str(fp32_run), "--out", str(out), "--examples", "4"]) == 0
+    capsys.readouterr()
+    before = tree_hashes(out), (fp32_run / "merge_report.json").read_bytes()
+    real = PreTrainedModel.save_pretrained
+
+    def signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", signalled)
+    assert main(["merge", str(fp32_run), "--out", str(out), "--examples", "4", "--dtype", "bf16"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("lora-ft: interrupted (SIGTERM) during lora-ft merge; nothing of this merge was saved (an earlier "
+                   "merged model and merge_report.json are as they were); run the command again to start over")
+    assert (tree_hashes(out), (fp32_run / "merge_report.json").read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no .m.tmp, no .m.old
+    assert not (fp32_run / ".lora_ft.lock").exists()

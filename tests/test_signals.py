@@ -188,3 +188,31 @@ def test_an_interrupted_overwrite_puts_the_old_run_back(tiny_llama, chat_data, t
     assert main(["train", str(recipe), "--set", "train.max_steps=2", "--overwrite"]) == 0
     assert json.loads((out / "run_info.json").read_text())["steps_done"] == 2
     assert not (out / ".lora_ft.replaced").exists()
+
+
+def test_a_signal_while_the_best_adapter_is_evaluated_keeps_both_it_and_the_last_steps_state(
+        tiny_llama, chat_data, tmp_path, monkeypatch, capsys):
+    """Early stopping put an earlier (best) adapter back before the final evaluation: a signal there saves the
+    best adapter as the run's result and a checkpoint of the last step's state; --resume latest trains no further
+    (the stop is part of the state) and writes the reports for that same adapter."""
+    recipe, out = _recipe(tmp_path, tiny_llama, chat_data, lr=0.3, schedule="constant", eval_every=2,
+                          early_stopping_patience=2, max_steps=40), tmp_path / "run"
+    _signal_in(monkeypatch, "evaluate", lambda t: t.signals.current == "the final evaluation" and
+               t.final_weights is not None)
+    assert main(["train", str(recipe)]) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    ckpt = next((out / "checkpoints").iterdir())
+    stop = int(ckpt.name.removeprefix("step-"))
+    assert err == (f"lora-ft: interrupted during the final evaluation (training finished at step {stop}); the trained "
+                   f"adapter was saved to {out}/adapter (not evaluated) and a checkpoint to {ckpt}; finish the "
+                   f"evaluation and reports with: lora-ft train {recipe} --resume latest (output_dir {out})")
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert state["stopped"].startswith("early stopping") and 0 < state["best"]["step"] < stop
+    best, last = _weights(out / "adapter"), _weights(ckpt / "adapter")
+    assert any(not torch.equal(best[k], last[k]) for k in best)  # the result is the best, the state the last step
+    monkeypatch.undo()
+    assert main(["train", str(recipe), "--resume", "latest"]) == 0
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["steps_done"] == stop and info["best_step"] == state["best"]["step"]
+    after = _weights(out / "adapter")
+    assert all(torch.equal(best[k], after[k]) for k in best)

@@ -34,6 +34,7 @@ from .distributed import adapter_snapshot, restore_adapter, save_adapter, scale_
 from .evaluation import evaluate_all
 from .freezing import FreezeSchedule
 from .guards import ForgettingGuard
+from .interruption import FINAL_EVALUATION, interrupted
 from .neftune import activate_neftune
 from .param_groups import param_groups
 from .report import plot_curves, tracker_config
@@ -58,7 +59,6 @@ class Trainer:
         self.recipe, self.resume, self.overwrite = recipe, resume, overwrite
         self.folder = RunFolder(recipe.output_dir)
         self.state = LoopState()
-        self.stopped: str | None = None  # why training ended early (early stopping, forgetting guard)
         self.last_validation: tuple[int, dict[str, float]] | None = None  # reused at the end when still current
         self.session: Session | None = None
         self.signals = Signals()
@@ -73,7 +73,8 @@ class Trainer:
         SIGINT/SIGTERM end any phase cleanly: during the training steps after the current step, with a checkpoint
         (``train``); during setup or the first evaluation at once (nothing is trained yet); during the final
         evaluation at once, keeping the trained adapter and a checkpoint that finishes the run; during the final
-        save after it (``finish``). Each says what was kept and the command that continues (``_interrupted``).
+        save after it (``finish``). Each says what was kept and the command that continues
+        (``interruption.py``).
         """
         with self.signals:
             try:
@@ -84,7 +85,7 @@ class Trainer:
                 self.train()
                 return self.finish()
             except Interrupted as e:
-                raise self._interrupted(e) from None
+                raise interrupted(self, e) from None
             finally:
                 self._close()
 
@@ -243,7 +244,7 @@ class Trainer:
                 self.folder.log({"step": st.step, "split": "forgetting", **forgot})
             breach = self.forgetting.judge(forgot, st.step, st.forgetting, st.best, self.snapshot)
             if breach is not None:
-                self.stopped = breach
+                self.state.stopped = breach
                 log.warning(breach)
                 return True
         return st.best.patience_exhausted(tc.early_stopping_patience)
@@ -303,7 +304,7 @@ class Trainer:
                    dynamic_ncols=True)
         # A signal is answered after the current step, with a checkpoint (_answer_signal_or_checkpoint).
         with self.signals.phase("the current training step", immediate=False), bar:  # bar: errors on a clean line
-            while st.step < self.total_steps and self.stopped is None:
+            while st.step < self.total_steps and self.state.stopped is None:
                 t0 = time.perf_counter()
                 if change := self.freeze.apply(st.step):
                     log.info("freeze schedule: %s", change)
@@ -322,8 +323,8 @@ class Trainer:
         for hook in (neftune.remove if neftune else None, untrim):
             if hook is not None:
                 hook()
-        if self.validating and self.stopped is None:
-            with self.signals.phase("the final evaluation"):
+        if self.validating and self.state.stopped is None:
+            with self.signals.phase(FINAL_EVALUATION):
                 self.evaluate_and_track()
 
     def _log_step(self, loss_sum: torch.Tensor, n_items: torch.Tensor, norm: torch.Tensor | None, bar) -> None:
@@ -351,10 +352,10 @@ class Trainer:
         st.evaluated_epoch = finished
         due = (tc.eval_every and st.step % tc.eval_every == 0) or epoch_done
         if self.validating and st.step < self.total_steps and due and self.evaluate_and_track() \
-                and self.stopped is None:
-            self.stopped = (f"early stopping at step {st.step}: validation loss did not improve for "
+                and self.state.stopped is None:
+            self.state.stopped = (f"early stopping at step {st.step}: validation loss did not improve for "
                             f"{tc.early_stopping_patience} evaluations")
-            log.info(self.stopped)
+            log.info(self.state.stopped)
 
     def _answer_signal_or_checkpoint(self) -> None:
         """One checkpoint on a ``checkpoint_every`` step or a signal (one save, even for both); after a signal,
@@ -409,7 +410,7 @@ class Trainer:
             self.final_weights = self.snapshot()  # for a checkpoint of the last step, should a signal come
             restore_adapter(acc, self.model, self.unwrapped, best.weights)
             log.info("restored the best adapter (step %d)", best.step)
-        with self.signals.phase("the final evaluation"):
+        with self.signals.phase(FINAL_EVALUATION):
             # The validation result of the best step is reused when it is the current model: no second pass.
             current = self.last_validation is not None and self.last_validation[0] == st.step and best.step == st.step
             reuse = {"validation": self.last_validation[1]} if current else {}
@@ -419,7 +420,7 @@ class Trainer:
             if self.forgetting is not None:  # not a split: the model against its own base on general text
                 results["forgetting"] = {"before": st.forgetting.before, "after": self.forgetting.measure(
                     self.model, acc, st.forgetting.before)}
-        self.info.update(best_step=best.step or st.step, steps_done=st.step, stopped=self.stopped)
+        self.info.update(best_step=best.step or st.step, steps_done=st.step, stopped=self.state.stopped)
         with self.signals.phase("the final save", immediate=False):  # a signal waits until all is written
             save_adapter(acc, self.unwrapped, self.folder.adapter, self.session.loaded.tokenizer)  # every process
             acc.wait_for_everyone()
@@ -432,48 +433,6 @@ class Trainer:
                                       f"complete (adapter and reports in {self.folder.path}); nothing to continue",
                                       self.signals.pending)
         return results
-
-    # ============================================================================================ interruption
-    def _interrupted(self, e: Interrupted) -> TrainingInterrupted:
-        """What a signal outside the training steps leaves behind, in one message with the command that continues
-        (``lora-ft train RECIPE ...``: the CLI spells out the recipe and its --set values)."""
-        st = self.state
-        if e.phase == "the final evaluation" and not e.forced:
-            kept = self._save_trained()
-            return TrainingInterrupted(
-                f"interrupted during the final evaluation (training finished at step {st.step}); {kept}; finish the "
-                f"evaluation and reports with: lora-ft train RECIPE --resume latest (output_dir {self.folder.path})",
-                e.signum)
-        latest = ckpt.find_checkpoint(self.folder.checkpoints) if self.started or self.resume else None
-        if self.overwrite and self.folder.aside.exists():
-            kept, again = "the previous run is kept as it was", " --overwrite"
-        elif self.started or self.resume is not None:
-            kept = (f"the last checkpoint is {latest}" if latest else
-                    "no checkpoint was saved yet, so this starts again from step 0")
-            again = " --resume latest"
-        else:
-            kept, again = "nothing was written", ""
-        what = f"aborted by a second Ctrl-C during {e.phase} (step {st.step})" if e.forced else \
-            f"interrupted during {e.phase}" + ("; nothing was trained yet" if st.step == 0 else "")
-        return TrainingInterrupted(f"{what}; {kept}; continue with: lora-ft train RECIPE{again} (output_dir "
-                                   f"{self.folder.path})", e.signum)
-
-    def _save_trained(self) -> str:
-        """A signal during the final evaluation: training is done, so its result is kept: a checkpoint of the last
-        step (``--resume latest`` then only evaluates and writes the reports) and the adapter training chose."""
-        acc, st = self.accelerator, self.state
-        with self.signals.phase("saving the trained adapter", immediate=False):
-            if self.final_weights is not None:  # finish() had put the best adapter in place already
-                restore_adapter(acc, self.model, self.unwrapped, self.final_weights)
-            existing = [c for c in ckpt.list_checkpoints(self.folder.checkpoints) if ckpt.step_of(c) == st.step]
-            path = existing[0] if existing else self.save_checkpoint()
-            if st.best.weights is not None and st.best.step != st.step:
-                restore_adapter(acc, self.model, self.unwrapped, st.best.weights)
-            save_adapter(acc, self.unwrapped, self.folder.adapter, self.session.loaded.tokenizer)
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                self.folder.drop_aside()
-        return f"the trained adapter was saved to {self.folder.adapter} (not evaluated) and a checkpoint to {path}"
 
     def _close(self) -> None:
         """On every exit: an old run set aside by ``--overwrite`` comes back if this run saved nothing of its own;
