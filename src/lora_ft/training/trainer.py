@@ -91,10 +91,12 @@ class Trainer:
 
     # ==================================================================================================== setup
     def setup(self) -> None:
-        """Accelerator and resolved recipe → model, data, optimizer → run folder → resumed state.
+        """Checks and the run lock → accelerator and resolved recipe → model, data, optimizer → run folder → resumed
+        state.
 
-        The order matters: the ``auto`` memory settings decide the micro-batch the loaders are built with; a
-        missing checkpoint must fail before a minute of loading; the run folder is written only once everything
+        The order matters: the run lock comes before anything reads or writes the folder, so a second run refuses
+        at once; the ``auto`` memory settings decide the micro-batch the loaders are built with; a missing or
+        unfitting checkpoint must fail before a minute of loading; the run folder is written only once everything
         that can reject the recipe has run.
         """
         errors, warnings = self.recipe.inert_settings()
