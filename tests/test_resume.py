@@ -108,6 +108,7 @@ SERVED = {
         ["train.max_steps=5", "train.eval_every=1", "train.early_stopping_patience=3", "train.log_every=2",
          "train.checkpoint_every=5", "train.keep_checkpoints=3"], 5, None),
     "learning rate and weight decay": (["train.max_steps=5", "train.lr=3e-3", "train.weight_decay=0.1"], 5, None),
+    "layer-wise learning rates": (["train.max_steps=5", "train.lr_layer_decay=0.5"], 5, None),
     "max_length (served, no longer an exact replay)": (
         ["train.max_steps=5", "data.max_length=100"], 5,
         "--resume step-00000004 with changed data.max_length 128 → 100: the run continues, but no longer replays the "
@@ -123,11 +124,15 @@ def test_a_change_the_checkpoint_can_serve_keeps_working(case, finished, tiny_ll
     assert main(["train", str(recipe), "--resume", "latest", *(x for s in sets for x in ("--set", s))]) == 0
     rows = [r for r in _rows(out) if "split" not in r and "loss" in r]
     assert rows[-1]["step"] == steps and json.loads((out / "run_info.json").read_text())["steps_done"] == steps
-    if "learning rate" in case:
+    if case == "learning rate and weight decay":
         assert rows[-1]["lr"] == pytest.approx(3e-3)
         state = torch.load(out / "checkpoints" / "step-00000005" / "trainer_state.pt", weights_only=True)
         assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.1}
     log = capsys.readouterr().err
+    if "layer-wise" in case:  # the parameter groups are the same; their rates are the recipe's new ones
+        state = torch.load(out / "checkpoints" / "step-00000005" / "trainer_state.pt", weights_only=True)
+        lrs = {g["name"]: g["lr"] for g in state["optimizer"]["param_groups"]}
+        assert lrs["layer1"] == pytest.approx(1e-2) and lrs["layer0"] == pytest.approx(5e-3)
     if warning:
         assert warning in log
     else:

@@ -49,7 +49,7 @@ def read_splits(cfg: DataConfig, need_train: bool = True,
         if spec:
             raw[name] = spec, read_split(spec, name)
     for name, spec in (extra or {}).items():
-        raw[name] = spec, read_split(spec, name)
+        raw[name] = spec, read_split(spec, name, "--data")  # the file a command was given
     return raw
 
 

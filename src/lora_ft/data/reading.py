@@ -36,13 +36,13 @@ def local_problem(spec: str) -> str | None:
     return None
 
 
-def read_split(spec: str, split: str) -> datasets.Dataset:
+def read_split(spec: str, split: str, field: str | None = None) -> datasets.Dataset:
     """A local jsonl/json/csv/parquet file, or a Hub dataset id (its split named ``split``).
 
-    ``split`` names the recipe field in messages: ``train`` → ``data.train``; a dotted name (``forgetting.reference``)
-    or a flag (``--data``) is used as it is.
+    ``field``: the recipe field or flag that named the file, for messages (default ``data.<split>``, or ``split``
+    itself when it is dotted, as ``forgetting.reference``).
     """
-    field = split if "." in split or split.startswith("-") else f"data.{split}"
+    field = field or (split if "." in split else f"data.{split}")
     if is_local(spec):
         problem = local_problem(spec)
         if problem:

@@ -162,7 +162,7 @@ def predict_file(im: InferenceModel, data_file: str, out: str | Path, batch_size
     and ``probabilities`` (label name → probability). Returns a summary (with accuracy when labels are given)."""
     if im.causal:
         raise UsageError("this run is a causal LM: use 'lora-ft generate' or 'lora-ft chat'")
-    ds = read_split(data_file, "predict")
+    ds = read_split(data_file, "predict", "--data")
     need = [c for c in (im.text_column, im.text_pair_column) if c]
     missing = [c for c in need if c not in ds.column_names]
     if missing:

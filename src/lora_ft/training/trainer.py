@@ -440,9 +440,11 @@ class Trainer:
         """On every exit: an old run set aside by ``--overwrite`` comes back if this run saved nothing of its own;
         the run lock is released."""
         if self.lock is not None:
-            self.folder.restore_aside()
-            self.lock.release()
-            self.lock = None
+            try:
+                self.folder.restore_aside()
+            finally:
+                self.lock.release()
+                self.lock = None
 
     def _write_reports(self, results: dict[str, Any], after: dict[str, Any], restored: bool) -> None:
         final = {**after, **({"forgetting": results["forgetting"]["after"]} if "forgetting" in results else {})}
