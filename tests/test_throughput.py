@@ -24,6 +24,9 @@ def test_flop_weights_are_the_linear_layers_by_role_whatever_their_storage(tiny_
     assert shapes and counts.step(tokens=10, labelled=3) == 10 * (4 * counts.frozen + 6 * lora) + 3 * 4 * counts.head
 
 
-def test_the_matmul_peak_is_measured_once_per_process():
+def test_the_matmul_peak_is_measured_once_per_process_and_draws_nothing_from_the_global_rng():
+    matmul_peak.cache_clear()
+    state = torch.get_rng_state()
     first = matmul_peak("cpu", torch.float32)
+    assert torch.equal(torch.get_rng_state(), state)  # dropout masks after a resume must not depend on it
     assert first > 1e9 and matmul_peak("cpu", torch.float32) == first  # GFLOP/s range on any CPU

@@ -61,8 +61,11 @@ def count_flop_weights(model: torch.nn.Module) -> FlopCounts:
 def matmul_peak(device: str, dtype: torch.dtype) -> float:
     """Best FLOP/s of a ``MATMUL_SIZE``² matmul in ``dtype`` on ``device`` (one measurement per process)."""
     n = MATMUL_SIZE
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: the global one drives dropout, and a resumed run measures at another step than the
+    # uninterrupted one did, so drawing from it would change every later mask.
+    g = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     out = torch.empty(n, n, device=device, dtype=dtype)
     best = float("inf")
     for rep in range(4):
