@@ -9,11 +9,11 @@ new head), the new head and pooler trained in full (peft ``modules_to_save``), m
 AdamW at lr 1e-3 with a cosine schedule and 10% warmup, clipping at 1.0, seed 42, no evaluation during training.
 
 - **lora_ft**: ``lora_ft.training.trainer.train`` with its defaults otherwise (length-grouped batches in windows
-  of 4, fused LoRA dropout, heap trimming on the CPU; ``--no-trim`` turns that off).
+  of 4, fused LoRA dropout, ``train.trim_cpu_memory: auto``, off for this job; ``--no-trim`` forces it off).
 - **Trainer** + peft, as their documentation does QLoRA classification: ``AutoModelForSequenceClassification``
   with a ``BitsAndBytesConfig``, ``prepare_model_for_kbit_training``, ``get_peft_model``, dynamic padding
-  (``DataCollatorWithPadding``): ``trainer-default``, and ``trainer-grouped`` (``group_by_length=True``: batches of
-  similar length, its best setting for padding on the CPU).
+  (``DataCollatorWithPadding``): ``trainer-default``, and ``trainer-grouped``
+  (``train_sampling_strategy="group_by_length"``: batches of similar length, its best setting for padding on the CPU).
 
 Each side runs in its own fresh process, one after the other. **tokens/s**: real (non-padding) tokens of the
 training examples seen ÷ the training loop's time (lora_ft's own ``tokens_per_s``; the Trainer's timed by a
@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes/quickstart/minilm-lora-classify.yaml"
@@ -62,7 +64,7 @@ def source() -> str:
     return resolve_source(MODEL)
 
 
-def recipe(out: str, epochs: float, trim: bool):
+def recipe(out: str, epochs: float, trim: str):
     from lora_ft.recipe import load_recipe
 
     return load_recipe(RECIPE, [
@@ -76,8 +78,11 @@ def recipe(out: str, epochs: float, trim: bool):
 
 # ------------------------------------------------------------------------------------------------ children
 def child_lora_ft(spec: dict) -> dict:
+    import torch
+
     from lora_ft.training.trainer import train
 
+    torch.set_num_threads(spec["threads"])
     source()
     out = Path(spec["out"])
     u0 = cpu_time()
@@ -88,7 +93,8 @@ def child_lora_ft(spec: dict) -> dict:
     info = json.loads((out / "run_info.json").read_text())
     return {"tokens_per_s": steps[-1]["tokens_per_s"], "steps": steps[-1]["step"], "peak_rss_mb": peak_rss_mb(),
             "user_s": u1[0] - u0[0], "sys_s": u1[1] - u0[1], "head_modules": info["head_modules"],
-            "targets": info["targets"], "id2label": info["id2label"]}
+            "targets": info["targets"], "id2label": info["id2label"],
+            "trim": yaml.safe_load((out / "run_config.yaml").read_text())["train"]["trim_cpu_memory"]}
 
 
 def child_trainer(spec: dict) -> dict:
@@ -105,6 +111,7 @@ def child_trainer(spec: dict) -> dict:
         TrainingArguments,
     )
 
+    torch.set_num_threads(spec["threads"])
     src = source()
     id2label = {int(k): v for k, v in spec["id2label"].items()}
     label2id = {v: k for k, v in id2label.items()}
@@ -137,8 +144,9 @@ def child_trainer(spec: dict) -> dict:
 
     args = TrainingArguments(
         output_dir=spec["out"], per_device_train_batch_size=BATCH, num_train_epochs=spec["epochs"], learning_rate=LR,
-        lr_scheduler_type="cosine", warmup_ratio=WARMUP, weight_decay=0.0, max_grad_norm=1.0, seed=SEED,
-        group_by_length=spec["variant"] == "grouped", use_cpu=True, report_to="none", save_strategy="no",
+        lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0, max_grad_norm=1.0, seed=SEED,
+        train_sampling_strategy="group_by_length" if spec["variant"] == "grouped" else "random", use_cpu=True,
+        report_to="none", save_strategy="no",
         eval_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=CountTokens(tok), callbacks=[Timer()])
     u0 = cpu_time()
@@ -175,7 +183,10 @@ def run_child(kind: str, spec: dict, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=float, default=2)
-    ap.add_argument("--no-trim", action="store_true", help="lora_ft with train.trim_cpu_memory off")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's own choice; 1 keeps a loaded machine's timings honest)")
+    ap.add_argument("--no-trim", action="store_true",
+                    help="lora_ft with train.trim_cpu_memory off (default: its auto)")
     ap.add_argument("--keep", metavar="DIR", help="keep the runs in DIR instead of a temp dir")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -188,11 +199,12 @@ def main() -> None:
     import torch
     from bench_train import cpu_flags, cpu_model, versions
 
+    threads = a.threads or torch.get_num_threads()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_classify-"))
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        spec = {"epochs": a.epochs, "trim": not a.no_trim}
+        spec = {"epochs": a.epochs, "trim": "false" if a.no_trim else "auto", "threads": threads}
         res = {"lora_ft": run_child("lora_ft", {**spec, "out": str(work / "lora_ft")}, work)}
         shared = {k: res["lora_ft"][k] for k in ("head_modules", "targets", "id2label")}
         for variant in ("default", "grouped"):
@@ -204,8 +216,9 @@ def main() -> None:
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    out: dict = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
-                 "versions": versions(), "epochs": a.epochs, "batch": BATCH}
+    out: dict = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": threads,
+                 "versions": versions(), "epochs": a.epochs, "batch": BATCH,
+                 "lora_ft_trim_cpu_memory": res["lora_ft"]["trim"]}
     for side, r in res.items():
         out[side] = {"tokens_per_s": round(r["tokens_per_s"], 1), "steps": r["steps"],
                      "peak_rss_mb": round(r["peak_rss_mb"]), "user_s": round(r["user_s"], 1),
@@ -218,7 +231,8 @@ def main() -> None:
                              "accuracy_diff_pt": round(100 * (held["lora_ft"]["accuracy"] - held[side]["accuracy"]), 2)}
     out["targets_met (vs the Trainer at its best)"] = {
         "speed_ge_1.5x": out["vs_trainer_best"]["speed_ratio"] >= 1.5,
-        "accuracy_within_0.5pt": abs(out["vs_trainer_best"]["accuracy_diff_pt"]) <= 0.5}
+        # The speed must not come out of the accuracy: lora_ft at most 0.5 pt below (above is no failure).
+        "accuracy_not_below_by_0.5pt": out["vs_trainer_best"]["accuracy_diff_pt"] >= -0.5}
     print(json.dumps(out), flush=True)
 
 

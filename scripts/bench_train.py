@@ -1,6 +1,11 @@
 """Training throughput of lora_ft against TRL's ``SFTTrainer`` + peft, the same QLoRA job on the CPU (issues 6, 13).
 
     LORA_FT_HOME=/tmp/lfhome HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_train.py [--steps 16] [--keep DIR]
+        [--threads 1] [--compute-dtype fp32|bf16] [--trl default packing packing-bf16]
+
+On a machine where anything else runs, use ``--threads 1`` (and ``nice``): with two OpenMP threads per process
+on two busy cores, a step waits on the slower thread at every parallel region (measured: 92 s a step instead of
+~18 s at one thread), which says nothing about either side.
 
 Prints one JSON line on stdout (logs go to stderr). Every side trains SmolLM2-135M-Instruct, NF4 with double
 quantization, LoRA r=16 / alpha=32 / dropout 0.05 on the same linear layers (the ones lora_ft's
@@ -12,7 +17,8 @@ here), no evaluation during training.
 
 - **lora_ft**: ``lora_ft.training.trainer.train`` on ``recipes/quickstart/smollm2-qlora-chat.yaml`` with
   overrides, its defaults otherwise: packing (``data.packing: auto``), fp32 compute on the CPU, LoRA dropout fused
-  into ``lora_A`` and freed memory returned to the OS every few blocks (``--no-trim`` turns that off).
+  into ``lora_A`` and freed memory returned to the OS every few blocks (``train.trim_cpu_memory: auto``, on for
+  this job; ``--no-trim`` turns it off).
 - **TRL**, the documented QLoRA recipe: ``SFTTrainer(model=path, quantization_config=BitsAndBytesConfig(...),
   peft_config=LoraConfig(...))``, at its defaults (``trl-default``: no packing) and at the settings that are its
   best for this hardware: ``trl-packing`` (``packing=True``, its default ``bfd`` strategy, which is padding-free:
@@ -57,6 +63,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes/quickstart/smollm2-qlora-chat.yaml"
@@ -171,7 +179,8 @@ def child_lora_ft(spec: dict) -> dict:
 
     out = Path(spec["out"])
     recipe = load_recipe(RECIPE, [
-        f"model.name={MODEL}", "model.quant=nf4", "model.double_quant=true", "model.compute_dtype=fp32",
+        f"model.name={MODEL}", "model.quant=nf4", "model.double_quant=true",
+        f"model.compute_dtype={spec['compute_dtype']}",
         f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
         "lora.target_modules=auto",
         f"data.train={spec['train_file']}", "data.validation=null", "data.test=null",
@@ -206,7 +215,8 @@ def child_lora_ft(spec: dict) -> dict:
     tps = steps[-1]["tokens_per_s"]
     return {"tokens": tokens, "label_tokens": sum(sum(t != IGNORE for t in x[1:]) for x in ds["labels"]),
             "examples": len(ds), "steps": steps[-1]["step"], "tokens_per_s": tps, "train_s": tokens / tps,
-            "packing": info["packing"],
+            "packing": info["packing"], "trim": yaml.safe_load((out / "run_config.yaml").read_text())["train"]
+            ["trim_cpu_memory"],
             "train_losses": [round(r["loss"], 4) for r in steps], "targets": info["targets"],
             "global_batch": info["global_batch"], "peak_rss_mb": max(marks.get("load_peak_mb", 0), train_peak),
             "train_peak_rss_mb": train_peak if marks.get("reset") else None,
@@ -314,7 +324,11 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--eval-examples", type=int, default=48, help="held-out examples (validation split)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    ap.add_argument("--no-trim", action="store_true", help="lora_ft with train.trim_cpu_memory off")
+    ap.add_argument("--no-trim", action="store_true",
+                    help="lora_ft with train.trim_cpu_memory off (default: its auto)")
+    ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="lora_ft's model.compute_dtype (fp32: its CPU default; bf16: bf16 autocast, fast on CPUs "
+                         "with AVX512-BF16 or AMX)")
     ap.add_argument("--trl", nargs="+", default=["default", "packing", "packing-bf16"],
                     choices=["default", "packing", "packing-bf16"], help="TRL variants to run")
     ap.add_argument("--keep", metavar="DIR", help="keep the runs (adapters, metrics) in DIR instead of a temp dir")
@@ -356,8 +370,9 @@ def main() -> None:
         peaks = [gemm_peak_gflops()]
         log.info("threads %d; GEMM peak %.1f GFLOP/s; %d training examples, %d steps of %d; LoRA on %s",
                  threads, peaks[0], n_train, a.steps, global_batch, shape["targets"])
-        spec = {"threads": threads, "trim": not a.no_trim, "steps": a.steps, "micro_batch": a.micro_batch,
-                "grad_accum": a.grad_accum,
+        spec = {"threads": threads, "trim": "false" if a.no_trim else "auto", "compute_dtype": a.compute_dtype,
+                "steps": a.steps,
+                "micro_batch": a.micro_batch, "grad_accum": a.grad_accum,
                 "max_length": a.max_length, "train_file": str(work / "train.jsonl"), "targets": shape["targets"]}
         res = {"lora_ft": run_child("lora_ft", {**spec, "out": str(work / "lora_ft")}, work)}
         for variant in a.trl:
@@ -401,7 +416,8 @@ def main() -> None:
         "targets_met (vs TRL at its best)": {"speed_ge_2x": best_cmp["speed_ratio"] >= 2.0,
                                              "rss_le_0.7x": best_cmp["rss_ratio"] <= 0.7,
                                              "loss_le_trl_plus_0.02": best_cmp["heldout_loss_diff"] <= 0.02},
-        "lora_ft_packing": res["lora_ft"]["packing"], "lora_ft_trim_cpu_memory": not a.no_trim,
+        "lora_ft_packing": res["lora_ft"]["packing"], "lora_ft_trim_cpu_memory": res["lora_ft"]["trim"],
+        "lora_ft_compute_dtype": a.compute_dtype,
         "gemm_peak_gflops": round(peak, 1), "gemm_runs_gflops": [round(p, 1) for p in peaks],
         "examples": n_train, "micro_batch": a.micro_batch, "max_length": a.max_length,
         "heldout_examples": held["lora_ft"]["examples"], "heldout_tokens": held["lora_ft"]["tokens"],

@@ -15,9 +15,11 @@ from lora_ft.memory import launch
 from lora_ft.memory.activations import layer_terms
 from lora_ft.memory.estimate import _loss_bytes, estimate, largest_micro_batch, quantized_weight_bytes, static_rows
 from lora_ft.memory.launch import (
+    TRIM_MIN_ACTIVATIONS,
     answer_tokens_of,
     resolve_auto_checkpointing,
     resolve_auto_micro_batch,
+    resolve_auto_trim,
     resolve_for_launch,
 )
 from lora_ft.memory.shape import model_shape, setting_for
@@ -251,6 +253,24 @@ def test_training_with_auto_micro_batch_uses_the_planned_batch(tiny_llama, chat_
     info = json.loads((tmp_path / "auto" / "run_info.json").read_text())
     assert (info["global_batch"], info["grad_accum"]) == (16, 4)  # micro-batch 4 (fits) × 4
     assert "micro_batch_size: 4" in (tmp_path / "auto" / "run_config.yaml").read_text()
+    assert "trim_cpu_memory: false" in (tmp_path / "auto" / "run_config.yaml").read_text()  # a tiny step: not worth it
+
+
+def test_auto_trimming_is_on_only_where_a_cpu_step_saves_a_gibibyte_of_activations(small_llama):
+    def trims(micro: int, seq: int, device: str = "cpu", trim="auto") -> bool:
+        recipe = recipe_for(small_llama, train={"micro_batch_size": micro, "trim_cpu_memory": trim},
+                            data={"max_length": seq, "packing": False})
+        return resolve_auto_trim(recipe, device).train.trim_cpu_memory
+
+    def activations(micro: int, seq: int) -> float:
+        recipe = recipe_for(small_llama, data={"max_length": seq, "packing": False})
+        est = estimate(model_shape(recipe), setting_for(recipe, "cpu"), micro, seq)
+        return next(r.bytes for r in est.rows if r.label == "activations")
+
+    assert activations(2, 128) < TRIM_MIN_ACTIVATIONS / 10 and trims(2, 128) is False
+    assert activations(64, 512) > TRIM_MIN_ACTIVATIONS and trims(64, 512) is True
+    assert trims(64, 512, device="cuda") is False  # no heap to trim on a GPU
+    assert trims(2, 128, trim=True) is True and trims(64, 512, trim=False) is False  # a recipe's choice stands
 
 
 # ---------------------------------------------------------------------------------------------- CLI
