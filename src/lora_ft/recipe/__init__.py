@@ -13,9 +13,11 @@ from .schema import (
     FreezeConfig,
     LoraConfigSection,
     ModelConfig,
+    ObjectiveConfig,
     Recipe,
     TrainConfig,
 )
 
 __all__ = ["FULL_PRECISION_INITS", "LORA_INITS", "AugmentConfig", "DataConfig", "ForgettingConfig", "FreezeConfig",
-           "LoraConfigSection", "ModelConfig", "Recipe", "TrainConfig", "load_recipe", "parse_overrides"]
+           "LoraConfigSection", "ModelConfig", "ObjectiveConfig", "Recipe", "TrainConfig", "load_recipe",
+           "parse_overrides"]

@@ -115,6 +115,8 @@ def _load_recipe(path: str | Path | None, overrides: list[str] | None) -> Recipe
             _resolve_paths(tree["data"], path.parent, PATH_FIELDS)
         if isinstance(tree.get("forgetting"), dict):
             _resolve_paths(tree["forgetting"], path.parent, ("reference",))
+        if isinstance(tree.get("lora"), dict):
+            _resolve_paths(tree["lora"], path.parent, ("init_from",))
         if isinstance(tree.get("model"), dict):
             name = tree["model"].get("name")
             if isinstance(name, str) and name.endswith(".gguf") and (path.parent / name).exists():

@@ -66,6 +66,10 @@ class LoraConfigSection(_Section):
     """``auto``: every linear layer of the backbone, never the output or task head."""
     use_dora: bool = False
     use_rslora: bool = False
+    init_from: str | None = None
+    """Start from a trained adapter instead of a fresh one: a run's ``output_dir`` or an adapter folder (e.g. an
+    SFT run before preference tuning). Its shape (r, alpha, dropout, targets, DoRA, rsLoRA) is the adapter's; a
+    preference objective's reference is then that starting adapter (see ``ObjectiveConfig``)."""
     init: bool | str = True
     """peft's ``init_lora_weights``: true (B = 0, the adapter starts as a no-op), false (random, for
     debugging), ``gaussian``, or ``pissa`` / ``olora`` (start from the base weights' principal directions;
@@ -118,10 +122,12 @@ class DataConfig(_Section):
     validation_split: float = Field(0.0, ge=0, lt=1)
     """Fraction of ``train`` carved out (with ``train.seed``) when no ``validation`` file is given."""
     test: str | None = None
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text", "classification"] = "auto"
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text", "classification", "preference"] = "auto"
     messages_column: str = "messages"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
     instruction_column: str = "instruction"
     input_column: str = "input"
     output_column: str = "output"
@@ -276,10 +282,61 @@ class ForgettingConfig(_Section):
     """On a breach: ``stop`` keeps the best adapter so far; ``rollback`` keeps the last one within budget."""
 
 
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
+"""``objective.type`` values that train on preference pairs (``{prompt, chosen, rejected}``)."""
+REFERENCE_OBJECTIVES = ("dpo", "ipo")
+"""Those that compare with a reference model (SimPO and ORPO are reference-free)."""
+OBJECTIVE_TYPES = ("auto", "sft", "classification", *PREFERENCE_OBJECTIVES)
+_DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+
+
+class ObjectiveConfig(_Section):
+    """The training signal. ``auto``: the model task's own (``sft`` for causal_lm, ``classification`` for
+    sequence_classification); ``dpo``, ``ipo``, ``simpo`` or ``orpo``: preference tuning of a causal LM on
+    ``{prompt, chosen, rejected}`` pairs (``objectives/preference.py``)."""
+
+    type: str = "auto"
+    beta: float | None = Field(None, gt=0)
+    """The loss's temperature (ORPO: the weight λ of the odds-ratio term). Default: 0.1 for dpo, ipo and orpo
+    (TRL's), 2.0 for simpo (the SimPO paper's)."""
+    simpo_gamma: float = Field(0.5, ge=0)
+    """SimPO's target reward margin γ (TRL's ``simpo_gamma``)."""
+    cpo_alpha: float = Field(0.0, ge=0)
+    """SimPO only: weight of an added NLL loss on the chosen completions (TRL's CPO-SimPO; 0 = SimPO)."""
+    precompute_reference: Literal["auto"] | bool = "auto"
+    """dpo/ipo: compute the reference log-probs once for every split before training (cached in the run folder,
+    reused on resume) instead of once per batch. ``auto``: only when the reference is not the base model with
+    the adapter switched off, i.e. with ``lora.init_from``, where the reference is the starting adapter."""
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        name = v.strip().lower()
+        if name not in OBJECTIVE_TYPES:
+            raise ValueError(f"unknown objective '{v}'{did_you_mean(name, list(OBJECTIVE_TYPES))}")
+        return name
+
+    @property
+    def paired(self) -> bool:
+        """Trains on preference pairs: two sequences per example."""
+        return self.type in PREFERENCE_OBJECTIVES
+
+    @property
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else _DEFAULT_BETA.get(self.type, 0.1)
+
+    def precomputes_reference(self, lora: LoraConfigSection) -> bool:
+        """Whether the reference log-probs are computed once before training (``precompute_reference``)."""
+        if self.type not in REFERENCE_OBJECTIVES:
+            return False
+        return lora.init_from is not None if self.precompute_reference == "auto" else self.precompute_reference
+
+
 class Recipe(_Section):
     """A whole run."""
 
     model: ModelConfig = ModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
     lora: LoraConfigSection = LoraConfigSection()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -317,7 +374,41 @@ class Recipe(_Section):
                              "rewrites: use lora.init: true, or turn the guard off")
         if d.validation and d.validation_split:
             raise ValueError("give data.validation or data.validation_split, not both")
+        self._objective_fits()
         return self
+
+    def _objective_fits(self) -> None:
+        """The objective's rules: which task and data it trains on, and what preference tuning cannot combine with."""
+        o, task, d = self.objective, self.model.task, self.data
+        own = {"sft": "causal_lm", "classification": "sequence_classification"}
+        if o.type in own and task != own[o.type]:
+            raise ValueError(f"objective.type {o.type} needs model.task {own[o.type]}")
+        if d.format == "preference" and not o.paired:
+            raise ValueError(f"data.format preference needs a preference objective: objective.type "
+                             f"{', '.join(PREFERENCE_OBJECTIVES)}")
+        if not o.paired:
+            if o.beta is not None or o.precompute_reference != "auto":
+                raise ValueError(f"objective.beta and objective.precompute_reference apply to the preference "
+                                 f"objectives ({', '.join(PREFERENCE_OBJECTIVES)}), not {o.type}")
+            return
+        if task != "causal_lm":
+            raise ValueError(f"objective.type {o.type} tunes a language model on preference pairs: it needs "
+                             "model.task causal_lm")
+        if d.format not in ("auto", "preference"):
+            raise ValueError(f"objective.type {o.type} trains on preference pairs: data.format auto or preference, "
+                             f"not '{d.format}'")
+        if d.train_on_prompt or d.augment.neftune_alpha:
+            raise ValueError("data.train_on_prompt and data.augment.neftune_alpha apply to objective sft, not "
+                             f"{o.type}")
+        if o.type in REFERENCE_OBJECTIVES and self.lora.init in FULL_PRECISION_INITS and not self.lora.init_from:
+            # The reference is the model with the adapter switched off, which these inits have rewritten.
+            raise ValueError(f"objective.type {o.type} compares with the base model, which lora.init "
+                             f"'{self.lora.init}' rewrites: use lora.init: true")
+        if o.type in REFERENCE_OBJECTIVES and self.lora.init_from and o.precompute_reference is False:
+            raise ValueError("objective.precompute_reference false: with lora.init_from the reference is the starting "
+                             "adapter, whose log-probs are computed before training; remove the setting")
+        if (o.simpo_gamma != 0.5 or o.cpo_alpha) and o.type != "simpo":
+            raise ValueError(f"objective.simpo_gamma and objective.cpo_alpha apply to simpo, not {o.type}")
 
     def dump(self) -> str:
         """The fully resolved recipe as YAML (what ``run_config.yaml`` holds)."""
@@ -326,6 +417,7 @@ class Recipe(_Section):
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig,
+    "objective": ObjectiveConfig,
     "lora": LoraConfigSection,
     "data": DataConfig,
     "train": TrainConfig,

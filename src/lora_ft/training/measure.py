@@ -131,7 +131,7 @@ def _measure(recipe: Recipe, micro_batch: int, seq_len: int, answer_fraction: fl
                 objective.eval_step(model, batch)
             model.train()
             return
-        accelerator.backward(objective.loss(model, batch) / objective.items(batch))
+        accelerator.backward((objective.loss(model, batch) / objective.items(batch).clamp(min=1)).sum())
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ from ..data.batching import LengthGroupedBatches
 from ..errors import NonFiniteLoss, TrainingInterrupted, UsageError
 from ..memory.launch import resolve_for_launch
 from ..recipe import Recipe
-from ..run import CURVES, RESULTS, RUN_INFO, RunFolder
+from ..run import CURVES, OBJECTIVE_CACHE, RESULTS, RUN_INFO, RunFolder, adopt_start_adapter
 from . import checkpoint as ckpt
 from .cpu_memory import release_freed_memory
 from .distributed import adapter_snapshot, restore_adapter, save_adapter, scale_to_processes
@@ -76,6 +76,7 @@ class Trainer:
         that can reject the recipe has run.
         """
         self.accelerator, compute = make_accelerator(self.recipe)
+        self.recipe = adopt_start_adapter(self.recipe)  # lora.init_from: the starting adapter's shape
         # micro_batch_size / gradient_checkpointing auto: the planner's choice for this device, from the config
         # and the data, before any loader is built (see memory.launch); then grad_accum for this many processes.
         self.recipe = scale_to_processes(resolve_for_launch(self.recipe, self.accelerator), self.accelerator,
@@ -88,7 +89,11 @@ class Trainer:
             if resume_from is None:
                 raise UsageError(f"--resume {self.resume}: no intact checkpoint under {self.folder.checkpoints}")
         set_seed(self.tc.seed)
-        self.session = setup(self.recipe, self.accelerator, compute)
+        self.session = s = setup(self.recipe, self.accelerator, compute)
+        # Before the loaders (it may add columns) and before a checkpoint is restored: the model is still the one
+        # training starts from (a preference objective's reference log-probs).
+        s.data.splits = s.objective.prepare(s.model, self.accelerator, s.data.splits, self.tc.eval_batch_size,
+                                            self.folder / OBJECTIVE_CACHE)
         self._build_loop()
         self._start_folder(compute)
         self._rng = self._restore(resume_from) if resume_from is not None else None
@@ -138,6 +143,8 @@ class Trainer:
             if self.overwrite and self.resume is None:
                 self.folder.clear()
             self.folder.start(self.recipe, self.info, fresh=self.resume is None)
+            if self.recipe.lora.init_from:
+                self.folder.keep_start_adapter(self.recipe.lora.init_from)
         if tc.trackers:  # TensorBoard's hparams take only scalars: a flat, dotted config
             self.accelerator.init_trackers("lora_ft", config=tracker_config(self.recipe.model_dump(mode="json")))
 
@@ -220,14 +227,15 @@ class Trainer:
         is divided by the global count (token-weighted, however the batch is split over steps and processes).
         """
         acc = self.accelerator
-        local = torch.stack([self.objective.items(b) for b in batches]).sum()
+        # An objective with several loss terms (ORPO: pairs and NLL tokens) returns one count and one sum per term.
+        local = torch.stack([self.objective.items(b) for b in batches]).sum(0)
         n_items = acc.reduce(local, "sum").clamp(min=1)
-        loss_sum = torch.zeros((), device=acc.device)
+        loss_sum = torch.zeros(n_items.shape, device=acc.device)
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             with nullcontext() if sync else acc.no_sync(self.model):
                 loss = self.objective.loss(self.model, batch)
-                acc.backward(loss * self.loss_scale / n_items)  # see loss_scale
+                acc.backward((loss * self.loss_scale / n_items).sum())  # see loss_scale
             loss_sum += loss.detach()
             self.tokens += batch["attention_mask"].sum()
         norm = acc.clip_grad_norm_(self.params, self.tc.max_grad_norm) if self.tc.max_grad_norm else None
@@ -260,7 +268,7 @@ class Trainer:
                 loss_sum, n_items, norm = self.train_step([next(stream) for _ in range(tc.grad_accum)])
                 st.step += 1
                 bar.update(1)
-                self.first_bad.masked_fill_((self.first_bad == 0) & ~torch.isfinite(loss_sum), st.step)  # no sync
+                self.first_bad.masked_fill_((self.first_bad == 0) & ~torch.isfinite(loss_sum).all(), st.step)  # no sync
                 self.train_time += time.perf_counter() - t0  # excludes evaluation and checkpointing
                 if st.step % tc.log_every == 0 or st.step == self.total_steps:
                     self._log_step(loss_sum, n_items, norm, bar)
@@ -277,7 +285,7 @@ class Trainer:
         """The step's loss (a host sync: only at logging steps), learning rate, gradient norm and throughput."""
         self.check_finite()
         st, acc = self.state, self.accelerator
-        loss = (acc.reduce(loss_sum, "sum") / n_items).item()
+        loss = (acc.reduce(loss_sum, "sum") / n_items).sum().item()
         row = {"step": st.step, "epoch": st.epoch_progress(len(self.train_loader)), "loss": loss,
                "lr": self.scheduler.get_last_lr()[0],
                "tokens_per_s": self.tokens.item() * acc.num_processes / self.train_time}
