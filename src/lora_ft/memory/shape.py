@@ -235,6 +235,8 @@ class Setting:
     r: int
     lora_dropout: float
     use_dora: bool
+    sequences: int = 1
+    """Sequences per example: 2 for a preference objective (chosen and rejected in one batch)."""
 
     @property
     def autocast(self) -> bool:
@@ -254,6 +256,7 @@ def setting_for(recipe: Recipe, device: str, bf16_supported: bool = True) -> Set
     return Setting(device="cuda" if cuda else "cpu", quant=recipe.model.quant, double_quant=recipe.model.double_quant,
                    compute=recipe.model.resolved_compute_dtype(cuda, bf16_supported),
                    gradient_checkpointing=cuda if gc == "auto" else bool(gc), r=recipe.lora.r,
-                   lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora)
+                   lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora,
+                   sequences=2 if recipe.objective.paired else 1)
 
 

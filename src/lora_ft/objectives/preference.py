@@ -321,8 +321,8 @@ class Preference(CausalLM):
         values = []
         with accelerator.autocast():  # as the per-batch reference runs: the prepared model's precision
             for batch in loader:
-                ref = reference_logps(model, {k: v.to(accelerator.device) for k, v in batch.items()},
-                                      adapter=self.reference_is_start).float().cpu()
+                batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                ref = reference_logps(model, batch, adapter=self.reference_is_start).float().cpu()
                 n = len(ref) // 2
                 values += list(zip(ref[:n].tolist(), ref[n:].tolist(), strict=True))
         gathered = gather_object([(i, c, r) for i, (c, r) in zip(mine, values, strict=True)])
