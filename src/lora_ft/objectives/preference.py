@@ -53,6 +53,9 @@ from .chunked_loss import innermost
 
 log = logging.getLogger(__name__)
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "logits_to_keep")
+TIE = 1e-4
+"""Rewards closer than this count as a tie in the reward accuracy: fp32 rounding of a sequence's summed log-prob
+(a few 1e-6 between batches padded differently) must not decide a pair, and no trained margin is that small."""
 
 
 @dataclass
@@ -269,13 +272,15 @@ class Preference(CausalLM):
 
     def summarize(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         """Loss as training normalises it; reward accuracy (ties count half: before training every DPO reward is
-        0), margin, mean rewards and mean answer log-probs."""
+        0, up to float rounding when the reference was precomputed in other batches), margin, mean rewards and mean
+        answer log-probs."""
         v = {k: t.double() for k, t in values.items()}
         nll = (v["nll"].sum() / v["nll_tokens"].sum().clamp(min=1)).item()
         chosen, rejected = v["reward_chosen"], v["reward_rejected"]
+        margin = chosen - rejected
         out = {"loss": v["loss"].mean().item() + self.nll_weight * nll, "examples": len(chosen),
-               "reward_accuracy": ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean().item(),
-               "reward_margin": (chosen - rejected).mean().item(), "reward_chosen": chosen.mean().item(),
+               "reward_accuracy": ((margin > TIE).double() + 0.5 * (margin.abs() <= TIE).double()).mean().item(),
+               "reward_margin": margin.mean().item(), "reward_chosen": chosen.mean().item(),
                "reward_rejected": rejected.mean().item(), "logp_chosen": v["logp_chosen"].mean().item(),
                "logp_rejected": v["logp_rejected"].mean().item()}
         if self.nll_weight:
