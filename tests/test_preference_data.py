@@ -62,3 +62,27 @@ def test_without_a_chat_template_string_pairs_render_as_prompt_newline_answer_eo
             encode_answer(tok, [*COW, {"role": "assistant", "content": "moo"}, *COW], "moo")
     finally:
         tok.chat_template = template
+
+
+def test_shipped_preference_pairs_are_rebuilt_exactly_from_the_shipped_docstrings(monkeypatch):
+    """data/docstring_prefs is build_preferences() of data/docstrings: real summaries only, the rejected one another
+    function's of the same split."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    data = root / "data"
+    monkeypatch.syspath_prepend(str(root / "scripts"))
+    build = importlib.import_module("build_example_data")
+
+    def read(name, split):
+        return [json.loads(line) for line in (data / name / f"{split}.jsonl").read_text().splitlines()]
+
+    docstrings = {s: read("docstrings", s) for s in build.SPLITS}
+    shipped = {s: read("docstring_prefs", s) for s in build.SPLITS}
+    assert build.build_preferences(docstrings, seed=0) == shipped
+    for split, pairs in shipped.items():
+        summaries = {r["messages"][1]["content"] for r in docstrings[split]}
+        assert all(p["chosen"][0]["content"] != p["rejected"][0]["content"] for p in pairs)
+        assert {p["rejected"][0]["content"] for p in pairs} <= summaries

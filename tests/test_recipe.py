@@ -250,4 +250,4 @@ def test_reference_is_precomputed_by_default_only_when_it_is_a_starting_adapter(
     assert precomputes("objective: {type: ipo}\nlora: {init_from: sft}\n")
     assert not precomputes("objective: {type: simpo}\nlora: {init_from: sft}\n")  # reference-free
     (tmp_path / "sft").mkdir()
-    assert load_recipe(write(tmp_path, "lora: {init_from: sft}\n")).lora.init_from == str((tmp_path / "sft"))
+    assert load_recipe(write(tmp_path, "lora: {init_from: sft}\n")).lora.init_from == str(tmp_path / "sft")
