@@ -18,7 +18,7 @@ from transformers import LlamaForCausalLM
 
 from lora_ft.cli import main
 from lora_ft.data.chat import IGNORE
-from lora_ft.errors import RecipeError
+from lora_ft.errors import RecipeError, RunError
 from lora_ft.objectives import objective_for
 from lora_ft.objectives.preference import reference_logps, sequence_logps
 from lora_ft.recipe import Recipe
@@ -307,7 +307,8 @@ def test_precomputed_reference_equals_the_per_batch_one_and_its_cache_is_read_ba
 def dpo_run(tiny_llama, pref_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "dpo"
     recipe = make_recipe(tiny_llama, pref_data, out, objective={"type": "dpo", "beta": 0.2},
-                         train={"max_steps": 16, "eval_every": 8, "checkpoint_every": 8})
+                         train={"max_steps": 16, "eval_every": 8, "checkpoint_every": 8},
+                         forgetting={"enabled": True, "max_examples": 8})
     return recipe, train(recipe)
 
 
@@ -325,6 +326,18 @@ def test_dpo_run_raises_held_out_reward_accuracy_and_reports_every_metric(dpo_ru
     rows = [json.loads(x) for x in open(f"{recipe.output_dir}/metrics.jsonl")]
     assert [r["step"] for r in rows if r.get("split") == "validation" and not r.get("final")] == [0, 8, 16]
     assert all("reward_accuracy" in r for r in rows if r.get("split") == "validation")
+    # The forgetting guard: the adapted model against its base on general text, at every evaluation.
+    assert [r["step"] for r in rows if r.get("split") == "forgetting" and not r.get("final")] == [0, 8, 16]
+    assert saved["forgetting"]["after"]["kl"] > saved["forgetting"]["before"]["kl"] == 0
+
+
+def test_init_from_that_is_neither_a_run_nor_an_adapter_is_one_line_before_anything_loads(tiny_llama, pref_data,
+                                                                                          tmp_path):
+    recipe = make_recipe(tiny_llama, pref_data, tmp_path / "x", objective={"type": "dpo"},
+                         lora={"init_from": str(tmp_path)})
+    with pytest.raises(RunError, match="neither an adapter folder nor a run with a trained adapter"):
+        train(recipe)
+    assert not (tmp_path / "x").exists()
 
 
 def test_dpo_resume_reproduces_the_uninterrupted_losses(dpo_run, tmp_path):

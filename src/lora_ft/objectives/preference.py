@@ -198,7 +198,10 @@ class Preference(CausalLM):
 
     def collate(self, rows: list[dict[str, Any]], augment: Callable[[dict], dict] | None = None) -> Batch:
         """Chosen then rejected sequences in one left-padded batch; ``completion`` marks the answer tokens, and
-        ``labels`` also the chosen prompts for ORPO's NLL; ``ref_logps`` when precomputed."""
+        ``labels`` also the chosen prompts for ORPO's NLL; ``ref_logps`` when precomputed. Single sequences (the
+        forgetting guard's general text) are collated as supervised fine-tuning collates them."""
+        if "rejected_input_ids" not in rows[0]:
+            return super().collate(rows)
         pad = self.tokenizer.pad_token_id
         chosen = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
         rejected = [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]

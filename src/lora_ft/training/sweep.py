@@ -56,7 +56,7 @@ def run_sweep(recipe_path: str, grid: list[str], overrides: list[str] | None = N
             split = "validation" if "validation" in results["after"] else next(iter(results["after"]), None)
             metrics = results["after"].get(split, {}) if split else {}
             row.update({f"{k}": round(v, 6) for k, v in metrics.items() if k in ("loss", "accuracy", "f1_macro",
-                                                                                   "perplexity")})
+                                                                                   "perplexity", "reward_accuracy")})
             row["status"] = "ok"
         except Exception as e:  # a bad combination must not end the sweep: record it and go on
             log.warning("sweep trial %d failed: %s", i, first_line(e))
