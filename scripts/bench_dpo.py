@@ -37,13 +37,19 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-from bench_train import model_shape, process_peak_mb, reset_peak, rss_mb, source
+from bench_train import (
+    model_shape,
+    parse_or_serve,
+    process_peak_mb,
+    rss_mb,
+    run_child,
+    source,
+    train_marked,
+    trl_timer,
+    work_dir,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes/quickstart/smollm2-qlora-dpo.yaml"
@@ -76,7 +82,6 @@ def child_lora_ft(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     source()
     from lora_ft.recipe import load_recipe
-    from lora_ft.training.trainer import train
 
     out = Path(spec["out"])
     recipe = load_recipe(RECIPE, [
@@ -89,18 +94,7 @@ def child_lora_ft(spec: dict) -> dict:
         "train.gradient_checkpointing=false", "train.max_grad_norm=1.0", f"train.seed={SEED}", "train.log_every=1",
         f"output_dir={out}",
     ])
-    marks: dict = {}
-
-    class TrainStart(logging.Handler):
-        """train() logs "global batch ..." once the model, adapters and optimizer are ready, before the loop."""
-
-        def emit(self, record: logging.LogRecord) -> None:
-            if "load_peak_mb" not in marks and record.getMessage().startswith("global batch"):
-                marks.update(load_peak_mb=process_peak_mb(), rss_before_train_mb=rss_mb("VmRSS"), reset=reset_peak())
-
-    logging.getLogger("lora_ft.training.trainer").addHandler(TrainStart(logging.INFO))
-    train(recipe, overwrite=True)
-    train_peak = process_peak_mb()
+    marks, train_peak = train_marked(recipe)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "tokens_per_s" in r]
     info = json.loads((out / "run_info.json").read_text())
@@ -123,18 +117,7 @@ def child_trl(spec: dict) -> dict:
     rows = [json.loads(line) for line in Path(spec["train_file"]).read_text().splitlines()]
     train_ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     marks: dict = {"train_s": 0.0}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            marks.update(load_peak_mb=process_peak_mb(), reset=reset_peak())
-
-        def on_epoch_begin(self, args, state, control, **kwargs):
-            marks["t"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
-            marks["train_s"] += now - marks["t"]
-            marks["t"] = now
+    Timer = trl_timer(marks, TrainerCallback)  # noqa: N806 - a class
 
     args = DPOConfig(
         output_dir=spec["out"], per_device_train_batch_size=spec["micro_batch"], gradient_accumulation_steps=1,
@@ -190,39 +173,14 @@ def child_copy(spec: dict) -> dict:
 CHILDREN = {"lora_ft": child_lora_ft, "trl": child_trl, "copy": child_copy}
 
 
-def run_child(kind: str, spec: dict, work: Path) -> dict:
-    spec_file, result_file = work / f"{kind}.spec.json", work / f"{kind}.result.json"
-    spec_file.write_text(json.dumps(spec))
-    log.info("---- %s (fresh process)", kind)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, str(spec_file), str(result_file)],
-                          stdout=sys.stderr, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_dpo: the {kind} process failed (exit status {proc.returncode})")
-    log.info("---- %s done in %.0f s", kind, time.perf_counter() - t0)
-    return json.loads(result_file.read_text())
-
-
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps (one pass over steps × micro-batch pairs)")
     ap.add_argument("--micro-batch", type=int, default=4, help="pairs per step")
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    ap.add_argument("--keep", metavar="DIR", help="keep the runs in DIR instead of a temp dir")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("lora_ft").setLevel(logging.INFO)
-    if a.child:
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-        kind, spec_file, result_file = a.child
-        Path(result_file).write_text(json.dumps(CHILDREN[kind](json.loads(Path(spec_file).read_text()))))
+    a = parse_or_serve(ap, CHILDREN)
+    if a is None:
         return
 
     import peft
@@ -230,10 +188,7 @@ def main() -> None:
     import trl
 
     threads = a.threads or torch.get_num_threads()
-    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_dpo-"))
-    if a.keep and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(a.keep, "bench_dpo-")
     try:
         n = a.steps * a.micro_batch
         rows = (DATA / "train.jsonl").read_text().splitlines()[:n]
@@ -241,9 +196,9 @@ def main() -> None:
         targets = model_shape(source())["targets"]
         spec = {"threads": threads, "steps": a.steps, "micro_batch": a.micro_batch, "max_length": a.max_length,
                 "train_file": str(work / "train.jsonl"), "targets": targets}
-        res = {"lora_ft": run_child("lora_ft", {**spec, "out": str(work / "lora_ft")}, work),
-               "trl": run_child("trl", {**spec, "out": str(work / "trl")}, work)}
-        copy = run_child("copy", spec, work)
+        res = {"lora_ft": run_child("lora_ft", {**spec, "out": str(work / "lora_ft")}, work, __file__),
+               "trl": run_child("trl", {**spec, "out": str(work / "trl")}, work, __file__)}
+        copy = run_child("copy", spec, work, __file__)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
