@@ -237,17 +237,18 @@ class Preference(CausalLM):
         return torch.stack([labels.new_tensor(n), (labels[:n, 1:] != IGNORE).sum()])
 
     def scores(self, model: torch.nn.Module, batch: Batch) -> PairScores:
-        """The policy's log-probs (one forward, with gradients when enabled) and the reference's."""
-        logps, tokens, nll, nll_tokens = sequence_logps(model, batch)
-        n = logps.shape[0] // 2
+        """The reference's log-probs, then the policy's (one forward, with gradients when enabled). In that order:
+        the reference pass then runs while no activations are held for the backward."""
         ref = None
         if self.uses_reference:
             if "ref_logps" in batch:
-                ref = batch["ref_logps"].to(logps.dtype)
+                ref = batch["ref_logps"].float()
             elif self.reference_is_start:  # a bug, not a user error: prepare() fills ref_logps first
                 raise RuntimeError("the starting adapter's reference log-probs were not precomputed")
             else:
                 ref = reference_logps(model, batch)
+        logps, tokens, nll, nll_tokens = sequence_logps(model, batch)
+        n = logps.shape[0] // 2
         return PairScores(logps[:n], logps[n:], tokens[:n], tokens[n:], nll[:n], nll_tokens[:n],
                           *((ref[:n], ref[n:]) if ref is not None else ()))
 
