@@ -312,6 +312,9 @@ class ObjectiveConfig(_Section):
     @classmethod
     def _known_type(cls, v: str) -> str:
         name = v.strip().lower()
+        if name == "kto":  # named in requests as DPO's relative; its data is another shape
+            raise ValueError("kto (unpaired {prompt, completion, label} rows) is not supported: use dpo, ipo, simpo "
+                             "or orpo on {prompt, chosen, rejected} pairs")
         if name not in OBJECTIVE_TYPES:
             raise ValueError(f"unknown objective '{v}'{did_you_mean(name, list(OBJECTIVE_TYPES))}")
         return name
