@@ -46,7 +46,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data.chat import IGNORE
 from ..data.preference import encode_answer, pair_text, read_pair
 from ..recipe import AugmentConfig, DataConfig, ObjectiveConfig
-from ..recipe.schema import REFERENCE_OBJECTIVES
+from ..recipe.objective import REFERENCE_OBJECTIVES
 from .base import Batch
 from .causal_lm import CausalLM, pad_left, token_losses
 from .chunked_loss import innermost

@@ -1,7 +1,7 @@
 """The recipe schema: typed sections, strict keys, and the values derived from them.
 
-A recipe is YAML with the sections ``model``, ``lora``, ``data``, ``train``, ``freeze``, ``forgetting`` and
-``output_dir``. Every field has a default, so a recipe names only what differs; unknown keys are rejected with a
+A recipe is YAML with the sections ``model``, ``objective`` (``objective.py``), ``lora``, ``data``, ``train``,
+``freeze``, ``forgetting`` and ``output_dir``. Every field has a default, so a recipe names only what differs; unknown keys are rejected with a
 did-you-mean (``loading.py``) instead of being silently ignored (the failure mode of flat dict configs). Values
 derived from several fields (the batch arithmetic, the compute dtype) are methods here, so each is computed in
 one place. This package imports nothing of ours but ``errors``.
@@ -13,14 +13,11 @@ import math
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import RecipeError, did_you_mean
-
-
-class _Section(BaseModel):
-    # allow_inf_nan=False: YAML's .inf/.nan are floats, and no field of a recipe means anything infinite.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+from .objective import PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, ObjectiveConfig
+from .section import Section as _Section
 
 
 class ModelConfig(_Section):
@@ -122,8 +119,11 @@ class DataConfig(_Section):
     validation_split: float = Field(0.0, ge=0, lt=1)
     """Fraction of ``train`` carved out (with ``train.seed``) when no ``validation`` file is given."""
     test: str | None = None
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text", "classification", "preference"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text", "classification",
+                    "preference"] = "auto"
     messages_column: str = "messages"
+    conversations_column: str = "conversations"
+    """``sharegpt``: the column of ``{from, value}`` turns (roles human/gpt/system; user/assistant too)."""
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     chosen_column: str = "chosen"
@@ -282,59 +282,6 @@ class ForgettingConfig(_Section):
     """On a breach: ``stop`` keeps the best adapter so far; ``rollback`` keeps the last one within budget."""
 
 
-PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
-"""``objective.type`` values that train on preference pairs (``{prompt, chosen, rejected}``)."""
-REFERENCE_OBJECTIVES = ("dpo", "ipo")
-"""Those that compare with a reference model (SimPO and ORPO are reference-free)."""
-OBJECTIVE_TYPES = ("auto", "sft", "classification", *PREFERENCE_OBJECTIVES)
-_DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
-
-
-class ObjectiveConfig(_Section):
-    """The training signal. ``auto``: the model task's own (``sft`` for causal_lm, ``classification`` for
-    sequence_classification); ``dpo``, ``ipo``, ``simpo`` or ``orpo``: preference tuning of a causal LM on
-    ``{prompt, chosen, rejected}`` pairs (``objectives/preference.py``)."""
-
-    type: str = "auto"
-    beta: float | None = Field(None, gt=0)
-    """The loss's temperature (ORPO: the weight λ of the odds-ratio term). Default: 0.1 for dpo, ipo and orpo
-    (TRL's), 2.0 for simpo (the SimPO paper's)."""
-    simpo_gamma: float = Field(0.5, ge=0)
-    """SimPO's target reward margin γ (TRL's ``simpo_gamma``)."""
-    cpo_alpha: float = Field(0.0, ge=0)
-    """SimPO only: weight of an added NLL loss on the chosen completions (TRL's CPO-SimPO; 0 = SimPO)."""
-    precompute_reference: Literal["auto"] | bool = "auto"
-    """dpo/ipo: compute the reference log-probs once for every split before training (cached in the run folder,
-    reused on resume) instead of once per batch. ``auto``: only when the reference is not the base model with
-    the adapter switched off, i.e. with ``lora.init_from``, where the reference is the starting adapter."""
-
-    @field_validator("type")
-    @classmethod
-    def _known_type(cls, v: str) -> str:
-        name = v.strip().lower()
-        if name == "kto":  # named in requests as DPO's relative; its data is another shape
-            raise ValueError("kto (unpaired {prompt, completion, label} rows) is not supported: use dpo, ipo, simpo "
-                             "or orpo on {prompt, chosen, rejected} pairs")
-        if name not in OBJECTIVE_TYPES:
-            raise ValueError(f"unknown objective '{v}'{did_you_mean(name, list(OBJECTIVE_TYPES))}")
-        return name
-
-    @property
-    def paired(self) -> bool:
-        """Trains on preference pairs: two sequences per example."""
-        return self.type in PREFERENCE_OBJECTIVES
-
-    @property
-    def resolved_beta(self) -> float:
-        return self.beta if self.beta is not None else _DEFAULT_BETA.get(self.type, 0.1)
-
-    def precomputes_reference(self, lora: LoraConfigSection) -> bool:
-        """Whether the reference log-probs are computed once before training (``precompute_reference``)."""
-        if self.type not in REFERENCE_OBJECTIVES:
-            return False
-        return lora.init_from is not None if self.precompute_reference == "auto" else self.precompute_reference
-
-
 class Recipe(_Section):
     """A whole run."""
 
@@ -346,6 +293,14 @@ class Recipe(_Section):
     freeze: FreezeConfig = FreezeConfig()
     forgetting: ForgettingConfig = ForgettingConfig()
     output_dir: str = "runs/default"
+
+    @field_validator("output_dir")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty: name the run's own folder, e.g. runs/my-run (an empty value would write "
+                             "into the current directory)")
+        return v
 
     @field_validator("lora")
     @classmethod
@@ -412,6 +367,39 @@ class Recipe(_Section):
                              "adapter, whose log-probs are computed before training; remove the setting")
         if (o.simpo_gamma != 0.5 or o.cpo_alpha) and o.type != "simpo":
             raise ValueError(f"objective.simpo_gamma and objective.cpo_alpha apply to simpo, not {o.type}")
+
+    @property
+    def validates(self) -> bool:
+        """Whether the run has validation data (a file, or a fraction carved from train)."""
+        return bool(self.data.validation or self.data.validation_split)
+
+    def inert_settings(self) -> tuple[list[str], list[str]]:
+        """(errors, warnings) for settings that cannot act with the rest of the recipe.
+
+        An error where the recipe asks for an action that could never happen, so the run would silently do
+        something else than asked: early stopping or a forgetting budget (both are checked at each validation)
+        without validation data. A warning where a setting is merely inert: ``eval_every`` with nothing to
+        evaluate, ``action: rollback`` without a budget to breach, budgets of a guard that is switched off.
+        """
+        errors, warnings = [], []
+        fix = "set data.validation or data.validation_split, or unset it"
+        f = self.forgetting
+        budgets = [k for k in ("max_kl", "max_ppl_increase") if getattr(f, k) is not None]
+        if not self.validates:
+            if self.train.early_stopping_patience:
+                errors.append(f"train.early_stopping_patience watches the validation loss, and the recipe has no "
+                              f"validation data: {fix}")
+            if f.enabled and budgets:
+                errors.append(f"forgetting.{budgets[0]} is checked at each validation, and the recipe has no "
+                              f"validation data: {fix}")
+            if self.train.eval_every:
+                warnings.append("train.eval_every has nothing to evaluate: the recipe has no validation data")
+        if f.enabled and f.action == "rollback" and not budgets:
+            warnings.append("forgetting.action rollback acts when forgetting.max_kl or max_ppl_increase is exceeded, "
+                            "and neither is set")
+        if budgets and not f.enabled:
+            warnings.append(f"forgetting.{budgets[0]} is set but forgetting.enabled is false: nothing checks it")
+        return errors, warnings
 
     def dump(self) -> str:
         """The fully resolved recipe as YAML (what ``run_config.yaml`` holds)."""
