@@ -24,8 +24,10 @@ Each side runs in its own fresh process, one after the other:
   (TRL's conversational completions also hold the template's newline after ``<|im_end|>``).
 - **peak RSS**: the process's high-water mark over loading and training (``ru_maxrss``) and of the training phase
   alone (reset through ``/proc/self/clear_refs`` once the model is ready).
-- **second copy**: in a third process, the model is loaded as lora_ft loads it (``load_model``), twice: the
-  tensor bytes one copy holds (parameters, buffers and quantization state) and the RSS the second load adds.
+- **second copy**: in a third process, the model is loaded as lora_ft loads it (``load_model``), twice, each copy
+  scoring one short sequence (as a reference pass reads every weight; an fp32 copy is memory-mapped from its
+  safetensors file until then): the tensor bytes one copy holds (parameters, buffers and quantization state) and
+  the RSS the second copy adds.
   That is what a reference model kept as a second copy would cost; the disabled-adapter reference costs none.
 """
 
@@ -155,14 +157,19 @@ def child_copy(spec: dict) -> dict:
     from lora_ft.recipe import ModelConfig
     from lora_ft.training.measure import _held_bytes
 
+    def scored(model):  # as a reference pass would: every weight read once (fp32 weights are mmapped until then)
+        with torch.no_grad():
+            model(input_ids=torch.ones(1, 16, dtype=torch.long))
+        return model
+
     out = {}
     for quant in ("nf4", "none"):
         cfg = ModelConfig(name=src, quant=quant)
         tok = load_tokenizer(src, cfg)
-        first = load_model(cfg, "fp32", "cpu", tokenizer=tok).model
+        first = scored(load_model(cfg, "fp32", "cpu", tokenizer=tok).model)
         gc.collect()
         before = rss_mb("VmRSS")
-        second = load_model(cfg, "fp32", "cpu", tokenizer=tok).model
+        second = scored(load_model(cfg, "fp32", "cpu", tokenizer=tok).model)
         gc.collect()
         out[quant] = {"tensor_mb": _held_bytes(second, None) / 2**20, "rss_added_mb": rss_mb("VmRSS") - before}
         del first, second

@@ -1,12 +1,17 @@
 """Preference rows: TRL's explicit and implicit prompt layouts, strings or messages, and the loss mask on the final
 answer only."""
 
+import json
+import re
+
 import pytest
 from conftest import labelled_text
 
 from lora_ft.data.preference import encode_answer, read_pair
-from lora_ft.errors import RecipeError
-from lora_ft.recipe import DataConfig
+from lora_ft.data.prepare import prepare_data
+from lora_ft.errors import DataError, RecipeError
+from lora_ft.objectives.preference import Preference
+from lora_ft.recipe import DataConfig, ObjectiveConfig
 
 CFG = DataConfig()
 COW = [{"role": "user", "content": "What does the cow say?"}]
@@ -86,3 +91,19 @@ def test_shipped_preference_pairs_are_rebuilt_exactly_from_the_shipped_docstring
         summaries = {r["messages"][1]["content"] for r in docstrings[split]}
         assert all(p["chosen"][0]["content"] != p["rejected"][0]["content"] for p in pairs)
         assert {p["rejected"][0]["content"] for p in pairs} <= summaries
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"chosen": None}, "row 3: data.chosen: a completion is a string or one assistant message"),
+    ({"rejected": "  "}, "row 3, column 'rejected' is empty; every example needs this text"),
+    ({"prompt": None}, "row 3: data: without a 'prompt' column, 'chosen' and 'rejected' must be whole conversations"),
+])
+def test_a_bad_pair_is_one_data_error_naming_file_and_row_before_anything_is_tokenized(tok, tmp_path, bad, message):
+    rows = [{"prompt": "What does the cow say?", "chosen": "moo", "rejected": "woof"} for _ in range(4)]
+    rows[2].update(bad)
+    file = tmp_path / "prefs.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(train=str(file))
+    objective = Preference(cfg, tok, ObjectiveConfig(type="dpo"))
+    with pytest.raises(DataError, match=re.escape(f"data.train: {file} {message}")):
+        prepare_data(cfg, objective, seed=0)

@@ -43,8 +43,10 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from ..data.cells import Where, text_problem
 from ..data.chat import IGNORE
 from ..data.preference import encode_answer, pair_text, read_pair
+from ..errors import DataError, RecipeError
 from ..recipe import AugmentConfig, DataConfig, ObjectiveConfig
 from ..recipe.objective import REFERENCE_OBJECTIVES
 from .base import Batch
@@ -177,6 +179,22 @@ class Preference(CausalLM):
     def detect_format(self, columns: list[str], split: str) -> str:
         self.need_columns(columns, split, self.cfg.chosen_column, self.cfg.rejected_column)
         return "preference"
+
+    def columns(self, fmt: str) -> dict[str, str]:
+        return {}  # a pair's cells take several shapes (strings, message lists): check_rows reads whole pairs
+
+    def check_rows(self, ds: datasets.Dataset, fmt: str, where: Where) -> None:
+        """Every row read as a pair before tokenizing: one DataError naming the file and row of the first that is
+        not one (``read_pair``'s layouts), or whose answer is empty."""
+        for i, row in enumerate(ds):
+            try:
+                pair = read_pair(row, self.cfg)
+            except RecipeError as e:
+                raise DataError(f"{where.field}: {where.source} row {i + 1}: {e}") from None
+            for side in ("chosen", "rejected"):
+                problem = text_problem(getattr(pair, side))
+                if problem is not None:
+                    raise DataError(f"{where.cell(i, getattr(self.cfg, f'{side}_column'))} {problem}")
 
     def encode_full(self, row: dict[str, Any], fmt: str) -> dict[str, list[int]]:
         """Both sides of a pair (``fmt`` ``chosen`` or ``rejected``: that side alone, for ``describe``)."""

@@ -1,10 +1,10 @@
 """The recipe schema: typed sections, strict keys, and the values derived from them.
 
 A recipe is YAML with the sections ``model``, ``objective`` (``objective.py``), ``lora``, ``data``, ``train``,
-``freeze``, ``forgetting`` and ``output_dir``. Every field has a default, so a recipe names only what differs; unknown keys are rejected with a
-did-you-mean (``loading.py``) instead of being silently ignored (the failure mode of flat dict configs). Values
-derived from several fields (the batch arithmetic, the compute dtype) are methods here, so each is computed in
-one place. This package imports nothing of ours but ``errors``.
+``freeze``, ``forgetting`` and ``output_dir``. Every field has a default, so a recipe names only what differs;
+unknown keys are rejected with a did-you-mean (``loading.py``) instead of being silently ignored (the failure mode
+of flat dict configs). Values derived from several fields (the batch arithmetic, the compute dtype) are methods
+here, so each is computed in one place. This package imports nothing of ours but ``errors``.
 """
 
 from __future__ import annotations
