@@ -329,6 +329,10 @@ def test_dpo_run_raises_held_out_reward_accuracy_and_reports_every_metric(dpo_ru
     # The forgetting guard: the adapted model against its base on general text, at every evaluation.
     assert [r["step"] for r in rows if r.get("split") == "forgetting" and not r.get("final")] == [0, 8, 16]
     assert saved["forgetting"]["after"]["kl"] > saved["forgetting"]["before"]["kl"] == 0
+    # curves.png has three panels of 5.5 inches at 110 dpi: loss, reward accuracy and forgetting.
+    from PIL import Image
+
+    assert Image.open(f"{recipe.output_dir}/curves.png").size == (round(3 * 5.5 * 110), 4 * 110)
 
 
 def test_init_from_that_is_neither_a_run_nor_an_adapter_is_one_line_before_anything_loads(tiny_llama, pref_data,
