@@ -233,6 +233,12 @@ def test_left_padded_chunked_log_probs_equal_each_sequence_scored_alone_with_ful
                                for e in encoded]
 
 
+def test_pairs_are_never_packed_even_where_the_model_packs_supervised_examples(tiny_llama):
+    model = policy(tiny_llama)
+    assert objective(tiny_llama, "sft").use_packing("auto", model)  # the tiny Llama packs SFT examples
+    assert not objective(tiny_llama, "dpo").use_packing("auto", model)
+
+
 def test_reference_is_the_base_model_with_the_adapter_switched_off(tiny_llama):
     obj = objective(tiny_llama, "dpo")
     batch = obj.collate([obj.encode(r, "preference") for r in ROWS])
@@ -325,6 +331,7 @@ def test_dpo_run_raises_held_out_reward_accuracy_and_reports_every_metric(dpo_ru
     assert after["reward_accuracy"] >= 0.9 and after["reward_margin"] > 0.5 and after["loss"] < 0.4
     rows = [json.loads(x) for x in open(f"{recipe.output_dir}/metrics.jsonl")]
     assert [r["step"] for r in rows if r.get("split") == "validation" and not r.get("final")] == [0, 8, 16]
+    assert all(0 < r["mfu"] < 1 for r in rows if "split" not in r and "loss" in r)  # the policy's labelled positions
     assert all("reward_accuracy" in r for r in rows if r.get("split") == "validation")
     # The forgetting guard: the adapted model against its base on general text, at every evaluation.
     assert [r["step"] for r in rows if r.get("split") == "forgetting" and not r.get("final")] == [0, 8, 16]

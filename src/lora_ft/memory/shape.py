@@ -19,6 +19,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from ..errors import UsageError
 from ..modeling.adapters import linear_modules, resolve_targets
 from ..modeling.loading import auto_class, load_config, new_head_modules, remote_code, resolve_source
+from ..objectives.causal_lm import PACKING_MODELS
 from ..objectives.chunked_loss import PLAIN_HEAD_MODELS
 from ..recipe import ModelConfig, Recipe
 
@@ -237,6 +238,7 @@ class Setting:
     use_dora: bool
     sequences: int = 1
     """Sequences per example: 2 for a preference objective (chosen and rejected in one batch)."""
+    packed: bool = False  # training rows of packed examples: an attention mask even for one row
 
     @property
     def autocast(self) -> bool:
@@ -257,6 +259,18 @@ def setting_for(recipe: Recipe, device: str, bf16_supported: bool = True) -> Set
                    compute=recipe.model.resolved_compute_dtype(cuda, bf16_supported),
                    gradient_checkpointing=cuda if gc == "auto" else bool(gc), r=recipe.lora.r,
                    lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora,
-                   sequences=2 if recipe.objective.paired else 1)
+                   sequences=2 if recipe.objective.paired else 1, packed=packs(recipe))
+
+
+def packs(recipe: Recipe) -> bool:
+    """Whether training will pack (``data.packing``; as ``CausalLM.use_packing`` decides it for the default
+    attention implementation, from the config alone). Preference pairs are never packed (``Preference.cannot_pack``)."""
+    if recipe.data.packing is False or recipe.model.task != "causal_lm" or recipe.objective.paired:
+        return False
+    return recipe.data.packing is True or _model_type(recipe) in PACKING_MODELS
+
+
+def _model_type(recipe: Recipe) -> str:
+    return getattr(load_config(resolve_source(recipe.model.name), recipe.model), "model_type", "")
 
 

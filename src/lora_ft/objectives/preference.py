@@ -247,6 +247,15 @@ class Preference(CausalLM):
     def neftune_alpha(self, cfg: AugmentConfig) -> float | None:
         return None  # refused by the recipe: noise in the policy's forward but not the reference's
 
+    def cannot_pack(self, model: torch.nn.Module) -> str | None:
+        return ("a pair's chosen and rejected answers are scored side by side in one left-padded batch (and against "
+                "the reference's log-probs); preference pairs are not packed")
+
+    def head_positions(self, batch: Batch) -> torch.Tensor:
+        """The labelled positions of the policy's pass (MFU counts the policy's step; a per-batch reference
+        forward, 2 FLOPs per weight and token more for dpo/ipo, is not counted, so MFU is understated there)."""
+        return (batch["labels"][:, 1:] != IGNORE).sum()
+
     # ------------------------------------------------------------------------------------ optimisation
     def items(self, batch: Batch) -> torch.Tensor:
         """[pairs, NLL tokens of the chosen sequences]: what ``loss``'s two sums are divided by."""
