@@ -166,6 +166,29 @@ def flops(shape: dict, tokens: int, label_tokens: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ children
+def train_marked(recipe) -> tuple[dict, float]:
+    """lora_ft's ``train`` on the recipe: (the memory marks taken once the model is ready, the final peak RSS)."""
+    from lora_ft.training.trainer import train
+
+    marks: dict = {}
+
+    class TrainStart(logging.Handler):
+        """train() logs "global batch ..." once the model, adapters and optimizer are ready, before the loop."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "load_peak_mb" not in marks and record.getMessage().startswith("global batch"):
+                marks.update(load_peak_mb=process_peak_mb(), rss_before_train_mb=rss_mb("VmRSS"),
+                             reset=reset_peak())
+
+    handler = TrainStart(logging.INFO)
+    logging.getLogger("lora_ft.training.trainer").addHandler(handler)
+    try:
+        train(recipe, overwrite=True)
+    finally:
+        logging.getLogger("lora_ft.training.trainer").removeHandler(handler)
+    return marks, process_peak_mb()
+
+
 def child_lora_ft(spec: dict) -> dict:
     import torch
 
@@ -175,7 +198,6 @@ def child_lora_ft(spec: dict) -> dict:
     from lora_ft.modeling.loading import load_tokenizer
     from lora_ft.objectives import objective_for
     from lora_ft.recipe import load_recipe
-    from lora_ft.training.trainer import train
 
     out = Path(spec["out"])
     recipe = load_recipe(RECIPE, [
@@ -192,19 +214,7 @@ def child_lora_ft(spec: dict) -> dict:
         f"train.seed={SEED}", "train.log_every=1", "train.checkpoint_every=null",
         "forgetting.enabled=false", f"train.trim_cpu_memory={spec['trim']}", f"output_dir={out}",
     ])
-    marks: dict = {}
-
-    class TrainStart(logging.Handler):
-        """train() logs "global batch ..." once the model, adapters and optimizer are ready, before the loop."""
-
-        def emit(self, record: logging.LogRecord) -> None:
-            if "load_peak_mb" not in marks and record.getMessage().startswith("global batch"):
-                marks.update(load_peak_mb=process_peak_mb(), rss_before_train_mb=rss_mb("VmRSS"),
-                             reset=reset_peak())
-
-    logging.getLogger("lora_ft.training.trainer").addHandler(TrainStart(logging.INFO))
-    train(recipe, overwrite=True)
-    train_peak = process_peak_mb()
+    marks, train_peak = train_marked(recipe)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "tokens_per_s" in r]
     info = json.loads((out / "run_info.json").read_text())
@@ -239,18 +249,7 @@ def child_trl(spec: dict) -> dict:
     # {% generation %} markers.
     train_ds = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
     marks: dict = {"train_s": 0.0}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            marks.update(load_peak_mb=process_peak_mb(), rss_before_train_mb=rss_mb("VmRSS"), reset=reset_peak())
-
-        def on_epoch_begin(self, args, state, control, **kwargs):
-            marks["t"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
-            marks["train_s"] += now - marks["t"]
-            marks["t"] = now
+    Timer = trl_timer(marks, TrainerCallback)  # noqa: N806 - a class
 
     packing, bf16 = spec["variant"] in ("packing", "packing-bf16"), spec["variant"] == "packing-bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -288,6 +287,25 @@ def child_trl(spec: dict) -> dict:
             "rss_before_train_mb": marks.get("rss_before_train_mb")}
 
 
+def trl_timer(marks: dict, callback: type) -> type:
+    """A transformers ``TrainerCallback`` (passed in: imported by the child) that records the memory peak of
+    loading in ``marks``, resets it, and sums the training loop's time (epoch start to each step's end)."""
+
+    class Timer(callback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks.update(load_peak_mb=process_peak_mb(), rss_before_train_mb=rss_mb("VmRSS"), reset=reset_peak())
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            marks["t"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            marks["train_s"] += now - marks["t"]
+            marks["t"] = now
+
+    return Timer
+
+
 def child_eval(spec: dict) -> dict:
     import torch
 
@@ -301,18 +319,54 @@ def child_eval(spec: dict) -> dict:
 CHILDREN = {"lora_ft": child_lora_ft, "trl": child_trl, "eval": child_eval}
 
 
-def run_child(kind: str, spec: dict, work: Path) -> dict:
+def run_child(kind: str, spec: dict, work: Path, script: str = __file__) -> dict:
+    """Run ``script --child kind`` (this script's, or another bench script's) in a fresh process."""
     spec_file, result_file = work / f"{kind}.spec.json", work / f"{kind}.result.json"
     spec_file.write_text(json.dumps(spec))
     log.info("---- %s (fresh process)", kind)
     t0 = time.perf_counter()
     # The child's stdout goes to our stderr: stdout carries only the final JSON line.
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, str(spec_file), str(result_file)],
+    proc = subprocess.run([sys.executable, script, "--child", kind, str(spec_file), str(result_file)],
                           stdout=sys.stderr, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
-        raise SystemExit(f"bench_train: the {kind} process failed (exit status {proc.returncode})")
+        raise SystemExit(f"{Path(script).stem}: the {kind} process failed (exit status {proc.returncode})")
     log.info("---- %s done in %.0f s", kind, time.perf_counter() - t0)
     return json.loads(result_file.read_text())
+
+
+def parse_or_serve(ap: argparse.ArgumentParser, children: dict) -> argparse.Namespace | None:
+    """The options every bench script has (``--threads``, ``--keep``, the hidden ``--child``), logging to stderr;
+    in a child process, run the child and return None."""
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    ap.add_argument("--keep", metavar="DIR", help="keep the runs (adapters, metrics) in DIR instead of a temp dir")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("lora_ft").setLevel(logging.INFO)
+    if a.child:
+        serve_child(children, a.child)
+        return None
+    return a
+
+
+def serve_child(children: dict, child: list[str]) -> None:
+    """In a child process: run ``children[kind]`` on the spec file, write its result file."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # the per-file "Loading weights" and "Map" bars would flood the log
+    transformers.utils.logging.disable_progress_bar()
+    kind, spec_file, result_file = child
+    Path(result_file).write_text(json.dumps(children[kind](json.loads(Path(spec_file).read_text()))))
+
+
+def work_dir(keep: str | None, prefix: str) -> Path:
+    """``--keep DIR`` (emptied first), else a fresh temporary folder."""
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=prefix))
+    if keep and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -323,7 +377,6 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--eval-examples", type=int, default=48, help="held-out examples (validation split)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument("--no-trim", action="store_true",
                     help="lora_ft with train.trim_cpu_memory off (default: its auto)")
     ap.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="fp32",
@@ -331,31 +384,15 @@ def main() -> None:
                          "with AVX512-BF16 or AMX)")
     ap.add_argument("--trl", nargs="+", default=["default", "packing", "packing-bf16"],
                     choices=["default", "packing", "packing-bf16"], help="TRL variants to run")
-    ap.add_argument("--keep", metavar="DIR", help="keep the runs (adapters, metrics) in DIR instead of a temp dir")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("lora_ft").setLevel(logging.INFO)
-
-    if a.child:
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()  # the per-file "Loading weights" and "Map" bars would flood the log
-        transformers.utils.logging.disable_progress_bar()
-        kind, spec_file, result_file = a.child
-        result = CHILDREN[kind](json.loads(Path(spec_file).read_text()))
-        Path(result_file).write_text(json.dumps(result))
+    a = parse_or_serve(ap, CHILDREN)
+    if a is None:
         return
 
     import torch
 
     threads = a.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_train-"))
-    if a.keep and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(a.keep, "bench_train-")
     try:
         src = source()
         shape = model_shape(src)

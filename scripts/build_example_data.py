@@ -1,10 +1,13 @@
 """Rebuild the small example datasets under ``data/`` from their public sources.
 
-Two datasets are written as JSON Lines (UTF-8, one object per line):
+Three datasets are written as JSON Lines (UTF-8, one object per line):
 
 * ``data/docstrings``: chat-style SFT examples that ask for a one-line
   docstring summary of a function taken from the running interpreter's
   standard library (PSF License Agreement version 2).
+* ``data/docstring_prefs``: preference pairs from the same examples: the
+  real summary is chosen, the real summary of another function of the same
+  split (of the same package where there is one) is rejected.
 * ``data/fortunes``: text classification of Debian ``fortunes`` cookies
   (``/usr/share/games/fortunes``; install the ``fortunes`` and
   ``fortunes-min`` packages first).
@@ -12,7 +15,7 @@ Two datasets are written as JSON Lines (UTF-8, one object per line):
 The output is deterministic for a given Python version and fortunes package
 version.  Usage::
 
-    python scripts/build_example_data.py [--out-dir data] [--seed 0]
+    python scripts/build_example_data.py [--out-dir data] [--seed 0] [--only docstrings preferences ...]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 LOG = logging.getLogger("build_example_data")
 
 SPLITS = ("train", "validation", "test")
+DATASETS = ("docstrings", "preferences", "fortunes", "reference")
 MAX_DATASET_BYTES = 2 * 1024 * 1024
 
 # --- docstrings -------------------------------------------------------------
@@ -215,6 +219,29 @@ def build_docstrings(seed: int) -> dict[str, list[dict[str, object]]]:
     return result
 
 
+def build_preferences(docstrings: dict[str, list[dict]], seed: int) -> dict[str, list[dict[str, object]]]:
+    """Preference pairs in TRL's conversational format from the docstring splits: the prompt and the real
+    summary (chosen) of each example, and the real summary of a different function of the same split
+    (rejected), from the same top-level package when the split has another summary there, so that the pair
+    differs in content more than in style. No summary crosses a split."""
+    rng = random.Random(f"preferences-{seed}")
+    result = {}
+    for split in SPLITS:
+        records = docstrings[split]
+        summaries = [r["messages"][1]["content"] for r in records]
+        packages = [str(r["source"]).split(".")[0] for r in records]
+        pairs = []
+        for i, rec in enumerate(records):
+            others = [j for j, s in enumerate(summaries) if s != summaries[i]]
+            same = [j for j in others if packages[j] == packages[i]]
+            j = rng.choice(same or others)
+            pairs.append({"prompt": rec["messages"][:1], "chosen": rec["messages"][1:],
+                          "rejected": records[j]["messages"][1:], "source": rec["source"],
+                          "rejected_source": records[j]["source"]})
+        result[split] = pairs
+    return result
+
+
 # --- fortunes ---------------------------------------------------------------
 
 
@@ -346,19 +373,28 @@ def build_reference_text(seed: int, n: int = 128) -> list[dict[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse arguments and rebuild both datasets."""
+    """Parse arguments and rebuild the datasets."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent.parent / "data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--categories", nargs="+", default=list(FORTUNE_CATEGORIES))
+    parser.add_argument("--only", nargs="+", choices=DATASETS, default=list(DATASETS),
+                        help="rebuild only these (preferences are derived from the docstrings)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    write_dataset(args.out_dir, "docstrings", build_docstrings(args.seed))
-    write_dataset(args.out_dir, "fortunes", build_fortunes(args.seed, args.categories))
-    REFERENCE_OUT.parent.mkdir(parents=True, exist_ok=True)
-    LOG.info("reference text: %d bytes -> %s", write_jsonl(REFERENCE_OUT, build_reference_text(args.seed)),
-             REFERENCE_OUT)
+    if {"docstrings", "preferences"} & set(args.only):
+        docstrings = build_docstrings(args.seed)
+        if "docstrings" in args.only:
+            write_dataset(args.out_dir, "docstrings", docstrings)
+        if "preferences" in args.only:
+            write_dataset(args.out_dir, "docstring_prefs", build_preferences(docstrings, args.seed))
+    if "fortunes" in args.only:
+        write_dataset(args.out_dir, "fortunes", build_fortunes(args.seed, args.categories))
+    if "reference" in args.only:
+        REFERENCE_OUT.parent.mkdir(parents=True, exist_ok=True)
+        LOG.info("reference text: %d bytes -> %s", write_jsonl(REFERENCE_OUT, build_reference_text(args.seed)),
+                 REFERENCE_OUT)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_recipe
+from conftest import make_recipe, write_jsonl
 from safetensors.torch import load_file
 
 from lora_ft.errors import RecipeError
@@ -343,3 +343,49 @@ def test_fsdp2_adapter_is_gathered_restored_and_saved_from_shards(tiny_llama, tm
     r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
              str(driver), str(tiny_llama), str(tmp_path / "adapter")], tmp_path)
     assert r.stdout.count("sharded adapter tensors gathered, restored and saved") == 2
+
+
+
+@pytest.mark.parametrize("objective", [{"type": "dpo"}, {"type": "ipo", "precompute_reference": True}],
+                         ids=["dpo-per-batch-reference", "ipo-precomputed-reference"])
+def test_preference_run_on_two_processes_matches_one_process(tiny_llama, tmp_path, objective):
+    """DPO with its per-batch reference (the adapter switched off on the module DDP wraps), and IPO with the
+    reference precomputed before training (each process scores half of the pairs, then they are gathered): the
+    same global batches on 2 processes as on 1 give the same losses and evaluations. The IPO run, resumed on 2
+    processes from its step-2 checkpoint, reads the cached reference back and repeats steps 3-4."""
+    from test_preference import pref_rows
+
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", pref_rows(32, 1)),
+            "validation": write_jsonl(tmp_path / "validation.jsonl", pref_rows(12, 2))}
+    train_cfg = {"max_steps": 4, "micro_batch_size": 4, "global_batch_size": 8, "eval_every": 2,
+                 "checkpoint_every": 2}
+    train(make_recipe(tiny_llama, data, tmp_path / "p1", objective=objective, train=train_cfg))
+    recipe = make_recipe(tiny_llama, data, tmp_path / "p2", objective=objective, train=train_cfg)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    (tmp_path / "dump").mkdir()
+    launch = run(accelerate_launch(2, str(tmp_path / "driver.py"), str(write_recipe(recipe, tmp_path / "p2.yaml")),
+                                   str(tmp_path / "dump")), tmp_path)
+    one, two = rows(tmp_path / "p1"), rows(tmp_path / "p2")
+    assert [(r["step"], r.get("split")) for r in one] == [(r["step"], r.get("split")) for r in two]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), (a, b)
+        if "reward_accuracy" in a:
+            assert (b["reward_accuracy"], b["examples"]) == (a["reward_accuracy"], a["examples"])
+            assert b["reward_margin"] == pytest.approx(a["reward_margin"], abs=1e-5)
+    assert one[-1]["loss"] < one[0]["loss"] - 0.1  # it learned
+    if objective.get("precompute_reference"):
+        cache = [load_file(tmp_path / p / "objective_cache.safetensors") for p in ("p1", "p2")]
+        assert cache[1].keys() == {"train", "validation"} and cache[1]["train"].shape == (2, 32)
+        # Log-probs around -70 summed in batches padded differently: equal to fp32 rounding.
+        assert all(torch.allclose(cache[1][k], cache[0][k], rtol=1e-6, atol=1e-4) for k in cache[0])
+        part = tmp_path / "p3"
+        shutil.copytree(tmp_path / "p2" / "checkpoints" / "step-00000002", part / "checkpoints" / "step-00000002")
+        shutil.copy(tmp_path / "p2" / "objective_cache.safetensors", part)
+        path = write_recipe(recipe.model_copy(update={"output_dir": str(part)}), tmp_path / "p3.yaml")
+        resumed = run([sys.executable, "-m", "lora_ft", "train", str(path), "--resume", "--num-processes", "2"],
+                      tmp_path)
+        computing = "reference log-probs of train (32 pairs), once before training"
+        assert computing in launch.stderr and computing not in resumed.stderr
+        full = {r["step"]: r["loss"] for r in two if "split" not in r}
+        again = {r["step"]: r["loss"] for r in rows(part) if "split" not in r}
+        assert sorted(again) == [3, 4] and max(abs(full[s] - again[s]) for s in again) < 1e-6

@@ -133,6 +133,19 @@ def test_predicted_peak_is_within_15_percent_of_the_measured_cpu_peak(small_llam
     assert e.step_peak == pytest.approx(measured["peak"], rel=0.15), {r.label: r.bytes for r in e.rows}
 
 
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_preference_step_counts_two_sequences_per_pair_and_its_reference_pass(small_llama, one_thread, quant):
+    """A DPO micro-batch of 4 pairs is 8 sequences (and a reference forward without gradients): predicted from the
+    config as such and measured with the objective's own loss."""
+    recipe = recipe_for(small_llama, "causal_lm", quant, objective={"type": "dpo"})
+    e = estimate(model_shape(recipe), setting_for(recipe, "cpu"), 4, 128, answer_fraction=0.5)
+    measured = measure_peak(recipe, 4, 128, answer_fraction=0.5)
+    assert e.step_peak == pytest.approx(measured["peak"], rel=0.15), {r.label: r.bytes for r in e.rows}
+    sft = recipe_for(small_llama, "causal_lm", quant, data={"packing": False})  # pairs are never packed
+    as_sequences = estimate(model_shape(sft), setting_for(sft, "cpu"), 8, 128, answer_fraction=0.5)
+    assert e.step_peak == as_sequences.step_peak and e.micro_batch == 4
+
+
 @pytest.fixture(scope="module")
 def wide_vocab_llama(tmp_path_factory):
     """A one-layer Llama with a 32k vocabulary: the loss is most of the step, as for SmolLM2 or Llama 3."""

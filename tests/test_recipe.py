@@ -210,3 +210,47 @@ def test_auto_compute_dtype_is_bf16_only_on_gpus_that_support_it():
     assert auto.resolved_compute_dtype(cuda=False, bf16_supported=True) == "fp32"
     assert auto.resolved_compute_dtype(cuda=False, bf16_supported=False) == "fp32"
     assert fp16.resolved_compute_dtype(cuda=False, bf16_supported=False) == "fp16"  # explicit wins
+
+
+# ------------------------------------------------------------------------------------------------ objective
+def test_objective_type_gets_did_you_mean_and_each_type_its_default_beta(tmp_path):
+    with pytest.raises(RecipeError, match=r"objective.type: unknown objective 'dop' \(did you mean 'dpo'\?\)"):
+        load_recipe(write(tmp_path, "objective: {type: dop}\n"))
+    with pytest.raises(RecipeError, match=r"objective.betta: unknown key \(did you mean 'beta'\?\)"):
+        load_recipe(write(tmp_path, "objective: {type: dpo, betta: 0.1}\n"))
+    betas = {t: load_recipe(write(tmp_path, f"objective: {{type: {t}}}\n")).objective.resolved_beta
+             for t in ("dpo", "ipo", "orpo", "simpo")}
+    assert betas == {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+    assert load_recipe(write(tmp_path, "objective: {type: DPO, beta: 0.5}\n")).objective.resolved_beta == 0.5
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("model: {task: sequence_classification}\nobjective: {type: dpo}\n", "needs model.task causal_lm"),
+    ("objective: {type: dpo}\ndata: {format: messages}\n", "data.format auto or preference"),
+    ("data: {format: preference}\n", "data.format preference needs a preference objective"),
+    ("objective: {type: classification}\n", "objective.type classification needs model.task sequence_classif"),
+    ("objective: {type: sft, beta: 0.2}\n", "apply to the preference objectives"),
+    ("objective: {type: dpo}\nlora: {init: pissa}\n", "compares with the base model, which lora.init 'pissa'"),
+    ("objective: {type: dpo, precompute_reference: false}\nlora: {init_from: runs/sft}\n", "remove the setting"),
+    ("objective: {type: orpo, cpo_alpha: 1}\n", "apply to simpo, not orpo"),
+    ("objective: {type: ipo}\ndata: {augment: {neftune_alpha: 5}}\n", "apply to objective sft, not ipo"),
+    ("objective: {type: simpo}\ndata: {packing: true}\n", "data.packing true: objective.type simpo scores"),
+    ("objective: {type: dpo}\ntrain: {max_tokens_per_batch: 4096}\n", "does not count the two sequences"),
+    ("objective: {type: KTO}\n", r"objective.type: kto \(unpaired .*\) is not supported: use dpo, ipo, simpo or orpo"),
+])
+def test_objective_rules_name_the_fields_and_the_fix(tmp_path, text, needle):
+    with pytest.raises(RecipeError, match=needle):
+        load_recipe(write(tmp_path, text))
+
+
+def test_reference_is_precomputed_by_default_only_when_it_is_a_starting_adapter(tmp_path):
+    def precomputes(text):
+        r = load_recipe(write(tmp_path, text))
+        return r.objective.precomputes_reference(r.lora)
+
+    assert not precomputes("objective: {type: dpo}\n")
+    assert precomputes("objective: {type: dpo, precompute_reference: true}\n")
+    assert precomputes("objective: {type: ipo}\nlora: {init_from: sft}\n")
+    assert not precomputes("objective: {type: simpo}\nlora: {init_from: sft}\n")  # reference-free
+    (tmp_path / "sft").mkdir()
+    assert load_recipe(write(tmp_path, "lora: {init_from: sft}\n")).lora.init_from == str(tmp_path / "sft")

@@ -17,6 +17,14 @@ def test_parse_grid():
         parse_grid(["lora.r"])
 
 
+def test_a_trial_row_keeps_the_validation_metrics_a_reader_compares_preference_runs_by():
+    from lora_ft.training.sweep import _metrics
+
+    after = {"validation": {"loss": 0.41234567, "examples": 32, "reward_accuracy": 0.90625, "reward_margin": 1.5,
+                            "logp_chosen": -30.0}, "test": {"loss": 9.0}}
+    assert _metrics({"after": after}) == {"loss": 0.412346, "reward_accuracy": 0.90625, "reward_margin": 1.5}
+
+
 def test_two_by_two_sweep_ranks_four_trials(tiny_llama, chat_data, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({

@@ -23,7 +23,7 @@ from .errors import RecipeError, RunError
 from .lock import RunLock
 from .modeling.loading import load_model, remote_code, resolve_source
 from .recipe import Recipe, load_recipe, looks_local
-from .storage import write_text
+from .storage import write_folder, write_text
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,18 @@ HUB = "hub"
 MERGE_REPORT = "merge_report.json"
 MERGE_MARKER = "lora_ft_merge.json"
 """Written into every merged folder: ``merge --out`` only ever replaces a folder carrying this run's marker."""
+START_ADAPTER = "start_adapter"
+"""With ``lora.init_from``: a copy of the adapter training started from (a preference objective's reference)."""
+OBJECTIVE_CACHE = "objective_cache.safetensors"
+"""What the objective computed from the starting model before training (reference log-probs), for a resume."""
 LOCK = ".lora_ft.lock"
 """The run lock (``lock.py``): one command at a time writes into a run folder."""
 REPLACED = ".lora_ft.replaced"
 """``--overwrite``: the old run's outputs wait here until the new run has saved something of its own."""
-OUTPUTS = (CHECKPOINTS, ADAPTER, MERGED, HUB, RUN_CONFIG, RUN_INFO, METRICS, RESULTS, CURVES, MERGE_REPORT)
-"""What belongs to a run (``--overwrite`` replaces these; other files in the folder stay)."""
+OUTPUTS = (CHECKPOINTS, ADAPTER, MERGED, HUB, START_ADAPTER, RUN_CONFIG, RUN_INFO, METRICS, RESULTS, CURVES,
+           MERGE_REPORT)
+"""What belongs to a run (``--overwrite`` replaces these; other files in the folder stay). ``OBJECTIVE_CACHE`` is
+not: it is keyed by the data and the starting model, and the new run has just written its own there."""
 
 
 def labels_of(info: dict[str, Any]) -> dict[int, str] | None:
@@ -172,6 +178,12 @@ class RunFolder:
         with self.metrics.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
+    def keep_start_adapter(self, adapter: str | Path) -> None:
+        """A copy of the adapter training starts from (``lora.init_from``): the reference later commands score
+        against, wherever the original goes."""
+        write_folder(self.path / START_ADAPTER, lambda tmp: shutil.copytree(adapter, tmp, dirs_exist_ok=True),
+                     "free disk space and train again")
+
     def write_json(self, name: str, value: Any) -> None:
         write_text(self.path / name, json.dumps(value, indent=2))
 
@@ -206,6 +218,12 @@ class Run:
         return self.folder.adapter
 
     @property
+    def start_adapter(self) -> Path | None:
+        """The adapter training started from (``lora.init_from``), None for a fresh adapter."""
+        folder = self.folder / START_ADAPTER
+        return folder if (folder / "adapter_config.json").is_file() else None
+
+    @property
     def causal(self) -> bool:
         return self.recipe.model.task == "causal_lm"
 
@@ -238,6 +256,47 @@ def open_run(run_dir: str | Path, need_adapter: bool = True) -> Run:
     if need_adapter and not (folder.adapter / "adapter_config.json").is_file():
         raise RunError(f"{folder.path} has no trained adapter ({ADAPTER}/adapter_config.json); finish training first")
     return Run(folder, load_recipe(folder / RUN_CONFIG), folder.read_json(RUN_INFO))
+
+
+# The adapter_config.json keys of the lora section's shape fields.
+_ADAPTER_SHAPE = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
+                  "use_dora": "use_dora", "use_rslora": "use_rslora"}
+
+
+def start_adapter_dir(init_from: str | Path) -> Path:
+    """``lora.init_from`` → the adapter folder: the folder itself, or a run's ``adapter``."""
+    path = Path(init_from).expanduser()
+    for folder in (path, path / ADAPTER):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    raise RunError(f"lora.init_from {init_from}: neither an adapter folder nor a run with a trained adapter "
+                   f"(no adapter_config.json there or in {ADAPTER}/); give a run's output_dir or an adapter folder")
+
+
+def adopt_start_adapter(recipe: Recipe) -> Recipe:
+    """With ``lora.init_from``: the recipe with the starting adapter's folder resolved and its shape (r, alpha,
+    dropout, targets, DoRA, rsLoRA) as the lora section's values, so ``run_config.yaml`` says what trains. A shape
+    value the recipe sets itself must agree with the adapter's; a run given as ``init_from`` must be of the same
+    base model."""
+    lora = recipe.lora
+    if lora.init_from is None:
+        return recipe
+    folder = start_adapter_dir(lora.init_from)
+    if folder.parent / ADAPTER == folder and (folder.parent / RUN_CONFIG).is_file():
+        other = load_recipe(folder.parent / RUN_CONFIG).model
+        if (other.name, other.task) != (recipe.model.name, recipe.model.task):
+            raise RecipeError(f"lora.init_from {lora.init_from}: that run trained {other.name} ({other.task}), "
+                              f"not model.name {recipe.model.name} ({recipe.model.task})")
+    saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    shape = {field: saved[key] for field, key in _ADAPTER_SHAPE.items() if saved.get(key) is not None}
+    if isinstance(shape.get("target_modules"), list | set | tuple):
+        shape["target_modules"] = sorted(shape["target_modules"])
+    clashes = [f"lora.{f} {getattr(lora, f)!r} (the adapter has {v!r})" for f, v in shape.items()
+               if f in lora.model_fields_set and getattr(lora, f) not in (v, "auto")]
+    if clashes:
+        raise RecipeError(f"lora.init_from {lora.init_from}: " + "; ".join(clashes) + ": the starting adapter's "
+                          "shape is kept, remove these from the recipe")
+    return recipe.model_copy(update={"lora": lora.model_copy(update={**shape, "init_from": str(folder.resolve())})})
 
 
 def default_device() -> torch.device:

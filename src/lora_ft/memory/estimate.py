@@ -186,8 +186,13 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
 
     Causal LM logits are computed for ``keep`` positions per example: ``answer_tokens`` when known (the longest
     stretch from the first label to the end of an example, from the data), else ``answer_fraction × seq_len``.
+
+    A preference objective puts ``s.sequences`` = 2 sequences per example through the model (chosen and rejected
+    in one batch), so every term counts 2 × ``micro_batch`` sequences. Its reference pass (no gradients, at the
+    start of a step, when no activations are held) costs what an evaluation step of the same batch does, and the
+    evaluation step is twice that batch: it never sets the peak.
     """
-    b, L = micro_batch, seq_len
+    b, L = micro_batch * s.sequences, seq_len
     tokens = b * L
     keep = min(L, answer_tokens + 1) if answer_tokens else max(1, math.ceil(answer_fraction * L))
     if s.packed:  # a packed row holds many answers: plan for labels on every position
@@ -226,7 +231,7 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
     evaluation, eval_note = _eval_bytes(shape, s, EVAL_BATCH_FACTOR * b, L, keep)
     rows.append(Row("evaluation step *", evaluation, eval_note))
     step_peak, eval_peak = static + acts + transient, static + evaluation
-    return Estimate(b, L, keep, rows, step_peak, eval_peak, overhead_bytes(s, max(step_peak, eval_peak)),
+    return Estimate(micro_batch, L, keep, rows, step_peak, eval_peak, overhead_bytes(s, max(step_peak, eval_peak)),
                     per_token_layer)
 
 

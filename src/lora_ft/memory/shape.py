@@ -236,6 +236,8 @@ class Setting:
     r: int
     lora_dropout: float
     use_dora: bool
+    sequences: int = 1
+    """Sequences per example: 2 for a preference objective (chosen and rejected in one batch)."""
     packed: bool = False  # training rows of packed examples: an attention mask even for one row
 
     @property
@@ -257,13 +259,13 @@ def setting_for(recipe: Recipe, device: str, bf16_supported: bool = True) -> Set
                    compute=recipe.model.resolved_compute_dtype(cuda, bf16_supported),
                    gradient_checkpointing=cuda if gc == "auto" else bool(gc), r=recipe.lora.r,
                    lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora,
-                   packed=packs(recipe))
+                   sequences=2 if recipe.objective.paired else 1, packed=packs(recipe))
 
 
 def packs(recipe: Recipe) -> bool:
     """Whether training will pack (``data.packing``; as ``CausalLM.use_packing`` decides it for the default
-    attention implementation, from the config alone)."""
-    if recipe.data.packing is False or recipe.model.task != "causal_lm":
+    attention implementation, from the config alone). Preference pairs are never packed (``Preference.cannot_pack``)."""
+    if recipe.data.packing is False or recipe.model.task != "causal_lm" or recipe.objective.paired:
         return False
     return recipe.data.packing is True or _model_type(recipe) in PACKING_MODELS
 

@@ -81,6 +81,20 @@ def attach_adapters(
 ) -> PeftModel:
     """Freeze the base, prepare k-bit layers for training, inject LoRA; heads train in full."""
     targets = resolve_targets(model, cfg.target_modules, heads)
+    model = _prepare_base(model, gradient_checkpointing)
+    peft_model = get_peft_model(model, lora_config(cfg, task, targets, heads))
+    return _ready(peft_model, targets)
+
+
+def attach_start_adapter(model: PreTrainedModel, adapter_dir: str, gradient_checkpointing: bool) -> PeftModel:
+    """A trained adapter (``lora.init_from``) on the prepared base, trainable: training continues from it."""
+    peft_model = PeftModel.from_pretrained(_prepare_base(model, gradient_checkpointing), adapter_dir,
+                                           is_trainable=True)
+    return _ready(peft_model, sorted(peft_model.peft_config["default"].target_modules))
+
+
+def _prepare_base(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+    """Freeze the base for training: k-bit preparation, gradient checkpointing."""
     if is_quantized(model):
         # Casts the remaining non-quantized weights (norms, embeddings) to fp32 for stable training and
         # makes the embedding outputs require grad so checkpointed blocks still backpropagate.
@@ -92,7 +106,11 @@ def attach_adapters(
         # Non-reentrant checkpointing works with DDP and frozen inputs (no "mark variable ready twice").
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, lora_config(cfg, task, targets, heads))
+    return model
+
+
+def _ready(peft_model: PeftModel, targets: list[str]) -> PeftModel:
+    """The adapter model as training uses it: LoRA dropout fused, the trainable share logged."""
     # peft's dropout keeps a full copy of every LoRA input for backward; see lora_dropout.py.
     fuse_lora_dropout(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()

@@ -11,6 +11,7 @@ from ..recipe import Recipe
 from .base import Batch, Objective
 from .causal_lm import CausalLM
 from .classification import SequenceClassification
+from .preference import Preference
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "causal_lm": CausalLM,
@@ -19,8 +20,12 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 
 def objective_for(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Objective:
-    """The recipe's objective, bound to its data config and the model's tokenizer."""
+    """The recipe's objective, bound to its data config and the model's tokenizer: ``objective.type``'s, else the
+    model task's own (``OBJECTIVES``)."""
+    o = recipe.objective
+    if o.paired:
+        return Preference(recipe.data, tokenizer, o, o.precomputes_reference(recipe.lora), bool(recipe.lora.init_from))
     return OBJECTIVES[recipe.model.task](recipe.data, tokenizer)
 
 
-__all__ = ["OBJECTIVES", "Batch", "CausalLM", "Objective", "SequenceClassification", "objective_for"]
+__all__ = ["OBJECTIVES", "Batch", "CausalLM", "Objective", "Preference", "SequenceClassification", "objective_for"]

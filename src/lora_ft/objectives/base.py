@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import datasets
@@ -39,6 +40,8 @@ class Objective(ABC):
     """The ``data.format`` values this objective reads."""
     compared: ClassVar[str]
     """What ``label_logits`` returns, in words (the merge report's ``compared``)."""
+    sequences_per_example: ClassVar[int] = 1
+    """Sequences one example puts through the model (preference pairs: 2); the planner counts with it."""
 
     def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase):
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -94,6 +97,14 @@ class Objective(ABC):
     def label_column(self) -> str | None:
         """The column whose value counts ``lora-ft inspect`` reports (class balance); None for none."""
         return None
+
+    def prepare(self, model: torch.nn.Module, accelerator, splits: dict[str, datasets.Dataset], batch_size: int,
+                cache: Path | None = None) -> dict[str, datasets.Dataset]:
+        """Once after the model is built and before any batch is drawn, while the model is still the one training
+        starts from: what the objective computes from that model for whole splits (a preference objective's
+        reference log-probs), as columns. ``cache``: a file in the run folder where it may keep them for a resumed
+        run. Returns the splits."""
+        return splits
 
     # ------------------------------------------------------------------------------------ augmentation
     def token_augmenter(self, cfg: AugmentConfig, seed: int) -> Callable[[dict], dict] | None:

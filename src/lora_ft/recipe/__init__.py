@@ -14,10 +14,11 @@ from .schema import (
     FreezeConfig,
     LoraConfigSection,
     ModelConfig,
+    ObjectiveConfig,
     Recipe,
     TrainConfig,
 )
 
 __all__ = ["FULL_PRECISION_INITS", "LORA_INITS", "AugmentConfig", "DataConfig", "ForgettingConfig", "FreezeConfig",
-           "LoraConfigSection", "ModelConfig", "Recipe", "TrainConfig", "changes", "describe_changes", "load_recipe",
-           "looks_local", "parse_overrides"]
+           "LoraConfigSection", "ModelConfig", "ObjectiveConfig", "Recipe", "TrainConfig", "changes",
+           "describe_changes", "load_recipe", "looks_local", "parse_overrides"]

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ValidationError
 from ..errors import RecipeError, did_you_mean
 from .schema import SECTIONS, Recipe
 
-PATH_FIELDS = {"data": ("train", "validation", "test"), "forgetting": ("reference",)}
-"""Recipe fields that name data files (or Hub dataset ids)."""
+PATH_FIELDS = {"data": ("train", "validation", "test"), "forgetting": ("reference",), "lora": ("init_from",)}
+"""Recipe fields that name data files (or Hub dataset ids), and the run or adapter folder training starts from."""
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv", ".xlsx", ".xls", ".arrow", ".gz", ".zip",
                  ".bz2", ".xz", ".zst", ".yaml", ".yml", ".md", ".gguf"}

@@ -1,10 +1,10 @@
 """The recipe schema: typed sections, strict keys, and the values derived from them.
 
-A recipe is YAML with the sections ``model``, ``lora``, ``data``, ``train``, ``freeze``, ``forgetting`` and
-``output_dir``. Every field has a default, so a recipe names only what differs; unknown keys are rejected with a
-did-you-mean (``loading.py``) instead of being silently ignored (the failure mode of flat dict configs). Values
-derived from several fields (the batch arithmetic, the compute dtype) are methods here, so each is computed in
-one place. This package imports nothing of ours but ``errors``.
+A recipe is YAML with the sections ``model``, ``objective`` (``objective.py``), ``lora``, ``data``, ``train``,
+``freeze``, ``forgetting`` and ``output_dir``. Every field has a default, so a recipe names only what differs;
+unknown keys are rejected with a did-you-mean (``loading.py``) instead of being silently ignored (the failure mode
+of flat dict configs). Values derived from several fields (the batch arithmetic, the compute dtype) are methods
+here, so each is computed in one place. This package imports nothing of ours but ``errors``.
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ import math
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import RecipeError, did_you_mean
-
-
-class _Section(BaseModel):
-    # allow_inf_nan=False: YAML's .inf/.nan are floats, and no field of a recipe means anything infinite.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+from .objective import PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, ObjectiveConfig
+from .section import Section as _Section
 
 
 class ModelConfig(_Section):
@@ -66,6 +63,10 @@ class LoraConfigSection(_Section):
     """``auto``: every linear layer of the backbone, never the output or task head."""
     use_dora: bool = False
     use_rslora: bool = False
+    init_from: str | None = None
+    """Start from a trained adapter instead of a fresh one: a run's ``output_dir`` or an adapter folder (e.g. an
+    SFT run before preference tuning). Its shape (r, alpha, dropout, targets, DoRA, rsLoRA) is the adapter's; a
+    preference objective's reference is then that starting adapter (see ``ObjectiveConfig``)."""
     init: bool | str = True
     """peft's ``init_lora_weights``: true (B = 0, the adapter starts as a no-op), false (random, for
     debugging), ``gaussian``, or ``pissa`` / ``olora`` (start from the base weights' principal directions;
@@ -118,12 +119,15 @@ class DataConfig(_Section):
     validation_split: float = Field(0.0, ge=0, lt=1)
     """Fraction of ``train`` carved out (with ``train.seed``) when no ``validation`` file is given."""
     test: str | None = None
-    format: Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text", "classification"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text", "classification",
+                    "preference"] = "auto"
     messages_column: str = "messages"
     conversations_column: str = "conversations"
     """``sharegpt``: the column of ``{from, value}`` turns (roles human/gpt/system; user/assistant too)."""
     prompt_column: str = "prompt"
     completion_column: str = "completion"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
     instruction_column: str = "instruction"
     input_column: str = "input"
     output_column: str = "output"
@@ -305,6 +309,7 @@ class Recipe(_Section):
     """A whole run."""
 
     model: ModelConfig = ModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
     lora: LoraConfigSection = LoraConfigSection()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -353,7 +358,47 @@ class Recipe(_Section):
                              "causal_lm (set data.packing: auto or false)")
         if d.validation and d.validation_split:
             raise ValueError("give data.validation or data.validation_split, not both")
+        self._objective_fits()
         return self
+
+    def _objective_fits(self) -> None:
+        """The objective's rules: which task and data it trains on, and what preference tuning cannot combine with."""
+        o, task, d = self.objective, self.model.task, self.data
+        own = {"sft": "causal_lm", "classification": "sequence_classification"}
+        if o.type in own and task != own[o.type]:
+            raise ValueError(f"objective.type {o.type} needs model.task {own[o.type]}")
+        if d.format == "preference" and not o.paired:
+            raise ValueError(f"data.format preference needs a preference objective: objective.type "
+                             f"{', '.join(PREFERENCE_OBJECTIVES)}")
+        if not o.paired:
+            if o.beta is not None or o.precompute_reference != "auto":
+                raise ValueError(f"objective.beta and objective.precompute_reference apply to the preference "
+                                 f"objectives ({', '.join(PREFERENCE_OBJECTIVES)}), not {o.type}")
+            return
+        if task != "causal_lm":
+            raise ValueError(f"objective.type {o.type} tunes a language model on preference pairs: it needs "
+                             "model.task causal_lm")
+        if d.format not in ("auto", "preference"):
+            raise ValueError(f"objective.type {o.type} trains on preference pairs: data.format auto or preference, "
+                             f"not '{d.format}'")
+        if d.packing is True:
+            raise ValueError(f"data.packing true: objective.type {o.type} scores each pair's answers side by side, "
+                             "pairs are not packed; set data.packing: auto or false")
+        if self.train.max_tokens_per_batch:  # the length-grouped sampler sees one sequence per example, not two
+            raise ValueError(f"train.max_tokens_per_batch does not count the two sequences of a pair yet: remove it "
+                             f"for objective.type {o.type} and bound memory with train.micro_batch_size")
+        if d.train_on_prompt or d.augment.neftune_alpha:
+            raise ValueError("data.train_on_prompt and data.augment.neftune_alpha apply to objective sft, not "
+                             f"{o.type}")
+        if o.type in REFERENCE_OBJECTIVES and self.lora.init in FULL_PRECISION_INITS and not self.lora.init_from:
+            # The reference is the model with the adapter switched off, which these inits have rewritten.
+            raise ValueError(f"objective.type {o.type} compares with the base model, which lora.init "
+                             f"'{self.lora.init}' rewrites: use lora.init: true")
+        if o.type in REFERENCE_OBJECTIVES and self.lora.init_from and o.precompute_reference is False:
+            raise ValueError("objective.precompute_reference false: with lora.init_from the reference is the starting "
+                             "adapter, whose log-probs are computed before training; remove the setting")
+        if (o.simpo_gamma != 0.5 or o.cpo_alpha) and o.type != "simpo":
+            raise ValueError(f"objective.simpo_gamma and objective.cpo_alpha apply to simpo, not {o.type}")
 
     @property
     def validates(self) -> bool:
@@ -395,6 +440,7 @@ class Recipe(_Section):
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig,
+    "objective": ObjectiveConfig,
     "lora": LoraConfigSection,
     "data": DataConfig,
     "train": TrainConfig,

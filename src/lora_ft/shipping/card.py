@@ -202,9 +202,10 @@ def _measurements(run: Run, merge_entry: dict[str, Any] | None) -> list[str]:
     """Results before/after, the merge's fidelity, the curves."""
     lines = []
     results = run.dir / RESULTS
+    start = "the adapter training started from (`lora.init_from`)" if run.recipe.lora.init_from else "the base model"
     if results.is_file():
         lines += ["## Results", "",
-                  "Measured by lora_ft on the run's held-out splits; *before* is the base model.", "",
+                  f"Measured by lora_ft on the run's held-out splits; *before* is {start}.", "",
                   results_table(json.loads(results.read_text())), ""]
     if merge_entry:
         e = merge_entry
@@ -223,7 +224,10 @@ def _measurements(run: Run, merge_entry: dict[str, Any] | None) -> list[str]:
 def _training(run: Run) -> list[str]:
     """How it was trained, and the fully resolved recipe."""
     r, info, quant = run.recipe, run.info, run.recipe.model.quant
-    return ["## Training", "",
+    o = r.objective
+    objective = [f"- objective: {o.type} (beta {o.resolved_beta:g}) on preference pairs; reward accuracy counts the "
+                 "held-out pairs whose chosen answer gets the higher implicit reward"] if o.paired else []
+    return ["## Training", "", *objective,
             f"- LoRA r={r.lora.r}, alpha={r.lora.alpha:g}, dropout={r.lora.dropout:g}"
             f"{', rsLoRA' if r.lora.use_rslora else ''} on {', '.join(info.get('targets') or ['auto'])}",
             f"- base quantization: {quant}" + (f" (double quantization: {r.model.double_quant})"

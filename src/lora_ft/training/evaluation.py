@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from peft import set_peft_model_state_dict
+from peft.utils import load_peft_weights
 
 from ..objectives import Objective
 from ..run import open_run
@@ -47,7 +49,11 @@ def evaluate_run(run_dir: str | Path, data_file: str, split: str = "eval") -> di
     train = run.recipe.train.model_copy(update={"trackers": []})
     recipe = run.recipe.model_copy(update={"data": data, "train": train})
     accelerator, compute = make_accelerator(recipe)
-    s = setup(recipe, accelerator, compute, str(run.adapter_dir), {split: data_file}, run.id2label)
+    start = run.start_adapter  # lora.init_from: the model training started from is the reference
+    s = setup(recipe, accelerator, compute, str(start or run.adapter_dir), {split: data_file}, run.id2label)
+    s.data.splits = s.objective.prepare(s.model, accelerator, s.data.splits, train.eval_batch_size)
+    if start is not None:  # then the trained adapter's weights
+        set_peft_model_state_dict(s.model, load_peft_weights(str(run.adapter_dir)))
     loader = accelerator.prepare(make_loader(s.data.splits[split], train.eval_batch_size, s.objective.collate,
                                              False, 0))
     return evaluate_loader(s.model, loader, s.objective, accelerator)

@@ -57,8 +57,9 @@ def synthetic_batch(objective: Objective, micro_batch: int, seq_len: int, answer
                     seed: int = 0, packed: bool = False) -> dict:
     """A training batch as the objective collates it: random tokens, the last example 8 tokens shorter (so the
     batch carries padding, as length-grouped real batches do), and for a causal LM labels on the last
-    ``answer_fraction`` of each example (a classifier's examples get labels 0 and 1 in turn). ``packed``: rows of
-    four examples each, packed as ``data.packing`` packs them."""
+    ``answer_fraction`` of each example (a classifier's examples get labels 0 and 1 in turn; a preference pair's
+    rejected side is its chosen one). ``packed``: rows of four examples each, packed as ``data.packing`` packs
+    them."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     low = min(1000, max(objective.tokenizer.vocab_size - 1, 2))
@@ -71,6 +72,8 @@ def synthetic_batch(objective: Objective, micro_batch: int, seq_len: int, answer
             rows.append({"input_ids": ids, "labels": [IGNORE] * (n - answer) + ids[n - answer:]})
         else:
             rows.append({"input_ids": ids, "attention_mask": [1] * n, "labels": k % 2})
+    if objective.sequences_per_example == 2:  # preference pairs: a rejected answer as long as the chosen one
+        rows = [{**r, "rejected_input_ids": r["input_ids"], "rejected_labels": r["labels"]} for r in rows]
     return objective.collate_packed(rows, seq_len) if packed else objective.collate(rows)
 
 
@@ -134,7 +137,7 @@ def _measure(recipe: Recipe, micro_batch: int, seq_len: int, answer_fraction: fl
                 objective.eval_step(model, batch)
             model.train()
             return
-        accelerator.backward(objective.loss(model, batch) / objective.items(batch))
+        accelerator.backward((objective.loss(model, batch) / objective.items(batch).clamp(min=1)).sum())
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -51,7 +51,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_curves(metrics_file: Path, png: Path) -> None:
-    """Training loss, evaluation losses and the task metric (accuracy) over optimizer steps."""
+    """Training loss, evaluation losses and the task metric (accuracy, or a preference objective's reward
+    accuracy) over optimizer steps."""
     import matplotlib  # heavy (pyplot loads fonts and backends): imported only when a run draws its curves
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
@@ -64,8 +65,9 @@ def plot_curves(metrics_file: Path, png: Path) -> None:
         if "split" in r:
             evals.setdefault(r["split"], []).append(r)
     forgetting = evals.pop("forgetting", [])
-    has_acc = any("accuracy" in r for rs in evals.values() for r in rs)
-    panels = 1 + has_acc + bool(forgetting)
+    metric = next((m for m in ("accuracy", "reward_accuracy") if any(m in r for rs in evals.values() for r in rs)),
+                  None)
+    panels = 1 + bool(metric) + bool(forgetting)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     ax = axes[0][0]
     if train:
@@ -75,11 +77,11 @@ def plot_curves(metrics_file: Path, png: Path) -> None:
     ax.set(xlabel="optimizer step", ylabel="loss", title="loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    if has_acc:
+    if metric:
         ax2 = axes[0][1]
         for split, rs in evals.items():
-            ax2.plot([r["step"] for r in rs], [r.get("accuracy") for r in rs], "o-", label=split)
-        ax2.set(xlabel="optimizer step", ylabel="accuracy", title="accuracy")
+            ax2.plot([r["step"] for r in rs], [r.get(metric) for r in rs], "o-", label=split)
+        ax2.set(xlabel="optimizer step", ylabel=metric.replace("_", " "), title=metric.replace("_", " "))
         ax2.legend()
         ax2.grid(alpha=0.3)
     if forgetting:

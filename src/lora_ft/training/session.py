@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from ..data.batching import LengthGroupedBatches
 from ..data.packing import PackedBatches
 from ..data.prepare import TaskData, prepare_data
-from ..modeling.adapters import attach_adapters, load_adapter
+from ..modeling.adapters import attach_adapters, attach_start_adapter, load_adapter
 from ..modeling.loading import LoadedModel, check_max_length, load_config, load_model, load_tokenizer, resolve_source
 from ..objectives import Objective, objective_for
 from ..recipe import Recipe
@@ -106,12 +106,15 @@ def build_model(recipe: Recipe, accelerator: Accelerator, compute: str, source: 
                 id2label: dict[int, str] | None = None,
                 adapter_dir: str | None = None) -> tuple[LoadedModel, PeftModel]:
     """The base model on this process's device, quantized as the recipe says, with fresh LoRA adapters (or the
-    trained ones in ``adapter_dir``): exactly what ``setup`` trains, also for the planner's measurements."""
+    trained ones in ``adapter_dir``, or trainable from ``lora.init_from``): exactly what ``setup`` trains, also for
+    the planner's measurements."""
     cfg = recipe.model
     device = accelerator.device if accelerator.device.type != "cuda" else accelerator.local_process_index
     loaded = load_model(cfg.model_copy(update={"name": source}), compute, device, id2label, tokenizer)
     if adapter_dir is not None:
         return loaded, load_adapter(loaded.model, adapter_dir)
     gc = recipe.train.gradient_checkpointing
-    return loaded, attach_adapters(loaded.model, recipe.lora, cfg.task, loaded.head_modules,
-                                   torch.cuda.is_available() if gc == "auto" else gc)
+    gc = torch.cuda.is_available() if gc == "auto" else gc
+    if recipe.lora.init_from:  # continue from a trained adapter (run.adopt_start_adapter resolved the folder)
+        return loaded, attach_start_adapter(loaded.model, recipe.lora.init_from, gc)
+    return loaded, attach_adapters(loaded.model, recipe.lora, cfg.task, loaded.head_modules, gc)

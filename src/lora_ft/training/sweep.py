@@ -145,7 +145,8 @@ def _trial(recipe: Recipe, what: str) -> dict[str, Any]:
 def _metrics(results: dict[str, Any]) -> dict[str, float]:
     split = "validation" if "validation" in results["after"] else next(iter(results["after"]), None)
     metrics = results["after"].get(split, {}) if split else {}
-    return {k: round(v, 6) for k, v in metrics.items() if k in ("loss", "accuracy", "f1_macro", "perplexity")}
+    return {k: round(v, 6) for k, v in metrics.items() if k in ("loss", "accuracy", "f1_macro", "perplexity",
+                                                                   "reward_accuracy", "reward_margin")}
 
 
 def _write(root: Path, rows: list[dict[str, Any]]) -> None:

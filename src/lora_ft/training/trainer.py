@@ -28,7 +28,7 @@ from ..errors import NonFiniteLoss, RecipeError, RunError, TrainingInterrupted, 
 from ..lock import RunLock
 from ..memory.launch import resolve_for_launch
 from ..recipe import Recipe
-from ..run import CURVES, RESULTS, RUN_INFO, RunFolder
+from ..run import CURVES, OBJECTIVE_CACHE, RESULTS, RUN_INFO, RunFolder, adopt_start_adapter
 from . import checkpoint as ckpt
 from .cpu_memory import release_freed_memory
 from .distributed import adapter_snapshot, restore_adapter, save_adapter, scale_to_processes
@@ -110,6 +110,7 @@ class Trainer:
         self.accelerator, compute = make_accelerator(self.recipe)
         self._lock()  # before anything reads or writes the folder: a second run refuses at once
         self.folder.check_new(self.resume, self.overwrite)
+        self.recipe = adopt_start_adapter(self.recipe)  # lora.init_from: the starting adapter's shape
         # micro_batch_size / gradient_checkpointing auto: the planner's choice for this device, from the config
         # and the data, before any loader is built (see memory.launch); then grad_accum for this many processes.
         self.recipe = scale_to_processes(resolve_for_launch(self.recipe, self.accelerator), self.accelerator,
@@ -119,7 +120,11 @@ class Trainer:
         if self.resume_from is not None:
             check_recipe_fits(self.resume_from, self.folder, self.recipe)
         set_seed(self.tc.seed)
-        self.session = setup(self.recipe, self.accelerator, compute)
+        self.session = s = setup(self.recipe, self.accelerator, compute)
+        # Before the loaders (it may add columns) and before a checkpoint is restored: the model is still the one
+        # training starts from (a preference objective's reference log-probs).
+        s.data.splits = s.objective.prepare(s.model, self.accelerator, s.data.splits, self.tc.eval_batch_size,
+                                            self.folder / OBJECTIVE_CACHE)
         self._build_loop()
         self._start_folder(compute)
         self._rng = self._restore(self.resume_from) if self.resume_from is not None else None
@@ -204,6 +209,8 @@ class Trainer:
                 self.folder.set_aside()  # deleted once this run has saved something (drop_aside), else put back
             self.folder.start(self.recipe, self.info, fresh=self.resume_from is None)
             self.started = True
+            if self.recipe.lora.init_from:
+                self.folder.keep_start_adapter(self.recipe.lora.init_from)
         if tc.trackers:  # TensorBoard's hparams take only scalars: a flat, dotted config
             self.accelerator.init_trackers("lora_ft", config=tracker_config(self.recipe.model_dump(mode="json")))
 
@@ -292,14 +299,15 @@ class Trainer:
         is divided by the global count (token-weighted, however the batch is split over steps and processes).
         """
         acc = self.accelerator
-        local = torch.stack([self.objective.items(b) for b in batches]).sum()
+        # An objective with several loss terms (ORPO: pairs and NLL tokens) returns one count and one sum per term.
+        local = torch.stack([self.objective.items(b) for b in batches]).sum(0)
         n_items = acc.reduce(local, "sum").clamp(min=1)
-        loss_sum = torch.zeros((), device=acc.device)
+        loss_sum = torch.zeros(n_items.shape, device=acc.device)
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             with nullcontext() if sync else acc.no_sync(self.model):
                 loss = self.objective.loss(self.model, batch)
-                acc.backward(loss * self.loss_scale / n_items)  # see loss_scale
+                acc.backward((loss * self.loss_scale / n_items).sum())  # see loss_scale
             loss_sum += loss.detach()
             self.tokens += self.objective.tokens(batch)
             self.head_positions += self.objective.head_positions(batch).to(self.tokens.device)
@@ -336,7 +344,7 @@ class Trainer:
                 loss_sum, n_items, norm = self.train_step([next(stream) for _ in range(tc.grad_accum)])
                 st.step += 1
                 bar.update(1)
-                self.first_bad.masked_fill_((self.first_bad == 0) & ~torch.isfinite(loss_sum), st.step)  # no sync
+                self.first_bad.masked_fill_((self.first_bad == 0) & ~torch.isfinite(loss_sum).all(), st.step)  # no sync
                 self.train_time += time.perf_counter() - t0  # excludes evaluation and checkpointing
                 if st.step % tc.log_every == 0 or st.step == self.total_steps:
                     self._log_step(loss_sum, n_items, norm, bar)
@@ -354,7 +362,7 @@ class Trainer:
         """The step's loss (a host sync: only at logging steps), learning rate, gradient norm and throughput."""
         self.check_finite()
         st, acc = self.state, self.accelerator
-        loss = (acc.reduce(loss_sum, "sum") / n_items).item()
+        loss = (acc.reduce(loss_sum, "sum") / n_items).sum().item()
         tokens = self.tokens.item()
         row = {"step": st.step, "epoch": st.epoch_progress(len(self.train_loader)), "loss": loss,
                "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens * acc.num_processes / self.train_time,
