@@ -78,3 +78,33 @@ def matmul_peak(device: str, dtype: torch.dtype) -> float:
         if rep:  # the first is a warm-up
             best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+class ThroughputMeter:
+    """Real tokens and labelled positions trained since the loop (re)started, kept on the device so that counting
+    costs no host sync per step, and the loop's own time: tokens/s and MFU, read at logging steps only.
+
+    Args:
+        model: the (peft) model being trained, whose linear weights ``count_flop_weights`` counts.
+        device: the device the counts live on and whose matmul peak is MFU's denominator.
+        compute_dtype: ``fp32``, ``bf16`` or ``fp16``: the dtype the peak is measured in.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, compute_dtype: str):
+        self.flops = count_flop_weights(model)
+        self.tokens = torch.zeros((), device=device)
+        self.head_positions = torch.zeros((), device=device)
+        self.seconds = 0.0
+        self.device = str(device)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute_dtype, torch.float32)
+
+    def count(self, tokens: torch.Tensor, head_positions: torch.Tensor) -> None:
+        self.tokens += tokens
+        self.head_positions += head_positions.to(self.tokens.device)
+
+    def row(self, processes: int) -> dict[str, float]:
+        """``tokens_per_s`` over all processes (each counts its own) and this process's ``mfu``."""
+        tokens = self.tokens.item()
+        flops = self.flops.step(tokens, self.head_positions.item())
+        return {"tokens_per_s": tokens * processes / self.seconds,
+                "mfu": flops / self.seconds / matmul_peak(self.device, self.dtype)}

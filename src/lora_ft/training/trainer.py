@@ -43,7 +43,7 @@ from .resume import abandon_after, check_recipe_fits, keep_new_hyperparameters, 
 from .session import Session, make_accelerator, make_loader, make_packed_loader, setup
 from .signals import Interrupted, Signals, requested
 from .state import LoopState
-from .throughput import count_flop_weights, matmul_peak
+from .throughput import ThroughputMeter
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +309,7 @@ class Trainer:
                 loss = self.objective.loss(self.model, batch)
                 acc.backward((loss * self.loss_scale / n_items).sum())  # see loss_scale
             loss_sum += loss.detach()
-            self.tokens += self.objective.tokens(batch)
-            self.head_positions += self.objective.head_positions(batch).to(self.tokens.device)
+            self.meter.count(self.objective.tokens(batch), self.objective.head_positions(batch))
         norm = acc.clip_grad_norm_(self.params, self.tc.max_grad_norm) if self.tc.max_grad_norm else None
         self.optimizer.step()
         self.scheduler.step()
@@ -324,9 +323,7 @@ class Trainer:
         alpha = self.objective.neftune_alpha(self.recipe.data.augment)
         neftune = activate_neftune(self.unwrapped, alpha) if alpha else None
         untrim = release_freed_memory(self.unwrapped) if tc.trim_cpu_memory and acc.device.type == "cpu" else None
-        self.tokens, self.train_time = torch.zeros((), device=acc.device), 0.0
-        self.head_positions = torch.zeros((), device=acc.device)
-        self.flop_weights = count_flop_weights(self.unwrapped)
+        self.meter = ThroughputMeter(self.unwrapped, acc.device, self.info["compute_dtype"])
         self.first_bad = torch.zeros((), dtype=torch.long, device=acc.device)  # first non-finite step, 0: none
         if self._rng is not None:  # last, so nothing between restore and the first step draws numbers
             ckpt.set_rng_state(self._rng, acc.process_index)
@@ -345,7 +342,7 @@ class Trainer:
                 st.step += 1
                 bar.update(1)
                 self.first_bad.masked_fill_((self.first_bad == 0) & ~torch.isfinite(loss_sum).all(), st.step)  # no sync
-                self.train_time += time.perf_counter() - t0  # excludes evaluation and checkpointing
+                self.meter.seconds += time.perf_counter() - t0  # excludes evaluation and checkpointing
                 if st.step % tc.log_every == 0 or st.step == self.total_steps:
                     self._log_step(loss_sum, n_items, norm, bar)
                 self._maybe_evaluate()
@@ -363,10 +360,8 @@ class Trainer:
         self.check_finite()
         st, acc = self.state, self.accelerator
         loss = (acc.reduce(loss_sum, "sum") / n_items).sum().item()
-        tokens = self.tokens.item()
         row = {"step": st.step, "epoch": st.epoch_progress(len(self.train_loader)), "loss": loss,
-               "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens * acc.num_processes / self.train_time,
-               "mfu": self.flop_weights.step(tokens, self.head_positions.item()) / self.train_time / self.peak()}
+               "lr": self.scheduler.get_last_lr()[0], **self.meter.row(acc.num_processes)}
         if norm is not None:
             row["grad_norm"] = float(norm)
         st.watch.record(loss)
@@ -374,11 +369,6 @@ class Trainer:
         acc.log(row, step=st.step)
         if acc.is_main_process:
             self.folder.log(row)
-
-    def peak(self) -> float:
-        """This device's matmul peak in the compute dtype (measured once per process): MFU's denominator."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.info["compute_dtype"], torch.float32)
-        return matmul_peak(str(self.accelerator.device), dtype)
 
     def _maybe_evaluate(self) -> None:
         """Validation every ``eval_every`` steps, or at the end of each epoch when that is unset (the last step is
