@@ -33,6 +33,9 @@ CHECKPOINTS = "checkpoints"
 MERGED = "merged"
 HUB = "hub"
 MERGE_REPORT = "merge_report.json"
+EXPORT_REPORT = "export_report.json"
+GGUF_DIR = "gguf"
+"""``lora-ft export --format gguf`` writes its files (and the Ollama Modelfile) here unless told otherwise."""
 MERGE_MARKER = "lora_ft_merge.json"
 """Written into every merged folder: ``merge --out`` only ever replaces a folder carrying this run's marker."""
 
@@ -76,9 +79,9 @@ class RunFolder:
     def clear(self) -> None:
         """``--overwrite``: remove the old run's outputs, so none of them (a checkpoint that ``--resume latest`` would
         pick, a stale adapter or report) is mistaken for the new run's. Other files in the folder stay."""
-        for name in (CHECKPOINTS, ADAPTER, MERGED, HUB):
+        for name in (CHECKPOINTS, ADAPTER, MERGED, HUB, GGUF_DIR):
             shutil.rmtree(self.path / name, ignore_errors=True)
-        for name in (RUN_CONFIG, RUN_INFO, METRICS, RESULTS, CURVES, MERGE_REPORT):
+        for name in (RUN_CONFIG, RUN_INFO, METRICS, RESULTS, CURVES, MERGE_REPORT, EXPORT_REPORT):
             (self.path / name).unlink(missing_ok=True)
 
     def start(self, recipe: Recipe, info: dict[str, Any], fresh: bool) -> None:

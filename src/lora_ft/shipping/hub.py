@@ -18,8 +18,20 @@ from typing import Any
 from huggingface_hub import HfApi, get_token
 
 from ..errors import PublishError, RunError, UsageError
-from ..run import CURVES, HUB, MERGE_MARKER, MERGE_REPORT, RESULTS, Run, merged_folder, open_run, saved_merges
-from .card import RECIPE_FILE, base_license, base_model_id, build_card, check_repo_id
+from ..run import (
+    CURVES,
+    EXPORT_REPORT,
+    HUB,
+    MERGE_MARKER,
+    MERGE_REPORT,
+    RESULTS,
+    Run,
+    merged_folder,
+    open_run,
+    saved_merges,
+)
+from .card import RECIPE_FILE, base_license, base_model_id, build_card, build_gguf_card, check_repo_id
+from .export import latest_export, write_modelfile
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +64,17 @@ def _place(src: Path, dst: Path) -> None:
 
 
 def build_hub_folder(run_dir: str | Path, repo_id: str, merged: bool = False, base_model: str | None = None,
-                     merged_dir: str | Path | None = None) -> Path:
+                     merged_dir: str | Path | None = None, gguf: str | Path | None = None) -> Path:
     """Write ``RUN_DIR/hub``: exactly what ``push`` uploads (rebuilt from scratch each time). ``merged_dir``
-    (implies ``merged``) names the merged folder; by default ``run.merged_folder`` finds it."""
+    (implies ``merged``) names the merged folder; by default ``run.merged_folder`` finds it. ``gguf``: a GGUF
+    export instead (``"latest"``: the latest passing one in ``export_report.json``), with its Modelfile."""
     check_repo_id(repo_id)
     merged = merged or merged_dir is not None
     run = open_run(run_dir)
+    if gguf is not None:
+        if merged:
+            raise UsageError("--gguf and --merged/--merged-dir push different things: choose one")
+        gguf_entry = latest_export(run, None if gguf == "latest" else gguf)
     base_id = base_model_id(run, base_model)
     if base_id is None:
         log.warning("the base model %s has no known Hub id: the card has no base_model (pass --base-model ID)",
@@ -74,20 +91,26 @@ def build_hub_folder(run_dir: str | Path, repo_id: str, merged: bool = False, ba
     shutil.rmtree(folder, ignore_errors=True)  # stale files from an earlier build would be uploaded too
     folder.mkdir(parents=True)
     source = merged_path if merged else run.adapter_dir
-    for f in sorted(source.iterdir()):
+    files = [Path(gguf_entry["out"])] if gguf is not None else sorted(source.iterdir())
+    for f in files:
         if f.is_file() and f.name not in SKIP_FILES:
             _place(f, folder / f.name)
-    if not merged and base_id:
+    if gguf is not None:  # written for this file: the Modelfile beside the export may name a later one
+        write_modelfile(run, files[0].name, folder)
+    elif not merged and base_id:
         # peft stored the local path training used; on the Hub, AutoPeftModel* must find the base by its id.
         cfg_path = folder / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = base_id
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    for name in (CURVES, RESULTS) + ((MERGE_REPORT,) if merged else ()):
+    for name in (CURVES, RESULTS) + ((MERGE_REPORT,) if merged else ()) + ((EXPORT_REPORT,) if gguf else ()):
         if (run.dir / name).is_file():
             _place(run.dir / name, folder / name)
     (folder / RECIPE_FILE).write_text(run.recipe.dump(), encoding="utf-8")
-    card = build_card(run, repo_id, merged, base_id, base_license(run, base_id), merge_entry)
+    if gguf is not None:
+        card = build_gguf_card(run, repo_id, base_id, base_license(run, base_id), gguf_entry)
+    else:
+        card = build_card(run, repo_id, merged, base_id, base_license(run, base_id), merge_entry)
     card.save(folder / "README.md")
     log.info("Hub folder for %s written to %s", repo_id, folder)
     return folder
@@ -103,10 +126,11 @@ def _assert_no_token(folder: Path, token: str) -> None:
 
 
 def push(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool = False, dry_run: bool = False,
-         base_model: str | None = None, merged_dir: str | Path | None = None) -> dict[str, Any]:
+         base_model: str | None = None, merged_dir: str | Path | None = None,
+         gguf: str | Path | None = None) -> dict[str, Any]:
     """Build the Hub folder and (unless ``dry_run``) upload it to ``repo_id``."""
     merged = merged or merged_dir is not None
-    folder = build_hub_folder(run_dir, repo_id, merged, base_model, merged_dir)
+    folder = build_hub_folder(run_dir, repo_id, merged, base_model, merged_dir, gguf)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     result: dict[str, Any] = {"repo": repo_id, "folder": str(folder), "files": files, "uploaded": False}
     if dry_run:
@@ -117,11 +141,12 @@ def push(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool 
         raise UsageError("no Hugging Face token found: set HF_TOKEN or run 'hf auth login', then push again "
                           "(--dry-run builds the folder without one)")
     _assert_no_token(folder, token)
+    what = "GGUF" if gguf is not None else "merged model" if merged else "adapter"
     api = HfApi()  # resolves the token itself, the usual way; we never pass it around
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
-                                   commit_message=f"lora_ft: {'merged model' if merged else 'adapter'} "
+                                   commit_message=f"lora_ft: {what} "
                                                   f"from {Path(run_dir).name}")
     except Exception as e:  # HTTP, network and auth errors alike: one line, never the token
         msg = (str(e).splitlines() or [type(e).__name__])[0].replace(token, "***")

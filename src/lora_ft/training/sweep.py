@@ -45,6 +45,7 @@ def run_sweep(recipe_path: str, grid: list[str], overrides: list[str] | None = N
     if trials and trials < len(combos):
         combos = random.Random(seed).sample(combos, trials)
     root = Path(base.output_dir) / "sweep"
+    group = f"lora_ft-sweep-{Path(base.output_dir).resolve().name}"  # the trackers' experiment for every trial
     rows = []
     for i, combo in enumerate(combos, 1):
         out = root / f"trial-{i:02d}-{_slug(combo)}"
@@ -52,7 +53,7 @@ def run_sweep(recipe_path: str, grid: list[str], overrides: list[str] | None = N
         log.info("sweep trial %d/%d: %s", i, len(combos), combo)
         try:
             sets = [*(overrides or []), *(f"{k}={v}" for k, v in combo.items()), f"output_dir={out}"]
-            results = train(load_recipe(recipe_path, sets), overwrite=True)
+            results = train(load_recipe(recipe_path, sets), overwrite=True, group=group)
             split = "validation" if "validation" in results["after"] else next(iter(results["after"]), None)
             metrics = results["after"].get(split, {}) if split else {}
             row.update({f"{k}": round(v, 6) for k, v in metrics.items() if k in ("loss", "accuracy", "f1_macro",

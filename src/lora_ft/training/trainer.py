@@ -35,7 +35,7 @@ from .freezing import FreezeSchedule
 from .guards import ForgettingGuard
 from .neftune import activate_neftune
 from .param_groups import param_groups
-from .report import plot_curves, tracker_config
+from .report import peak_memory, plot_curves, tracker_config, tracker_run
 from .session import Session, make_accelerator, make_loader, setup
 from .signals import StopOnSignal
 from .state import LoopState
@@ -50,10 +50,11 @@ class Trainer:
         recipe: the validated recipe (``auto`` values are resolved in ``setup``).
         resume: ``latest`` or a checkpoint name/path to continue from; None starts fresh.
         overwrite: replace a run already in ``output_dir``.
+        group: the experiment this run belongs to (a sweep's name), for the trackers.
     """
 
-    def __init__(self, recipe: Recipe, resume: str | None = None, overwrite: bool = False):
-        self.recipe, self.resume, self.overwrite = recipe, resume, overwrite
+    def __init__(self, recipe: Recipe, resume: str | None = None, overwrite: bool = False, group: str | None = None):
+        self.recipe, self.resume, self.overwrite, self.group = recipe, resume, overwrite, group
         self.folder = RunFolder(recipe.output_dir)
         self.state = LoopState()
         self.stopped: str | None = None  # why training ended early (early stopping, forgetting guard)
@@ -139,7 +140,9 @@ class Trainer:
                 self.folder.clear()
             self.folder.start(self.recipe, self.info, fresh=self.resume is None)
         if tc.trackers:  # TensorBoard's hparams take only scalars: a flat, dotted config
-            self.accelerator.init_trackers("lora_ft", config=tracker_config(self.recipe.model_dump(mode="json")))
+            project, init_kwargs = tracker_run(self.folder.path, self.group)
+            self.accelerator.init_trackers(project, config=tracker_config(self.recipe.model_dump(mode="json")),
+                                           init_kwargs=init_kwargs)
 
     def _restore(self, path: Path) -> dict[str, Any]:
         """Adapter, optimizer, schedule and loop state from a checkpoint; returns the RNG state, which ``train``
@@ -169,10 +172,12 @@ class Trainer:
             log.info("before training: %s", st.before)
         if self.forgetting is not None and st.forgetting.before is None:
             st.forgetting.before = self.forgetting.measure(self.model, self.accelerator)
-        if self.accelerator.is_main_process and self.resume is None:
+        if self.resume is None:
             extra = {"forgetting": st.forgetting.before} if st.forgetting.before else {}
             for split, metrics in {**st.before, **extra}.items():
-                self.folder.log({"step": 0, "split": split, **metrics})
+                if self.accelerator.is_main_process:
+                    self.folder.log({"step": 0, "split": split, **metrics})
+                self.accelerator.log({f"{split}/{k}": v for k, v in metrics.items()}, step=0)
 
     def evaluate_and_track(self) -> bool:
         """Evaluate on validation (never test: it must not steer training), keep the best adapter, log, consult
@@ -190,6 +195,7 @@ class Trainer:
             forgot = self.forgetting.measure(self.model, self.accelerator, st.forgetting.before)
             if main:
                 self.folder.log({"step": st.step, "split": "forgetting", **forgot})
+            self.accelerator.log({f"forgetting/{k}": v for k, v in forgot.items()}, step=st.step)
             breach = self.forgetting.judge(forgot, st.step, st.forgetting, st.best, self.snapshot)
             if breach is not None:
                 self.stopped = breach
@@ -357,24 +363,30 @@ class Trainer:
             results["forgetting"] = {"before": st.forgetting.before, "after": self.forgetting.measure(
                 self.model, acc, st.forgetting.before)}
         self.info.update(best_step=best.step or st.step, steps_done=st.step, stopped=self.stopped)
+        # Once, at the end: the planner's prediction for this run beside what it really took.
+        memory = peak_memory(self.recipe, acc.device, self.session.loaded.source, self.session.data.splits["train"])
+        self.info["memory"] = memory
+        final = {**after, **({"forgetting": results["forgetting"]["after"]} if "forgetting" in results else {})}
+        acc.log({**memory, **{f"final/{n}/{k}": v for n, m in final.items() for k, v in m.items()}}, step=st.step)
         save_adapter(acc, self.unwrapped, self.folder.adapter, self.session.loaded.tokenizer)  # every process
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self._write_reports(results, after, best.step != st.step)
+            self._write_reports(results, final, best.step != st.step)
         acc.end_training()
         return results
 
-    def _write_reports(self, results: dict[str, Any], after: dict[str, Any], restored: bool) -> None:
-        final = {**after, **({"forgetting": results["forgetting"]["after"]} if "forgetting" in results else {})}
+    def _write_reports(self, results: dict[str, Any], final: dict[str, Any], restored: bool) -> None:
         for split, metrics in final.items():
             if split != "validation" or restored:  # else already logged at this step
                 self.folder.log({"step": self.state.step, "split": split, "final": True, **metrics})
         self.folder.write_json(RESULTS, results)
         self.folder.write_json(RUN_INFO, self.info)
         plot_curves(self.folder.metrics, self.folder / CURVES)
-        log.info("after training: %s", after)
+        log.info("after training: %s", results["after"])
 
 
-def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Run a recipe end to end; return ``eval_results`` (also written to ``output_dir``)."""
-    return Trainer(recipe, resume, overwrite).run()
+def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False,
+          group: str | None = None) -> dict[str, Any]:
+    """Run a recipe end to end; return ``eval_results`` (also written to ``output_dir``). ``group``: see
+    ``Trainer``."""
+    return Trainer(recipe, resume, overwrite, group).run()
