@@ -136,3 +136,20 @@ def test_a_mismatching_tokenizer_fails_the_gate(fp32_run, tmp_path, monkeypatch)
     report = json.loads((fp32_run / "export_report.json").read_text())["gguf-f32"]
     assert report["kl_mean"] < 1e-6 and report["tokenizer"]["identical"] < report["tokenizer"]["texts"]
     assert not (tmp_path / "out" / "m.gguf").exists()
+
+
+@pytest.mark.slow
+def test_the_smollm2_quickstart_exports_to_q8_0_within_its_limit(tmp_path):
+    from lora_ft.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "recipes/quickstart/smollm2-qlora-chat.yaml",
+                         [f"output_dir={tmp_path / 'run'}", "train.max_steps=6", "train.eval_every=100",
+                          "data.max_eval_examples=16", "forgetting.enabled=false"])
+    train(recipe)
+    entry = export.export_run(tmp_path / "run", "q8_0", examples=16)
+    assert entry["passed"] and entry["kl_mean"] < export.KL_LIMITS["q8_0"] and entry["top1_agreement"] > 0.95
+    assert entry["tokenizer"]["identical"] == entry["tokenizer"]["texts"] == 16
+    assert abs(entry["loss_gguf"] - entry["loss_adapter"]) < 0.05
+    modelfile = (Path(entry["out"]).parent / "Modelfile").read_text()
+    assert "named SmolLM" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile

@@ -389,6 +389,13 @@ def test_card_metadata_carries_the_results_as_model_index(chat_run, tmp_path, no
     assert card.data.model_name == "tiny-chat"
 
 
+def test_push_gguf_without_an_export_is_one_line_with_exit_2(chat_run, tmp_path, no_network, capsys):
+    run = copy_run(chat_run, tmp_path / "run")
+    assert main(["push", str(run), "--repo", "alice/tiny-gguf", "--gguf", "--dry-run"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-ft:")]
+    assert len(err) == 1 and "no passing GGUF export is recorded" in err[0] and "lora-ft export" in err[0]
+
+
 def test_push_gguf_uploads_the_file_its_modelfile_and_a_card_that_runs_it(chat_run, tmp_path, no_network, capsys):
     from lora_ft.shipping.export import export_run
 

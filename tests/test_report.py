@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -17,17 +18,19 @@ TRACKERS = get_args(TrainConfig.model_fields["trackers"].annotation.__args__[0])
 
 @pytest.fixture(scope="module")
 def tracked_run(tiny_llama, chat_data, tmp_path_factory):
-    """A 4-step run with validation every 2 steps and the forgetting guard, logged to TensorBoard and MLflow
-    (a local file store, as MLflow's default database needs SQLAlchemy)."""
+    """A 4-step run with validation every 2 steps and the forgetting guard, logged to TensorBoard, MLflow (a local
+    file store, as MLflow's default database needs SQLAlchemy) and, where it is installed, W&B in offline mode."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
     root = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"file:{root / 'mlruns'}")
         mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
         splits = {k: v for k, v in chat_data.items() if k != "test"}
         recipe = make_recipe(tiny_llama, splits, root / "run", forgetting={"enabled": True, "max_examples": 4},
-                             train={"max_steps": 4, "eval_every": 2, "trackers": ["tensorboard", "mlflow"]})
+                             train={"max_steps": 4, "eval_every": 2, "trackers": ["tensorboard", "mlflow", "wandb"]})
         train(recipe)
     return root
 
@@ -85,6 +88,54 @@ def test_mlflow_gets_the_same_metrics_and_the_recipe_as_params(tracked_run):
     assert run.data.params["train.lr"] == "0.01" and run.data.params["forgetting.enabled"] == "True"
 
 
+def wandb_records(path: Path) -> list[bytes]:
+    """The records of a W&B transaction log (``run-*.wandb``): a 7-byte ``:W&B`` header, then LevelDB's log format
+    (32 KiB blocks of records, each with a 7-byte header: checksum, length, type FULL/FIRST/MIDDLE/LAST)."""
+    data, pos, records, part = path.read_bytes(), 7, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if left < 7 or kind == 0:  # a block's zero-filled tail
+            pos += left
+            continue
+        part += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(part)
+            part = b""
+    return records
+
+
+def test_wandb_offline_gets_the_same_metrics_grouped_by_run_name(tracked_run):
+    pytest.importorskip("wandb")
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    (log,) = (tracked_run / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    history, name, config = {}, None, {}
+    for raw in wandb_records(log):
+        record = Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            # W&B merges everything logged at one step into one row
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            for key, value in row.items():
+                if not key.startswith("_"):
+                    history.setdefault(key, []).append((record.history.step.num, value))
+        elif kind == "run":
+            name = record.run.display_name
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+    assert name == "run" and config["train.lr"] == 0.01
+    ref = logged(tracked_run)
+    for key in ("loss", "validation/loss", "forgetting/kl"):
+        assert [s for s, _ in history[key]] == [s for s, _ in ref[key]], key
+        assert [v for _, v in history[key]] == pytest.approx([v for _, v in ref[key]], rel=1e-6), key
+    for key, value in ref["memory"].items():
+        assert history[key] == [(4, pytest.approx(value, rel=1e-6))]
+
+
 @pytest.mark.parametrize("name", TRACKERS)
 def test_every_tracker_accelerate_offers_is_accepted_and_warned_about_when_missing(name, monkeypatch, caplog):
     monkeypatch.setattr(report, f"is_{name}_available", lambda: False)
@@ -102,5 +153,5 @@ def test_trackers_cover_accelerates_list():
 def test_a_sweeps_trials_share_one_experiment_and_a_group():
     project, kwargs = tracker_run("/x/sweep/trial-01-r-8", "lora_ft-sweep-x")
     assert project == "lora_ft-sweep-x" and kwargs["mlflow"] == {"run_name": "trial-01-r-8"}
-    assert kwargs["wandb"] == {"name": "trial-01-r-8", "group": "lora_ft-sweep-x"}
+    assert kwargs["wandb"] == {"name": "trial-01-r-8", "group": "lora_ft-sweep-x", "dir": "/x/sweep/trial-01-r-8"}
     assert tracker_run("/x/run")[0] == "lora_ft"

@@ -33,11 +33,14 @@ from .modelfile import modelfile
 log = logging.getLogger(__name__)
 
 # Mean KL(adapter model ‖ GGUF model), nats per answer token, above which ``export`` refuses to keep the file.
-# Measured on the quickstart run (SmolLM2-135M, NF4 QLoRA, 48 validation answers; README "Export to GGUF"):
-# each limit is a few times the measured value, so that a wrong tensor layout, a lost adapter or a mis-read
-# tokenizer (KL ≥ 0.2, the size of the adapter's own effect) is refused while ordinary rounding passes.
+# Measured on the quickstart run (SmolLM2-135M, NF4 QLoRA, 478 answer tokens of 48 validation examples; README
+# "Export to GGUF / Ollama"): f32 1.1e-11, f16 3.2e-6, bf16 9.9e-5, q8_0 2.3e-3, q5_1 0.058, q5_0 0.22,
+# q4_1 0.39, q4_0 0.39. The 16-bit and 8-bit limits sit ~10x above their rounding; the 4/5-bit limit is set by
+# what the file is for: 0.1 is well under the fine-tune's own effect (KL 0.26 between the adapter model and the
+# original weights, the merge's measurement), so a file that loses most of the adaptation is refused. On this
+# 135M model q5_0 and the 4-bit types do (top-1 agreement 68-77%), and need --force; larger models round better.
 KL_LIMITS: dict[str, float] = {"f32": 1e-3, "f16": 5e-3, "bf16": 2e-2, "q8_0": 2e-2,
-                               "q5_1": 0.1, "q5_0": 0.1, "q4_1": 0.2, "q4_0": 0.2}
+                               "q5_1": 0.1, "q5_0": 0.1, "q4_1": 0.1, "q4_0": 0.1}
 MODELFILE = "Modelfile"
 MODELFILE_MARK = "# Ollama Modelfile written by lora_ft"
 

@@ -49,10 +49,11 @@ def available_trackers(names: list[str]) -> list[str]:
 def tracker_run(output_dir: str | Path, group: str | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
     """(project name, per-tracker init kwargs) for ``accelerator.init_trackers``: a run is named after its
     ``output_dir``; the trials of a sweep (``group``) share one project (MLflow: one experiment), and W&B also
-    groups them. TensorBoard writes under ``output_dir/<project>``, so a sweep's trials sit side by side."""
+    groups them. TensorBoard writes under ``output_dir/<project>``, so a sweep's trials sit side by side; W&B's
+    local files (all of them in offline mode) go to ``output_dir/wandb``."""
     name = Path(output_dir).resolve().name
-    return group or "lora_ft", {"wandb": {"name": name, **({"group": group} if group else {})},
-                                "mlflow": {"run_name": name}}
+    wandb = {"name": name, "dir": str(output_dir), **({"group": group} if group else {})}
+    return group or "lora_ft", {"wandb": wandb, "mlflow": {"run_name": name}}
 
 
 def peak_memory(recipe: Recipe, device: torch.device, source: str, train_data) -> dict[str, float]:
