@@ -100,6 +100,13 @@ class RunFolder:
     def write_json(self, name: str, value: Any) -> None:
         (self.path / name).write_text(json.dumps(value, indent=2), encoding="utf-8")
 
+    def record(self, name: str, key: str, entry: Any) -> Path:
+        """Add (or replace) one entry of a JSON report (``merge_report.json``, ``export_report.json``)."""
+        report = self.read_json(name)
+        report[key] = entry
+        self.write_json(name, report)
+        return self.path / name
+
     def read_json(self, name: str) -> Any:
         path = self.path / name
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -118,13 +118,6 @@ def write_modelfile(run: Run, gguf_name: str, folder: Path, tokenizer: PreTraine
     return translated
 
 
-def _record(run: Run, key: str, entry: dict[str, Any]) -> Path:
-    report = run.folder.read_json(EXPORT_REPORT)
-    report[key] = entry
-    run.folder.write_json(EXPORT_REPORT, report)
-    return run.folder / EXPORT_REPORT
-
-
 def export_run(run_dir: str | Path, quant: str = "q8_0", out: str | Path | None = None, force: bool = False,
                examples: int = 64, data_file: str | None = None,
                device: torch.device | str | None = None) -> dict[str, Any]:
@@ -172,7 +165,7 @@ def export_run(run_dir: str | Path, quant: str = "q8_0", out: str | Path | None 
              "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if entry["saved"]:
         entry["modelfile_template"] = write_modelfile(run, out.name, out.parent, tokenizer)
-    report_path = _record(run, f"gguf-{quant}", entry)
+    report_path = run.folder.record(EXPORT_REPORT, f"gguf-{quant}", entry)
     log.info("GGUF fidelity (%s, %.1f MB): mean KL %.3g (limit %g), top-1 agreement %.4f, loss %.4f vs %.4f, "
              "tokenizer %d/%d texts identical", quant, size / 1e6, metrics["kl_mean"], limit,
              metrics["top1_agreement"], metrics["loss_adapter"], metrics["loss_gguf"], tokens["identical"],

@@ -212,14 +212,6 @@ def _checked_args(run: Run, dtype: str, base: str, examples: int) -> str:
     return dtype
 
 
-def _record(run: Run, key: str, entry: dict[str, Any]) -> Path:
-    """Add (or replace) one entry of ``RUN_DIR/merge_report.json``; returns its path."""
-    report = run.folder.read_json(MERGE_REPORT)
-    report[key] = entry
-    run.folder.write_json(MERGE_REPORT, report)
-    return run.folder / MERGE_REPORT
-
-
 def merge_run(run_dir: str | Path, dtype: str = "auto", base: Literal["dequantized", "original"] = "dequantized",
               out: str | Path | None = None, force: bool = False, examples: int = 64, data_file: str | None = None,
               max_shard_size: str | int = "5GB", device: torch.device | str | None = None) -> dict[str, Any]:
@@ -260,7 +252,7 @@ def merge_run(run_dir: str | Path, dtype: str = "auto", base: Literal["dequantiz
         "seconds": round(time.perf_counter() - t0, 1),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    report_path = _record(run, f"{effective_base}-{dtype}", entry)
+    report_path = run.folder.record(MERGE_REPORT, f"{effective_base}-{dtype}", entry)
     log.info("merge fidelity (%s base, %s): mean KL %.3g (limit %.0e), top-1 agreement %.4f, max |Δlogit| %.3g",
              effective_base, dtype, metrics["kl_mean"], limit, metrics["top1_agreement"],
              metrics["max_abs_logit_diff"])
