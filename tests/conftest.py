@@ -159,7 +159,7 @@ def make_recipe(model_dir: Path, splits: dict[str, Path], out: Path, **sections)
     from lora_ft.recipe import Recipe
 
     tree = {"model": {"name": str(model_dir)}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "data": {k: str(v) for k, v in splits.items()},
+            "data": {**{k: str(v) for k, v in splits.items()}, "max_length": 128},  # the tiny models' positions
             "train": {"max_steps": 30, "micro_batch_size": 8, "lr": 1e-2, "warmup": 0, "log_every": 1},
             "output_dir": str(out)}
     for section, values in sections.items():

@@ -1,4 +1,5 @@
-"""Bad input, one table: every row exits non-zero with one line naming the fix, and damages nothing on disk."""
+"""Bad input, one table: every row exits with status 2 and one line naming the fix, and damages nothing on disk:
+the inputs are unchanged and no run is started (no run_config.yaml, no adapter)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ CASES = {
     "wrong type": ({"lora": {"r": "eight"}}, "lora.r: Input should be a valid integer"),
     "batch sizes do not divide": ({"train": {"global_batch_size": 12, "micro_batch_size": 8}},
                                   "train.global_batch_size 12 is not a multiple of micro_batch_size 8"),
-    "model folder missing": ({"model": {"name": "./no/such/model"}}, "model.name: ./no/such/model does not exist"),
+    "model folder missing": ({"model": {"name": "./no/such/model"}}, "/no/such/model does not exist"),
     "Hub id unreachable": ({"model": {"name": "nobody/no-such-model"}},
                            "model.name: cannot load 'nobody/no-such-model'"),
     "GGUF of unknown architecture": (lambda t, f: {"model": {"name": str(_gguf_of_unknown_architecture(t / "m.gguf"))}},
@@ -81,11 +82,12 @@ CASES = {
     "empty split": (lambda t, f: {"data": {"validation": str(_write(t / "e.jsonl", ""))}}, "holds no examples"),
     "unseen validation label": (lambda t, f: {
         "model": {"name": str(f["bert"]), "task": "sequence_classification"},
-        "data": {"train": str(write_jsonl(t / "c.jsonl", classification_rows(20, 0))),
+        "data": {"max_length": 128, "train": str(write_jsonl(t / "c.jsonl", classification_rows(20, 0))),
                  "validation": str(write_jsonl(t / "v.jsonl", [{"text": "rain", "label": "sports"}]))}},
         "data.validation: label(s) ['sports'] never occur in the training data"),
     "chat without assistant turn": (lambda t, f: {"data": {"train": str(write_jsonl(
-        t / "n.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]))}}, "needs an assistant turn"),
+        t / "n.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]))}},
+        "n.jsonl row 1, column 'messages' has no assistant answer after the prompt"),
     "tokenizer without chat template": (lambda t, f: {
         "model": {"name": str(_without_chat_template(f["llama"], t / "notemplate"))}},
         "has no chat template, so 'messages' data cannot be rendered"),
@@ -100,7 +102,8 @@ CASES = {
                                "validation_split": 0.95}},
         "data.validation_split 0.95 of 10 training example(s) leaves 0 to train on"),
     "infinite learning rate": ("RAW:train: {lr: .inf}\n", "train.lr: Input should be a finite number"),
-    "resume without checkpoint": ({"_argv": ["--resume", "latest"]}, "--resume latest: no intact checkpoint"),
+    "resume without a run": ({"_argv": ["--resume", "latest"]}, "holds no run to continue (no run_config.yaml); "
+                                                                  "drop --resume to start one"),
 }
 
 
@@ -145,11 +148,11 @@ def test_bad_input_table(case, tmp_path, tiny_llama, tiny_bert, chat_data, capsy
     inputs = {p: _digest(p) for p in (tiny_llama, tiny_bert, chat_data["train"].parent)}
     code = main(["train", str(recipe), *argv])
     err = capsys.readouterr().err.strip()
-    assert code != 0
     err = error_line(err)
+    assert code == 2, (code, err)  # the README's promise for recipe errors
     assert err.startswith("lora-ft: error:") and expected in err, err
     assert {p: _digest(p) for p in inputs} == inputs  # nothing the user had was touched
-    assert not (out / "adapter").exists()
+    assert not (out / "run_config.yaml").exists() and not (out / "adapter").exists()
     print(f"{case}: {err}", file=sys.__stdout__)  # the table for the closing note (pytest -s)
 
 
@@ -492,21 +495,58 @@ def test_nan_loss_stops_with_the_step_named_and_a_good_checkpoint_to_resume(tiny
 
 
 _DRIVER = """
+import io
+import os
 import sys
+import threading
+from pathlib import Path
+
+from lora_ft import storage
 from lora_ft.cli import main
-from lora_ft.errors import SaveError
+from lora_ft.training import checkpoint
+
+# A test hook, for the kill -9 test: block (until killed) at a chosen moment inside a save, after saying so.
+point, marker = os.environ.get("BLOCK_AT", ""), Path(os.environ.get("BLOCK_MARKER", "/nonexistent"))
+
+
+def block(what):
+    marker.write_text(what)
+    threading.Event().wait()
+
+
+if point.startswith("state:"):  # half of step N's training state written into its temporary folder
+    real_save = checkpoint.torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == int(point.split(":")[1]):
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            Path(f).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            block(str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    checkpoint.torch.save = save
+elif point == "adapter":  # the final adapter complete in its temporary folder, not yet renamed in
+    real_replace = storage._replace
+
+    def replace(tmp, folder):
+        if folder.name == "adapter":
+            block(str(tmp))
+        return real_replace(tmp, folder)
+
+    storage._replace = replace
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def _start_training(recipe: Path, tmp_path: Path, *extra):
+def _start_training(recipe: Path, tmp_path: Path, *extra, env: dict | None = None):
     import subprocess
 
     driver = tmp_path / "driver.py"
     driver.write_text(_DRIVER)
     return subprocess.Popen([sys.executable, str(driver), "train", str(recipe), *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                                                     "OMP_NUM_THREADS": "1"})
+                                                                     "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def _wait_for(path_glob, folder: Path, timeout=120.0):
@@ -539,7 +579,7 @@ def test_signal_checkpoints_exits_non_zero_and_says_how_to_resume(signame, code,
     proc.send_signal(getattr(signal, signame))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
-    assert f"{signame} received: finishing the current step" in err
+    assert f"{signame} received: finishing the current training step first" in err
     assert "--resume latest" in err and str(recipe) in err
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last_step = max(r["step"] for r in rows if "split" not in r)
@@ -548,34 +588,59 @@ def test_signal_checkpoints_exits_non_zero_and_says_how_to_resume(signame, code,
     assert find_checkpoint(tmp_path / "run" / "checkpoints").name == f"step-{last_step:08d}"
 
 
-def test_kill_9_during_saves_always_leaves_an_intact_checkpoint(tiny_llama, chat_data, tmp_path):
-    """SIGKILL at several moments while checkpoints are written every step: the newest intact checkpoint is
-    always found, and resuming from it works."""
-    import random
+def test_kill_9_inside_a_save_always_leaves_an_intact_checkpoint(tiny_llama, chat_data, tmp_path):
+    """SIGKILL at two moments that are provably inside a save (a hook in the training process says when it is
+    there and waits): half-way through writing step 2's state, and with the final adapter complete in its
+    temporary folder but not yet renamed in. Each time the newest intact checkpoint is found, and the run resumed
+    after both kills ends with exactly the adapter of an uninterrupted run (dropout on: the RNG is restored too)."""
     import signal
-    import time
 
-    from lora_ft.training.checkpoint import find_checkpoint, list_checkpoints
+    from conftest import make_recipe
 
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name": str(tiny_llama)}, "data": {"train": str(chat_data["train"])},
-        "train": {"max_steps": 100000, "micro_batch_size": 2, "checkpoint_every": 1, "keep_checkpoints": 2},
-        "output_dir": str(tmp_path / "run")}))
-    rng = random.Random(0)
-    ckpts = tmp_path / "run" / "checkpoints"
-    newest = 0
-    for attempt in range(3):
-        proc = _start_training(recipe, tmp_path, *(["--resume", "latest"] if attempt else []))
-        _wait_for(f"step-{newest + 2:08d}", ckpts)  # resumed, and saving again
-        time.sleep(rng.uniform(0.2, 1.5))
+    from lora_ft.training.checkpoint import find_checkpoint
+    from lora_ft.training.trainer import train
+
+    def recipe(out):
+        return make_recipe(tiny_llama, {"train": chat_data["train"]}, out, lora={"dropout": 0.1}, train={
+            "max_steps": 3, "micro_batch_size": 4, "checkpoint_every": 1, "keep_checkpoints": 2})
+
+    train(recipe(tmp_path / "reference"))
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe(tmp_path / "run").dump())
+    run, ckpts, marker = tmp_path / "run", tmp_path / "run" / "checkpoints", tmp_path / "inside-a-save"
+    listings = {}
+    for point, extra in [("state:2", []), ("adapter", ["--resume", "latest"])]:
+        marker.unlink(missing_ok=True)
+        proc = _start_training(path, tmp_path, *extra, env={"BLOCK_AT": point, "BLOCK_MARKER": str(marker)})
+        _wait_for(marker.name, tmp_path, timeout=300)  # the process is inside the save now, and stays there
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-        found = find_checkpoint(ckpts)
-        assert found is not None and found == list_checkpoints(ckpts)[-1]
-        newest = int(found.name.removeprefix("step-"))
-    leftovers = sorted(p.name for p in ckpts.iterdir())
-    print(f"after kill -9: {leftovers}", file=sys.__stdout__)
+        listings[point] = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and
+                                 "adapter/" not in str(p.relative_to(run)))
+        if point == "state:2":  # the kill landed in the temporary copy of step 2: step 1 is the intact one
+            partial = ckpts / ".tmp-step-00000002" / "trainer_state.pt"
+            assert marker.read_text() == str(partial) and 0 < partial.stat().st_size
+            assert find_checkpoint(ckpts) == ckpts / "step-00000001"
+        else:  # the adapter was complete, not yet renamed in: no adapter, step 3 intact
+            assert (run / ".adapter.tmp" / "adapter_model.safetensors").is_file() and not (run / "adapter").exists()
+            assert find_checkpoint(ckpts) == ckpts / "step-00000003"
+    proc = _start_training(path, tmp_path, "--resume", "latest")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    leftovers = sorted(p.name for p in run.iterdir()) + sorted(p.name for p in ckpts.iterdir())
+    # Step 2 was logged before the kill in its save: the resume from step 1 set that row aside (it was redone).
+    aside = [p for p in ckpts.iterdir() if p.name.startswith("abandoned-")]
+    assert len(aside) == 1 and [p.name for p in aside[0].iterdir()] == ["metrics.jsonl"]
+    assert [json.loads(x)["step"] for x in (aside[0] / "metrics.jsonl").read_text().splitlines()] == [2]
+    assert leftovers == ["adapter", "checkpoints", "curves.png", "eval_results.json", "metrics.jsonl",
+                         "run_config.yaml", "run_info.json", aside[0].name, "step-00000002", "step-00000003"]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # each step logged once
+    from safetensors.torch import load_file
+
+    got, want = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (run, tmp_path / "reference"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    print(f"\nafter kill -9 in a save: {listings}\nafter the resume: {leftovers}", file=sys.__stdout__)
 
 
 def test_a_failed_report_write_is_one_line(tiny_llama, chat_data, tmp_path, capsys, monkeypatch):

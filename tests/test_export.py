@@ -98,13 +98,15 @@ def test_flags_and_unsupported_models_are_refused_before_loading(fp32_run, tmp_p
     cases = {("--quant", "q3_k"): "--quant q3_k: choose one of f32, f16",
              ("--out", str(tmp_path / "m.bin")): "ending in .gguf",
              ("--out", str(foreign)): "is not a GGUF file exported from this run",
-             ("--out", str(tmp_path / "theirs" / "m.gguf")): "was not written by lora_ft",
-             ("--examples", "0"): "--examples 0"}
+             ("--out", str(tmp_path / "theirs" / "m.gguf")): "was not written by lora_ft"}
     for flags, message in cases.items():
         assert main(["export", str(fp32_run), *flags]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-ft:")]
         assert len(err) == 1 and message in err[0], err
     assert foreign.read_bytes() == b"GGUF"
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it, in one line
+        main(["export", str(fp32_run), "--examples", "0"])
+    assert exit_.value.code == 2 and "argument --examples" in capsys.readouterr().err
 
     # A run on a base the export cannot map (GPT-2 here): one line naming the supported architectures.
     gpt2 = tmp_path / "gpt2"

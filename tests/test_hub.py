@@ -9,6 +9,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+import yaml
 from conftest import make_recipe
 from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
@@ -16,7 +17,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lora_ft.cli import main
 from lora_ft.modeling.loading import quantization_config
-from lora_ft.recipe import load_recipe
 from lora_ft.run import MERGE_MARKER, Run, open_run
 from lora_ft.shipping.card import RECIPE_FILE, base_license, base_model_id, build_card, results_table, split_results
 from lora_ft.shipping.merge import merge_run
@@ -95,7 +95,18 @@ def test_dry_run_adapter_folder_is_complete_with_a_valid_card(chat_run, tiny_lla
     after = json.loads((chat_run / "eval_results.json").read_text())["after"]["validation"]["loss"]
     assert "| validation | loss |" in card.text and f"{after:.4g}" in card.text
     assert "![training and validation loss](curves.png)" in card.text
-    assert load_recipe(folder / RECIPE_FILE) == open_run(chat_run).recipe
+    # The published recipe is the run's, with this machine's paths reduced to names (the base: its Hub id).
+    run_recipe = open_run(chat_run).recipe.model_dump(mode="json")
+    published = yaml.safe_load((folder / RECIPE_FILE).read_text())
+    assert published["model"]["name"] == BASE_ID and published["output_dir"] == "chat"
+    assert {k: published["data"][k] for k in ("train", "validation", "test")} == \
+        {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
+    for section in ("model", "data"):
+        for key in ("name", "train", "validation", "test"):
+            run_recipe[section].pop(key, None), published[section].pop(key, None)
+    run_recipe.pop("output_dir"), published.pop("output_dir")
+    assert published == run_recipe
+    _assert_no_local_path(folder, chat_run.parent.parent)
 
     # On the Hub, AutoPeftModel finds the base by its id; the run's own adapter is left as it was.
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == BASE_ID
@@ -110,11 +121,22 @@ def test_dry_run_adapter_folder_is_complete_with_a_valid_card(chat_run, tiny_lla
     assert torch.equal(expected_logits, _logits(fresh, tok, texts))
 
 
-def test_dry_run_merged_folder_opens_with_transformers_and_shows_fidelity(chat_run, no_network):
+def _assert_no_local_path(folder: Path, *roots: Path) -> None:
+    """No file that would be published names a path under ``roots`` (this machine's folders)."""
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            text = f.read_text(errors="replace")
+            for root in roots:
+                assert str(root) not in text and str(root.resolve()) not in text, (f, root)
+
+
+def test_dry_run_merged_folder_opens_with_transformers_and_shows_fidelity(chat_run, tiny_llama, no_network):
     merge_run(chat_run, examples=8)
     assert main(["push", str(chat_run), "--repo", "alice/tiny-chat-merged", "--merged", "--dry-run"]) == 0
     folder = chat_run / "hub"
     assert not (folder / "adapter_config.json").exists() and (folder / "merge_report.json").is_file()
+    assert json.loads((folder / "merge_report.json").read_text())["original-fp32"]["out"] == "merged"
+    _assert_no_local_path(folder, chat_run.parent.parent, tiny_llama.parent)
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "transformers" and card.data.base_model is None  # local base, no id given
     assert "## Merge fidelity" in card.text and "top-1 agreement" in card.text
@@ -156,6 +178,47 @@ def test_push_uploads_the_built_folder_and_writes_the_token_nowhere(chat_run, to
     for p in written:
         assert FAKE_TOKEN.encode() not in p.read_bytes(), p
     assert FAKE_TOKEN not in caplog.text + out.out + out.err
+
+
+def test_a_token_pasted_into_the_recipe_stops_the_push_before_anything_is_uploaded(chat_run, tmp_path, token_env,
+                                                                                  no_network, capsys):
+    """The real guard (hub._assert_no_token), unstubbed: the token in a system prompt reaches the published recipe
+    and the card, and the push ends with one line naming the file; the Hub is never called (no_network)."""
+    run = Path(shutil.copytree(chat_run, tmp_path / "leaky", ignore=shutil.ignore_patterns("hub", "merged*")))
+    config = yaml.safe_load((run / "run_config.yaml").read_text())
+    config["data"]["system_prompt"] = f"You are helpful. My key is {FAKE_TOKEN}"
+    (run / "run_config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["push", str(run), "--repo", "alice/tiny-chat", "--base-model", BASE_ID]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"lora-ft: error: {run / 'hub'}/") and err[-1].endswith(
+        "contains your Hugging Face token; remove it before pushing")
+    assert FAKE_TOKEN not in "\n".join(err)
+
+
+def test_a_local_path_left_in_a_published_file_stops_the_push(chat_run, tmp_path, no_network, capsys):
+    """Paths the recipe names are reduced to file names; a local path anywhere else (here a system prompt that
+    names the run's folder) is caught by the last check before anything is published."""
+    run = Path(shutil.copytree(chat_run, tmp_path / "pathy", ignore=shutil.ignore_patterns("hub", "merged*")))
+    config = yaml.safe_load((run / "run_config.yaml").read_text())
+    config["data"]["system_prompt"] = f"Files live in {run.resolve()}/notes"
+    (run / "run_config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["push", str(run), "--repo", "alice/tiny-chat", "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"lora-ft: error: {run / 'hub'}/") and f"contains the local path {run.resolve()}" in err
+
+
+def test_merged_dir_must_be_a_merge_of_this_run(chat_run, tiny_llama, tmp_path, no_network, capsys):
+    """`--merged-dir` with the untouched base model (which has a config.json) or another run's merge is refused:
+    the run's card must not be published over something else."""
+    other = Path(shutil.copytree(chat_run, tmp_path / "other", ignore=shutil.ignore_patterns("hub", "merged*")))
+    merge_run(other, examples=4, out=tmp_path / "other-merged")
+    for folder, why in ((tiny_llama, "no lora_ft merge marker: e.g. a base model"),
+                        (tmp_path / "other-merged", f"it was merged from {other.resolve()}")):
+        assert main(["push", str(chat_run), "--repo", "alice/x", "--merged-dir", str(folder), "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == (f"lora-ft: error: {folder} is not a merge of {chat_run} ({why}); push a folder written by "
+                       f"'lora-ft merge {chat_run} [--out DIR]'")
+    assert not (chat_run / "hub" / "config.json").exists()
 
 
 def test_a_failed_upload_is_one_line_without_the_token(chat_run, token_env, monkeypatch, capsys):
@@ -349,7 +412,11 @@ def test_hub_folder_is_a_snapshot_of_the_reports(merged_elsewhere, no_network):
     assert main(["push", str(run), "--repo", "alice/m", "--merged-dir", str(elsewhere), "--dry-run"]) == 0
     folder = run / "hub"
     snapshot = {name: (folder / name).read_bytes() for name in ("merge_report.json", "eval_results.json")}
-    assert snapshot == {name: (run / name).read_bytes() for name in snapshot}
+    assert snapshot["eval_results.json"] == (run / "eval_results.json").read_bytes()
+    # The merge report as published: the same entries, each naming its folder, not this machine's path to it.
+    report = json.loads((run / "merge_report.json").read_text())
+    published = json.loads(snapshot["merge_report.json"])
+    assert published == {k: {**e, "out": Path(e["out"]).name} for k, e in report.items()}
     # Rewritten in place, as merge_run and training write them: the Hub folder keeps what it was built from.
     try:
         for name in snapshot:

@@ -1,5 +1,9 @@
 """Model loading: bitsandbytes layers for each quant, fresh heads never quantized, pad token, sources."""
 
+import json
+import shutil
+from pathlib import Path
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -189,7 +193,7 @@ def test_remote_code_runs_only_when_the_recipe_says_so_and_is_warned_first(tiny_
         return real(source, **kwargs)
 
     monkeypatch.setattr(model_mod.AutoTokenizer, "from_pretrained", spy)
-    model_mod.warn_remote_code.cache_clear()
+    model_mod._warn_once.cache_clear()
     with caplog.at_level("WARNING", logger="lora_ft.modeling.loading"):
         model_mod.load_tokenizer(str(tiny_llama), ModelConfig(name=str(tiny_llama)))
         model_mod.load_tokenizer(str(tiny_llama), ModelConfig(name=str(tiny_llama), trust_remote_code=True))
@@ -226,3 +230,110 @@ def test_an_evaluation_pass_leaves_4bit_weights_and_lora_gradients_unchanged(tin
     assert any(g.abs().max() > 0 for g in plain.values())
     for name in plain:
         torch.testing.assert_close(after_eval[name], plain[name], rtol=0, atol=1e-6)
+
+
+CUSTOM_CONFIG = '''
+from transformers import LlamaConfig
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "tinycustom"
+'''
+CUSTOM_MODEL = '''
+import os
+
+from transformers import LlamaForCausalLM
+
+from .configuration_tinycustom import TinyCustomConfig
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyCustomConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        with open(os.environ["LORA_FT_TEST_REMOTE_CODE"], "a") as f:  # proof that this code ran
+            f.write("ran\\n")
+'''
+
+
+@pytest.fixture
+def remote_code_model(tiny_llama, tmp_path, monkeypatch):
+    """The tiny Llama as a model whose class lives in its own folder (``auto_map``): loading it runs that code,
+    which appends a line to a marker file each time."""
+    folder = Path(shutil.copytree(tiny_llama, tmp_path / "custom"))
+    (folder / "configuration_tinycustom.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_tinycustom.py").write_text(CUSTOM_MODEL)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="tinycustom", architectures=["TinyCustomForCausalLM"], auto_map={
+        "AutoConfig": "configuration_tinycustom.TinyCustomConfig",
+        "AutoModelForCausalLM": "modeling_tinycustom.TinyCustomForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran.txt"
+    marker.write_text("")
+    monkeypatch.setenv("LORA_FT_TEST_REMOTE_CODE", str(marker))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    return folder, marker
+
+
+def test_trust_remote_code_is_applied_at_every_load_and_warned_about(remote_code_model, chat_data, tmp_path, capsys,
+                                                                     monkeypatch):
+    """One recipe flag, the same at every load: training (config, meta model for the heads and the planner, model,
+    tokenizer), merge, and inference on the merged folder each run the model's own code when the recipe trusts it,
+    and never otherwise; code from a folder someone else made is warned about every time."""
+    import yaml
+
+    from lora_ft.cli import main
+    from lora_ft.memory import shape
+    from lora_ft.modeling import loading as model_mod
+
+    folder, marker = remote_code_model
+    recipe, out = tmp_path / "r.yaml", tmp_path / "run"
+
+    def write(trust: bool):
+        recipe.write_text(yaml.safe_dump({
+            "model": {"name": str(folder), "trust_remote_code": trust}, "lora": {"r": 2},
+            "data": {"train": str(chat_data["train"]), "validation": str(chat_data["validation"]), "max_length": 64,
+                     "max_eval_examples": 4},
+            "train": {"max_steps": 1, "micro_batch_size": 8}, "output_dir": str(out)}))
+
+    def ran() -> int:
+        return len(marker.read_text().splitlines())
+
+    write(False)
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"lora-ft: error: model.name: cannot load '{folder}' (") and "trust_remote_code" in err
+    assert ran() == 0 and not out.exists()
+
+    write(True)
+    model_mod._warn_once.cache_clear()
+    counts = {}
+    for name, argv in {"train": ["train", str(recipe)], "plan": ["plan", str(recipe), "--device", "cpu"],
+                       "merge": ["merge", str(out), "--examples", "4"],
+                       "generate --merged": ["generate", str(out), "--merged", "--prompt", "hi",
+                                             "--max-new-tokens", "2"]}.items():
+        shape._model_shape.cache_clear()  # the planner caches the meta model it builds: build it again
+        before = ran()
+        assert main(argv) == 0, name
+        counts[name] = ran() - before
+        assert f"model.trust_remote_code is on: code from {folder}" in capsys.readouterr().err or name != "train"
+    assert all(n > 0 for n in counts.values()), counts
+    assert (out / "merged" / "modeling_tinycustom.py").is_file()  # the merged folder carries the code it needs
+
+    # A folder someone else made: warned at every load from it, not once per process.
+    import pwd
+
+    owner = pwd.getpwuid((out / "merged").stat().st_uid).pw_name
+    monkeypatch.setattr(model_mod.os, "getuid", lambda: 4242)  # this process now runs as another user
+    for _ in range(2):
+        assert main(["generate", str(out), "--merged", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+        err = capsys.readouterr().err
+        assert f"code from {out / 'merged'}, a folder made by {owner} (not by you), will run" in err
+    monkeypatch.undo()
+    # A bare merged folder has no recipe to trust it: its code never runs.
+    before = ran()
+    assert main(["generate", str(out / "merged"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"lora-ft: error: {out / 'merged'}: cannot open the model without running its own code (")
+    assert ran() == before

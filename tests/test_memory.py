@@ -267,8 +267,10 @@ def test_plan_command_prints_the_breakdown_and_what_fits(tmp_path, capsys):
         assert text in out, text
     fits = dict(cell.split(": ") for cell in out.strip().splitlines()[-1].strip().split(" | "))
     assert int(fits["2048"]) >= 4 and int(fits["4096"]) < int(fits["2048"]) < int(fits["1024"])
-    assert main(["plan", str(tmp_path / "r.yaml"), "--memory", "lots"]) == 2
-    assert "--memory 'lots'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # a bad size is refused while the arguments are read
+        main(["plan", str(tmp_path / "r.yaml"), "--memory", "lots"])
+    assert refused.value.code == 2 and "argument --memory: expected a positive size such as 5GB or 500MB, got " \
+        "'lots'" in capsys.readouterr().err
 
 
 def test_plan_terms_move_the_way_the_code_paths_say(small_llama):

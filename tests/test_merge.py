@@ -173,9 +173,11 @@ def test_nf4_classifier_head_survives_the_merge(tiny_bert, cls_data, tmp_path_fa
 def test_merge_errors_are_one_line_with_exit_2(fp32_run, tmp_path, capsys):
     assert main(["merge", str(tmp_path)]) == 2
     assert "is not a lora_ft run" in capsys.readouterr().err
-    assert main(["merge", str(fp32_run), "--examples", "0"]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse, with lora_ft's one-line errors (arguments.Parser)
+        main(["merge", str(fp32_run), "--examples", "0"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--examples 0" in err[0]
+    assert refused.value.code == 2 and err == ["lora-ft: error: merge: argument --examples: must be at least 1 (got 0) "
+                                               "(see lora-ft merge --help)"]
     # --out never replaces something that is not an earlier merge (the run itself, a folder of other files).
     other = tmp_path / "notes"
     other.mkdir()
@@ -249,11 +251,15 @@ def test_a_merge_that_cannot_be_written_keeps_the_earlier_merge(fp32_run, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
-def test_nf4_adapter_card_loads_the_base_quantized_as_in_training(nf4_run, tmp_path, capsys):
+def test_nf4_adapter_card_loads_the_base_quantized_as_in_training(nf4_run, tmp_path, capsys, monkeypatch):
     """The card's snippet, run as written, reproduces the evaluated adapter model (nf4 base); the old snippet
     (the adapter on the full-precision base) did not."""
     from huggingface_hub import ModelCard
     from peft import AutoPeftModelForCausalLM
+
+    # The published adapter names its base by the folder's name (never this machine's path to it): run the snippet
+    # where that name is the base's folder, as the Hub id would be on the Hub.
+    monkeypatch.chdir(Path(open_run(nf4_run).recipe.model.name).parent)
 
     assert main(["push", str(nf4_run), "--repo", "alice/tiny-nf4", "--dry-run"]) == 0
     capsys.readouterr()
@@ -287,3 +293,31 @@ def test_nf4_adapter_card_loads_the_base_quantized_as_in_training(nf4_run, tmp_p
     assert kl(ref, logits_on(model, tok, texts)).mean().item() < 1e-6
     full_precision = AutoPeftModelForCausalLM.from_pretrained(folder).eval()
     assert kl(ref, logits_on(full_precision, tok, texts)).mean().item() > KL_LIMITS["fp32"]
+
+
+def test_a_signal_during_the_save_of_a_merge_leaves_everything_as_it_was(fp32_run, tmp_path, capsys, monkeypatch):
+    """SIGTERM landed inside the write of the merged weights (a hook in save_pretrained): one line, exit 143, no
+    half-written folder, the earlier merge and merge_report.json untouched, the run unlocked."""
+    import os
+    import signal
+
+    from transformers import PreTrainedModel
+
+    out = tmp_path / "m"
+    assert main(["merge", str(fp32_run), "--out", str(out), "--examples", "4"]) == 0
+    capsys.readouterr()
+    before = tree_hashes(out), (fp32_run / "merge_report.json").read_bytes()
+    real = PreTrainedModel.save_pretrained
+
+    def signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", signalled)
+    assert main(["merge", str(fp32_run), "--out", str(out), "--examples", "4", "--dtype", "bf16"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("lora-ft: interrupted (SIGTERM) during lora-ft merge; nothing of this merge was saved (an earlier "
+                   "merged model and merge_report.json are as they were); run the command again to start over")
+    assert (tree_hashes(out), (fp32_run / "merge_report.json").read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no .m.tmp, no .m.old
+    assert not (fp32_run / ".lora_ft.lock").exists()

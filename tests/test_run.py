@@ -1,13 +1,14 @@
-"""The run folder: a run is never trained into twice, --overwrite clears only what is a run's, and a saved run
-reads back with its recipe, labels and merges."""
+"""The run folder: a run is never trained into twice, --overwrite replaces only what is a run's (and only once
+the new run saved something), and a saved run reads back with its recipe, labels and merges."""
 
 import json
+import shutil
 
 import pytest
 from conftest import make_recipe
 
 from lora_ft.errors import RunError
-from lora_ft.run import MERGE_REPORT, RUN_INFO, RunFolder, labels_of, merged_folder, open_run
+from lora_ft.run import MERGE_REPORT, REPLACED, RUN_INFO, RunFolder, labels_of, merged_folder, open_run
 
 
 def _fake_run(tmp_path, tiny_llama, chat_data, info=None):
@@ -28,13 +29,40 @@ def test_a_folder_that_holds_a_run_is_refused_unless_resumed_or_overwritten(tmp_
     RunFolder(tmp_path / "empty").check_new(None, False)
 
 
-def test_clear_removes_the_runs_outputs_and_keeps_other_files(tmp_path, tiny_llama, chat_data):
-    _, folder = _fake_run(tmp_path, tiny_llama, chat_data)
+def _digest(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_overwrite_keeps_the_old_run_aside_until_the_new_one_saved_something(tmp_path, tiny_llama, chat_data):
+    recipe, folder = _fake_run(tmp_path, tiny_llama, chat_data)
     folder.log({"step": 1, "loss": 2.0})
     (folder.checkpoints / "step-00000001").mkdir(parents=True)
     (folder / "notes.txt").write_text("mine")
-    folder.clear()
-    assert sorted(p.name for p in folder.path.iterdir()) == ["notes.txt"]
+    old = _digest(folder.path)
+    folder.set_aside()
+    assert sorted(p.name for p in folder.path.iterdir()) == [REPLACED, "notes.txt"]
+    # The new run writes its config and log, then ends before saving anything: the old run is back, byte for byte.
+    folder.start(recipe, {"new": True}, fresh=True)
+    folder.log({"step": 1, "loss": 9.0})
+    folder.restore_aside()
+    assert _digest(folder.path) == old
+    # A kill while the old run waits aside, after the new run saved its first checkpoint: the new run wins.
+    folder.set_aside()
+    folder.start(recipe, {"new": True}, fresh=True)
+    (folder.checkpoints / "step-00000002").mkdir(parents=True)
+    folder.recover_aside()
+    assert sorted(p.name for p in folder.path.iterdir()) == ["checkpoints", "notes.txt", "run_config.yaml",
+                                                             "run_info.json"]
+    assert [p.name for p in folder.checkpoints.iterdir()] == ["step-00000002"]
+    # ... and a kill before it saved anything: the old run comes back.
+    shutil.rmtree(folder.checkpoints)
+    folder.set_aside()
+    folder.start(recipe, {"newest": True}, fresh=True)
+    folder.recover_aside()
+    assert json.loads((folder / RUN_INFO).read_text()) == {"new": True}
 
 
 def test_a_saved_run_reads_back_with_its_recipe_labels_and_dtype(tmp_path, tiny_llama, chat_data):

@@ -1,6 +1,7 @@
 """``lora-ft sweep``: every combination runs, results are ranked, failures are reported, not fatal."""
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,79 @@ def test_sweep_trials_are_runs_of_one_tracker_experiment(tiny_llama, chat_data, 
     assert sorted(r.info.run_name for r in runs) == sorted(Path(r["output_dir"]).name for r in rows)
     assert sorted(r.data.params["lora.r"] for r in runs) == ["2", "4"]
     assert all(len(client.get_metric_history(r.info.run_id, "loss")) == 2 for r in runs)
+
+
+def _sweep_recipe(tmp_path, tiny_llama, chat_data):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_llama)}, "lora": {"dropout": 0.0},
+        "data": {"train": str(chat_data["train"]), "validation": str(chat_data["validation"]), "max_length": 128,
+                 "max_eval_examples": 8},
+        "train": {"max_steps": 2, "micro_batch_size": 8, "warmup": 0}, "output_dir": str(tmp_path / "sw")}))
+    return recipe
+
+
+def _adapters(root):
+    return {p.parent.parent.name: p.read_bytes()
+            for p in sorted(root.glob("trial-*/adapter/adapter_model.safetensors"))}
+
+
+def test_sigterm_stops_the_whole_sweep_and_running_it_again_continues(tiny_llama, chat_data, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A signal in trial 1 (landed inside its first training step by a hook) ends the sweep: trial 2 never starts,
+    the table says which trial was interrupted, and the same command continues (trial 1 resumes, 2 trains)."""
+    import os
+    import signal
+
+    from lora_ft.training.trainer import Trainer
+
+    recipe = _sweep_recipe(tmp_path, tiny_llama, chat_data)
+    real = Trainer.train_step
+
+    def signalled(self, batches):
+        if self.state.step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled)
+    argv = ["sweep", str(recipe), "--grid", "lora.r=2,4"]
+    assert main(argv) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    root = tmp_path / "sw" / "sweep"
+    assert err == (f"lora-ft: sweep interrupted in trial 1/2 (interrupted at step 1/2; checkpoint saved to "
+                   f"{root}/trial-01-r-2/checkpoints/step-00000001); the trials before it are done and kept; continue "
+                   f"the sweep with: lora-ft sweep {recipe} --grid lora.r=2,4 (finished trials are reused, this one "
+                   "resumes)")
+    assert sorted(p.name for p in root.iterdir()) == ["sweep.csv", "sweep.md", "trial-01-r-2"]
+    assert list(csv.DictReader(open(root / "sweep.csv")))[0]["status"] == "interrupted"
+    monkeypatch.undo()
+    assert main(argv) == 0
+    table = list(csv.DictReader(open(root / "sweep.csv")))
+    assert [r["status"] for r in table] == ["ok", "ok"]
+    steps = [json.loads(x)["step"] for x in (root / "trial-01-r-2" / "metrics.jsonl").read_text().splitlines()
+             if "split" not in json.loads(x)]
+    assert steps == [1, 2]  # resumed after step 1, not retrained
+
+
+def test_running_a_sweep_again_never_destroys_its_trials_silently(tiny_llama, chat_data, tmp_path, capsys):
+    recipe = _sweep_recipe(tmp_path, tiny_llama, chat_data)
+    argv = ["sweep", str(recipe), "--grid", "lora.r=2,4"]
+    assert main(argv) == 0
+    root = tmp_path / "sw" / "sweep"
+    trained = _adapters(root)
+    assert len(trained) == 2
+    # The same sweep again: finished trials are reused, not retrained.
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert _adapters(root) == trained
+    assert [r["reused"] for r in csv.DictReader(open(root / "sweep.csv"))] == ["True", "True"]
+    # Another base recipe: refused before anything trains, naming the trials and what changed ...
+    assert main([*argv, "--set", "train.lr=1e-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"lora-ft: error: the sweep folder {root} holds trials of another recipe; trial 1 ("
+                          f"{root}/trial-01-r-2): train.lr 0.0002 → 0.001; trial 2") and \
+        err.endswith("pass --overwrite to retrain them, or choose another output_dir")
+    assert _adapters(root) == trained
+    # ... and retrained with --overwrite.
+    assert main([*argv, "--set", "train.lr=1e-3", "--overwrite"]) == 0
+    assert all(trained[k] != v for k, v in _adapters(root).items())

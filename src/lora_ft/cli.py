@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -18,7 +19,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import arguments as arg
 from .errors import LoraFtError, RecipeError, TrainingInterrupted, UsageError
+from .interrupts import Interrupted, Signals
 from .recipe import load_recipe
 
 log = logging.getLogger("lora_ft")
@@ -44,47 +47,50 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("recipe", type=arg.path, help="YAML recipe (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set train.lr=1e-4 (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-ft", description="LoRA / QLoRA fine-tuning from a YAML recipe.")
+    parser = arg.Parser(prog="lora-ft", description="LoRA / QLoRA fine-tuning from a YAML recipe.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs too")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=arg.Parser)
     p = sub.add_parser("train", help="fine-tune as the recipe says")
     _recipe_args(p)
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH|latest",
+    p.add_argument("--resume", nargs="?", const="latest", default=None, type=arg.resume, metavar="PATH|latest",
                    help="continue from the latest (or the given) checkpoint in output_dir")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
-    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir (the old one is "
+                   "deleted once the new one has saved a checkpoint or its adapter)")
+    p.add_argument("--num-processes", type=arg.integer(1), default=1, metavar="N",
                    help="train on N processes, one per GPU (CPU processes without GPUs): the same command "
                         "under `accelerate launch --multi_gpu --num_processes N`")
     p = sub.add_parser("eval", help="evaluate a trained run on a data file")
-    p.add_argument("run_dir")
-    p.add_argument("--data", required=True, help="jsonl/json/csv/parquet file in the run's data format")
-    p = sub.add_parser("validate", help="check a recipe (and that its files exist) without loading weights")
+    p.add_argument("run_dir", type=arg.path)
+    p.add_argument("--data", required=True, type=arg.path, help="jsonl/json/csv/parquet file in the run's data format")
+    p = sub.add_parser("validate", help="check a recipe, its files and data without loading weights")
     _recipe_args(p)
     p = sub.add_parser("sweep", help="train a grid of recipe variations and rank them on validation")
     _recipe_args(p)
-    p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+    p.add_argument("--grid", action="append", required=True, type=arg.text, metavar="KEY=V1,V2",
                    help="values to try for one recipe key, e.g. --grid lora.r=8,16 (repeatable)")
-    p.add_argument("--trials", type=int, default=None, help="run only this many random combinations")
+    p.add_argument("--trials", type=arg.integer(1), default=None, help="run only this many random combinations")
+    p.add_argument("--overwrite", action="store_true", help="retrain trials whose folders hold a run of another "
+                   "recipe (without it the sweep refuses; unchanged finished trials are reused either way)")
     p = sub.add_parser("inspect", help="report on the recipe's data (lengths, labels, duplicates, leakage)")
     _recipe_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = sub.add_parser("plan", help="predict peak training memory from the config alone, and what fits")
     _recipe_args(p)
-    p.add_argument("--memory", default=None, metavar="SIZE",
+    p.add_argument("--memory", default=None, type=arg.size, metavar="SIZE",
                    help="the budget, e.g. 24GB (GB = GiB); default: this machine's GPU memory, or its RAM")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="plan for a GPU (bf16, gradient checkpointing by default) or the CPU; default: cuda if present")
-    p.add_argument("--answer-fraction", type=float, default=1.0, metavar="F",
+    p.add_argument("--answer-fraction", type=arg.number(0, 1, low_open=True), default=1.0, metavar="F",
                    help="causal LM: the fraction of each sequence that carries loss (logits are computed for it "
                         "only); default 1 = the worst case (text data, train_on_prompt)")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: data.max_length)")
-    p.add_argument("--micro-batch", type=int, default=None,
+    p.add_argument("--seq-len", type=arg.integer(2), default=None, help="sequence length (default: data.max_length)")
+    p.add_argument("--micro-batch", type=arg.integer(1), default=None,
                    help="micro-batch for the breakdown (default: the recipe's, or the largest that fits)")
     _export_parsers(sub)
     return parser
@@ -93,68 +99,75 @@ def build_parser() -> argparse.ArgumentParser:
 def _export_parsers(sub) -> None:
     """merge, push, chat, generate, predict: what a finished run is for."""
     p = sub.add_parser("merge", help="merge a run's adapter into a full-precision base and measure fidelity")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=arg.path)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="dtype of the merged weights (auto: the run's compute dtype)")
     p.add_argument("--base", default="dequantized", choices=["dequantized", "original"],
                    help="quantized runs: merge into the de-quantized weights the adapter was trained against "
                         "(default) or into the original weights")
-    p.add_argument("--out", default=None, metavar="DIR", help="where to write the merged model (RUN_DIR/merged)")
+    p.add_argument("--out", default=None, type=arg.path, metavar="DIR",
+                   help="where to write the merged model (RUN_DIR/merged)")
     p.add_argument("--force", action="store_true", help="save the merged model even above the fidelity limit")
-    p.add_argument("--examples", type=int, default=64, metavar="N", help="held-out examples to compare on")
-    p.add_argument("--data", default=None, metavar="FILE", help="compare on this file instead of the run's "
-                   "validation data")
-    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    p.add_argument("--examples", type=arg.integer(1), default=64, metavar="N", help="held-out examples to compare on")
+    p.add_argument("--data", default=None, type=arg.path, metavar="FILE", help="compare on this file instead of the "
+                   "run's validation data")
+    p.add_argument("--max-shard-size", default="5GB", type=arg.size, help="safetensors shard size (default 5GB)")
     p = sub.add_parser("export", help="write the merged model as one GGUF file (llama.cpp, Ollama), proven faithful")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=arg.path)
     p.add_argument("--format", default="gguf", choices=["gguf"], help="file format (gguf)")
     p.add_argument("--quant", default="q8_0", help="f32, f16, bf16, q8_0 (default), q5_1, q5_0, q4_1 or q4_0")
-    p.add_argument("--out", default=None, metavar="FILE", help="the .gguf file (RUN_DIR/gguf/<run>-<QUANT>.gguf); "
-                   "an Ollama Modelfile is written beside it")
+    p.add_argument("--out", default=None, type=arg.path, metavar="FILE", help="the .gguf file "
+                   "(RUN_DIR/gguf/<run>-<QUANT>.gguf); an Ollama Modelfile is written beside it")
     p.add_argument("--force", action="store_true", help="keep the file even above the fidelity limit")
-    p.add_argument("--examples", type=int, default=64, metavar="N", help="held-out examples to compare on")
-    p.add_argument("--data", default=None, metavar="FILE", help="compare on this file instead of the run's "
-                   "validation data")
+    p.add_argument("--examples", type=arg.integer(1), default=64, metavar="N", help="held-out examples to compare on")
+    p.add_argument("--data", default=None, type=arg.path, metavar="FILE", help="compare on this file instead of the "
+                   "run's validation data")
     p = sub.add_parser("push", help="upload a run's adapter (or merged model) with a model card to the Hub")
-    p.add_argument("run_dir")
-    p.add_argument("--repo", required=True, metavar="USER/NAME", help="Hub repository to create or update")
+    p.add_argument("run_dir", type=arg.path)
+    p.add_argument("--repo", required=True, type=arg.text, metavar="USER/NAME",
+                   help="Hub repository to create or update")
     p.add_argument("--merged", action="store_true", help="push the merged model instead of the adapter: "
                    "RUN_DIR/merged, else the latest passing 'merge --out DIR' in merge_report.json")
-    p.add_argument("--merged-dir", default=None, metavar="DIR", help="push the merged model in DIR (a folder "
-                   "written by 'lora-ft merge --out DIR'; implies --merged)")
-    p.add_argument("--gguf", nargs="?", const="latest", default=None, metavar="FILE",
+    p.add_argument("--merged-dir", default=None, type=arg.path, metavar="DIR", help="push the merged model in DIR (a "
+                   "folder written by 'lora-ft merge RUN_DIR --out DIR' for this run; implies --merged)")
+    p.add_argument("--gguf", nargs="?", const="latest", default=None, type=arg.path, metavar="FILE",
                    help="push a GGUF export and its Modelfile instead: the latest passing one, or FILE")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/hub (what would be uploaded) only")
-    p.add_argument("--base-model", default=None, metavar="ID", help="the base's Hub id, when the recipe named "
-                   "a local folder")
+    p.add_argument("--base-model", default=None, type=arg.text, metavar="ID", help="the base's Hub id, when the "
+                   "recipe named a local folder")
     for name, help_ in (("chat", "chat with a causal LM run (streaming, chat template)"),
                         ("generate", "generate replies to prompts with a causal LM run"),
                         ("predict", "classify a data file with a classifier run")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("run_dir", help="a run's output_dir, or a merged model folder")
+        p.add_argument("run_dir", type=arg.path, help="a run's output_dir, or a merged model folder")
         p.add_argument("--merged", action="store_true", help="use the merged model instead of the adapter: "
                        "RUN_DIR/merged, else the latest passing 'merge --out DIR'")
         if name == "predict":
-            p.add_argument("--data", required=True, help="jsonl/json/csv/parquet file with the text column(s)")
-            p.add_argument("--out", default=None, metavar="FILE", help="predictions jsonl "
+            p.add_argument("--data", required=True, type=arg.path,
+                           help="jsonl/json/csv/parquet file with the text column(s)")
+            p.add_argument("--out", default=None, type=arg.path, metavar="FILE", help="predictions jsonl "
                            "(default RUN_DIR/predictions.jsonl)")
-            p.add_argument("--batch-size", type=int, default=32)
+            p.add_argument("--batch-size", type=arg.integer(1), default=32)
             continue
         if name == "generate":
             p.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
             p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
         p.add_argument("--system", default=None, help="system prompt")
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--max-new-tokens", type=arg.integer(1), default=256)
+        p.add_argument("--temperature", type=arg.number(0), default=0.0, help="0 = greedy (default)")
+        p.add_argument("--top-p", type=arg.number(0, 1, low_open=True), default=1.0)
 
 
 # ------------------------------------------------------------------------------------------------ commands
 # Each command: (parsed args, raw argv) -> exit status. They import what they run when they run (see above).
 def _cmd_validate(args, argv) -> int:
+    from .preflight import preflight
+
     recipe = load_recipe(args.recipe, args.overrides)
-    problems = _validate(recipe)
+    problems, notes = preflight(recipe)
+    for note in notes:
+        log.warning(note)
     if problems:
         raise RecipeError(f"{args.recipe}: {len(problems)} problem(s): " + "; ".join(problems))
     print(f"ok: {args.recipe} ({recipe.model.task}, {recipe.model.name}, quant={recipe.model.quant}, "
@@ -165,7 +178,7 @@ def _cmd_validate(args, argv) -> int:
 def _cmd_sweep(args, argv) -> int:
     from .training.sweep import run_sweep
 
-    rows = run_sweep(args.recipe, args.grid, args.overrides, args.trials)
+    rows = run_sweep(args.recipe, args.grid, args.overrides, args.trials, overwrite=args.overwrite)
     for n, row in enumerate(rows, 1):
         print(f"{n}. " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "output_dir"))
     if rows and rows[0]["status"] == "ok":
@@ -240,9 +253,14 @@ def _cmd_infer(args, argv) -> int:
     """chat, generate and predict: the run's model loaded once, then used."""
     from .shipping import infer
 
+    if args.command == "predict":
+        from .run import OUTPUTS
+
+        run = Path(args.run_dir)
+        out = Path(args.out or run / "predictions.jsonl")
+        arg.check_output_file(out, "--out", {"--data": Path(args.data)}, [run / name for name in OUTPUTS])
     im = infer.load_for_inference(args.run_dir, args.merged)
     if args.command == "predict":
-        out = args.out or str(Path(args.run_dir) / "predictions.jsonl")
         print(json.dumps(infer.predict_file(im, args.data, out, args.batch_size), indent=2))
         return 0
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
@@ -266,26 +284,9 @@ def _plan(recipe, args) -> str:
     from .memory.report import plan_report
     from .memory.shape import parse_size
 
-    if not 0 < args.answer_fraction <= 1:
-        raise UsageError(f"--answer-fraction {args.answer_fraction}: give a fraction in (0, 1]")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     memory = parse_size(args.memory) if args.memory is not None else None
     return plan_report(recipe, device, memory, args.answer_fraction, args.seq_len, args.micro_batch)
-
-
-def _validate(recipe) -> list[str]:
-    """Checks beyond the schema that need no weights: files the recipe names exist."""
-    problems = []
-    for key in ("train", "validation", "test"):
-        value = getattr(recipe.data, key)
-        if value and Path(value).suffix and not Path(value).is_file():
-            problems.append(f"data.{key}: file not found: {value}")
-    name = recipe.model.name
-    if (name.endswith(".gguf") or name.startswith((".", "/", "~"))) and not Path(name).expanduser().exists():
-        problems.append(f"model.name: {name} does not exist")
-    if not recipe.data.train:
-        problems.append("data.train: no training data given")
-    return problems
 
 
 def _launch(argv: list[str], n: int) -> int:
@@ -303,20 +304,51 @@ def _launch(argv: list[str], n: int) -> int:
     log.info("launching %d processes: %s", n, " ".join(cmd))
     proc = subprocess.Popen(cmd)
     # SIGTERM (a job scheduler) goes on to the launcher, which passes it to the processes; Ctrl-C reaches them
-    # from the terminal directly. Either way the processes save a checkpoint first, so wait for them.
-    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    # from the terminal directly. Either way the processes save a checkpoint first, so wait for them: they
+    # print what was kept and how to continue, and their exit status is this command's.
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: proc.terminate()),
+                signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None)}
     try:
-        while True:
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:
-                continue
+        return proc.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+KEPT_ON_SIGNAL = {
+    "merge": "nothing of this merge was saved (an earlier merged model and merge_report.json are as they were)",
+    "push": "nothing was uploaded (an upload commits all its files or none) and RUN_DIR/hub is as it was",
+    "predict": "no predictions file was written (an earlier one is as it was)",
+    "sweep": "every trial finished before is kept (re-running the sweep reuses it)",
+}
+"""What a signal leaves behind in each command that writes (the others write nothing); the trainer and the sweep
+say it themselves for the signals they handle."""
+
+
+def _command_line(args) -> str:
+    """The command as typed, for 'continue with': recipe, --set values, and a sweep's grid."""
+    words = ["lora-ft", args.command, args.recipe, *(x for o in args.overrides for x in ("--set", o))]
+    if args.command == "sweep":
+        words += [x for g in args.grid for x in ("--grid", g)] + (["--trials", str(args.trials)] if args.trials else [])
+    return shlex.join(words)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Ctrl-C / SIGTERM anywhere in a command: one line saying what was kept (interrupts.py), never a traceback.
+    with Signals() as signals:
+        try:
+            with signals.phase(f"lora-ft {args.command}"):
+                return _run(args, argv)
+        except Interrupted as e:
+            kept = KEPT_ON_SIGNAL.get(args.command, "nothing was written").replace("RUN_DIR", getattr(args, "run_dir",
+                                                                                                       "RUN_DIR"))
+            print(f"lora-ft: interrupted ({e.name}) during {e.phase}; {kept}; run the command again to start over",
+                  file=sys.stderr)
+            return 128 + e.signum
+
+
+def _run(args, argv: list[str] | None) -> int:
     _setup_logging(args.verbose)
     from .modeling import examples
 
@@ -324,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, argv)
     except TrainingInterrupted as e:
-        print(f"lora-ft: {str(e).replace('RECIPE', getattr(args, 'recipe', 'RECIPE'))}", file=sys.stderr)
+        message = str(e)
+        if getattr(args, "recipe", None):
+            message = message.replace(f"lora-ft {args.command} RECIPE", _command_line(args))
+        print(f"lora-ft: {message}", file=sys.stderr)
         return e.exit_code
     except LoraFtError as e:
         if args.verbose and not isinstance(e, RecipeError | UsageError):

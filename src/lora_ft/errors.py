@@ -23,6 +23,11 @@ class RecipeError(LoraFtError, ValueError):
     exit_code = 2
 
 
+class DataError(RecipeError):
+    """A data file the recipe names holds an example lora_ft cannot train on; the message names the file, the row
+    (1-based, in file order) and the column."""
+
+
 class UsageError(LoraFtError, ValueError):
     """A command-line flag is wrong (``--dtype``, ``--resume``, ``--memory``, …)."""
 
@@ -30,7 +35,8 @@ class UsageError(LoraFtError, ValueError):
 
 
 class RunError(LoraFtError):
-    """A run folder is not what the command needs (not a run, no adapter yet, already holds a run, …)."""
+    """A run folder is not what the command needs (not a run, no adapter yet, already holds a run, held by another
+    process, …)."""
 
     exit_code = 2
 
@@ -56,13 +62,14 @@ class NonFiniteLoss(LoraFtError, FloatingPointError):
 
 
 class TrainingInterrupted(LoraFtError):
-    """Training stopped on a signal after saving a checkpoint; the exit code follows the shell's 128+N."""
+    """A command stopped on a signal after keeping what it could; the message says what was kept and the command that
+    continues. The exit code follows the shell's 128+N."""
 
     prefix = ""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
-        self.exit_code = 128 + signum
+        self.signum, self.exit_code = signum, 128 + signum
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:

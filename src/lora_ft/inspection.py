@@ -12,6 +12,7 @@ import statistics
 from collections import Counter
 from typing import Any
 
+from .data.cells import Where
 from .data.reading import read_split
 from .modeling.loading import load_tokenizer, resolve_source
 from .objectives import objective_for
@@ -42,6 +43,7 @@ def inspect_recipe(recipe: Recipe) -> dict[str, Any]:
     for name, spec in specs.items():
         ds = read_split(spec, name)
         fmt = objective.detect_format(ds.column_names, name)
+        objective.check_rows(ds, fmt, Where(f"data.{name}", spec))
         texts = [objective.example_text(row, fmt) for row in ds]
         lengths = [objective.length(row, fmt) for row in ds]
         if sample is None:

@@ -9,6 +9,7 @@ names.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .errors import RunError
-from .modeling.loading import load_model, resolve_source
-from .recipe import Recipe, load_recipe
+from .errors import RecipeError, RunError
+from .lock import RunLock
+from .modeling.loading import load_model, remote_code, resolve_source
+from .recipe import Recipe, load_recipe, looks_local
+from .storage import write_text
+
+log = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.yaml"
 """The fully resolved recipe: later commands need nothing retyped."""
@@ -38,6 +43,13 @@ GGUF_DIR = "gguf"
 """``lora-ft export --format gguf`` writes its files (and the Ollama Modelfile) here unless told otherwise."""
 MERGE_MARKER = "lora_ft_merge.json"
 """Written into every merged folder: ``merge --out`` only ever replaces a folder carrying this run's marker."""
+LOCK = ".lora_ft.lock"
+"""The run lock (``lock.py``): one command at a time writes into a run folder."""
+REPLACED = ".lora_ft.replaced"
+"""``--overwrite``: the old run's outputs wait here until the new run has saved something of its own."""
+OUTPUTS = (CHECKPOINTS, ADAPTER, MERGED, HUB, RUN_CONFIG, RUN_INFO, METRICS, RESULTS, CURVES, MERGE_REPORT,
+           GGUF_DIR, EXPORT_REPORT)
+"""What belongs to a run (``--overwrite`` replaces these; other files in the folder stay)."""
 
 
 def labels_of(info: dict[str, Any]) -> dict[int, str] | None:
@@ -70,26 +82,93 @@ class RunFolder:
     def holds_run(self) -> bool:
         return (self.path / RUN_CONFIG).exists()
 
+    def lock(self) -> RunLock:
+        """The run lock (acquire it, or use it as a context manager)."""
+        return RunLock(self.path / LOCK, f"output_dir {self.path}")
+
+    def check_location(self, recipe: Recipe) -> None:
+        """Refuse an output_dir a run must not write into: the current directory or one above it (a run's files,
+        and what ``--overwrite`` replaces, would mix with everything there), a file, the base model's folder or a
+        folder inside it, or a folder whose run outputs hold one of the recipe's inputs."""
+        here, cwd = self.path.resolve(), Path.cwd().resolve()
+        if here == cwd or here in cwd.parents:
+            where = "the current directory" if here == cwd else f"a parent of the current directory ({cwd})"
+            raise RecipeError(f"output_dir {str(self.path)!r} is {where}: a run writes adapter/, checkpoints/, "
+                              "metrics.jsonl... there and --overwrite replaces them; give the run a folder of its own, "
+                              "e.g. runs/my-run")
+        if self.path.exists() and not self.path.is_dir():
+            raise RecipeError(f"output_dir {self.path} is a file; give the run a folder of its own")
+        d = recipe.data
+        inputs = {"model.name": recipe.model.name, "data.train": d.train, "data.validation": d.validation,
+                  "data.test": d.test, "forgetting.reference": recipe.forgetting.reference}
+        owned = [here / name for name in OUTPUTS]
+        for field, value in inputs.items():
+            if not value or not (looks_local(value) or Path(value).expanduser().exists()):
+                continue  # a Hub id or an example
+            path = Path(value).expanduser().resolve()
+            if field == "model.name" and (here == path or path in here.parents):
+                raise RecipeError(f"output_dir {self.path} is inside the base model's folder {value}: choose a "
+                                  "folder of its own for the run")
+            if any(path == o or o in path.parents for o in owned):
+                raise RecipeError(f"{field} {value} lies among the outputs of output_dir {self.path}, which a run "
+                                  "writes and --overwrite replaces: move it, or choose another output_dir")
+
     def check_new(self, resume: str | None, overwrite: bool) -> None:
         """A folder that already holds a run is never trained into silently."""
         if resume is None and not overwrite and self.holds_run():
             raise RunError(f"output_dir {self.path} already holds a run; pass --resume latest to continue it, "
                            "--overwrite to replace it, or choose another output_dir")
 
-    def clear(self) -> None:
-        """``--overwrite``: remove the old run's outputs, so none of them (a checkpoint that ``--resume latest`` would
-        pick, a stale adapter or report) is mistaken for the new run's. Other files in the folder stay."""
-        for name in (CHECKPOINTS, ADAPTER, MERGED, HUB, GGUF_DIR):
-            shutil.rmtree(self.path / name, ignore_errors=True)
-        for name in (RUN_CONFIG, RUN_INFO, METRICS, RESULTS, CURVES, MERGE_REPORT, EXPORT_REPORT):
-            (self.path / name).unlink(missing_ok=True)
+    # ------------------------------------------------------------------ --overwrite: the old run waits aside
+    @property
+    def aside(self) -> Path:
+        return self.path / REPLACED
+
+    def set_aside(self) -> None:
+        """``--overwrite``: move the old run's outputs aside (renames, no copies), so none of them (a checkpoint that
+        ``--resume latest`` would pick, a stale adapter or report) is mistaken for the new run's, and nothing of
+        the old run is lost before the new one has saved something (``drop_aside``, ``restore_aside``)."""
+        shutil.rmtree(self.aside, ignore_errors=True)
+        present = [n for n in OUTPUTS if (self.path / n).exists()]
+        if present:
+            self.aside.mkdir()
+            for name in present:
+                (self.path / name).rename(self.aside / name)
+
+    def drop_aside(self) -> None:
+        """The new run saved its first checkpoint or its adapter: the old run is deleted."""
+        if self.aside.exists():
+            shutil.rmtree(self.aside)
+            log.info("--overwrite: the previous run in %s was deleted (the new run has saved its own)", self.path)
+
+    def restore_aside(self) -> None:
+        """The new run ended before saving anything: its files go, the old run comes back as it was."""
+        if not self.aside.exists():
+            return
+        for name in OUTPUTS:
+            new = self.path / name
+            if new.is_dir():
+                shutil.rmtree(new)
+            else:
+                new.unlink(missing_ok=True)
+        for old in self.aside.iterdir():
+            old.rename(self.path / old.name)
+        self.aside.rmdir()
+        log.warning("--overwrite: the new run saved nothing, so the previous run in %s was put back", self.path)
+
+    def recover_aside(self) -> None:
+        """After a kill while an old run waited aside: the new run's checkpoint or adapter, if it saved one, wins;
+        otherwise the old run comes back."""
+        if self.aside.exists():
+            saved = self.adapter.exists() or any(self.checkpoints.glob("step-*"))
+            self.drop_aside() if saved else self.restore_aside()
 
     def start(self, recipe: Recipe, info: dict[str, Any], fresh: bool) -> None:
         """Write the resolved recipe and the run's facts; a fresh run starts a new metrics log."""
         self.path.mkdir(parents=True, exist_ok=True)
         if fresh:
             self.metrics.unlink(missing_ok=True)
-        (self.path / RUN_CONFIG).write_text(recipe.dump(), encoding="utf-8")
+        write_text(self.path / RUN_CONFIG, recipe.dump())
         self.write_json(RUN_INFO, info)
 
     def log(self, row: dict[str, Any]) -> None:
@@ -98,7 +177,7 @@ class RunFolder:
             f.write(json.dumps(row) + "\n")
 
     def write_json(self, name: str, value: Any) -> None:
-        (self.path / name).write_text(json.dumps(value, indent=2), encoding="utf-8")
+        write_text(self.path / name, json.dumps(value, indent=2))
 
     def record(self, name: str, key: str, entry: Any) -> Path:
         """Add (or replace) one entry of a JSON report (``merge_report.json``, ``export_report.json``)."""
@@ -115,6 +194,10 @@ class RunFolder:
         if not self.metrics.is_file():
             return []
         return [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` with ``rows`` (a resumed run drops the rows of an abandoned continuation)."""
+        write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 @dataclass
@@ -174,7 +257,8 @@ def default_device() -> torch.device:
 
 def load_run_tokenizer(run: Run) -> PreTrainedTokenizerBase:
     """The tokenizer saved with the adapter: it carries the pad token and chat template training used."""
-    return AutoTokenizer.from_pretrained(run.adapter_dir, trust_remote_code=run.recipe.model.trust_remote_code)
+    return AutoTokenizer.from_pretrained(run.adapter_dir, **remote_code(run.recipe.model.trust_remote_code,
+                                                                        run.adapter_dir))
 
 
 def load_adapter_model(run: Run, device: torch.device | str, tokenizer: PreTrainedTokenizerBase,
@@ -186,6 +270,26 @@ def load_adapter_model(run: Run, device: torch.device | str, tokenizer: PreTrain
     loaded = load_model(cfg, compute_dtype or run.compute_dtype, device, run.id2label, tokenizer)
     model = PeftModel.from_pretrained(loaded.model, str(run.adapter_dir))
     return model.eval()
+
+
+def merge_owner(folder: Path) -> str | None:
+    """The run folder named by a merged folder's ``MERGE_MARKER`` (None: no readable marker)."""
+    try:
+        owner = json.loads((Path(folder) / MERGE_MARKER).read_text(encoding="utf-8")).get("run_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return owner if isinstance(owner, str) else None
+
+
+def is_merge_of(run: Run, folder: Path) -> bool:
+    """Whether ``folder`` holds a merged model this run wrote: its marker names the run, or (merges made before
+    markers existed) it has no marker but ``merge_report.json`` records a merge saved there."""
+    owner = merge_owner(folder)
+    if owner is not None:
+        return Path(owner).resolve() == run.dir.resolve()
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and not (folder / RUN_CONFIG).exists() \
+        and str(folder.resolve()) in {str(Path(e["out"]).resolve()) for e in saved_merges(run)}
 
 
 def saved_merges(run: Run) -> list[dict[str, Any]]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import SaveError
+from .interrupts import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +107,20 @@ def write_folder(folder: Path, write: Callable[[Path], None], retry: str, tmp: P
         _replace(tmp, folder)
     except Exception as e:  # safetensors raises a plain Exception subclass on a full disk
         raise _failed(folder, tmp, e, retry) from None
+    except (Interrupted, KeyboardInterrupt):  # a signal: what a kill would leave, tidied up (see recover)
+        recover(folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace a small text file whole (a temporary file, then ``os.replace``): a reader, or a run interrupted
+    while writing it, never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -5,6 +5,7 @@ Shared by every objective that trains on chat data: supervised fine-tuning now, 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -14,17 +15,66 @@ from ..recipe import DataConfig
 
 IGNORE = -100
 """The label of a position that carries no loss (``torch.nn.functional.cross_entropy``'s default ignore_index)."""
-CHAT_FORMATS = ("messages", "prompt_completion", "alpaca")
+CHAT_FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca")
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+         # ShareGPT's names (``from``/``value`` turns)
+         "human": "user", "gpt": "assistant"}
+"""Accepted turn roles → the chat template's role."""
+
+
+def _turn(i: int, m: Any) -> dict[str, str]:
+    """One turn, ``{role, content}`` or ShareGPT's ``{from, value}``, as ``{role, content}``."""
+    if not isinstance(m, dict):
+        raise ValueError(f"message {i + 1} is {type(m).__name__}, not an object with role and content")
+    role, content = (m.get("role"), m.get("content")) if "role" in m else (m.get("from"), m.get("value"))
+    if role is None and "from" not in m:
+        raise ValueError(f"message {i + 1} has no 'role' (or ShareGPT 'from'); keys present: {sorted(m)}")
+    if role not in ROLES:
+        raise ValueError(f"message {i + 1} has the role {role!r}; use one of {', '.join(ROLES)}")
+    if content is None:
+        raise ValueError(f"message {i + 1} ({role}) has no content (null)")
+    if isinstance(content, int | float) and not isinstance(content, bool):
+        content = str(content)
+    if not isinstance(content, str):
+        raise ValueError(f"message {i + 1} ({role}) has content of type {type(content).__name__}: give its text "
+                         "(multimodal parts and tool calls are not supported)")
+    if not content.strip():
+        raise ValueError(f"message {i + 1} ({role}) is empty")
+    return {"role": ROLES[role], "content": content}
+
+
+def parse_conversation(value: Any) -> list[dict[str, str]]:
+    """A conversation cell as a list of ``{role, content}`` turns; ``ValueError`` says what is wrong with it.
+
+    Accepted: a list of ``{role, content}`` messages, ShareGPT's ``{from, value}`` turns (``human``/``gpt``/
+    ``system``), or either as a JSON string (CSV files hold lists that way). It needs an assistant answer after a
+    prompt turn."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("is text, not a list of messages (nor a JSON string of one)") from None
+    if value is None:
+        raise ValueError("is null; every example needs a conversation")
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"is {type(value).__name__}, not a list of messages")
+    if not value:
+        raise ValueError("is an empty list of messages")
+    turns = [_turn(i, m) for i, m in enumerate(value)]
+    if not any(t["role"] == "assistant" for t in turns[1:]):
+        raise ValueError("has no assistant answer after the prompt; every conversation needs one")
+    return turns
 
 
 def to_messages(row: dict[str, Any], fmt: str, cfg: DataConfig) -> list[dict[str, str]]:
-    if fmt == "messages":
-        messages = [{"role": m["role"], "content": m["content"]} for m in row[cfg.messages_column]]
+    if fmt in ("messages", "sharegpt"):
+        messages = parse_conversation(row[cfg.messages_column if fmt == "messages" else cfg.conversations_column])
     elif fmt == "prompt_completion":
         messages = [{"role": "user", "content": str(row[cfg.prompt_column])},
                     {"role": "assistant", "content": str(row[cfg.completion_column])}]
     else:  # alpaca
-        extra = row.get(cfg.input_column) or ""
+        extra = row.get(cfg.input_column)
+        extra = "" if extra is None else str(extra).strip()  # optional: null or empty means no input
         prompt = str(row[cfg.instruction_column]) + (f"\n\n{extra}" if extra else "")
         messages = [{"role": "user", "content": prompt},
                     {"role": "assistant", "content": str(row[cfg.output_column])}]

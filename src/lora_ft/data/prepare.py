@@ -16,6 +16,7 @@ import datasets
 
 from ..errors import RecipeError
 from ..recipe import DataConfig
+from .cells import Where
 from .reading import read_split
 
 if TYPE_CHECKING:  # objectives import this package; the objective is only passed in
@@ -34,30 +35,50 @@ class TaskData:
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def read_splits(cfg: DataConfig, seed: int, need_train: bool = True,
-                extra: dict[str, str] | None = None) -> dict[str, datasets.Dataset]:
-    """Every split the data config names (``validation_split`` carved from train with ``seed``), plus ``extra``
-    name → file."""
-    raw: dict[str, datasets.Dataset] = {}
+def read_splits(cfg: DataConfig, need_train: bool = True,
+                extra: dict[str, str] | None = None) -> dict[str, tuple[str, datasets.Dataset]]:
+    """Every split the data config names, plus ``extra`` name → file: name → (file or Hub id, dataset), in file
+    order (``validation_split`` is carved later, after the rows were checked against their file)."""
+    raw: dict[str, tuple[str, datasets.Dataset]] = {}
     if need_train:
         if not cfg.train:
             raise RecipeError("data.train: no training data given (set data.train to a file or Hub dataset)")
-        raw["train"] = read_split(cfg.train, "train")
-    if cfg.validation:
-        raw["validation"] = read_split(cfg.validation, "validation")
-    elif cfg.validation_split and "train" in raw:
-        n = len(raw["train"])
-        n_val = math.ceil(cfg.validation_split * n)  # how datasets' train_test_split rounds a fraction
-        if n - n_val < 1 or n_val < 1:
-            raise RecipeError(f"data.validation_split {cfg.validation_split} of {n} training example(s) leaves "
-                              f"{n - n_val} to train on; lower it or give data.validation")
-        parts = raw["train"].train_test_split(test_size=cfg.validation_split, seed=seed)
-        raw["train"], raw["validation"] = parts["train"], parts["test"]
-    if cfg.test:
-        raw["test"] = read_split(cfg.test, "test")
+        raw["train"] = cfg.train, read_split(cfg.train, "train")
+    for name in ("validation", "test"):
+        spec = getattr(cfg, name)
+        if spec:
+            raw[name] = spec, read_split(spec, name)
     for name, spec in (extra or {}).items():
-        raw[name] = read_split(spec, name)
+        raw[name] = spec, read_split(spec, name, "--data")  # the file a command was given
     return raw
+
+
+def carve_validation(raw: dict[str, datasets.Dataset], cfg: DataConfig, seed: int) -> dict[str, datasets.Dataset]:
+    """``validation_split``: a fraction of train held out with ``seed`` when no validation file is given."""
+    if cfg.validation or not cfg.validation_split or "train" not in raw:
+        return raw
+    n = len(raw["train"])
+    n_val = math.ceil(cfg.validation_split * n)  # how datasets' train_test_split rounds a fraction
+    if n - n_val < 1 or n_val < 1:
+        raise RecipeError(f"data.validation_split {cfg.validation_split} of {n} training example(s) leaves "
+                          f"{n - n_val} to train on; lower it or give data.validation")
+    parts = raw["train"].train_test_split(test_size=cfg.validation_split, seed=seed)
+    return {"train": parts["train"], "validation": parts["test"], **{k: v for k, v in raw.items() if k != "train"}}
+
+
+def read_checked(cfg: DataConfig, objective: Objective, seed: int, need_train: bool = True,
+                 extra: dict[str, str] | None = None) -> tuple[dict[str, datasets.Dataset], dict[str, str]]:
+    """The splits read, their formats detected and every cell the objective reads checked (``cells.py``), then
+    ``validation_split`` carved: (splits, formats), by split name."""
+    files = read_splits(cfg, need_train, extra)
+    formats = {name: objective.detect_format(ds.column_names, name) for name, (_, ds) in files.items()}
+    for name, (spec, ds) in files.items():
+        field = f"data.{name}" if name in ("train", "validation", "test") else "--data"
+        objective.check_rows(ds, formats[name], Where(field, spec))
+    raw = carve_validation({name: ds for name, (_, ds) in files.items()}, cfg, seed)
+    if "validation" in raw and "validation" not in formats:
+        formats["validation"] = formats["train"]
+    return raw, formats
 
 
 def prepare_data(cfg: DataConfig, objective: Objective, seed: int, need_train: bool = True,
@@ -72,8 +93,7 @@ def prepare_data(cfg: DataConfig, objective: Objective, seed: int, need_train: b
         extra: further splits by name, e.g. the file ``lora-ft eval --data`` scores.
         id2label: a trained classifier's label set; otherwise the objective reads it from ``train``.
     """
-    raw = read_splits(cfg, seed, need_train, extra)
-    formats = {name: objective.detect_format(ds.column_names, name) for name, ds in raw.items()}
+    raw, formats = read_checked(cfg, objective, seed, need_train, extra)
     fmt = formats.get("train") or next(iter(formats.values()))
     if cfg.max_eval_examples:
         raw = {n: ds.select(range(min(len(ds), cfg.max_eval_examples))) if n != "train" else ds

@@ -18,7 +18,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..errors import UsageError
 from ..modeling.adapters import linear_modules, resolve_targets
-from ..modeling.loading import auto_class, load_config, new_head_modules, resolve_source
+from ..modeling.loading import auto_class, load_config, new_head_modules, remote_code, resolve_source
 from ..objectives.chunked_loss import PLAIN_HEAD_MODELS
 from ..recipe import ModelConfig, Recipe
 
@@ -162,9 +162,9 @@ def _model_shape(source: str, task: str, lora_targets: tuple[str, ...] | str, qu
                  trust_remote_code: bool, revision: str | None) -> ModelShape:
     config = load_config(source, ModelConfig(name=source, task=task, quant=quant, trust_remote_code=trust_remote_code,
                                              revision=revision))
-    heads_new, keep_full = new_head_modules(config, task, source)
+    heads_new, keep_full = new_head_modules(config, task, source, revision, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
+        model = auto_class(task).from_config(config, **remote_code(trust_remote_code, source))
     skip = sorted(set(heads_new) | set(keep_full) | set(getattr(model, "_keep_in_fp32_modules", None) or []))
     linear = []
     quantizable = set()

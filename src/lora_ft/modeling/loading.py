@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -56,16 +57,89 @@ def _cannot_load(source: str, err: Exception) -> RecipeError:
 
 
 @functools.cache
-def warn_remote_code(source: str) -> None:
-    """Once per source and process, before the first call that may run the repository's own code."""
+def _warn_once(source: str) -> None:
     log.warning("model.trust_remote_code is on: code from %s will run on this machine", source)
 
 
-def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    if cfg.trust_remote_code:
-        warn_remote_code(source)
+def _other_owner(source: str) -> str | None:
+    """The owner of a local folder when it is not the current user (a run or model someone else made)."""
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        uid = Path(source).stat().st_uid
+    except OSError:
+        return None
+    if uid == os.getuid():
+        return None
+    try:
+        import pwd  # optional: Unix only
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def warn_remote_code(source: str) -> None:
+    """Before a call that may run code shipped with ``source``: once per source and process, and every time when
+    ``source`` is a folder someone else made (its code is theirs, not the model author's that was trusted)."""
+    owner = _other_owner(source)
+    if owner is None:
+        _warn_once(source)
+    else:
+        log.warning("model.trust_remote_code is on: code from %s, a folder made by %s (not by you), will run on this "
+                    "machine", source, owner)
+
+
+def remote_code(trust: bool, source: str | Path) -> dict[str, Any]:
+    """The ``trust_remote_code`` argument of every ``from_pretrained``/``from_config`` call for ``source`` (model,
+    tokenizer, config, the planner's meta model, a run's adapter or merged folder), with the warning above."""
+    if trust:
+        warn_remote_code(str(source))
+    return {"trust_remote_code": trust}
+
+
+def position_limit(config) -> tuple[int | None, bool]:
+    """(the longest sequence the model's positions cover, whether running past it fails).
+
+    Learned absolute positions (BERT, GPT-2, OPT) are a table: a longer sequence indexes past it (a size mismatch
+    or an IndexError after loading), so the limit is hard. Rotary positions (Llama, Qwen, Mistral, ...) are computed,
+    so a longer sequence runs; ``max_position_embeddings`` is then the context the model was trained for (quality
+    drops past it unless RoPE scaling extends it): a soft limit. RoBERTa-style models start positions after the
+    padding index, which costs ``pad_token_id + 1`` entries of the table."""
+    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                  if isinstance(getattr(config, k, None), int)), None)
+    if limit is None:
+        return None, False
+    rotary = any(getattr(config, k, None) for k in ("rope_parameters", "rope_theta", "rope_scaling")) \
+        or getattr(config, "position_embedding_type", None) == "rotary"
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer",
+                                              "data2vec-text"):
+        limit -= (config.pad_token_id or 0) + 1
+    return limit, not rotary
+
+
+def max_length_problem(config, max_length: int, source: str) -> tuple[str | None, str | None]:
+    """(error, warning) for ``data.max_length`` against the model's position limit (``position_limit``)."""
+    limit, hard = position_limit(config)
+    if limit is None or max_length <= limit:
+        return None, None
+    if hard:
+        return (f"data.max_length {max_length} exceeds the {limit} positions of {source} (learned position embeddings "
+                f"cannot go further): set data.max_length to at most {limit}"), None
+    return None, (f"data.max_length {max_length} exceeds the {limit}-token context {source} was trained with (rotary "
+                  "positions run past it, but quality usually drops)")
+
+
+def check_max_length(config, max_length: int, source: str) -> None:
+    """Raise (learned positions) or warn (rotary positions) when ``max_length`` exceeds the model's limit."""
+    error, warning = max_length_problem(config, max_length, source)
+    if error:
+        raise RecipeError(error)
+    if warning:
+        log.warning(warning)
+
+
+def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, **remote_code(cfg.trust_remote_code, source))
     except OSError as e:  # transformers reports missing repos/files (and offline mode) as OSError
         raise _cannot_load(source, e) from None
     if tok.pad_token is None:
@@ -88,10 +162,8 @@ def auto_class(task: str) -> type:
 
 def load_config(source: str, cfg: ModelConfig):
     """The model's ``config.json`` (and nothing else) as transformers reads it."""
-    if cfg.trust_remote_code:
-        warn_remote_code(source)
     try:
-        return AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(source, revision=cfg.revision, **remote_code(cfg.trust_remote_code, source))
     except (OSError, ValueError) as e:  # transformers reports missing repos/files (and offline mode) as OSError
         raise _cannot_load(source, e) from None
 
@@ -125,7 +197,7 @@ def _checkpoint_keys(source: str, revision: str | None = None, fetch: bool = Fal
 
 
 def new_head_modules(config, task: str, source: str, revision: str | None = None,
-                     fetch: bool = False) -> tuple[list[str], list[str]]:
+                     fetch: bool = False, trust_remote_code: bool = False) -> tuple[list[str], list[str]]:
     """Modules the task model creates that the checkpoint lacks (e.g. BERT's ``classifier``).
 
     The checkpoint's tensor names come from its index or safetensors header (local folder or Hub id, see
@@ -138,7 +210,7 @@ def new_head_modules(config, task: str, source: str, revision: str | None = None
     quantized copy) and they are trained and saved with the adapter.
     """
     with torch.device("meta"):
-        model = auto_class(task).from_config(config)
+        model = auto_class(task).from_config(config, **remote_code(trust_remote_code, source))
     prefix = model.base_model_prefix
     stored = _checkpoint_keys(source, revision, fetch)
     heads = []
@@ -201,7 +273,7 @@ def load_model(
     source = resolve_source(cfg.name)
     tokenizer = tokenizer or load_tokenizer(source, cfg)
     config = load_config(source, cfg)
-    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(revision=cfg.revision, **remote_code(cfg.trust_remote_code, source))
     if cfg.task == "sequence_classification":
         if not id2label:
             raise RecipeError("sequence_classification needs labels; none were found in the training data")
@@ -211,7 +283,8 @@ def load_model(
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     # fetch: the weights file is resolved here, then found in the cache by from_pretrained (no second download).
-    heads, keep_full = new_head_modules(config, cfg.task, source, cfg.revision, fetch=True)
+    heads, keep_full = new_head_modules(config, cfg.task, source, cfg.revision, fetch=True,
+                                        trust_remote_code=cfg.trust_remote_code)
     compute = DTYPES[compute_dtype]
     quant = quantization_config(cfg, compute, sorted(set(heads) | set(keep_full)))
     # Quantized layers compute in `compute`; unquantized models load in fp32 and use autocast for speed,

@@ -16,6 +16,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..data.cells import Where, check_columns
 from ..errors import RecipeError
 from ..recipe import AugmentConfig, DataConfig
 
@@ -53,6 +54,16 @@ class Objective(ABC):
         if missing:
             raise RecipeError(f"data.{split}: column(s) {missing} not found; columns present: {columns} "
                               f"(set data.*_column to rename)")
+
+    def columns(self, fmt: str) -> dict[str, str]:
+        """The columns an example of format ``fmt`` is read from → the kind of cell each must hold (``text``,
+        ``optional_text``, ``label``, ``conversation``: see ``data.cells``)."""
+        return {}
+
+    def check_rows(self, ds: datasets.Dataset, fmt: str, where: Where) -> None:
+        """Every cell this objective will read, checked before tokenizing: one ``DataError`` naming the file, row and
+        column of the first bad one."""
+        check_columns(ds, self.columns(fmt), where)
 
     def fit_labels(self, raw: dict[str, datasets.Dataset], id2label: dict[int, str] | None) -> dict[int, str] | None:
         """Learn (or take) the label set from the splits, check every split against it; None when the objective

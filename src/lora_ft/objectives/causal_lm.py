@@ -100,31 +100,56 @@ class CausalLM(Objective):
     model_task = "causal_lm"
     length_window = 64
     """As transformers' ``group_by_length``: length hardly says anything about a chat answer's content."""
-    formats = ("messages", "prompt_completion", "alpaca", "text")
+    formats = ("messages", "sharegpt", "prompt_completion", "alpaca", "text")
     compared = "next-token distributions on answer tokens"
 
     def detect_format(self, columns: list[str], split: str) -> str:
         cfg = self.cfg
         fmt = cfg.format
         if fmt == "auto":
-            if cfg.messages_column in columns:
-                fmt = "messages"
-            elif cfg.prompt_column in columns and cfg.completion_column in columns:
-                fmt = "prompt_completion"
-            elif cfg.instruction_column in columns and cfg.output_column in columns:
-                fmt = "alpaca"
-            elif cfg.text_column in columns:
-                fmt = "text"
-            else:
-                raise RecipeError(f"data.{split}: cannot tell the data format from the columns {columns}; "
-                                  "set data.format and the column names")
+            fmt = self._guess_format(columns, split)
         self.need_columns(columns, split, *{
             "messages": (cfg.messages_column,),
+            "sharegpt": (cfg.conversations_column,),
             "prompt_completion": (cfg.prompt_column, cfg.completion_column),
             "alpaca": (cfg.instruction_column, cfg.output_column),
             "text": (cfg.text_column,),
         }[fmt])
+        if fmt in ("messages", "sharegpt") and self.tokenizer is not None and not self.tokenizer.chat_template:
+            raise RecipeError(f"the tokenizer has no chat template, so '{fmt}' data cannot be rendered; use a "
+                              "chat model, or data.format prompt_completion/text")
         return fmt
+
+    def _guess_format(self, columns: list[str], split: str) -> str:
+        """``data.format: auto``: the format the columns say. Text with a label column is refused rather than
+        trained as plain text: the labels would be dropped without a word."""
+        cfg = self.cfg
+        if cfg.messages_column in columns:
+            return "messages"
+        if cfg.conversations_column in columns:
+            return "sharegpt"
+        if cfg.prompt_column in columns and cfg.completion_column in columns:
+            return "prompt_completion"
+        if cfg.instruction_column in columns and cfg.output_column in columns:
+            return "alpaca"
+        if cfg.text_column in columns:
+            if cfg.label_column in columns:
+                raise RecipeError(f"data.{split}: the columns {columns} look like classification data "
+                                  f"('{cfg.text_column}' with '{cfg.label_column}'), but model.task is causal_lm, "
+                                  "which would train on the text alone and drop the labels: set model.task: "
+                                  "sequence_classification, or data.format: text to train on the text")
+            return "text"
+        raise RecipeError(f"data.{split}: cannot tell the data format from the columns {columns}; "
+                          "set data.format and the column names")
+
+    def columns(self, fmt: str) -> dict[str, str]:
+        cfg = self.cfg
+        return {"messages": {cfg.messages_column: "conversation"},
+                "sharegpt": {cfg.conversations_column: "conversation"},
+                "prompt_completion": {cfg.prompt_column: "text", cfg.completion_column: "text"},
+                "alpaca": {cfg.instruction_column: "text", cfg.input_column: "optional_text",
+                           cfg.output_column: "text"},
+                "text": {cfg.text_column: "text"}}[fmt]
 
     def encode_full(self, row: dict[str, Any], fmt: str) -> dict[str, list[int]]:
         """``input_ids`` and ``labels`` of one example, before truncation."""
@@ -133,8 +158,8 @@ class CausalLM(Objective):
             return encode_text(tok, str(row[cfg.text_column]))
         if tok.chat_template:
             return encode_chat(tok, to_messages(row, fmt, cfg), cfg.train_on_prompt)
-        if fmt == "messages":
-            raise RecipeError("the tokenizer has no chat template, so 'messages' data cannot be rendered; use a "
+        if fmt in ("messages", "sharegpt"):
+            raise RecipeError(f"the tokenizer has no chat template, so '{fmt}' data cannot be rendered; use a "
                               "chat model, or data.format prompt_completion/text")
         m = to_messages(row, fmt, cfg)
         return encode_plain(tok, "\n".join(x["content"] for x in m[:-1]) + "\n", m[-1]["content"])

@@ -23,12 +23,23 @@ from ..recipe import AugmentConfig, DataConfig
 from .base import Batch, Objective
 
 
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return float(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
 def label_names(ds: datasets.Dataset, column: str) -> list[str]:
-    """Sorted label names: numerically when the labels are numbers (so 2 < 10), else alphabetically."""
-    values = set(ds[column])
-    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        return [str(v) for v in sorted(values)]
-    return sorted(str(v) for v in values)
+    """Sorted label names: numerically when every label is a number or a number's text (CSV cells are text), so
+    2 < 10; else alphabetically."""
+    names = {str(v): v for v in ds[column]}
+    numbers = {n: _number(v) for n, v in names.items()}
+    if all(x is not None for x in numbers.values()):
+        return sorted(names, key=lambda n: (numbers[n], n))
+    return sorted(names)
 
 
 def pad_right(rows: list[dict[str, Any]], pad_id: int) -> Batch:
@@ -78,10 +89,20 @@ class SequenceClassification(Objective):
         self.need_columns(columns, split, cfg.text_column, cfg.text_pair_column, cfg.label_column)
         return "classification"
 
+    def columns(self, fmt: str) -> dict[str, str]:
+        cfg = self.cfg
+        return {cfg.text_column: "text", **({cfg.text_pair_column: "text"} if cfg.text_pair_column else {}),
+                cfg.label_column: "label"}
+
     def fit_labels(self, raw: dict[str, datasets.Dataset], id2label: dict[int, str] | None) -> dict[int, str]:
         if id2label is None:
-            source = raw.get("train") or next(iter(raw.values()))
-            id2label = dict(enumerate(label_names(source, self.cfg.label_column)))
+            name, source = ("train", raw["train"]) if "train" in raw else next(iter(raw.items()))
+            names = label_names(source, self.cfg.label_column)
+            if len(names) < 2:
+                raise RecipeError(f"data.{name}: column '{self.cfg.label_column}' holds a single class {names}: a "
+                                  "classifier needs examples of at least 2 classes to learn anything (its accuracy "
+                                  "would be 1.0 by construction)")
+            id2label = dict(enumerate(names))
         self.label2id = {n: i for i, n in id2label.items()}
         for name, ds in raw.items():
             unseen = sorted({str(v) for v in ds[self.cfg.label_column]} - set(self.label2id))

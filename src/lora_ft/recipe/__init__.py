@@ -3,7 +3,8 @@
 The bottom of the package: every other part of lora_ft reads a ``Recipe``; nothing here imports them.
 """
 
-from .loading import load_recipe, parse_overrides
+from .compare import changes, describe_changes
+from .loading import load_recipe, looks_local, parse_overrides
 from .schema import (
     FULL_PRECISION_INITS,
     LORA_INITS,
@@ -18,4 +19,5 @@ from .schema import (
 )
 
 __all__ = ["FULL_PRECISION_INITS", "LORA_INITS", "AugmentConfig", "DataConfig", "ForgettingConfig", "FreezeConfig",
-           "LoraConfigSection", "ModelConfig", "Recipe", "TrainConfig", "load_recipe", "parse_overrides"]
+           "LoraConfigSection", "ModelConfig", "Recipe", "TrainConfig", "changes", "describe_changes", "load_recipe",
+           "looks_local", "parse_overrides"]

@@ -16,8 +16,19 @@ from pydantic import BaseModel, ValidationError
 from ..errors import RecipeError, did_you_mean
 from .schema import SECTIONS, Recipe
 
-PATH_FIELDS = ("train", "validation", "test")
+PATH_FIELDS = {"data": ("train", "validation", "test"), "forgetting": ("reference",)}
+"""Recipe fields that name data files (or Hub dataset ids)."""
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv", ".xlsx", ".xls", ".arrow", ".gz", ".zip",
+                 ".bz2", ".xz", ".zst", ".yaml", ".yml", ".md", ".gguf"}
+"""Suffixes that make a name a file, never a Hub id (ids such as ``teknium/OpenHermes-2.5`` have dots)."""
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model or data name is a local path by its form alone (``./``, ``../``, ``/``, ``~``, more than one
+    ``/``, or a file suffix) rather than a Hub id (``owner/name`` or ``name``)."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+            or Path(name).suffix.lower() in FILE_SUFFIXES)
 
 
 def _section_at(path: list[str]) -> type[BaseModel] | None:
@@ -74,12 +85,28 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def _resolve_paths(data: dict[str, Any], base: Path, keys: tuple[str, ...]) -> None:
-    """Relative data paths in a recipe file are relative to that file, so recipes run from anywhere."""
-    for key in keys:
-        value = data.get(key)
-        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
-            data[key] = str((base / value).resolve())
+def _local(value: str, base: Path) -> str:
+    """A relative local path made absolute against ``base`` (``~`` expanded)."""
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
+    """Relative paths in a recipe are relative to the recipe's folder, whether written in the file or given with
+    ``--set`` (so a recipe runs from anywhere, and both spellings mean the same file). A name that is not a path
+    by its form (``owner/name``) is resolved only when it exists there; otherwise it stays a Hub id."""
+    for section, keys in PATH_FIELDS.items():
+        values = tree.get(section)
+        for key in keys if isinstance(values, dict) else ():
+            value = values.get(key)
+            if isinstance(value, str) and value.strip() and (looks_local(value) or (base / value).exists()):
+                values[key] = _local(value, base)
+    model = tree.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    if isinstance(name, str) and not name.startswith("example:") and (looks_local(name) or (base / name).exists()):
+        model["name"] = _local(name, base)
+    if isinstance(tree.get("output_dir"), str):  # relative to the current directory, as a command's output is
+        tree["output_dir"] = str(Path(tree["output_dir"]).expanduser()) if tree["output_dir"].strip() else ""
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
@@ -111,16 +138,9 @@ def _load_recipe(path: str | Path | None, overrides: list[str] | None) -> Recipe
         if not isinstance(loaded, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of sections (model, lora, data, train)")
         tree = loaded
-        if isinstance(tree.get("data"), dict):
-            _resolve_paths(tree["data"], path.parent, PATH_FIELDS)
-        if isinstance(tree.get("forgetting"), dict):
-            _resolve_paths(tree["forgetting"], path.parent, ("reference",))
-        if isinstance(tree.get("model"), dict):
-            name = tree["model"].get("name")
-            if isinstance(name, str) and name.endswith(".gguf") and (path.parent / name).exists():
-                tree["model"]["name"] = str((path.parent / name).resolve())
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
+    _resolve_paths(tree, path.parent if path is not None else Path.cwd())
     for section in SECTIONS:
         if section in tree and not isinstance(tree[section], dict):
             raise RecipeError(f"{section}: must be a mapping of keys, got {tree[section]!r}")

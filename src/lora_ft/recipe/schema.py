@@ -118,8 +118,10 @@ class DataConfig(_Section):
     validation_split: float = Field(0.0, ge=0, lt=1)
     """Fraction of ``train`` carved out (with ``train.seed``) when no ``validation`` file is given."""
     test: str | None = None
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "text", "classification"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text", "classification"] = "auto"
     messages_column: str = "messages"
+    conversations_column: str = "conversations"
+    """``sharegpt``: the column of ``{from, value}`` turns (roles human/gpt/system; user/assistant too)."""
     prompt_column: str = "prompt"
     completion_column: str = "completion"
     instruction_column: str = "instruction"
@@ -290,6 +292,14 @@ class Recipe(_Section):
     forgetting: ForgettingConfig = ForgettingConfig()
     output_dir: str = "runs/default"
 
+    @field_validator("output_dir")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty: name the run's own folder, e.g. runs/my-run (an empty value would write "
+                             "into the current directory)")
+        return v
+
     @field_validator("lora")
     @classmethod
     def _init_fits_quant(cls, lora: LoraConfigSection, info: ValidationInfo) -> LoraConfigSection:
@@ -321,6 +331,39 @@ class Recipe(_Section):
         if d.validation and d.validation_split:
             raise ValueError("give data.validation or data.validation_split, not both")
         return self
+
+    @property
+    def validates(self) -> bool:
+        """Whether the run has validation data (a file, or a fraction carved from train)."""
+        return bool(self.data.validation or self.data.validation_split)
+
+    def inert_settings(self) -> tuple[list[str], list[str]]:
+        """(errors, warnings) for settings that cannot act with the rest of the recipe.
+
+        An error where the recipe asks for an action that could never happen, so the run would silently do
+        something else than asked: early stopping or a forgetting budget (both are checked at each validation)
+        without validation data. A warning where a setting is merely inert: ``eval_every`` with nothing to
+        evaluate, ``action: rollback`` without a budget to breach, budgets of a guard that is switched off.
+        """
+        errors, warnings = [], []
+        fix = "set data.validation or data.validation_split, or unset it"
+        f = self.forgetting
+        budgets = [k for k in ("max_kl", "max_ppl_increase") if getattr(f, k) is not None]
+        if not self.validates:
+            if self.train.early_stopping_patience:
+                errors.append(f"train.early_stopping_patience watches the validation loss, and the recipe has no "
+                              f"validation data: {fix}")
+            if f.enabled and budgets:
+                errors.append(f"forgetting.{budgets[0]} is checked at each validation, and the recipe has no "
+                              f"validation data: {fix}")
+            if self.train.eval_every:
+                warnings.append("train.eval_every has nothing to evaluate: the recipe has no validation data")
+        if f.enabled and f.action == "rollback" and not budgets:
+            warnings.append("forgetting.action rollback acts when forgetting.max_kl or max_ppl_increase is exceeded, "
+                            "and neither is set")
+        if budgets and not f.enabled:
+            warnings.append(f"forgetting.{budgets[0]} is set but forgetting.enabled is false: nothing checks it")
+        return errors, warnings
 
     def dump(self) -> str:
         """The fully resolved recipe as YAML (what ``run_config.yaml`` holds)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -23,8 +24,10 @@ from transformers import (
     TextStreamer,
 )
 
+from ..data.cells import Where, check_columns
 from ..data.reading import read_split
-from ..errors import RunError, UsageError
+from ..errors import RunError, UsageError, first_line
+from ..modeling.loading import remote_code
 from ..run import RUN_CONFIG, default_device, load_adapter_model, load_run_tokenizer, merged_folder, open_run
 
 log = logging.getLogger(__name__)
@@ -59,19 +62,25 @@ def load_for_inference(path: str | Path, merged: bool = False, device: torch.dev
         if not (folder / "config.json").is_file():
             raise RunError(f"{folder} holds no merged model; run 'lora-ft merge {path}' first "
                               "(or drop --merged to use the adapter)")
-        return _load_plain(folder, device, cols)
+        return _load_plain(folder, device, cols, run.recipe.model.trust_remote_code)
     if (path / "config.json").is_file():
         return _load_plain(path, device, {})
     raise RunError(f"{path} is neither a lora_ft run (no {RUN_CONFIG}) nor a model folder (no config.json)")
 
 
-def _load_plain(folder: Path, device: torch.device, cols: dict[str, Any]) -> InferenceModel:
-    """A merged folder opens with plain transformers: that is the point of merging."""
-    config = AutoConfig.from_pretrained(folder)
+def _load_plain(folder: Path, device: torch.device, cols: dict[str, Any], trust: bool = False) -> InferenceModel:
+    """A merged folder opens with plain transformers: that is the point of merging. ``trust``: the run's
+    ``model.trust_remote_code`` (a bare folder, with no recipe to say so, never runs its code)."""
+    try:
+        config = AutoConfig.from_pretrained(folder, **remote_code(trust, folder))
+    except ValueError as e:  # transformers refuses custom code that was not trusted
+        raise RunError(f"{folder}: cannot open the model without running its own code ({first_line(e)}); open it "
+                       "through its run (lora-ft chat RUN_DIR --merged), whose recipe sets model.trust_remote_code"
+                       ) from None
     causal = not any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-    model = cls.from_pretrained(folder, dtype="auto").to(device).eval()
-    return InferenceModel(model, AutoTokenizer.from_pretrained(folder), causal, **cols)
+    model = cls.from_pretrained(folder, dtype="auto", **remote_code(trust, folder)).to(device).eval()
+    return InferenceModel(model, AutoTokenizer.from_pretrained(folder, **remote_code(trust, folder)), causal, **cols)
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -153,34 +162,47 @@ def predict_file(im: InferenceModel, data_file: str, out: str | Path, batch_size
     and ``probabilities`` (label name → probability). Returns a summary (with accuracy when labels are given)."""
     if im.causal:
         raise UsageError("this run is a causal LM: use 'lora-ft generate' or 'lora-ft chat'")
-    ds = read_split(data_file, "predict")
+    ds = read_split(data_file, "predict", "--data")
     need = [c for c in (im.text_column, im.text_pair_column) if c]
     missing = [c for c in need if c not in ds.column_names]
     if missing:
         raise UsageError(f"--data {data_file}: column(s) {missing} not found; columns present: {ds.column_names}")
-    id2label = {int(k): v for k, v in im.model.config.id2label.items()}
-    device = next(im.model.parameters()).device
+    check_columns(ds, {c: "text" for c in need}, Where("--data", data_file))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    n, correct, labelled = 0, 0, 0
-    with out.open("w", encoding="utf-8") as f:
-        for start in range(0, len(ds), batch_size):
-            rows = ds[start : start + batch_size]
-            args = [[str(x) for x in rows[c]] for c in need]
-            enc = im.tokenizer(*args, padding=True, truncation=True, max_length=im.max_length,
-                               return_tensors="pt").to(device)
-            probs = im.model(**enc).logits.float().softmax(-1).cpu()
-            for i in range(len(probs)):
-                row = {k: v[i] for k, v in rows.items()}
-                pred = id2label[int(probs[i].argmax())]
-                row.update(prediction=pred, probabilities={id2label[j]: round(float(p), 6)
-                                                           for j, p in enumerate(probs[i])})
-                if im.label_column in row and row[im.label_column] is not None:
-                    labelled += 1
-                    correct += str(row[im.label_column]) == pred
-                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-                n += 1
+    tmp = out.with_name(f".{out.name}.tmp")  # renamed into place at the end: never a half-written file
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            n, correct, labelled = _predict_rows(im, ds, need, batch_size, f)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     summary: dict[str, Any] = {"examples": n, "predictions": str(out)}
     if labelled:
         summary.update(labelled=labelled, accuracy=correct / labelled)
     return summary
+
+
+def _predict_rows(im: InferenceModel, ds, need: list[str], batch_size: int, f: IO[str]) -> tuple[int, int, int]:
+    """Write one prediction per row of ``ds`` to ``f``; returns (rows, correct, rows with a label)."""
+    id2label = {int(k): v for k, v in im.model.config.id2label.items()}
+    device = next(im.model.parameters()).device
+    n, correct, labelled = 0, 0, 0
+    for start in range(0, len(ds), batch_size):
+        rows = ds[start : start + batch_size]
+        args = [[str(x) for x in rows[c]] for c in need]
+        enc = im.tokenizer(*args, padding=True, truncation=True, max_length=im.max_length,
+                           return_tensors="pt").to(device)
+        probs = im.model(**enc).logits.float().softmax(-1).cpu()
+        for i in range(len(probs)):
+            row = {k: v[i] for k, v in rows.items()}
+            pred = id2label[int(probs[i].argmax())]
+            row.update(prediction=pred, probabilities={id2label[j]: round(float(p), 6)
+                                                       for j, p in enumerate(probs[i])})
+            if im.label_column in row and row[im.label_column] is not None:
+                labelled += 1
+                correct += str(row[im.label_column]) == pred
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            n += 1
+    return n, correct, labelled

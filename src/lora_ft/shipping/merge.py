@@ -32,13 +32,13 @@ from ..run import (
     MERGE_MARKER,
     MERGE_REPORT,
     MERGED,
-    RUN_CONFIG,
     Run,
     default_device,
+    is_merge_of,
     load_adapter_model,
     load_run_tokenizer,
+    merge_owner,
     open_run,
-    saved_merges,
 )
 from ..storage import write_folder
 from ..training.session import make_loader
@@ -60,25 +60,20 @@ PRECISION_ORDER = ("fp32", "fp16", "bf16")  # increasing rounding error
 
 
 def _check_out(run: Run, out: Path) -> None:
-    """``--out`` may replace only an earlier merge of this run (its marker, or for merges made before markers
-    existed, its entry in ``merge_report.json``): never the base model's folder nor anything else."""
+    """``--out`` may replace only an earlier merge of this run (``run.is_merge_of``): never the base model's
+    folder, the run itself, the current directory, nor anything else."""
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise UsageError(f"--out {out} is the current directory or one above it; give the merged model a folder of "
+                         "its own, e.g. --out merged-model")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     fix = "choose another --out or remove it"
     if not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a merged model folder; {fix}")
-    owner = None
-    if (out / MERGE_MARKER).is_file():
-        try:
-            owner = json.loads((out / MERGE_MARKER).read_text()).get("run_dir")
-        except (ValueError, AttributeError):
-            owner = None  # unreadable: treated as not ours
-    if owner and Path(owner).resolve() == run.dir.resolve():
+    if is_merge_of(run, out):
         return
-    legacy = owner is None and (out / "config.json").is_file() and not (out / RUN_CONFIG).exists() \
-        and str(out.resolve()) in {str(Path(e["out"]).resolve()) for e in saved_merges(run)}
-    if legacy:
-        return
+    owner = merge_owner(out)
     if owner:
         raise UsageError(f"--out {out} holds the merged model of another run ({owner}); {fix}")
     raise UsageError(f"--out {out} exists and is not a merged model folder of this run; {fix}")
@@ -212,6 +207,11 @@ def _checked_args(run: Run, dtype: str, base: str, examples: int) -> str:
     return dtype
 
 
+def _record(run: Run, key: str, entry: dict[str, Any]) -> Path:
+    """Add (or replace) one entry of ``RUN_DIR/merge_report.json``; returns its path."""
+    return run.folder.record(MERGE_REPORT, key, entry)
+
+
 def merge_run(run_dir: str | Path, dtype: str = "auto", base: Literal["dequantized", "original"] = "dequantized",
               out: str | Path | None = None, force: bool = False, examples: int = 64, data_file: str | None = None,
               max_shard_size: str | int = "5GB", device: torch.device | str | None = None) -> dict[str, Any]:
@@ -224,6 +224,13 @@ def merge_run(run_dir: str | Path, dtype: str = "auto", base: Literal["dequantiz
     dtype = _checked_args(run, dtype, base, examples)
     out = Path(out) if out else run.dir / MERGED
     _check_out(run, out)  # before any loading: a refused --out costs nothing
+    with run.folder.lock():  # no training (or other merge) writes into the run meanwhile
+        return _merge(run, dtype, base, out, force, examples, data_file, max_shard_size, device)
+
+
+def _merge(run: Run, dtype: str, base: str, out: Path, force: bool, examples: int, data_file: str | None,
+           max_shard_size: str | int, device: torch.device | str | None) -> dict[str, Any]:
+    """``merge_run`` once its flags are checked and the run is locked (see there)."""
     device = torch.device(device) if device else default_device()
     effective_base = base if run.quantized else "original"
     t0 = time.perf_counter()
@@ -252,11 +259,11 @@ def merge_run(run_dir: str | Path, dtype: str = "auto", base: Literal["dequantiz
         "seconds": round(time.perf_counter() - t0, 1),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    report_path = run.folder.record(MERGE_REPORT, f"{effective_base}-{dtype}", entry)
     log.info("merge fidelity (%s base, %s): mean KL %.3g (limit %.0e), top-1 agreement %.4f, max |Δlogit| %.3g",
              effective_base, dtype, metrics["kl_mean"], limit, metrics["top1_agreement"],
              metrics["max_abs_logit_diff"])
     if not passed and not force:
+        report_path = _record(run, f"{effective_base}-{dtype}", entry)
         hint = ", or merge with the default --base dequantized" if run.quantized and base == "original" else ""
         raise FidelityError(
             f"the merged model does not reproduce the adapter model: mean KL {metrics['kl_mean']:.3g} > "
@@ -266,5 +273,6 @@ def merge_run(run_dir: str | Path, dtype: str = "auto", base: Literal["dequantiz
         log.warning("saving a merge above the fidelity limit because --force was given")
     save_merged(merged, tokenizer, out, max_shard_size, {"run_dir": str(run.dir.resolve()), "base": effective_base,
                                                           "dtype": dtype, "written": entry["written"]})
+    _record(run, f"{effective_base}-{dtype}", entry)  # after the save: the report never names a merge not saved
     log.info("merged model written to %s", out)
     return entry

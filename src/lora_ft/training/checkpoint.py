@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from ..errors import UsageError
+from ..errors import RecipeError, UsageError
+from ..run import RUN_CONFIG
 from ..storage import recover, write_folder
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,14 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any] | list[dict[str, Any]], rank: int = 0) -> None:
+    """Restore the RNG state ``rng_state`` captured, or this process's entry of a list saved by every process
+    (each process draws its own dropout masks: a resumed rank must continue its own stream)."""
+    if isinstance(state, list):
+        if rank >= len(state):
+            log.warning("the checkpoint holds the RNG state of %d process(es); process %d continues with process "
+                        "0's (the run no longer replays the uninterrupted one exactly)", len(state), rank)
+        state = state[rank if rank < len(state) else 0]
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -58,9 +67,12 @@ def save_adapter(model: PeftModel, folder: Path, tokenizer=None, state_dict: dic
     write_folder(folder, write, RETRY_TRAINING)
 
 
-def save_checkpoint(root: Path, step: int, model: PeftModel, training_state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(root: Path, step: int, model: PeftModel, training_state: dict[str, Any], keep: int,
+                    recipe: str | None = None) -> Path:
     """``root/step-N`` through ``write_folder``, then prune to the newest ``keep``; the previous checkpoints stay
-    intact when the write fails."""
+    intact when the write fails. ``training_state`` carries everything but the adapter (the trainer adds the RNG
+    states of every process); ``recipe``: the resolved recipe, saved beside the weights so a resumed run can tell
+    which of its values the checkpoint can serve (``resume.py``)."""
     root = Path(root)
     final = root / f"step-{step:08d}"
     recover_checkpoints(root)
@@ -69,13 +81,42 @@ def save_checkpoint(root: Path, step: int, model: PeftModel, training_state: dic
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp / "adapter")
-        torch.save({**training_state, "rng": rng_state()}, tmp / STATE_FILE)
+        torch.save(training_state, tmp / STATE_FILE)
+        if recipe is not None:
+            (tmp / RUN_CONFIG).write_text(recipe, encoding="utf-8")
 
     # A second save of the same step (a signal on a checkpoint_every step) replaces it like any other folder.
     write_folder(final, write, RETRY_TRAINING, tmp=root / f".tmp-step-{step:08d}")
     for stale in list_checkpoints(root)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
+def set_aside_after(root: Path, step: int | None) -> Path | None:
+    """Move every checkpoint newer than ``step`` (all of them for None) into ``root/abandoned-<time>``, where
+    ``list_checkpoints`` (and so ``--resume latest``) never looks; returns that folder, or None if none moved."""
+    newer = [c for c in list_checkpoints(root) if step is None or step_of(c) > step]
+    if not newer:
+        return None
+    aside = abandoned_folder(root)
+    for c in newer:
+        c.rename(aside / c.name)
+    return aside
+
+
+def abandoned_folder(root: Path) -> Path:
+    """A new ``root/abandoned-<UTC time>`` folder for the outputs of an abandoned continuation."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    aside, n = root / f"abandoned-{stamp}", 1
+    while aside.exists():
+        n += 1
+        aside = root / f"abandoned-{stamp}-{n}"
+    aside.mkdir(parents=True)
+    return aside
 
 
 def recover_checkpoints(root: Path) -> None:
@@ -125,7 +166,17 @@ def find_checkpoint(root: Path, which: str = "latest") -> Path | None:
 def load_checkpoint(path: Path, model: PeftModel) -> dict[str, Any]:
     """Restore adapter weights into ``model``; return the rest (optimizer, scheduler, position, ``rng``).
 
+    The weights must fit the model exactly: peft's loader would skip missing or extra tensors without a word.
     The caller restores ``rng`` last, just before the first resumed step, so nothing in between draws.
     """
-    set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))
+    weights = load_file(path / ADAPTER_FILE)
+    expected = get_peft_model_state_dict(model)
+    missing, extra = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    shapes = sorted(k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape)
+    if missing or extra or shapes:
+        what = [f"{len(x)} {w} (e.g. {x[0]})" for x, w in ((missing, "missing"), (extra, "unexpected"),
+                                                          (shapes, "of another shape")) if x]
+        raise RecipeError(f"checkpoint {path} does not fit this recipe's adapter: tensors {', '.join(what)}; it was "
+                          "trained with another model or lora section (restore them, or start a new run)")
+    set_peft_model_state_dict(model, weights)
     return torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")

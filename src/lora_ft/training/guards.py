@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..data.cells import Where, check_column
 from ..data.chat import IGNORE, encode_text
 from ..data.reading import read_split
 from ..errors import RecipeError
@@ -93,6 +94,7 @@ def reference_examples(path: str | None, tok, max_examples: int, max_length: int
     ds = read_split(path or str(REFERENCE_TEXT), "forgetting.reference")
     if "text" not in ds.column_names:
         raise RecipeError(f"forgetting.reference: needs a 'text' column; columns present: {ds.column_names}")
+    check_column(ds["text"], "text", Where("forgetting.reference", path or str(REFERENCE_TEXT)), "text")
     rows = [encode_text(tok, str(t)) for t in ds["text"][:max_examples]]
     return [{k: v[:max_length] for k, v in r.items()} for r in rows]
 

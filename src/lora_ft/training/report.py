@@ -77,6 +77,12 @@ def peak_memory(recipe: Recipe, device: torch.device, source: str, train_data) -
             "memory/measured_peak_bytes": float(measured)}
 
 
+def final_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """``eval_results`` after training as tracker keys: ``final/<split>/<metric>`` (and ``final/forgetting/...``)."""
+    final = {**results["after"], **({"forgetting": results["forgetting"]["after"]} if "forgetting" in results else {})}
+    return {f"final/{split}/{k}": v for split, metrics in final.items() for k, v in metrics.items()}
+
+
 def tracker_config(tree: dict[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
     """A nested recipe dump as one flat mapping of scalars (``train.lr``, ``lora.target_modules`` …).
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from ..data.batching import LengthGroupedBatches
 from ..data.prepare import TaskData, prepare_data
 from ..modeling.adapters import attach_adapters, load_adapter
-from ..modeling.loading import LoadedModel, load_model, load_tokenizer, resolve_source
+from ..modeling.loading import LoadedModel, check_max_length, load_config, load_model, load_tokenizer, resolve_source
 from ..objectives import Objective, objective_for
 from ..recipe import Recipe
 from .report import available_trackers
@@ -80,6 +80,8 @@ def setup(recipe: Recipe, accelerator: Accelerator, compute: str, adapter_dir: s
     cfg = recipe.model
     with accelerator.main_process_first():  # one rank fetches/converts example or GGUF models
         source = resolve_source(cfg.name)
+    # The position limit is in the config: a max_length beyond it fails here, not after the weights are loaded.
+    check_max_length(load_config(source, cfg), recipe.data.max_length, cfg.name)
     tokenizer = load_tokenizer(source, cfg)
     objective = objective_for(recipe, tokenizer)
     data = prepare_data(recipe.data, objective, recipe.train.seed, adapter_dir is None, extra_splits, id2label)

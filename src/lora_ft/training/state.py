@@ -25,6 +25,8 @@ class LoopState:
     """Micro-batches of the current epoch already consumed: a resumed run skips exactly these."""
     evaluated_epoch: int = 0
     """Epochs completed when the loop last checked for a per-epoch evaluation (``eval_every`` unset)."""
+    stopped: str | None = None
+    """Why training ended early (early stopping, the forgetting guard): a resumed run that had stopped only finishes."""
     before: dict[str, dict[str, float]] | None = None
     """The evaluation before training, by split (reused by a resumed run, which does not evaluate again)."""
     best: BestAdapter = field(default_factory=BestAdapter)

@@ -5,7 +5,8 @@ over its items and divided by the items of the whole global batch (so 1 process 
 processes × 1 step); the best adapter is kept in memory; every piece of loop state lives in ``self.state``
 (``state.LoopState``), which is what a checkpoint saves and a resumed run restores. The loop never branches on the
 task: what differs between tasks is the objective's business, and the guards (``guards.py``) are consulted after
-each validation.
+each validation. (A little over 450 lines: the phases and the signal handling inside each belong together; what a
+signal leaves behind, and its message, are in ``interruption.py``, resuming's checks in ``resume.py``.)
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..data.batching import LengthGroupedBatches
-from ..errors import NonFiniteLoss, TrainingInterrupted, UsageError
+from ..errors import NonFiniteLoss, RecipeError, RunError, TrainingInterrupted, first_line
+from ..lock import RunLock
 from ..memory.launch import resolve_for_launch
 from ..recipe import Recipe
 from ..run import CURVES, RESULTS, RUN_INFO, RunFolder
@@ -33,11 +35,13 @@ from .distributed import adapter_snapshot, restore_adapter, save_adapter, scale_
 from .evaluation import evaluate_all
 from .freezing import FreezeSchedule
 from .guards import ForgettingGuard
+from .interruption import FINAL_EVALUATION, interrupted
 from .neftune import activate_neftune
 from .param_groups import param_groups
-from .report import peak_memory, plot_curves, tracker_config, tracker_run
+from .report import final_metrics, peak_memory, plot_curves, tracker_config, tracker_run
+from .resume import abandon_after, check_recipe_fits, keep_new_hyperparameters, start_point
 from .session import Session, make_accelerator, make_loader, setup
-from .signals import StopOnSignal
+from .signals import Interrupted, Signals, requested
 from .state import LoopState
 
 log = logging.getLogger(__name__)
@@ -57,42 +61,84 @@ class Trainer:
         self.recipe, self.resume, self.overwrite, self.group = recipe, resume, overwrite, group
         self.folder = RunFolder(recipe.output_dir)
         self.state = LoopState()
-        self.stopped: str | None = None  # why training ended early (early stopping, forgetting guard)
         self.last_validation: tuple[int, dict[str, float]] | None = None  # reused at the end when still current
         self.session: Session | None = None
+        self.signals = Signals()
+        self.lock: RunLock | None = None
+        self.resume_from: Path | None = None  # the checkpoint this run continues (None: from step 0)
+        self.started = False  # this run wrote run_config.yaml
+        self.final_weights: dict[str, torch.Tensor] | None = None  # the last step's, while the best are evaluated
 
     def run(self) -> dict[str, Any]:
-        """The whole run; returns ``eval_results`` (also written to ``output_dir``)."""
-        self.setup()
-        self.evaluate_before()
-        self.train()
-        return self.finish()
+        """The whole run; returns ``eval_results`` (also written to ``output_dir``).
+
+        SIGINT/SIGTERM end any phase cleanly: during the training steps after the current step, with a checkpoint
+        (``train``); during setup or the first evaluation at once (nothing is trained yet); during the final
+        evaluation at once, keeping the trained adapter and a checkpoint that finishes the run; during the final
+        save after it (``finish``). Each says what was kept and the command that continues
+        (``interruption.py``).
+        """
+        with self.signals:
+            try:
+                with self.signals.phase("setup (loading the model and data)"):
+                    self.setup()
+                with self.signals.phase("the evaluation before training"):
+                    self.evaluate_before()
+                self.train()
+                return self.finish()
+            except Interrupted as e:
+                raise interrupted(self, e) from None
+            finally:
+                self._close()
 
     # ==================================================================================================== setup
     def setup(self) -> None:
-        """Accelerator and resolved recipe → model, data, optimizer → run folder → resumed state.
+        """Checks and the run lock → accelerator and resolved recipe → model, data, optimizer → run folder → resumed
+        state.
 
-        The order matters: the ``auto`` memory settings decide the micro-batch the loaders are built with; a
-        missing checkpoint must fail before a minute of loading; the run folder is written only once everything
+        The order matters: the run lock comes before anything reads or writes the folder, so a second run refuses
+        at once; the ``auto`` memory settings decide the micro-batch the loaders are built with; a missing or
+        unfitting checkpoint must fail before a minute of loading; the run folder is written only once everything
         that can reject the recipe has run.
         """
+        errors, warnings = self.recipe.inert_settings()
+        if errors:
+            raise RecipeError(f"{len(errors)} problem(s): " + "; ".join(errors))
+        for warning in warnings:
+            log.warning(warning)
+        self.folder.check_location(self.recipe)
         self.accelerator, compute = make_accelerator(self.recipe)
+        self._lock()  # before anything reads or writes the folder: a second run refuses at once
+        self.folder.check_new(self.resume, self.overwrite)
         # micro_batch_size / gradient_checkpointing auto: the planner's choice for this device, from the config
         # and the data, before any loader is built (see memory.launch); then grad_accum for this many processes.
         self.recipe = scale_to_processes(resolve_for_launch(self.recipe, self.accelerator), self.accelerator,
                                          self.resume)
         self.tc = self.recipe.train
-        self.folder.check_new(self.resume, self.overwrite)
-        resume_from = None
-        if self.resume is not None:
-            resume_from = ckpt.find_checkpoint(self.folder.checkpoints, self.resume)
-            if resume_from is None:
-                raise UsageError(f"--resume {self.resume}: no intact checkpoint under {self.folder.checkpoints}")
+        self.resume_from = start_point(self.folder, self.resume)
+        if self.resume_from is not None:
+            check_recipe_fits(self.resume_from, self.folder, self.recipe)
         set_seed(self.tc.seed)
         self.session = setup(self.recipe, self.accelerator, compute)
         self._build_loop()
         self._start_folder(compute)
-        self._rng = self._restore(resume_from) if resume_from is not None else None
+        self._rng = self._restore(self.resume_from) if self.resume_from is not None else None
+
+    def _lock(self) -> None:
+        """The run lock, taken by the main process for the whole run; every process learns whether it was."""
+        acc, error = self.accelerator, None
+        if acc.is_main_process:
+            try:
+                self.lock = self.folder.lock().acquire()
+                self.folder.recover_aside()  # an --overwrite that was killed before it saved anything
+            except RunError as e:
+                error = e
+        if acc.num_processes > 1:
+            failed = acc.reduce(torch.tensor(int(error is not None), device=acc.device), "max").item()
+            error = error or (RunError(f"output_dir {self.folder.path} is in use (see the main process's message)")
+                              if failed else None)
+        if error is not None:
+            raise error
 
     def _build_loop(self) -> None:
         """Loaders, optimizer and schedule, prepared by Accelerate; the hooks and guards the loop uses."""
@@ -136,9 +182,12 @@ class Trainer:
         log.info("global batch %d = micro_batch_size %d × grad_accum %d × %d process(es); %d optimizer steps",
                  self.info["global_batch"], tc.micro_batch_size, tc.grad_accum, world, self.total_steps)
         if self.accelerator.is_main_process:
-            if self.overwrite and self.resume is None:
-                self.folder.clear()
-            self.folder.start(self.recipe, self.info, fresh=self.resume is None)
+            if self.resume is not None:
+                abandon_after(self.folder, self.resume_from)
+            elif self.overwrite:
+                self.folder.set_aside()  # deleted once this run has saved something (drop_aside), else put back
+            self.folder.start(self.recipe, self.info, fresh=self.resume_from is None)
+            self.started = True
         if tc.trackers:  # TensorBoard's hparams take only scalars: a flat, dotted config
             project, init_kwargs = tracker_run(self.folder.path, self.group)
             self.accelerator.init_trackers(project, config=tracker_config(self.recipe.model_dump(mode="json")),
@@ -148,8 +197,14 @@ class Trainer:
         """Adapter, optimizer, schedule and loop state from a checkpoint; returns the RNG state, which ``train``
         sets last, so that nothing between here and the first step draws from it."""
         saved = ckpt.load_checkpoint(path, self.unwrapped)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        new_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as e:  # torch: "loaded state dict contains a parameter group that doesn't match ..."
+            raise RecipeError(f"checkpoint {path}: its optimizer state does not fit this recipe's trainable "
+                              f"parameters ({first_line(e)}); start a new run") from None
         self.scheduler.load_state_dict(saved["scheduler"])
+        keep_new_hyperparameters(self.optimizer, self.scheduler, new_groups)  # lr, weight decay: the recipe's
         self.state = LoopState.from_checkpoint(saved)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step, self.state.epoch,
                  self.state.position)
@@ -172,7 +227,7 @@ class Trainer:
             log.info("before training: %s", st.before)
         if self.forgetting is not None and st.forgetting.before is None:
             st.forgetting.before = self.forgetting.measure(self.model, self.accelerator)
-        if self.resume is None:
+        if self.resume_from is None:
             extra = {"forgetting": st.forgetting.before} if st.forgetting.before else {}
             for split, metrics in {**st.before, **extra}.items():
                 if self.accelerator.is_main_process:
@@ -198,7 +253,7 @@ class Trainer:
             self.accelerator.log({f"forgetting/{k}": v for k, v in forgot.items()}, step=st.step)
             breach = self.forgetting.judge(forgot, st.step, st.forgetting, st.best, self.snapshot)
             if breach is not None:
-                self.stopped = breach
+                self.state.stopped = breach
                 log.warning(breach)
                 return True
         return st.best.patience_exhausted(tc.early_stopping_patience)
@@ -251,13 +306,14 @@ class Trainer:
         untrim = release_freed_memory(self.unwrapped) if tc.trim_cpu_memory and acc.device.type == "cpu" else None
         self.tokens, self.train_time = torch.zeros((), device=acc.device), 0.0
         self.first_bad = torch.zeros((), dtype=torch.long, device=acc.device)  # first non-finite step, 0: none
-        if self._rng is not None:
-            ckpt.set_rng_state(self._rng)  # last, so nothing between restore and the first step draws numbers
+        if self._rng is not None:  # last, so nothing between restore and the first step draws numbers
+            ckpt.set_rng_state(self._rng, acc.process_index)
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=st.step, disable=not acc.is_main_process, desc="training",
                    dynamic_ncols=True)
-        with StopOnSignal() as stopper, bar:  # the bar closes on every exit, so errors print on a clean line
-            while st.step < self.total_steps and self.stopped is None:
+        # A signal is answered after the current step, with a checkpoint (_answer_signal_or_checkpoint).
+        with self.signals.phase("the current training step", immediate=False), bar:  # bar: errors on a clean line
+            while st.step < self.total_steps and self.state.stopped is None:
                 t0 = time.perf_counter()
                 if change := self.freeze.apply(st.step):
                     log.info("freeze schedule: %s", change)
@@ -271,13 +327,14 @@ class Trainer:
                 if st.step % tc.log_every == 0 or st.step == self.total_steps:
                     self._log_step(loss_sum, n_items, norm, bar)
                 self._maybe_evaluate()
-                self._answer_signal_or_checkpoint(stopper)
+                self._answer_signal_or_checkpoint()
         self.check_finite()  # before the final evaluation and save
         for hook in (neftune.remove if neftune else None, untrim):
             if hook is not None:
                 hook()
-        if self.validating and self.stopped is None:
-            self.evaluate_and_track()
+        if self.validating and self.state.stopped is None:
+            with self.signals.phase(FINAL_EVALUATION):
+                self.evaluate_and_track()
 
     def _log_step(self, loss_sum: torch.Tensor, n_items: torch.Tensor, norm: torch.Tensor | None, bar) -> None:
         """The step's loss (a host sync: only at logging steps), learning rate, gradient norm and throughput."""
@@ -304,31 +361,39 @@ class Trainer:
         st.evaluated_epoch = finished
         due = (tc.eval_every and st.step % tc.eval_every == 0) or epoch_done
         if self.validating and st.step < self.total_steps and due and self.evaluate_and_track() \
-                and self.stopped is None:
-            self.stopped = (f"early stopping at step {st.step}: validation loss did not improve for "
+                and self.state.stopped is None:
+            self.state.stopped = (f"early stopping at step {st.step}: validation loss did not improve for "
                             f"{tc.early_stopping_patience} evaluations")
-            log.info(self.stopped)
+            log.info(self.state.stopped)
 
-    def _answer_signal_or_checkpoint(self, stopper: StopOnSignal) -> None:
+    def _answer_signal_or_checkpoint(self) -> None:
         """One checkpoint on a ``checkpoint_every`` step or a signal (one save, even for both); after a signal,
         stop with the command that continues."""
         st, acc = self.state, self.accelerator
-        signum = stopper.requested(acc)  # collective: every process gets the same answer
+        signum = requested(self.signals, acc)  # collective: every process gets the same answer
         saved = None
         if signum or (self.tc.checkpoint_every and st.step % self.tc.checkpoint_every == 0):
             self.check_finite()
-            saved = self.save_checkpoint() if acc.is_main_process else None
+            saved = self.save_checkpoint()
         if signum:
             acc.wait_for_everyone()
             raise TrainingInterrupted(
                 f"interrupted at step {st.step}/{self.total_steps}; checkpoint saved to {saved}; continue with: "
                 f"lora-ft train RECIPE --resume latest (output_dir {self.folder.path})", signum)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Every process calls this: each one's RNG state is gathered (each draws its own dropout masks), then the
+        main process writes; returns the folder there (None elsewhere)."""
+        acc = self.accelerator
+        rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
+        if not acc.is_main_process:
+            return None
         saved = {**self.state.to_checkpoint(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict()}
-        return ckpt.save_checkpoint(self.folder.checkpoints, self.state.step, self.unwrapped, saved,
-                                    self.tc.keep_checkpoints)
+                 "scheduler": self.scheduler.state_dict(), "rng": rngs}
+        path = ckpt.save_checkpoint(self.folder.checkpoints, self.state.step, self.unwrapped, saved,
+                                    self.tc.keep_checkpoints, self.recipe.dump())
+        self.folder.drop_aside()  # --overwrite: the new run has saved something of its own
+        return path
 
     def check_finite(self) -> None:
         """Raise if any process saw a NaN/inf loss. Called where a host sync happens anyway (logging) and before
@@ -351,38 +416,56 @@ class Trainer:
         st, acc = self.state, self.accelerator
         best = st.best
         if best.weights is not None and best.step != st.step:
+            self.final_weights = self.snapshot()  # for a checkpoint of the last step, should a signal come
             restore_adapter(acc, self.model, self.unwrapped, best.weights)
             log.info("restored the best adapter (step %d)", best.step)
-        # The validation result of the best step is reused when it is the current model: no second pass.
-        current = self.last_validation is not None and self.last_validation[0] == st.step and best.step == st.step
-        reuse = {"validation": self.last_validation[1]} if current else {}
-        after = {**self.evaluate([n for n in self.eval_loaders if n not in reuse]), **reuse}
-        after = {n: after[n] for n in self.eval_loaders}
-        results: dict[str, Any] = {"before": st.before, "after": after}
-        if self.forgetting is not None:  # not a split: the model against its own base on general text
-            results["forgetting"] = {"before": st.forgetting.before, "after": self.forgetting.measure(
-                self.model, acc, st.forgetting.before)}
-        self.info.update(best_step=best.step or st.step, steps_done=st.step, stopped=self.stopped)
+        with self.signals.phase(FINAL_EVALUATION):
+            # The validation result of the best step is reused when it is the current model: no second pass.
+            current = self.last_validation is not None and self.last_validation[0] == st.step and best.step == st.step
+            reuse = {"validation": self.last_validation[1]} if current else {}
+            after = {**self.evaluate([n for n in self.eval_loaders if n not in reuse]), **reuse}
+            after = {n: after[n] for n in self.eval_loaders}
+            results: dict[str, Any] = {"before": st.before, "after": after}
+            if self.forgetting is not None:  # not a split: the model against its own base on general text
+                results["forgetting"] = {"before": st.forgetting.before, "after": self.forgetting.measure(
+                    self.model, acc, st.forgetting.before)}
+        self.info.update(best_step=best.step or st.step, steps_done=st.step, stopped=self.state.stopped)
         # Once, at the end: the planner's prediction for this run beside what it really took.
-        memory = peak_memory(self.recipe, acc.device, self.session.loaded.source, self.session.data.splits["train"])
-        self.info["memory"] = memory
-        final = {**after, **({"forgetting": results["forgetting"]["after"]} if "forgetting" in results else {})}
-        acc.log({**memory, **{f"final/{n}/{k}": v for n, m in final.items() for k, v in m.items()}}, step=st.step)
-        save_adapter(acc, self.unwrapped, self.folder.adapter, self.session.loaded.tokenizer)  # every process
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self._write_reports(results, final, best.step != st.step)
+        self.info["memory"] = peak_memory(self.recipe, acc.device, self.session.loaded.source,
+                                          self.session.data.splits["train"])
+        acc.log({**self.info["memory"], **final_metrics(results)}, step=st.step)
+        with self.signals.phase("the final save", immediate=False):  # a signal waits until all is written
+            save_adapter(acc, self.unwrapped, self.folder.adapter, self.session.loaded.tokenizer)  # every process
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                self.folder.drop_aside()
+                self._write_reports(results, after, best.step != st.step)
         acc.end_training()
+        if self.signals.pending:
+            raise TrainingInterrupted(f"interrupted during the final save, which was completed first: the run is "
+                                      f"complete (adapter and reports in {self.folder.path}); nothing to continue",
+                                      self.signals.pending)
         return results
 
-    def _write_reports(self, results: dict[str, Any], final: dict[str, Any], restored: bool) -> None:
+    def _close(self) -> None:
+        """On every exit: an old run set aside by ``--overwrite`` comes back if this run saved nothing of its own;
+        the run lock is released."""
+        if self.lock is not None:
+            try:
+                self.folder.restore_aside()
+            finally:
+                self.lock.release()
+                self.lock = None
+
+    def _write_reports(self, results: dict[str, Any], after: dict[str, Any], restored: bool) -> None:
+        final = {**after, **({"forgetting": results["forgetting"]["after"]} if "forgetting" in results else {})}
         for split, metrics in final.items():
             if split != "validation" or restored:  # else already logged at this step
                 self.folder.log({"step": self.state.step, "split": split, "final": True, **metrics})
         self.folder.write_json(RESULTS, results)
         self.folder.write_json(RUN_INFO, self.info)
         plot_curves(self.folder.metrics, self.folder / CURVES)
-        log.info("after training: %s", results["after"])
+        log.info("after training: %s", after)
 
 
 def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False,
