@@ -8,11 +8,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Trackio keeps its databases in TRACKIO_DIR, read once when it is imported: the tests' runs go to a fresh folder,
+# never to the user's ~/.cache/huggingface/trackio.
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="lora_ft-tests-trackio-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

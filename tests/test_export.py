@@ -1,6 +1,7 @@
 """lora-ft export --format gguf on tiny runs: the fidelity gate, the report, --force, the Modelfile, refusals."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 from lora_ft.cli import main
 from lora_ft.errors import FidelityError
-from lora_ft.run import load_adapter_model, load_run_tokenizer, open_run
+from lora_ft.lock import RunLock
+from lora_ft.run import LOCK, load_adapter_model, load_run_tokenizer, open_run
 from lora_ft.shipping import export
 from lora_ft.training.trainer import train
 
@@ -138,6 +140,21 @@ def test_a_mismatching_tokenizer_fails_the_gate(fp32_run, tmp_path, monkeypatch)
     report = json.loads((fp32_run / "export_report.json").read_text())["gguf-f32"]
     assert report["kl_mean"] < 1e-6 and report["tokenizer"]["identical"] < report["tokenizer"]["texts"]
     assert not (tmp_path / "out" / "m.gguf").exists()
+
+
+def test_an_export_is_refused_while_another_command_holds_the_run_and_writes_nothing(fp32_run, tmp_path, capsys):
+    report = fp32_run / "export_report.json"
+    before = report.read_bytes() if report.is_file() else None
+    out = tmp_path / "m-F32.gguf"
+    with RunLock(fp32_run / LOCK, f"output_dir {fp32_run}"):  # e.g. a training resumed into the run
+        assert main(["export", str(fp32_run), "--quant", "f32", "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-ft:")]
+    assert len(err) == 1 and "is in use by another lora_ft process" in err[0] and f"pid {os.getpid()}" in err[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert (report.read_bytes() if report.is_file() else None) == before
+    # Once the holder is gone, the same export goes through and unlocks the run behind it.
+    assert main(["export", str(fp32_run), "--quant", "f32", "--out", str(out)]) == 0
+    assert out.is_file() and not (fp32_run / LOCK).exists()
 
 
 @pytest.mark.slow

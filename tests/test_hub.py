@@ -146,6 +146,29 @@ def test_dry_run_merged_folder_opens_with_transformers_and_shows_fidelity(chat_r
     assert torch.equal(_logits(model, tok, ["hello cow"]), _logits(reference, tok, ["hello cow"]))
 
 
+@pytest.mark.parametrize("what", ["adapter", "merged"])
+def test_the_cards_code_loads_exactly_what_was_uploaded(what, chat_run, tiny_llama, tmp_path, no_network, monkeypatch,
+                                                        capsys):
+    run = copy_run(chat_run, tmp_path / "run")
+    if what == "merged":
+        merge_run(run, examples=8)
+    assert main(["push", str(run), "--repo", "alice/tiny-chat", "--dry-run"]
+                + (["--merged"] if what == "merged" else [])) == 0
+    folder = run / "hub"
+    code = usage_code(ModelCard.load(folder / "README.md")).replace('"alice/tiny-chat"', repr(str(folder)))
+    # The folder stands in for the repository; the base, a local folder without a Hub id, is published under its
+    # folder name, which resolves from the folder above it.
+    monkeypatch.chdir(tiny_llama.parent)
+    scope: dict = {}
+    exec(code, scope)  # the whole snippet: load, apply the chat template, generate
+    assert capsys.readouterr().out.strip()
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = ["<|im_start|>user\nWhat does the cow say?<|im_end|>\n<|im_start|>assistant\n"]
+    reference = AutoModelForCausalLM.from_pretrained(run / "merged") if what == "merged" else \
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run / "adapter")
+    assert torch.equal(_logits(scope["model"], tok, texts), _logits(reference.eval(), tok, texts))
+
+
 def test_push_uploads_the_built_folder_and_writes_the_token_nowhere(chat_run, token_env, monkeypatch, caplog,
                                                                    capsys):
     calls = {}

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import sqlite3
 from pathlib import Path
 from typing import get_args
 
@@ -19,7 +20,8 @@ TRACKERS = get_args(TrainConfig.model_fields["trackers"].annotation.__args__[0])
 @pytest.fixture(scope="module")
 def tracked_run(tiny_llama, chat_data, tmp_path_factory):
     """A 4-step run with validation every 2 steps and the forgetting guard, logged to TensorBoard, MLflow (a local
-    file store, as MLflow's default database needs SQLAlchemy) and, where it is installed, W&B in offline mode."""
+    file store, as MLflow's default database needs SQLAlchemy) and, where they are installed, W&B in offline mode
+    and Trackio (a local SQLite database in TRACKIO_DIR, set by conftest)."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
     root = tmp_path_factory.mktemp("tracked")
@@ -30,7 +32,8 @@ def tracked_run(tiny_llama, chat_data, tmp_path_factory):
         mp.setenv("WANDB_SILENT", "true")
         splits = {k: v for k, v in chat_data.items() if k != "test"}
         recipe = make_recipe(tiny_llama, splits, root / "run", forgetting={"enabled": True, "max_examples": 4},
-                             train={"max_steps": 4, "eval_every": 2, "trackers": ["tensorboard", "mlflow", "wandb"]})
+                             train={"max_steps": 4, "eval_every": 2,
+                                    "trackers": ["tensorboard", "mlflow", "wandb", "trackio"]})
         train(recipe)
     return root
 
@@ -47,7 +50,7 @@ def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 
 def logged(root) -> dict:
-    """What metrics.jsonl and run_info.json say: the reference for both trackers."""
+    """What metrics.jsonl and run_info.json say: the reference for every tracker."""
     rows = metrics_rows(root / "run")
     return {"loss": [(r["step"], r["loss"]) for r in rows if "split" not in r and "loss" in r],
             "validation/loss": [(r["step"], r["loss"]) for r in rows if r.get("split") == "validation"],
@@ -56,17 +59,24 @@ def logged(root) -> dict:
             "memory": json.loads((root / "run" / "run_info.json").read_text())["memory"]}
 
 
+def assert_as_logged(history: dict[str, list[tuple[int, float]]], ref: dict) -> None:
+    """A tracker's ``history`` (key → [(step, value)]) holds the per-step loss, the validation losses and the
+    forgetting KL at the steps and values of ``metrics.jsonl``, and the peak memory once, at the last step."""
+    for key in ("loss", "validation/loss", "forgetting/kl"):
+        assert [s for s, _ in history[key]] == [s for s, _ in ref[key]], key
+        assert [v for _, v in history[key]] == pytest.approx([v for _, v in ref[key]], rel=1e-6), key
+    for key, value in ref["memory"].items():
+        assert history[key] == [(4, pytest.approx(value, rel=1e-6))], key
+
+
 def test_tensorboard_gets_losses_evaluations_forgetting_and_peak_memory(tracked_run):
     scalars, ref = tensorboard_scalars(tracked_run / "run" / "lora_ft"), logged(tracked_run)
-    for key in ("loss", "validation/loss", "forgetting/kl"):
-        assert [s for s, _ in scalars[key]] == [s for s, _ in ref[key]], key
-        assert [v for _, v in scalars[key]] == pytest.approx([v for _, v in ref[key]], rel=1e-6), key
+    assert_as_logged(scalars, ref)
     assert [s for s, _ in ref["validation/loss"]] == [0, 2, 4] and ref["forgetting/kl"][0] == (0, 0.0)
     assert scalars["final/validation/loss"][0][0] == 4 and "final/forgetting/ppl_base" in scalars
+    assert "step" not in scalars  # the step is each point's x, not a metric of its own
     memory = ref["memory"]
     assert set(memory) == {"memory/predicted_peak_bytes", "memory/measured_peak_bytes"}
-    for key, value in memory.items():
-        assert scalars[key] == [(4, pytest.approx(value, rel=1e-6))]
     # The CPU's measure is the process's peak RSS; the planner's total is of the same order.
     assert 0.1 < memory["memory/predicted_peak_bytes"] / memory["memory/measured_peak_bytes"] < 10
 
@@ -128,12 +138,29 @@ def test_wandb_offline_gets_the_same_metrics_grouped_by_run_name(tracked_run):
         elif kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in record.config.update})
     assert name == "run" and config["train.lr"] == 0.01
-    ref = logged(tracked_run)
-    for key in ("loss", "validation/loss", "forgetting/kl"):
-        assert [s for s, _ in history[key]] == [s for s, _ in ref[key]], key
-        assert [v for _, v in history[key]] == pytest.approx([v for _, v in ref[key]], rel=1e-6), key
-    for key, value in ref["memory"].items():
-        assert history[key] == [(4, pytest.approx(value, rel=1e-6))]
+    assert_as_logged(history, logged(tracked_run))
+
+
+def trackio_history(project: str) -> tuple[dict[str, list[tuple[int, float]]], dict[str, dict]]:
+    """Metrics by key (run ``run``) and each run's config, read with sqlite3 from the database Trackio wrote."""
+    from trackio.sqlite_storage import SQLiteStorage
+
+    db = sqlite3.connect(SQLiteStorage.get_project_db_path(project))
+    history: dict[str, list[tuple[int, float]]] = {}
+    for step, metrics in db.execute("SELECT step, metrics FROM metrics WHERE run_name = 'run' ORDER BY id"):
+        for key, value in json.loads(metrics).items():
+            history.setdefault(key, []).append((step, value))
+    configs = {name: json.loads(config) for name, config in db.execute("SELECT run_name, config FROM configs")}
+    db.close()
+    return history, configs
+
+
+def test_trackio_gets_the_same_metrics_and_the_recipe_in_its_local_database(tracked_run):
+    pytest.importorskip("trackio")
+    history, configs = trackio_history("lora_ft")
+    assert configs["run"]["train.lr"] == 0.01 and configs["run"]["_Group"] is None
+    assert_as_logged(history, logged(tracked_run))
+    assert history["final/validation/loss"][0][0] == 4 and "__step" not in history  # a "step" key is renamed so
 
 
 @pytest.mark.parametrize("name", TRACKERS)
@@ -154,4 +181,5 @@ def test_a_sweeps_trials_share_one_experiment_and_a_group():
     project, kwargs = tracker_run("/x/sweep/trial-01-r-8", "lora_ft-sweep-x")
     assert project == "lora_ft-sweep-x" and kwargs["mlflow"] == {"run_name": "trial-01-r-8"}
     assert kwargs["wandb"] == {"name": "trial-01-r-8", "group": "lora_ft-sweep-x", "dir": "/x/sweep/trial-01-r-8"}
+    assert kwargs["trackio"] == {"name": "trial-01-r-8", "group": "lora_ft-sweep-x"}
     assert tracker_run("/x/run")[0] == "lora_ft"

@@ -112,16 +112,7 @@ def _export_parsers(sub) -> None:
     p.add_argument("--data", default=None, type=arg.path, metavar="FILE", help="compare on this file instead of the "
                    "run's validation data")
     p.add_argument("--max-shard-size", default="5GB", type=arg.size, help="safetensors shard size (default 5GB)")
-    p = sub.add_parser("export", help="write the merged model as one GGUF file (llama.cpp, Ollama), proven faithful")
-    p.add_argument("run_dir", type=arg.path)
-    p.add_argument("--format", default="gguf", choices=["gguf"], help="file format (gguf)")
-    p.add_argument("--quant", default="q8_0", help="f32, f16, bf16, q8_0 (default), q5_1, q5_0, q4_1 or q4_0")
-    p.add_argument("--out", default=None, type=arg.path, metavar="FILE", help="the .gguf file "
-                   "(RUN_DIR/gguf/<run>-<QUANT>.gguf); an Ollama Modelfile is written beside it")
-    p.add_argument("--force", action="store_true", help="keep the file even above the fidelity limit")
-    p.add_argument("--examples", type=arg.integer(1), default=64, metavar="N", help="held-out examples to compare on")
-    p.add_argument("--data", default=None, type=arg.path, metavar="FILE", help="compare on this file instead of the "
-                   "run's validation data")
+    _gguf_parser(sub)
     p = sub.add_parser("push", help="upload a run's adapter (or merged model) with a model card to the Hub")
     p.add_argument("run_dir", type=arg.path)
     p.add_argument("--repo", required=True, type=arg.text, metavar="USER/NAME",
@@ -157,6 +148,20 @@ def _export_parsers(sub) -> None:
         p.add_argument("--max-new-tokens", type=arg.integer(1), default=256)
         p.add_argument("--temperature", type=arg.number(0), default=0.0, help="0 = greedy (default)")
         p.add_argument("--top-p", type=arg.number(0, 1, low_open=True), default=1.0)
+
+
+def _gguf_parser(sub) -> None:
+    """``lora-ft export``: the run's merged model as one GGUF file (``shipping/export.py``)."""
+    p = sub.add_parser("export", help="write the merged model as one GGUF file (llama.cpp, Ollama), proven faithful")
+    p.add_argument("run_dir", type=arg.path)
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="file format (gguf)")
+    p.add_argument("--quant", default="q8_0", help="f32, f16, bf16, q8_0 (default), q5_1, q5_0, q4_1 or q4_0")
+    p.add_argument("--out", default=None, type=arg.path, metavar="FILE", help="the .gguf file "
+                   "(RUN_DIR/gguf/<run>-<QUANT>.gguf); an Ollama Modelfile is written beside it")
+    p.add_argument("--force", action="store_true", help="keep the file even above the fidelity limit")
+    p.add_argument("--examples", type=arg.integer(1), default=64, metavar="N", help="held-out examples to compare on")
+    p.add_argument("--data", default=None, type=arg.path, metavar="FILE", help="compare on this file instead of the "
+                   "run's validation data")
 
 
 # ------------------------------------------------------------------------------------------------ commands

@@ -130,10 +130,16 @@ def export_run(run_dir: str | Path, quant: str = "q8_0", out: str | Path | None 
     run = open_run(run_dir)
     _checked(run, quant, examples)
     out = Path(out) if out else default_out(run, quant)
-    _check_out(run, out)
+    _check_out(run, out)  # before any loading: a refused --out costs nothing
+    with run.folder.lock():  # no training, merge or push rewrites the run (or its report) meanwhile
+        return _export(run, quant, out, force, examples, data_file, device)
+
+
+def _export(run: Run, quant: str, out: Path, force: bool, examples: int, data_file: str | None,
+            device: torch.device | str | None) -> dict[str, Any]:
+    """``export_run`` once its flags are checked and the run is locked (see there)."""
     device = torch.device(device) if device else default_device()
     t0 = time.perf_counter()
-
     tokenizer = load_run_tokenizer(run)
     objective = objective_for(run.recipe, tokenizer)
     loader, split, n_examples = fidelity_loader(run, objective, examples, data_file)
@@ -145,13 +151,12 @@ def export_run(run_dir: str | Path, quant: str = "q8_0", out: str | Path | None 
     tmp = out.with_name(f".{out.stem}.partial{os.getpid()}.gguf")
     try:
         counts = write_gguf(merged, tokenizer, tmp, quant, run.dir.resolve().name)
-        del merged, adapter_model
+        del merged, adapter_model  # the reader's copy is loaded next: never three models in memory at once
         gc.collect()
         outputs, tokens = _read_back(tmp, loader, objective, device, tokenizer, texts)
         size = tmp.stat().st_size
         metrics = compare_outputs(reference, outputs)
-        limit = KL_LIMITS[quant]
-        passed = metrics["kl_mean"] <= limit and _tokenizer_ok(tokens)
+        passed = metrics["kl_mean"] <= KL_LIMITS[quant] and _tokenizer_ok(tokens)
         if passed or force:
             os.replace(tmp, out)
     finally:
@@ -160,24 +165,31 @@ def export_run(run_dir: str | Path, quant: str = "q8_0", out: str | Path | None 
     entry = {"format": "gguf", "quant": quant, "tensor_types": counts, "size_bytes": size,
              "run_quant": run.recipe.model.quant, "reference_compute_dtype": run.compute_dtype, "data": split,
              "examples": n_examples, "compared": objective.compared, **metrics, "tokenizer": tokens,
-             "kl_limit": limit, "passed": passed, "saved": passed or force, "out": str(out.resolve()),
+             "kl_limit": KL_LIMITS[quant], "passed": passed, "saved": passed or force, "out": str(out.resolve()),
              "seconds": round(time.perf_counter() - t0, 1),
              "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return _conclude(run, entry, tokenizer)
+
+
+def _conclude(run: Run, entry: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The Modelfile beside a kept file, the report entry recorded, and the refusal of a file that failed its
+    check (after the report is written: the measurements of a refused export are kept too)."""
     if entry["saved"]:
-        entry["modelfile_template"] = write_modelfile(run, out.name, out.parent, tokenizer)
-    report_path = run.folder.record(EXPORT_REPORT, f"gguf-{quant}", entry)
+        entry["modelfile_template"] = write_modelfile(run, Path(entry["out"]).name, Path(entry["out"]).parent,
+                                                      tokenizer)
+    report_path = run.folder.record(EXPORT_REPORT, f"gguf-{entry['quant']}", entry)
+    quant, limit, tokens = entry["quant"], entry["kl_limit"], entry["tokenizer"]
     log.info("GGUF fidelity (%s, %.1f MB): mean KL %.3g (limit %g), top-1 agreement %.4f, loss %.4f vs %.4f, "
-             "tokenizer %d/%d texts identical", quant, size / 1e6, metrics["kl_mean"], limit,
-             metrics["top1_agreement"], metrics["loss_adapter"], metrics["loss_gguf"], tokens["identical"],
-             tokens["texts"])
-    if not passed and not force:
-        why = (f"mean KL {metrics['kl_mean']:.3g} > {limit:g} ({quant})" if metrics["kl_mean"] > limit
+             "tokenizer %d/%d texts identical", quant, entry["size_bytes"] / 1e6, entry["kl_mean"], limit,
+             entry["top1_agreement"], entry["loss_adapter"], entry["loss_gguf"], tokens["identical"], tokens["texts"])
+    if not entry["saved"]:
+        why = (f"mean KL {entry['kl_mean']:.3g} > {limit:g} ({quant})" if entry["kl_mean"] > limit
                else f"the tokenizer read back from the file differs ({json.dumps(tokens)})")
-        raise FidelityError(f"the GGUF file does not reproduce the adapter model: {why} on {metrics['positions']} "
+        raise FidelityError(f"the GGUF file does not reproduce the adapter model: {why} on {entry['positions']} "
                             f"positions; nothing saved (report in {report_path}). Pass --force to keep it anyway")
-    if not passed:
+    if not entry["passed"]:
         log.warning("keeping a GGUF file that failed its fidelity check because --force was given")
-    log.info("GGUF written to %s (Modelfile beside it)", out)
+    log.info("GGUF written to %s (Modelfile beside it)", entry["out"])
     return entry
 
 

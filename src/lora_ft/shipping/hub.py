@@ -112,6 +112,24 @@ def _place(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst)
 
 
+def _merged_source(run: Run, merged_dir: str | Path | None) -> tuple[Path, dict[str, Any] | None]:
+    """The merged folder to push (``--merged-dir``, else ``merged_folder``), refused unless it is a merge of this
+    run, and the report entry of the merge that wrote it."""
+    merged_path = Path(merged_dir) if merged_dir else merged_folder(run)
+    if not (merged_path / "config.json").is_file():
+        raise RunError(f"{merged_path} holds no merged model; run 'lora-ft merge {run.dir}' first, or name "
+                       "the folder of a merge written with --out: --merged-dir DIR")
+    if not is_merge_of(run, merged_path):
+        owner = merge_owner(merged_path)
+        raise RunError(f"{merged_path} is not a merge of {run.dir} ("
+                       + (f"it was merged from {owner}" if owner else "no lora_ft merge marker: e.g. a base model")
+                       + f"); push a folder written by 'lora-ft merge {run.dir} [--out DIR]'")
+    merge_entry = _merge_entry(run, merged_path)
+    if merge_entry is None:
+        log.warning("%s has no entry for %s: the card shows no merge fidelity", MERGE_REPORT, merged_path)
+    return merged_path, merge_entry
+
+
 def build_hub_folder(run_dir: str | Path, repo_id: str, merged: bool = False, base_model: str | None = None,
                      merged_dir: str | Path | None = None, gguf: str | Path | None = None) -> Path:
     """Write ``RUN_DIR/hub``: exactly what ``push`` uploads (rebuilt from scratch each time). ``merged_dir``
@@ -129,18 +147,7 @@ def build_hub_folder(run_dir: str | Path, repo_id: str, merged: bool = False, ba
     if base_id is None:
         log.warning("the base model %s has no known Hub id: the card has no base_model (pass --base-model ID)",
                     run.recipe.model.name)
-    merged_path = Path(merged_dir) if merged_dir else merged_folder(run)
-    if merged and not (merged_path / "config.json").is_file():
-        raise RunError(f"{merged_path} holds no merged model; run 'lora-ft merge {run.dir}' first, or name "
-                          "the folder of a merge written with --out: --merged-dir DIR")
-    if merged and not is_merge_of(run, merged_path):
-        owner = merge_owner(merged_path)
-        raise RunError(f"{merged_path} is not a merge of {run.dir} ("
-                       + (f"it was merged from {owner}" if owner else "no lora_ft merge marker: e.g. a base model")
-                       + f"); push a folder written by 'lora-ft merge {run.dir} [--out DIR]'")
-    merge_entry = _merge_entry(run, merged_path) if merged else None
-    if merged and merge_entry is None:
-        log.warning("%s has no entry for %s: the card shows no merge fidelity", MERGE_REPORT, merged_path)
+    merged_path, merge_entry = _merged_source(run, merged_dir) if merged else (None, None)
     license_ = base_license(run, base_id)
     public = dataclasses.replace(run, recipe=public_recipe(run.recipe, base_id),
                                  info={**run.info, "source": _public(run.info.get("source"), base_id)})

@@ -48,12 +48,14 @@ def available_trackers(names: list[str]) -> list[str]:
 
 def tracker_run(output_dir: str | Path, group: str | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
     """(project name, per-tracker init kwargs) for ``accelerator.init_trackers``: a run is named after its
-    ``output_dir``; the trials of a sweep (``group``) share one project (MLflow: one experiment), and W&B also
-    groups them. TensorBoard writes under ``output_dir/<project>``, so a sweep's trials sit side by side; W&B's
-    local files (all of them in offline mode) go to ``output_dir/wandb``."""
+    ``output_dir``; the trials of a sweep (``group``) share one project (MLflow: one experiment), and W&B and
+    Trackio also group them. TensorBoard writes under ``output_dir/<project>``, so a sweep's trials sit side by
+    side; W&B's local files (all of them in offline mode) go to ``output_dir/wandb``; Trackio keeps one SQLite
+    database per project in ``TRACKIO_DIR`` (default ``~/.cache/huggingface/trackio``)."""
     name = Path(output_dir).resolve().name
-    wandb = {"name": name, "dir": str(output_dir), **({"group": group} if group else {})}
-    return group or "lora_ft", {"wandb": wandb, "mlflow": {"run_name": name}}
+    grouped = {"group": group} if group else {}
+    return group or "lora_ft", {"wandb": {"name": name, "dir": str(output_dir), **grouped},
+                                "mlflow": {"run_name": name}, "trackio": {"name": name, **grouped}}
 
 
 def peak_memory(recipe: Recipe, device: torch.device, source: str, train_data) -> dict[str, float]:

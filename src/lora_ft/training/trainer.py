@@ -348,7 +348,7 @@ class Trainer:
             row["grad_norm"] = float(norm)
         st.watch.record(loss)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        acc.log(row, step=st.step)
+        acc.log({k: v for k, v in row.items() if k != "step"}, step=st.step)  # the trackers' own step axis
         if acc.is_main_process:
             self.folder.log(row)
 
