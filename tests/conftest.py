@@ -8,15 +8,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Trackio keeps its databases in TRACKIO_DIR, read once when it is imported: the tests' runs go to a fresh folder,
-# never to the user's ~/.cache/huggingface/trackio.
-os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="lora_ft-tests-trackio-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -120,6 +116,15 @@ def save_random_llama(tmp_path_factory, name: str, **sizes) -> Path:
     cfg = LlamaConfig(**{"vocab_size": len(tok), **sizes}, eos_token_id=tok.eos_token_id, bos_token_id=None)
     return save_random_model(tmp_path_factory, name, LlamaForCausalLM, cfg, tok)
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trackio_dir(tmp_path_factory) -> Path:
+    """Trackio keeps its databases in TRACKIO_DIR, read once when trackio is first imported (by a run that tracks
+    with it, never at collection): the tests' runs go to pytest's temporary folder, not ~/.cache/huggingface."""
+    path = tmp_path_factory.mktemp("trackio")
+    os.environ["TRACKIO_DIR"] = str(path)
+    return path
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:

@@ -121,6 +121,17 @@ def test_flags_and_unsupported_models_are_refused_before_loading(fp32_run, tmp_p
         in capsys.readouterr().err
 
 
+def test_a_classifier_run_is_refused_in_one_line_before_anything_is_written(tiny_bert, cls_data, tmp_path, capsys):
+    out = tmp_path / "cls"
+    recipe = make_recipe(tiny_bert, cls_data, out, model={"task": "sequence_classification"}, train={"max_steps": 2})
+    recipe.data.max_eval_examples = 10
+    train(recipe)
+    assert main(["export", str(out), "--quant", "f16"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-ft:")]
+    assert err == [f"lora-ft: error: GGUF export is for causal LM runs; {out} is a sequence_classification run"]
+    assert not (out / "gguf").exists() and not (out / "export_report.json").exists()
+
+
 def test_a_mismatching_tokenizer_fails_the_gate(fp32_run, tmp_path, monkeypatch):
     # Simulate a writer that loses a merge rule: the file's tokenizer then splits some words differently.
     real = export.write_gguf
