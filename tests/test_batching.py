@@ -55,3 +55,18 @@ def test_auto_groups_classifier_batches_in_small_windows_that_still_mix_labels()
     assert padding_fraction(lengths, shuffled) > 0.4
     # Batches still mix labels: a full batch holds at least 3 of the 4 labels, as shuffled ones do.
     assert min(len({labels[i] for i in b}) for b in grouped if len(b) == 16) >= 3
+
+
+def test_a_token_cap_bounds_every_padded_batch_and_keeps_every_example_once():
+    import random
+
+    rng = random.Random(1)
+    lengths = [rng.randint(4, 200) for _ in range(500)]
+    for shuffle in (True, False):
+        sampler = LengthGroupedBatches(lengths, 32, shuffle=shuffle, seed=3, window=8, max_tokens=1024)
+        batches = sampler.batches()
+        assert sorted(i for b in batches for i in b) == list(range(500))
+        assert all(len(b) * max(lengths[i] for i in b) <= 1024 and len(b) <= 32 for b in batches)
+        assert any(len(b) == 32 for b in batches) and any(len(b) < 8 for b in batches)  # short fill up, long don't
+        assert sampler.batch_size is None and len(sampler) == len(batches)  # accelerate: sizes vary
+    assert LengthGroupedBatches(lengths, 32, True, 3, 8).batch_size == 32

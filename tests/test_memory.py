@@ -15,9 +15,11 @@ from lora_ft.memory import launch
 from lora_ft.memory.activations import layer_terms
 from lora_ft.memory.estimate import _loss_bytes, estimate, largest_micro_batch, quantized_weight_bytes, static_rows
 from lora_ft.memory.launch import (
+    TRIM_MIN_ACTIVATIONS,
     answer_tokens_of,
     resolve_auto_checkpointing,
     resolve_auto_micro_batch,
+    resolve_auto_trim,
     resolve_for_launch,
 )
 from lora_ft.memory.shape import model_shape, setting_for
@@ -113,6 +115,8 @@ CASES = [
     ("llama", "none", 128, {"model": {"compute_dtype": "bf16"}}),
     ("llama", "none", 128, {"train": {"gradient_checkpointing": True}, "lora": {"dropout": 0.0}}),
     ("llama", "int8", 32, {"lora": {"dropout": 0.0}}),  # int8 and LoRA share their saved input
+    # The llama cases above pack (data.packing auto); these measure left-padded batches.
+    *[("llama", q, 128, {"data": {"packing": False}}) for q in ("none", "nf4")],
 ]
 
 
@@ -249,6 +253,24 @@ def test_training_with_auto_micro_batch_uses_the_planned_batch(tiny_llama, chat_
     info = json.loads((tmp_path / "auto" / "run_info.json").read_text())
     assert (info["global_batch"], info["grad_accum"]) == (16, 4)  # micro-batch 4 (fits) × 4
     assert "micro_batch_size: 4" in (tmp_path / "auto" / "run_config.yaml").read_text()
+    assert "trim_cpu_memory: false" in (tmp_path / "auto" / "run_config.yaml").read_text()  # a tiny step: not worth it
+
+
+def test_auto_trimming_is_on_only_where_a_cpu_step_saves_a_gibibyte_of_activations(small_llama):
+    def trims(micro: int, seq: int, device: str = "cpu", trim="auto") -> bool:
+        recipe = recipe_for(small_llama, train={"micro_batch_size": micro, "trim_cpu_memory": trim},
+                            data={"max_length": seq, "packing": False})
+        return resolve_auto_trim(recipe, device).train.trim_cpu_memory
+
+    def activations(micro: int, seq: int) -> float:
+        recipe = recipe_for(small_llama, data={"max_length": seq, "packing": False})
+        est = estimate(model_shape(recipe), setting_for(recipe, "cpu"), micro, seq)
+        return next(r.bytes for r in est.rows if r.label == "activations")
+
+    assert activations(2, 128) < TRIM_MIN_ACTIVATIONS / 10 and trims(2, 128) is False
+    assert activations(64, 512) > TRIM_MIN_ACTIVATIONS and trims(64, 512) is True
+    assert trims(64, 512, device="cuda") is False  # no heap to trim on a GPU
+    assert trims(2, 128, trim=True) is True and trims(64, 512, trim=False) is False  # a recipe's choice stands
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -275,9 +297,11 @@ def test_plan_command_prints_the_breakdown_and_what_fits(tmp_path, capsys):
 
 def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     """Checkpointing and 4-bit shrink the plan; without checkpointing, autocast keeps a 16-bit copy of every
-    frozen unquantized weight; the logits follow the answer fraction; batch 1 has no padding mask."""
-    def est(quant="none", gc=False, device="cuda", b=4, frac=1.0):
-        recipe = recipe_for(small_llama, quant=quant, train={"gradient_checkpointing": gc})
+    frozen unquantized weight; unpacked, the logits follow the answer fraction and batch 1 has no padding mask;
+    packed, every position may carry a label and even one row has a mask."""
+    def est(quant="none", gc=False, device="cuda", b=4, frac=1.0, packing=False):
+        recipe = recipe_for(small_llama, quant=quant, train={"gradient_checkpointing": gc},
+                            data={"packing": packing})
         return estimate(model_shape(recipe), setting_for(recipe, device), b, 256, frac)
 
     assert est(gc=True).peak < est().peak
@@ -291,7 +315,12 @@ def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     # chunked: one chunk (fp32 + 16-bit logits) and two hidden-size vectors per position, not three full copies
     assert shape.chunked_loss and positions < chunked_loss.chunk_rows(shape.vocab)
     assert logits == pytest.approx(6 * positions * shape.vocab + 2 * 4 * positions * shape.hidden + head16)
-    s_cuda = setting_for(recipe_for(small_llama), "cuda")
+    unpacked = recipe_for(small_llama, data={"packing": False})
+    s_cuda = setting_for(unpacked, "cuda")
     assert _loss_bytes(shape, s_cuda, 4, 128, chunked=False)[0] == 3 * 4 * positions * shape.vocab + head16
-    one = layer_terms(shape, setting_for(recipe_for(small_llama), "cpu"), 1)
-    assert not one.per_token_seq  # no mask to save
+    assert not layer_terms(shape, setting_for(unpacked, "cpu"), 1).per_token_seq  # no mask to save
+    packed = setting_for(recipe_for(small_llama), "cpu")
+    assert packed.packed and layer_terms(shape, packed, 1).per_token_seq  # the example boundaries' mask
+    logits_packed = {r.label: r.bytes for r in est(frac=0.5, packing=True).rows}["logits + loss *"]
+    assert logits_packed == pytest.approx(6 * 2 * positions * shape.vocab + 2 * 4 * 2 * positions * shape.hidden
+                                          + head16)  # all 256 positions of each row

@@ -18,8 +18,9 @@ from lora_ft.training.checkpoint import ADAPTER_FILE, find_checkpoint
 def _recipe(path, tiny_llama, chat_data, out, **train):
     path.write_text(yaml.safe_dump({
         "model": {"name": str(tiny_llama)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        # Batches of 8 examples (not packed rows): the steps, evaluations and stops these tests count on.
         "data": {"train": str(chat_data["train"]), "validation": str(chat_data["validation"]), "max_length": 128,
-                 "max_eval_examples": 8},
+                 "max_eval_examples": 8, "packing": False},
         "train": {"max_steps": 4, "micro_batch_size": 8, "lr": 1e-2, "warmup": 0, "schedule": "constant",
                   "checkpoint_every": 1, "keep_checkpoints": 10, **train},
         "output_dir": str(out)}))

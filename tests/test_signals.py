@@ -103,8 +103,9 @@ def _recipe(tmp_path, tiny_llama, chat_data, **train) -> Path:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"name": str(tiny_llama)}, "lora": {"r": 4, "dropout": 0.0},
+        # Batches of 8 examples (not packed rows): the steps, evaluations and stops these tests count on.
         "data": {"train": str(chat_data["train"]), "validation": str(chat_data["validation"]), "max_length": 128,
-                 "max_eval_examples": 8},
+                 "max_eval_examples": 8, "packing": False},
         "train": {"micro_batch_size": 8, "warmup": 0, **train}, "output_dir": str(tmp_path / "run")}))
     return recipe
 

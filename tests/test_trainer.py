@@ -223,7 +223,7 @@ def test_resume_in_a_later_epoch_keeps_the_evaluation_rhythm(tiny_llama, chat_da
     import shutil
 
     data = {k: v for k, v in chat_data.items() if k != "test"}  # 96 examples / 16: 6 batches per epoch
-    full = make_recipe(tiny_llama, data, tmp_path / "full", train={
+    full = make_recipe(tiny_llama, data, tmp_path / "full", data={"packing": False}, train={
         "max_steps": 14, "micro_batch_size": 16, "checkpoint_every": 9, "eval_every": None, "lr": 3e-3})
     train(full)
     (tmp_path / "part" / "checkpoints").mkdir(parents=True)
@@ -256,3 +256,24 @@ def test_overwrite_replaces_the_old_run_entirely(tiny_llama, chat_data, tmp_path
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert max(r["step"] for r in rows) == 2
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # not ours: kept
+
+
+def test_packed_training_resumes_mid_epoch_with_the_uninterrupted_losses(tiny_llama, chat_data, tmp_path):
+    """Rows of two examples (max_length 56), 3 rows per micro-batch: 16 micro-batches per epoch, so step 3 is
+    mid-epoch; the resumed run skips exactly the packed batches it had seen."""
+    import shutil
+
+    data = {k: v for k, v in chat_data.items() if k != "test"}
+    full = make_recipe(tiny_llama, data, tmp_path / "full", lora={"dropout": 0.1}, data={"max_length": 56}, train={
+        "max_steps": 6, "micro_batch_size": 3, "checkpoint_every": 3})
+    train(full)
+    info = json.loads((tmp_path / "full" / "run_info.json").read_text())
+    assert info["packing"] and info["total_steps"] == 6
+    (tmp_path / "part" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003",
+                    tmp_path / "part" / "checkpoints" / "step-00000003")
+    train(full.model_copy(update={"output_dir": str(tmp_path / "part")}), resume="latest")
+    a, b = ({r["step"]: r["loss"] for r in _rows(tmp_path / run) if "split" not in r} for run in ("full", "part"))
+    assert sorted(b) == [4, 5, 6] and max(abs(a[k] - b[k]) for k in b) < 1e-6
+    rows = [r for r in _rows(tmp_path / "full") if "mfu" in r]
+    assert all(0 < r["mfu"] < 1 for r in rows)

@@ -21,10 +21,13 @@ class LengthGroupedBatches:
     """
 
     def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0,
-                 window: int = GROUPED_WINDOW):
-        self.lengths, self.batch_size, self.shuffle, self.seed = lengths, batch_size, shuffle, seed
-        self.window = window
+                 window: int = GROUPED_WINDOW, max_tokens: int | None = None):
+        self.lengths, self.shuffle, self.seed, self.window = lengths, shuffle, seed, window
+        self.size, self.max_tokens = batch_size, max_tokens
+        # Accelerate evens out batches of a fixed size; under a token cap sizes vary, which it must be told.
+        self.batch_size = batch_size if max_tokens is None else None
         self.epoch = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
 
     @staticmethod
     def window_for(group_by_length: str | bool, auto_window: int) -> int:
@@ -39,28 +42,51 @@ class LengthGroupedBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _split(self, order: list[int]) -> list[list[int]]:
+        """Consecutive batches of ``order``: ``size`` examples, fewer where padding to the longest would pass the
+        token cap."""
+        if self.max_tokens is None:
+            return [order[i : i + self.size] for i in range(0, len(order), self.size)]
+        out: list[list[int]] = []
+        longest = 0
+        for i in order:
+            n = self.lengths[i]
+            if out and len(out[-1]) < self.size and (len(out[-1]) + 1) * max(longest, n) <= self.max_tokens:
+                out[-1].append(i)
+                longest = max(longest, n)
+            else:
+                out.append([i])
+                longest = n
+        return out
+
     def batches(self) -> list[list[int]]:
+        if self._cache and self._cache[0] == self.epoch:  # copies: accelerate may extend the last batch in place
+            return [list(b) for b in self._cache[1]]
         order = list(range(len(self.lengths)))
         if not self.shuffle:
             order.sort(key=lambda i: -self.lengths[i])
-            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            return self._split(order)
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         rng.shuffle(order)
-        span = self.batch_size * max(self.window, 1)
+        span = self.size * max(self.window, 1)
         out = []
         for start in range(0, len(order), span):
             chunk = order[start : start + span]
             if self.window:
                 chunk.sort(key=lambda i: -self.lengths[i])
-            out += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            out += self._split(chunk)
         rng.shuffle(out)
-        # The one short batch goes last: accelerate shards batches pairwise across processes and would
-        # drop a short batch (and its partner) found in the middle.
-        out.sort(key=lambda b: len(b) < self.batch_size)
-        return out
+        if self.batch_size is not None:
+            # The one short batch goes last: accelerate shards batches pairwise across processes and would
+            # drop a short batch (and its partner) found in the middle.
+            out.sort(key=lambda b: len(b) < self.batch_size)
+        self._cache = (self.epoch, out)
+        return [list(b) for b in out]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches())
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        if self.max_tokens is None:
+            return -(-len(self.lengths) // self.size)
+        return len(self.batches())

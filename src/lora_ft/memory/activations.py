@@ -115,13 +115,14 @@ def _decoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
     t.add("residual stream into the two norms (fp32)", 2 * 4 * h)
     t.add("norm statistics (fp32)", 2 * 4)
     # Attention: SDPA (flash / memory-efficient) saves q, k, v, its output and the log-sum-exp per head. With a
-    # padding mask (batch > 1) transformers repeats k/v to all heads first (GQA only without a mask).
-    # Under autocast SDPA saves 16-bit copies; RoPE's fp32 cos/sin keep q, k fp32 until then.
-    kv = shape.q_dim if (batch > 1 and shape.kv_heads != shape.heads) else shape.kv_dim
+    # mask (padding when batch > 1, example boundaries when packed) transformers repeats k/v to all heads first
+    # (GQA only without a mask). Under autocast SDPA saves 16-bit copies; RoPE's fp32 cos/sin keep q, k fp32.
+    masked = batch > 1 or s.packed
+    kv = shape.q_dim if (masked and shape.kv_heads != shape.heads) else shape.kv_dim
     t.add("attention q, k, v, output", (2 * shape.q_dim + 2 * kv) * a)
     t.add("attention log-sum-exp (fp32)", 4 * shape.heads)
-    if batch > 1:
-        # SDPA turns the boolean padding mask into an additive one of the query dtype, saved by every layer.
+    if masked:
+        # SDPA turns the boolean mask into an additive one of the query dtype, saved by every layer.
         t.per_token_seq.append(("attention mask, additive (batch × seq²)", a))
     if shape.attn_dropout > 0 and s.device == "cpu":  # no fused CPU kernel with dropout: see _encoder_layer
         t.per_token_seq.append(("attention probabilities: softmax, mask, dropped", shape.heads * (4 + 2 * a)))

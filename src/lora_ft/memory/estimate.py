@@ -190,6 +190,8 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
     b, L = micro_batch, seq_len
     tokens = b * L
     keep = min(L, answer_tokens + 1) if answer_tokens else max(1, math.ceil(answer_fraction * L))
+    if s.packed:  # a packed row holds many answers: plan for labels on every position
+        keep = L
     rows = static_rows(shape, s)
     static = sum(r.bytes for r in rows)
     lt = layer_terms(shape, s, b)

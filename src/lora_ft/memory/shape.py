@@ -19,6 +19,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from ..errors import UsageError
 from ..modeling.adapters import linear_modules, resolve_targets
 from ..modeling.loading import auto_class, load_config, new_head_modules, remote_code, resolve_source
+from ..objectives.causal_lm import PACKING_MODELS
 from ..objectives.chunked_loss import PLAIN_HEAD_MODELS
 from ..recipe import ModelConfig, Recipe
 
@@ -235,6 +236,7 @@ class Setting:
     r: int
     lora_dropout: float
     use_dora: bool
+    packed: bool = False  # training rows of packed examples: an attention mask even for one row
 
     @property
     def autocast(self) -> bool:
@@ -254,6 +256,19 @@ def setting_for(recipe: Recipe, device: str, bf16_supported: bool = True) -> Set
     return Setting(device="cuda" if cuda else "cpu", quant=recipe.model.quant, double_quant=recipe.model.double_quant,
                    compute=recipe.model.resolved_compute_dtype(cuda, bf16_supported),
                    gradient_checkpointing=cuda if gc == "auto" else bool(gc), r=recipe.lora.r,
-                   lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora)
+                   lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora,
+                   packed=packs(recipe))
+
+
+def packs(recipe: Recipe) -> bool:
+    """Whether training will pack (``data.packing``; as ``CausalLM.use_packing`` decides it for the default
+    attention implementation, from the config alone)."""
+    if recipe.data.packing is False or recipe.model.task != "causal_lm":
+        return False
+    return recipe.data.packing is True or _model_type(recipe) in PACKING_MODELS
+
+
+def _model_type(recipe: Recipe) -> str:
+    return getattr(load_config(resolve_source(recipe.model.name), recipe.model), "model_type", "")
 
 

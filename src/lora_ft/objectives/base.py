@@ -104,7 +104,33 @@ class Objective(ABC):
         """NEFTune's noise scale, if this objective trains with it."""
         return None
 
+    # ----------------------------------------------------------------------------------------- packing
+    def cannot_pack(self, model: torch.nn.Module) -> str | None:
+        """Why ``model``'s batches cannot be packed exactly under this objective (None: they can)."""
+        return "packing lays examples of a causal LM end to end; this objective trains on one example per row"
+
+    def collate_packed(self, rows: list[dict[str, Any]], capacity: int) -> Batch:
+        """Pack tokenized examples into rows of at most ``capacity`` tokens (``cannot_pack`` said it is exact)."""
+        raise NotImplementedError
+
+    def use_packing(self, requested: str | bool, model: torch.nn.Module) -> bool:
+        """``data.packing`` resolved for this model: ``auto`` packs wherever it is exact; ``true`` insists."""
+        if requested is False:
+            return False
+        why = self.cannot_pack(model)
+        if why is not None and requested is True:
+            raise RecipeError(f"data.packing true: {why}; set data.packing: auto (packs where it is exact) or false")
+        return why is None
+
     # ------------------------------------------------------------------------------------ optimisation
+    def tokens(self, batch: Batch) -> torch.Tensor:
+        """Real (non-padding) tokens of a batch, for the throughput log."""
+        return batch["attention_mask"].sum()
+
+    def head_positions(self, batch: Batch) -> torch.Tensor:
+        """Positions the frozen output head computes logits for (the MFU count); none for a task head."""
+        return torch.zeros((), dtype=torch.long)
+
     @abstractmethod
     def items(self, batch: Batch) -> torch.Tensor:
         """What the batch's summed loss is divided by (label tokens, examples); counted before the forward so the

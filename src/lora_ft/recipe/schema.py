@@ -139,6 +139,12 @@ class DataConfig(_Section):
     classifiers within windows of 4 only, because length can correlate with the label and single-class
     batches make training erratic (fortunes: padding 55% → 27%, batches still mix 3-4 labels). ``true``:
     windows of 64 for both; ``false``: only shuffled."""
+    packing: Literal["auto"] | bool = "auto"
+    """Training batches of a causal LM as rows of whole examples laid end to end (position ids restart on each
+    example, attention stays inside it), so no compute goes to padding. ``auto``: wherever that is exact for the
+    model and its attention implementation (``objectives.causal_lm.PACKING_MODELS``); ``true``: an error where it
+    is not. A packed micro-batch is ``train.micro_batch_size`` rows of ``max_length`` tokens (or
+    ``train.max_tokens_per_batch``), so one step sees more examples than unpacked. Evaluation is never packed."""
     augment: AugmentConfig = AugmentConfig()
     max_eval_examples: int | None = Field(None, gt=0)
     """Evaluate on at most this many examples per split (the first ones, so runs stay comparable)."""
@@ -161,6 +167,11 @@ class TrainConfig(_Section):
     """Examples per forward pass. ``auto``: the largest that fits the device's memory by the planner
     (``lora-ft plan``) at ``data.max_length``, with ``grad_accum`` derived to keep the global batch:
     ``global_batch_size`` if set, else 4 × ``grad_accum`` × processes (the default micro-batch's)."""
+    max_tokens_per_batch: int | None = Field(None, gt=0)
+    """A token cap on every micro-batch besides ``micro_batch_size``: unpacked, a batch holds at most this many
+    tokens once padded to its longest example (long examples come fewer to a batch, short ones up to
+    ``micro_batch_size``); packed, at most this many tokens of rows (at least one row). Evaluation batches get
+    ``EVAL_BATCH_FACTOR`` times the cap. With it, set ``micro_batch_size`` high and the cap bounds memory."""
     grad_accum: int = Field(1, gt=0)
     global_batch_size: int | None = Field(None, gt=0)
     """Examples per optimizer step over all processes. When set, ``grad_accum`` is derived (and a given one
@@ -182,9 +193,11 @@ class TrainConfig(_Section):
     """``auto``: on only when memory needs it, decided by the planner (``lora-ft plan``) against the device's memory
     when training starts: when the step does not fit without it, or (``micro_batch_size: auto``) when it lets a
     larger micro-batch fit. Recomputing every layer costs about a third more compute."""
-    trim_cpu_memory: bool = True
-    """On the CPU, return freed activation memory to the OS every few blocks: about half the peak RSS for
-    ~15% more time (see ``cpu_memory.py``). No effect on GPUs."""
+    trim_cpu_memory: bool | Literal["auto"] = "auto"
+    """On the CPU, return freed activation memory to the OS every few blocks (see ``cpu_memory.py``). It saves
+    RSS in proportion to the activations a step saves and costs system time on every step, so ``auto`` turns it
+    on only where the planned activations reach ``TRIM_MIN_ACTIVATIONS`` (``memory/launch.py``, with the
+    measurements). No effect on GPUs."""
     seed: int = 42
     log_every: int = Field(1, gt=0)
     checkpoint_every: int | None = Field(None, gt=0)
@@ -213,6 +226,16 @@ class TrainConfig(_Section):
         if self.micro_batch_size == "auto":  # a bug, not a user error: launch.resolve_for_launch runs first
             raise RuntimeError("train.micro_batch_size auto must be resolved before the batch sizes are derived")
         return self.micro_batch_size
+
+    def rows_per_packed_batch(self, row_tokens: int) -> int:
+        """Rows of ``row_tokens`` in a packed micro-batch: ``micro_batch_size``, fewer under the token cap."""
+        if self.max_tokens_per_batch is None:
+            return self._micro()
+        return max(1, min(self._micro(), self.max_tokens_per_batch // row_tokens))
+
+    @property
+    def eval_max_tokens(self) -> int | None:
+        return EVAL_BATCH_FACTOR * self.max_tokens_per_batch if self.max_tokens_per_batch else None
 
     @property
     def eval_batch_size(self) -> int:
@@ -328,6 +351,9 @@ class Recipe(_Section):
             # The guard's "base" is the model with the adapter switched off, which these inits have rewritten.
             raise ValueError(f"forgetting.enabled compares with the base model, which lora.init '{self.lora.init}' "
                              "rewrites: use lora.init: true, or turn the guard off")
+        if d.packing is True and self.model.task != "causal_lm":
+            raise ValueError("data.packing true lays examples of a causal LM end to end: it needs model.task "
+                             "causal_lm (set data.packing: auto or false)")
         if d.validation and d.validation_split:
             raise ValueError("give data.validation or data.validation_split, not both")
         return self

@@ -6,7 +6,8 @@ freed). During a step, activations saved for backward and short-lived temporarie
 with holes that the process keeps: measured on SmolLM2-135M NF4 (8×200 tokens), the resident peak of a step
 was 2.1× the memory its live tensors ever needed (8.0 GB against 3.8 GB). ``malloc_trim(0)`` returns the free
 pages, holes included; doing it every few transformer blocks, forward and backward, brought the peak to 3.9 GB
-for ~15% more step time (the pages are faulted in again when reused). ``train.trim_cpu_memory`` turns it off.
+for ~15% more step time (the pages are faulted in again when reused). ``train.trim_cpu_memory: auto`` turns it
+on only for steps that save enough activations to be worth it (``memory.launch.TRIM_MIN_ACTIVATIONS``).
 """
 
 from __future__ import annotations

@@ -54,22 +54,24 @@ def _held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None)
 
 
 def synthetic_batch(objective: Objective, micro_batch: int, seq_len: int, answer_fraction: float,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, packed: bool = False) -> dict:
     """A training batch as the objective collates it: random tokens, the last example 8 tokens shorter (so the
     batch carries padding, as length-grouped real batches do), and for a causal LM labels on the last
-    ``answer_fraction`` of each example (a classifier's examples get labels 0 and 1 in turn)."""
+    ``answer_fraction`` of each example (a classifier's examples get labels 0 and 1 in turn). ``packed``: rows of
+    four examples each, packed as ``data.packing`` packs them."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     low = min(1000, max(objective.tokenizer.vocab_size - 1, 2))
-    for k in range(micro_batch):
-        n = seq_len - (8 if k == micro_batch - 1 and micro_batch > 1 else 0)
+    per_row = 4 if packed else 1
+    for k in range(micro_batch * per_row):
+        n = seq_len // per_row - (8 if k == micro_batch * per_row - 1 and micro_batch * per_row > 1 else 0)
         ids = torch.randint(1, low, (n,), generator=g).tolist()
         if objective.model_task == "causal_lm":
             answer = max(2, math.ceil(answer_fraction * n))
             rows.append({"input_ids": ids, "labels": [IGNORE] * (n - answer) + ids[n - answer:]})
         else:
             rows.append({"input_ids": ids, "attention_mask": [1] * n, "labels": k % 2})
-    return objective.collate(rows)
+    return objective.collate_packed(rows, seq_len) if packed else objective.collate(rows)
 
 
 def measure_peak(recipe: Recipe, micro_batch: int, seq_len: int, answer_fraction: float = 1.0,
@@ -122,7 +124,8 @@ def _measure(recipe: Recipe, micro_batch: int, seq_len: int, answer_fraction: fl
     def on_device(batch: dict) -> dict:
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
-    batch = on_device(synthetic_batch(objective, micro_batch, seq_len, answer_fraction))
+    packed = not evaluation and objective.use_packing(recipe.data.packing, model)
+    batch = on_device(synthetic_batch(objective, micro_batch, seq_len, answer_fraction, packed=packed))
 
     def step(batch: dict, evaluation: bool = False) -> None:
         if evaluation:  # as evaluate_loader runs it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from accelerate import Accelerator
@@ -17,6 +18,7 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 
 from ..data.batching import LengthGroupedBatches
+from ..data.packing import PackedBatches
 from ..data.prepare import TaskData, prepare_data
 from ..modeling.adapters import attach_adapters, load_adapter
 from ..modeling.loading import LoadedModel, check_max_length, load_config, load_model, load_tokenizer, resolve_source
@@ -45,10 +47,21 @@ def make_accelerator(recipe: Recipe) -> tuple[Accelerator, str]:
 
 
 def make_loader(ds, batch_size: int, collate: Callable[[list[dict]], dict], shuffle: bool, seed: int,
-                window: int = 0) -> DataLoader:
+                window: int = 0, max_tokens: int | None = None) -> DataLoader:
     """Length-grouped batches of ``ds`` padded by ``collate``; ``window``: batches per length-sorted window when
-    shuffling (0: shuffle only)."""
-    sampler = LengthGroupedBatches([len(x) for x in ds["input_ids"]], batch_size, shuffle, seed, window)
+    shuffling (0: shuffle only); ``max_tokens``: a cap on a padded batch's tokens."""
+    sampler = LengthGroupedBatches([len(x) for x in ds["input_ids"]], batch_size, shuffle, seed, window, max_tokens)
+    return _loader(ds, sampler, collate, seed)
+
+
+def make_packed_loader(ds, capacity: int, rows: int, collate: Callable[[list[dict], int], dict],
+                       seed: int) -> DataLoader:
+    """Training batches of ``rows`` rows of whole examples packed to ``capacity`` tokens (``data.packing``)."""
+    sampler = PackedBatches([len(x) for x in ds["input_ids"]], capacity, rows, seed)
+    return _loader(ds, sampler, partial(collate, capacity=capacity), seed)
+
+
+def _loader(ds, sampler, collate: Callable, seed: int) -> DataLoader:
     # A private generator: creating an iterator would otherwise draw from the global RNG, so a resumed run
     # (which creates its iterator after restoring the RNG) would see different dropout masks.
     return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator().manual_seed(seed))

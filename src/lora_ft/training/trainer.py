@@ -40,9 +40,10 @@ from .neftune import activate_neftune
 from .param_groups import param_groups
 from .report import final_metrics, peak_memory, plot_curves, tracker_config, tracker_run
 from .resume import abandon_after, check_recipe_fits, keep_new_hyperparameters, start_point
-from .session import Session, make_accelerator, make_loader, setup
+from .session import Session, make_accelerator, make_loader, make_packed_loader, setup
 from .signals import Interrupted, Signals, requested
 from .state import LoopState
+from .throughput import count_flop_weights, matmul_peak
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +145,10 @@ class Trainer:
         """Loaders, optimizer and schedule, prepared by Accelerate; the hooks and guards the loop uses."""
         s, tc, acc = self.session, self.tc, self.accelerator
         self.objective, tok, heads = s.objective, s.loaded.tokenizer, s.loaded.head_modules
-        window = LengthGroupedBatches.window_for(self.recipe.data.group_by_length, self.objective.length_window)
-        self.augmenter = self.objective.token_augmenter(self.recipe.data.augment, tc.seed)
-        train_loader = make_loader(s.data.splits["train"], tc.micro_batch_size,
-                                   partial(self.objective.collate, augment=self.augmenter), True, tc.seed, window)
+        train_loader = self._train_loader()
         self.sampler = train_loader.batch_sampler  # kept: the loop sets its epoch (accelerate wraps the loader)
-        eval_loaders = {n: make_loader(ds, tc.eval_batch_size, self.objective.collate, False, tc.seed)
+        eval_loaders = {n: make_loader(ds, tc.eval_batch_size, self.objective.collate, False, tc.seed,
+                                       max_tokens=tc.eval_max_tokens)
                         for n, ds in s.data.splits.items() if n != "train"}
         optimizer = torch.optim.AdamW(param_groups(s.model, tc, heads), lr=tc.lr, weight_decay=tc.weight_decay)
         self.model, self.optimizer, self.train_loader = acc.prepare(s.model, optimizer, train_loader)
@@ -171,6 +170,23 @@ class Trainer:
                                           self.recipe.data.max_length) if fg.enabled else None
         self.validating = "validation" in self.eval_loaders
 
+    def _train_loader(self):
+        """Packed rows where ``data.packing`` allows it for this model, else length-grouped examples (augmented
+        where the recipe asks)."""
+        s, tc, d = self.session, self.tc, self.recipe.data
+        self.packing = self.objective.use_packing(d.packing, s.model)
+        self.augmenter = self.objective.token_augmenter(d.augment, tc.seed)
+        train = s.data.splits["train"]
+        if self.packing:
+            loader = make_packed_loader(train, d.max_length, tc.rows_per_packed_batch(d.max_length),
+                                        self.objective.collate_packed, tc.seed)
+            log.info("packing: %d rows of up to %d tokens per micro-batch, filled to %.1f%%",
+                     tc.rows_per_packed_batch(d.max_length), d.max_length, 100 * loader.batch_sampler.fill())
+            return loader
+        window = LengthGroupedBatches.window_for(d.group_by_length, self.objective.length_window)
+        return make_loader(train, tc.micro_batch_size, partial(self.objective.collate, augment=self.augmenter),
+                           True, tc.seed, window, tc.max_tokens_per_batch)
+
     def _start_folder(self, compute: str) -> None:
         """Write the resolved recipe and the run's facts (main process); start the trackers."""
         s, tc, world = self.session, self.tc, self.accelerator.num_processes
@@ -178,9 +194,10 @@ class Trainer:
                      "targets": sorted(self.unwrapped.peft_config["default"].target_modules),
                      "head_modules": s.loaded.head_modules, "compute_dtype": compute, "world_size": world,
                      "global_batch": tc.global_batch(world), "grad_accum": tc.grad_accum,
-                     "total_steps": self.total_steps, "data": s.data.stats}
-        log.info("global batch %d = micro_batch_size %d × grad_accum %d × %d process(es); %d optimizer steps",
-                 self.info["global_batch"], tc.micro_batch_size, tc.grad_accum, world, self.total_steps)
+                     "total_steps": self.total_steps, "packing": self.packing, "data": s.data.stats}
+        unit = f"rows of up to {self.recipe.data.max_length} tokens" if self.packing else "examples"
+        log.info("global batch %d %s = micro_batch_size %d × grad_accum %d × %d process(es); %d optimizer steps",
+                 self.info["global_batch"], unit, tc.micro_batch_size, tc.grad_accum, world, self.total_steps)
         if self.accelerator.is_main_process:
             if self.resume is not None:
                 abandon_after(self.folder, self.resume_from)
@@ -290,7 +307,8 @@ class Trainer:
                 loss = self.objective.loss(self.model, batch)
                 acc.backward(loss * self.loss_scale / n_items)  # see loss_scale
             loss_sum += loss.detach()
-            self.tokens += batch["attention_mask"].sum()
+            self.tokens += self.objective.tokens(batch)
+            self.head_positions += self.objective.head_positions(batch).to(self.tokens.device)
         norm = acc.clip_grad_norm_(self.params, self.tc.max_grad_norm) if self.tc.max_grad_norm else None
         self.optimizer.step()
         self.scheduler.step()
@@ -305,6 +323,8 @@ class Trainer:
         neftune = activate_neftune(self.unwrapped, alpha) if alpha else None
         untrim = release_freed_memory(self.unwrapped) if tc.trim_cpu_memory and acc.device.type == "cpu" else None
         self.tokens, self.train_time = torch.zeros((), device=acc.device), 0.0
+        self.head_positions = torch.zeros((), device=acc.device)
+        self.flop_weights = count_flop_weights(self.unwrapped)
         self.first_bad = torch.zeros((), dtype=torch.long, device=acc.device)  # first non-finite step, 0: none
         if self._rng is not None:  # last, so nothing between restore and the first step draws numbers
             ckpt.set_rng_state(self._rng, acc.process_index)
@@ -341,16 +361,22 @@ class Trainer:
         self.check_finite()
         st, acc = self.state, self.accelerator
         loss = (acc.reduce(loss_sum, "sum") / n_items).item()
+        tokens = self.tokens.item()
         row = {"step": st.step, "epoch": st.epoch_progress(len(self.train_loader)), "loss": loss,
-               "lr": self.scheduler.get_last_lr()[0],
-               "tokens_per_s": self.tokens.item() * acc.num_processes / self.train_time}
+               "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens * acc.num_processes / self.train_time,
+               "mfu": self.flop_weights.step(tokens, self.head_positions.item()) / self.train_time / self.peak()}
         if norm is not None:
             row["grad_norm"] = float(norm)
         st.watch.record(loss)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=f"{row['mfu']:.0%}")
         acc.log({k: v for k, v in row.items() if k != "step"}, step=st.step)  # the trackers' own step axis
         if acc.is_main_process:
             self.folder.log(row)
+
+    def peak(self) -> float:
+        """This device's matmul peak in the compute dtype (measured once per process): MFU's denominator."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.info["compute_dtype"], torch.float32)
+        return matmul_peak(str(self.accelerator.device), dtype)
 
     def _maybe_evaluate(self) -> None:
         """Validation every ``eval_every`` steps, or at the end of each epoch when that is unset (the last step is
