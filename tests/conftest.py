@@ -117,6 +117,15 @@ def save_random_llama(tmp_path_factory, name: str, **sizes) -> Path:
     return save_random_model(tmp_path_factory, name, LlamaForCausalLM, cfg, tok)
 
 
+
+@pytest.fixture(scope="session", autouse=True)
+def trackio_dir(tmp_path_factory) -> Path:
+    """Trackio keeps its databases in TRACKIO_DIR, read once when trackio is first imported (by a run that tracks
+    with it, never at collection): the tests' runs go to pytest's temporary folder, not ~/.cache/huggingface."""
+    path = tmp_path_factory.mktemp("trackio")
+    os.environ["TRACKIO_DIR"] = str(path)
+    return path
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer random Llama (causal LM) with a ChatML template, saved as a local model folder."""

@@ -146,6 +146,29 @@ def test_dry_run_merged_folder_opens_with_transformers_and_shows_fidelity(chat_r
     assert torch.equal(_logits(model, tok, ["hello cow"]), _logits(reference, tok, ["hello cow"]))
 
 
+@pytest.mark.parametrize("what", ["adapter", "merged"])
+def test_the_cards_code_loads_exactly_what_was_uploaded(what, chat_run, tiny_llama, tmp_path, no_network, monkeypatch,
+                                                        capsys):
+    run = copy_run(chat_run, tmp_path / "run")
+    if what == "merged":
+        merge_run(run, examples=8)
+    assert main(["push", str(run), "--repo", "alice/tiny-chat", "--dry-run"]
+                + (["--merged"] if what == "merged" else [])) == 0
+    folder = run / "hub"
+    code = usage_code(ModelCard.load(folder / "README.md")).replace('"alice/tiny-chat"', repr(str(folder)))
+    # The folder stands in for the repository; the base, a local folder without a Hub id, is published under its
+    # folder name, which resolves from the folder above it.
+    monkeypatch.chdir(tiny_llama.parent)
+    scope: dict = {}
+    exec(code, scope)  # the whole snippet: load, apply the chat template, generate
+    assert capsys.readouterr().out.strip()
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = ["<|im_start|>user\nWhat does the cow say?<|im_end|>\n<|im_start|>assistant\n"]
+    reference = AutoModelForCausalLM.from_pretrained(run / "merged") if what == "merged" else \
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run / "adapter")
+    assert torch.equal(_logits(scope["model"], tok, texts), _logits(reference.eval(), tok, texts))
+
+
 def test_push_uploads_the_built_folder_and_writes_the_token_nowhere(chat_run, token_env, monkeypatch, caplog,
                                                                    capsys):
     calls = {}
@@ -441,3 +464,56 @@ def test_card_metadata_names_hub_datasets_and_the_base_license(chat_run, tiny_ll
     assert main(["push", str(run), "--repo", "alice/ds", "--dry-run", "--base-model", BASE_ID]) == 0
     card = ModelCard.load(run / "hub" / "README.md")
     assert card.data.datasets == ["org/ds"] and card.data.license == "mit" and card.data.base_model == BASE_ID
+
+
+def test_card_metadata_carries_the_results_as_model_index(chat_run, tmp_path, no_network):
+    run = copy_run(chat_run, tmp_path / "run")
+    assert main(["push", str(run), "--repo", "alice/tiny-chat", "--dry-run", "--base-model", BASE_ID]) == 0
+    card = ModelCard.load(run / "hub" / "README.md")  # parses the YAML model-index back into EvalResults
+    after = json.loads((run / "eval_results.json").read_text())["after"]
+    got = {(r.dataset_split, r.metric_type): r for r in card.data.eval_results}
+    assert set(got) == {(s, m) for s, ms in after.items() for m in ms if m not in ("examples", "tokens")}
+    for (split, metric), r in got.items():
+        assert r.metric_value == pytest.approx(after[split][metric], rel=1e-5)
+        assert r.task_type == "text-generation" and r.dataset_type == f"{split}.jsonl"
+    assert card.data.model_name == "tiny-chat"
+
+
+def test_push_gguf_without_an_export_is_one_line_with_exit_2(chat_run, tmp_path, no_network, capsys):
+    run = copy_run(chat_run, tmp_path / "run")
+    assert main(["push", str(run), "--repo", "alice/tiny-gguf", "--gguf", "--dry-run"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lora-ft:")]
+    assert len(err) == 1 and "no passing GGUF export is recorded" in err[0] and "lora-ft export" in err[0]
+
+
+def test_push_gguf_uploads_the_file_its_modelfile_and_a_card_that_runs_it(chat_run, tmp_path, no_network, capsys):
+    from lora_ft.shipping.export import export_run
+
+    run = copy_run(chat_run, tmp_path / "run")
+    pushed = Path(export_run(run, "q8_0", examples=8)["out"])
+    export_run(run, "f16", examples=8)  # a later export: the Modelfile beside them now names the F16 file
+    assert f"FROM ./{run.name}-F16.gguf" in (pushed.parent / "Modelfile").read_text()
+    assert main(["push", str(run), "--repo", "alice/tiny-gguf", "--gguf", str(pushed), "--dry-run",
+                 "--base-model", BASE_ID]) == 0
+    result = json.loads(capsys.readouterr().out)
+    folder = run / "hub"
+    assert set(result["files"]) == {pushed.name, "Modelfile", "README.md", "eval_results.json", "export_report.json",
+                                    "curves.png", RECIPE_FILE} and not result["uploaded"]
+    assert (folder / pushed.name).read_bytes() == pushed.read_bytes()
+    assert f"FROM ./{pushed.name}\n" in (folder / "Modelfile").read_text()
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "gguf" and {"gguf", "llama.cpp", "ollama"} <= set(card.data.tags)
+    assert card.data.base_model == BASE_ID and card.data.eval_results
+    assert "llama-cli -hf alice/tiny-gguf:Q8_0 -cnv" in card.text
+    assert "ollama run hf.co/alice/tiny-gguf:Q8_0" in card.text
+    assert f"hf download alice/tiny-gguf {pushed.name} Modelfile" in card.text and "## GGUF fidelity" in card.text
+    # The card's transformers snippet, pointed at the folder standing in for the repository, loads the file.
+    code = usage_code(card).replace('"alice/tiny-gguf"', repr(str(folder)))
+    scope: dict = {}
+    exec(code, scope)
+    tok = AutoTokenizer.from_pretrained(run / "adapter")
+    reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=pushed.name)
+    assert torch.equal(_logits(scope["model"], tok, ["hello cow"]), _logits(reference, tok, ["hello cow"]))
+    # --latest by default: the newest passing export
+    assert main(["push", str(run), "--repo", "alice/tiny-gguf", "--gguf", "--dry-run"]) == 0
+    assert f"{run.name}-F16.gguf" in json.loads(capsys.readouterr().out)["files"]

@@ -1,7 +1,10 @@
 """``lora-ft sweep``: every combination runs, results are ranked, failures are reported, not fatal."""
 
 import csv
+import importlib.util
 import json
+import sqlite3
+from pathlib import Path
 
 import pytest
 import yaml
@@ -50,6 +53,34 @@ def test_failed_trial_is_reported_not_fatal(tiny_llama, chat_data, tmp_path, cap
     code = main(["sweep", str(recipe), "--grid", "lora.target_modules=[q_proj],[nope]"])
     out = capsys.readouterr().out
     assert code == 0 and "status=ok" in out and "status=failed" in out and "match no linear layer" in out
+
+
+def test_sweep_trials_are_runs_of_one_tracker_experiment(tiny_llama, chat_data, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    trackers = ["mlflow"] + (["trackio"] if importlib.util.find_spec("trackio") else [])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_llama)}, "data": {"train": str(chat_data["train"])},
+        "train": {"max_steps": 2, "trackers": trackers}, "output_dir": str(tmp_path / "exp")}))
+    rows = run_sweep(str(recipe), ["lora.r=2,4"])
+    client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    experiment = client.get_experiment_by_name("lora_ft-sweep-exp")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(Path(r["output_dir"]).name for r in rows)
+    assert sorted(r.data.params["lora.r"] for r in runs) == ["2", "4"]
+    assert all(len(client.get_metric_history(r.info.run_id, "loss")) == 2 for r in runs)
+    if "trackio" in trackers:  # one Trackio project, its runs in one group (read from Trackio's SQLite database)
+        from trackio.sqlite_storage import SQLiteStorage
+
+        db = sqlite3.connect(SQLiteStorage.get_project_db_path("lora_ft-sweep-exp"))
+        groups = {name: json.loads(config)["_Group"] for name, config in
+                  db.execute("SELECT run_name, config FROM configs")}
+        db.close()
+        assert groups == {Path(r["output_dir"]).name: "lora_ft-sweep-exp" for r in rows}
 
 
 def _sweep_recipe(tmp_path, tiny_llama, chat_data):

@@ -32,7 +32,7 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     if not verbose:
         # Library chatter (load reports, bitsandbytes kernel notices) would bury our own messages.
-        for name in ("transformers", "datasets", "accelerate", "peft", "bitsandbytes", "httpx", "filelock"):
+        for name in ("transformers", "datasets", "accelerate", "peft", "bitsandbytes", "httpx", "filelock", "gguf"):
             logging.getLogger(name).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -112,6 +112,7 @@ def _export_parsers(sub) -> None:
     p.add_argument("--data", default=None, type=arg.path, metavar="FILE", help="compare on this file instead of the "
                    "run's validation data")
     p.add_argument("--max-shard-size", default="5GB", type=arg.size, help="safetensors shard size (default 5GB)")
+    _gguf_parser(sub)
     p = sub.add_parser("push", help="upload a run's adapter (or merged model) with a model card to the Hub")
     p.add_argument("run_dir", type=arg.path)
     p.add_argument("--repo", required=True, type=arg.text, metavar="USER/NAME",
@@ -120,6 +121,8 @@ def _export_parsers(sub) -> None:
                    "RUN_DIR/merged, else the latest passing 'merge --out DIR' in merge_report.json")
     p.add_argument("--merged-dir", default=None, type=arg.path, metavar="DIR", help="push the merged model in DIR (a "
                    "folder written by 'lora-ft merge RUN_DIR --out DIR' for this run; implies --merged)")
+    p.add_argument("--gguf", nargs="?", const="latest", default=None, type=arg.path, metavar="FILE",
+                   help="push a GGUF export and its Modelfile instead: the latest passing one, or FILE")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/hub (what would be uploaded) only")
     p.add_argument("--base-model", default=None, type=arg.text, metavar="ID", help="the base's Hub id, when the "
@@ -145,6 +148,20 @@ def _export_parsers(sub) -> None:
         p.add_argument("--max-new-tokens", type=arg.integer(1), default=256)
         p.add_argument("--temperature", type=arg.number(0), default=0.0, help="0 = greedy (default)")
         p.add_argument("--top-p", type=arg.number(0, 1, low_open=True), default=1.0)
+
+
+def _gguf_parser(sub) -> None:
+    """``lora-ft export``: the run's merged model as one GGUF file (``shipping/export.py``)."""
+    p = sub.add_parser("export", help="write the merged model as one GGUF file (llama.cpp, Ollama), proven faithful")
+    p.add_argument("run_dir", type=arg.path)
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="file format (gguf)")
+    p.add_argument("--quant", default="q8_0", help="f32, f16, bf16, q8_0 (default), q5_1, q5_0, q4_1 or q4_0")
+    p.add_argument("--out", default=None, type=arg.path, metavar="FILE", help="the .gguf file "
+                   "(RUN_DIR/gguf/<run>-<QUANT>.gguf); an Ollama Modelfile is written beside it")
+    p.add_argument("--force", action="store_true", help="keep the file even above the fidelity limit")
+    p.add_argument("--examples", type=arg.integer(1), default=64, metavar="N", help="held-out examples to compare on")
+    p.add_argument("--data", default=None, type=arg.path, metavar="FILE", help="compare on this file instead of the "
+                   "run's validation data")
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -219,10 +236,20 @@ def _cmd_merge(args, argv) -> int:
     return 0
 
 
+def _cmd_export(args, argv) -> int:
+    from .shipping.export import export_run
+
+    entry = export_run(args.run_dir, args.quant, args.out, args.force, args.examples, args.data)
+    print(json.dumps(entry, indent=2))
+    print(f"GGUF written to {entry['out']}")
+    return 0
+
+
 def _cmd_push(args, argv) -> int:
     from .shipping.hub import push
 
-    result = push(args.run_dir, args.repo, args.merged, args.private, args.dry_run, args.base_model, args.merged_dir)
+    result = push(args.run_dir, args.repo, args.merged, args.private, args.dry_run, args.base_model, args.merged_dir,
+                  args.gguf)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -252,7 +279,7 @@ def _cmd_infer(args, argv) -> int:
 
 COMMANDS = {"validate": _cmd_validate, "sweep": _cmd_sweep, "inspect": _cmd_inspect, "plan": _cmd_plan,
             "train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "push": _cmd_push, "chat": _cmd_infer,
-            "generate": _cmd_infer, "predict": _cmd_infer}
+            "generate": _cmd_infer, "predict": _cmd_infer, "export": _cmd_export}
 
 
 def _plan(recipe, args) -> str:

@@ -38,6 +38,9 @@ CHECKPOINTS = "checkpoints"
 MERGED = "merged"
 HUB = "hub"
 MERGE_REPORT = "merge_report.json"
+EXPORT_REPORT = "export_report.json"
+GGUF_DIR = "gguf"
+"""``lora-ft export --format gguf`` writes its files (and the Ollama Modelfile) here unless told otherwise."""
 MERGE_MARKER = "lora_ft_merge.json"
 """Written into every merged folder: ``merge --out`` only ever replaces a folder carrying this run's marker."""
 START_ADAPTER = "start_adapter"
@@ -49,7 +52,7 @@ LOCK = ".lora_ft.lock"
 REPLACED = ".lora_ft.replaced"
 """``--overwrite``: the old run's outputs wait here until the new run has saved something of its own."""
 OUTPUTS = (CHECKPOINTS, ADAPTER, MERGED, HUB, START_ADAPTER, RUN_CONFIG, RUN_INFO, METRICS, RESULTS, CURVES,
-           MERGE_REPORT)
+           MERGE_REPORT, GGUF_DIR, EXPORT_REPORT)
 """What belongs to a run (``--overwrite`` replaces these; other files in the folder stay). ``OBJECTIVE_CACHE`` is
 not: it is keyed by the data and the starting model, and the new run has just written its own there."""
 
@@ -186,6 +189,13 @@ class RunFolder:
 
     def write_json(self, name: str, value: Any) -> None:
         write_text(self.path / name, json.dumps(value, indent=2))
+
+    def record(self, name: str, key: str, entry: Any) -> Path:
+        """Add (or replace) one entry of a JSON report (``merge_report.json``, ``export_report.json``)."""
+        report = self.read_json(name)
+        report[key] = entry
+        self.write_json(name, report)
+        return self.path / name
 
     def read_json(self, name: str) -> Any:
         path = self.path / name

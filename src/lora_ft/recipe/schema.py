@@ -206,7 +206,10 @@ class TrainConfig(_Section):
     log_every: int = Field(1, gt=0)
     checkpoint_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
-    trackers: list[Literal["tensorboard", "wandb"]] = []
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive",
+                           "swanlab"]] = []
+    """Experiment trackers (Accelerate's), each used when its package is installed (a warning names the missing
+    ones): per-step loss, evaluation and forgetting metrics, predicted vs measured peak memory, the recipe."""
 
     @field_validator("micro_batch_size", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..data.reading import READERS
@@ -91,6 +91,39 @@ def _hub_datasets(run: Run) -> list[str] | None:
         if spec and Path(spec).suffix.lower() not in READERS and not Path(spec).exists() and spec not in ids:
             ids.append(spec)
     return ids or None
+
+
+def _dataset_id(run: Run, split: str) -> str:
+    """The dataset a split came from, for model-index: its Hub id, else its file name (a validation split carved
+    from the training data names the training data)."""
+    d = run.recipe.data
+    spec = getattr(d, split, None) if split in ("validation", "test") else None
+    spec = spec or d.train or "unknown"
+    local = Path(spec).suffix.lower() in READERS or Path(spec).exists()
+    return Path(spec).name if local else spec
+
+
+def eval_results(run: Run) -> list[EvalResult] | None:
+    """The results after training (``eval_results.json``) as model-index entries, which the Hub shows on the
+    model page: one per split and metric, and the forgetting guard's metrics on its general text."""
+    path = run.dir / RESULTS
+    if not path.is_file():
+        return None
+    _, after, forgetting = split_results(json.loads(path.read_text()))
+    task = PIPELINE_TAGS[run.recipe.model.task]
+    splits = {split: (_dataset_id(run, split), metrics) for split, metrics in after.items()}
+    if forgetting.get("after"):
+        splits["forgetting"] = ("lora_ft general text (forgetting guard)", forgetting["after"])
+    results = []
+    for split, (dataset, metrics) in splits.items():
+        for metric, value in metrics.items():
+            if metric in ("examples", "tokens") or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            results.append(EvalResult(task_type=task, dataset_type=dataset, dataset_name=f"{dataset} ({split})",
+                                      dataset_split=split, metric_type=metric, metric_value=round(float(value), 6),
+                                      metric_name=f"{split} {FORGETTING_ROWS.get(metric, metric)}"
+                                      if split == "forgetting" else f"{split} {metric}"))
+    return results or None
 
 
 def _fmt(v: Any) -> str:
@@ -252,6 +285,7 @@ def build_card(run: Run, repo_id: str, merged: bool, base_id: str | None, licens
         pipeline_tag=PIPELINE_TAGS[r.model.task], tags=tags, datasets=_hub_datasets(run), license=license,
         # A merged LoRA is a fine-tune of the base (the Hub's "merge" means merging several models).
         **({"base_model_relation": "finetune"} if merged and base_id else {}),
+        eval_results=eval_results(run), model_name=repo_id.split("/")[-1],  # model-index needs a model name
     )
     bnb = None if merged else bnb_config_source(run)
     usage = ["## Usage", ""]
@@ -304,3 +338,54 @@ def _usage(task: str, repo_id: str, merged: bool, base_id: str | None, info: dic
             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
 
 
+
+
+# -------------------------------------------------------------------------------------------------- GGUF
+def _gguf_usage(repo_id: str, file: str, quant: str) -> list[str]:
+    """How to run the uploaded GGUF: llama.cpp, Ollama (the Hub's own route, or this repo's Modelfile),
+    transformers. llama.cpp and Ollama pick a repository's file by the quantization tag in its name."""
+    name = repo_id.split("/")[-1].lower()
+    return ["## Usage", "",
+            "llama.cpp (`-hf` downloads the file; `-cnv` chats with the chat template stored in the file):", "",
+            "```bash", f"llama-cli -hf {repo_id}:{quant} -cnv",
+            f"llama-server -hf {repo_id}:{quant}   # OpenAI-compatible server on port 8080",
+            f"# or with the file downloaded: llama-cli -m {file} -cnv", "```", "",
+            "Ollama, straight from the Hub, or with this repository's `Modelfile` (its chat template, stop tokens "
+            "and system prompt are the ones the model was trained with):", "",
+            "```bash", f"ollama run hf.co/{repo_id}:{quant}",
+            f"hf download {repo_id} {file} Modelfile --local-dir {name}",
+            f"cd {name} && ollama create {name} -f Modelfile && ollama run {name}", "```", "",
+            "transformers (de-quantizes the file on load):", "",
+            "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", gguf_file="{file}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", gguf_file="{file}")', "```", ""]
+
+
+def _gguf_fidelity(e: dict[str, Any]) -> list[str]:
+    t = e["tokenizer"]
+    return ["## GGUF fidelity", "",
+            f"The file was read back with transformers' GGUF loader (an independent reader) and compared with the "
+            f"adapter model on {e['positions']} {e['compared']} of {e['examples']} {e['data']} examples; the "
+            f"tokenizer rebuilt from the file gave identical token ids on {t['identical']} of {t['texts']}:", "",
+            "| type | size | mean KL (nats) | max KL | top-1 agreement | loss adapter | loss GGUF |",
+            "|---|---|---|---|---|---|---|",
+            f"| {e['quant'].upper()} | {e['size_bytes'] / 1e6:.1f} MB | {e['kl_mean']:.3g} | {e['kl_max']:.3g} | "
+            f"{e['top1_agreement']:.4f} | {e['loss_adapter']:.4f} | {e['loss_gguf']:.4f} |", ""]
+
+
+def build_gguf_card(run: Run, repo_id: str, base_id: str | None, license: str | None,
+                    entry: dict[str, Any]) -> ModelCard:
+    """The card of a GGUF export (``export_report.json`` ``entry``): what it is, how it was checked, how to
+    run it with llama.cpp, Ollama or transformers."""
+    r, quant, file = run.recipe, entry["quant"].upper(), Path(entry["out"]).name
+    tags = ["lora_ft", "lora", "gguf", "llama.cpp", "ollama", PIPELINE_TAGS[r.model.task]] \
+        + (["qlora"] if r.model.quant != "none" else [])
+    data = ModelCardData(base_model=base_id, library_name="gguf", pipeline_tag=PIPELINE_TAGS[r.model.task],
+                         tags=tags, datasets=_hub_datasets(run), license=license,
+                         **({"base_model_relation": "finetune"} if base_id else {}),
+                         eval_results=eval_results(run), model_name=repo_id.split("/")[-1])
+    what = [f"This repository holds it as one GGUF file, `{file}` ({quant}), for llama.cpp, Ollama, LM Studio "
+            "and other GGUF runtimes.", ""]
+    lines = [*_intro(run, repo_id, True, base_id), *what, *_measurements(run, None), *_gguf_fidelity(entry),
+             *_gguf_usage(repo_id, file, quant), *_training(run)]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))

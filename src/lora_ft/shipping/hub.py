@@ -22,6 +22,7 @@ from ..errors import PublishError, RunError, UsageError
 from ..recipe import Recipe, looks_local
 from ..run import (
     CURVES,
+    EXPORT_REPORT,
     HUB,
     MERGE_MARKER,
     MERGE_REPORT,
@@ -35,7 +36,8 @@ from ..run import (
     saved_merges,
 )
 from ..storage import write_folder
-from .card import RECIPE_FILE, base_license, base_model_id, build_card, check_repo_id
+from .card import RECIPE_FILE, base_license, base_model_id, build_card, build_gguf_card, check_repo_id
+from .export import latest_export, write_modelfile
 
 log = logging.getLogger(__name__)
 
@@ -110,38 +112,55 @@ def _place(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst)
 
 
-def build_hub_folder(run_dir: str | Path, repo_id: str, merged: bool = False, base_model: str | None = None,
-                     merged_dir: str | Path | None = None) -> Path:
-    """Write ``RUN_DIR/hub``: exactly what ``push`` uploads (rebuilt from scratch each time). ``merged_dir``
-    (implies ``merged``) names the merged folder; by default ``run.merged_folder`` finds it."""
-    check_repo_id(repo_id)
-    merged = merged or merged_dir is not None
-    run = open_run(run_dir)
-    base_id = base_model_id(run, base_model)
-    if base_id is None:
-        log.warning("the base model %s has no known Hub id: the card has no base_model (pass --base-model ID)",
-                    run.recipe.model.name)
+def _merged_source(run: Run, merged_dir: str | Path | None) -> tuple[Path, dict[str, Any] | None]:
+    """The merged folder to push (``--merged-dir``, else ``merged_folder``), refused unless it is a merge of this
+    run, and the report entry of the merge that wrote it."""
     merged_path = Path(merged_dir) if merged_dir else merged_folder(run)
-    if merged and not (merged_path / "config.json").is_file():
+    if not (merged_path / "config.json").is_file():
         raise RunError(f"{merged_path} holds no merged model; run 'lora-ft merge {run.dir}' first, or name "
-                          "the folder of a merge written with --out: --merged-dir DIR")
-    if merged and not is_merge_of(run, merged_path):
+                       "the folder of a merge written with --out: --merged-dir DIR")
+    if not is_merge_of(run, merged_path):
         owner = merge_owner(merged_path)
         raise RunError(f"{merged_path} is not a merge of {run.dir} ("
                        + (f"it was merged from {owner}" if owner else "no lora_ft merge marker: e.g. a base model")
                        + f"); push a folder written by 'lora-ft merge {run.dir} [--out DIR]'")
-    merge_entry = _merge_entry(run, merged_path) if merged else None
-    if merged and merge_entry is None:
+    merge_entry = _merge_entry(run, merged_path)
+    if merge_entry is None:
         log.warning("%s has no entry for %s: the card shows no merge fidelity", MERGE_REPORT, merged_path)
+    return merged_path, merge_entry
+
+
+def build_hub_folder(run_dir: str | Path, repo_id: str, merged: bool = False, base_model: str | None = None,
+                     merged_dir: str | Path | None = None, gguf: str | Path | None = None) -> Path:
+    """Write ``RUN_DIR/hub``: exactly what ``push`` uploads (rebuilt from scratch each time). ``merged_dir``
+    (implies ``merged``) names the merged folder; by default ``run.merged_folder`` finds it. ``gguf``: a GGUF
+    export instead (``"latest"``: the latest passing one in ``export_report.json``), with its Modelfile."""
+    check_repo_id(repo_id)
+    merged = merged or merged_dir is not None
+    run = open_run(run_dir)
+    gguf_entry = None
+    if gguf is not None:
+        if merged:
+            raise UsageError("--gguf and --merged/--merged-dir push different things: choose one")
+        gguf_entry = latest_export(run, None if gguf == "latest" else gguf)
+    base_id = base_model_id(run, base_model)
+    if base_id is None:
+        log.warning("the base model %s has no known Hub id: the card has no base_model (pass --base-model ID)",
+                    run.recipe.model.name)
+    merged_path, merge_entry = _merged_source(run, merged_dir) if merged else (None, None)
     license_ = base_license(run, base_id)
     public = dataclasses.replace(run, recipe=public_recipe(run.recipe, base_id),
                                  info={**run.info, "source": _public(run.info.get("source"), base_id)})
 
     def write(tmp: Path) -> None:
-        for f in sorted((merged_path if merged else run.adapter_dir).iterdir()):
+        source = merged_path if merged else run.adapter_dir
+        files = [Path(gguf_entry["out"])] if gguf_entry else sorted(source.iterdir())
+        for f in files:
             if f.is_file() and f.name not in SKIP_FILES:
                 _place(f, tmp / f.name)
-        if not merged:
+        if gguf_entry:  # written for this file: the Modelfile beside the export may name a later one
+            write_modelfile(run, files[0].name, tmp)
+        elif not merged:
             # peft stored the local path training used; on the Hub, AutoPeftModel* must find the base by its id.
             cfg = json.loads((tmp / "adapter_config.json").read_text())
             cfg["base_model_name_or_path"] = base_id or public.recipe.model.name
@@ -149,12 +168,15 @@ def build_hub_folder(run_dir: str | Path, repo_id: str, merged: bool = False, ba
         for name in (CURVES, RESULTS):
             if (run.dir / name).is_file():
                 _place(run.dir / name, tmp / name)
-        if merged and merge_entry is not None:
+        reports = (MERGE_REPORT,) if merged and merge_entry is not None else (EXPORT_REPORT,) if gguf_entry else ()
+        for name in reports:  # with file names where the run's report has local paths
             report = {k: {**e, "out": Path(e["out"]).name} if isinstance(e, dict) and e.get("out") else e
-                      for k, e in run.folder.read_json(MERGE_REPORT).items()}
-            (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
+                      for k, e in run.folder.read_json(name).items()}
+            (tmp / name).write_text(json.dumps(report, indent=2), encoding="utf-8")
         (tmp / RECIPE_FILE).write_text(public.recipe.dump(), encoding="utf-8")
-        build_card(public, repo_id, merged, base_id, license_, merge_entry).save(tmp / "README.md")
+        card = build_gguf_card(public, repo_id, base_id, license_, gguf_entry) if gguf_entry \
+            else build_card(public, repo_id, merged, base_id, license_, merge_entry)
+        card.save(tmp / "README.md")
 
     # Built aside and renamed in: stale files of an earlier build are never uploaded, and a signal or a full disk
     # leaves the previous folder as it was.
@@ -175,16 +197,17 @@ def _assert_no_token(folder: Path, token: str) -> None:
 
 
 def push(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool = False, dry_run: bool = False,
-         base_model: str | None = None, merged_dir: str | Path | None = None) -> dict[str, Any]:
+         base_model: str | None = None, merged_dir: str | Path | None = None,
+         gguf: str | Path | None = None) -> dict[str, Any]:
     """Build the Hub folder and (unless ``dry_run``) upload it to ``repo_id``."""
     merged = merged or merged_dir is not None
     with RunFolder(run_dir).lock():  # no training or merge rewrites the run while it is packed and uploaded
-        return _push(run_dir, repo_id, merged, private, dry_run, base_model, merged_dir)
+        return _push(run_dir, repo_id, merged, private, dry_run, base_model, merged_dir, gguf)
 
 
 def _push(run_dir: str | Path, repo_id: str, merged: bool, private: bool, dry_run: bool, base_model: str | None,
-          merged_dir: str | Path | None) -> dict[str, Any]:
-    folder = build_hub_folder(run_dir, repo_id, merged, base_model, merged_dir)
+          merged_dir: str | Path | None, gguf: str | Path | None = None) -> dict[str, Any]:
+    folder = build_hub_folder(run_dir, repo_id, merged, base_model, merged_dir, gguf)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     result: dict[str, Any] = {"repo": repo_id, "folder": str(folder), "files": files, "uploaded": False}
     if dry_run:
@@ -195,11 +218,12 @@ def _push(run_dir: str | Path, repo_id: str, merged: bool, private: bool, dry_ru
         raise UsageError("no Hugging Face token found: set HF_TOKEN or run 'hf auth login', then push again "
                           "(--dry-run builds the folder without one)")
     _assert_no_token(folder, token)
+    what = "GGUF" if gguf is not None else "merged model" if merged else "adapter"
     api = HfApi()  # resolves the token itself, the usual way; we never pass it around
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
-                                   commit_message=f"lora_ft: {'merged model' if merged else 'adapter'} "
+                                   commit_message=f"lora_ft: {what} "
                                                   f"from {Path(run_dir).name}")
     except Exception as e:  # HTTP, network and auth errors alike: one line, never the token
         msg = (str(e).splitlines() or [type(e).__name__])[0].replace(token, "***")

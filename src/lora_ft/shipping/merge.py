@@ -209,10 +209,7 @@ def _checked_args(run: Run, dtype: str, base: str, examples: int) -> str:
 
 def _record(run: Run, key: str, entry: dict[str, Any]) -> Path:
     """Add (or replace) one entry of ``RUN_DIR/merge_report.json``; returns its path."""
-    report = run.folder.read_json(MERGE_REPORT)
-    report[key] = entry
-    run.folder.write_json(MERGE_REPORT, report)
-    return run.folder / MERGE_REPORT
+    return run.folder.record(MERGE_REPORT, key, entry)
 
 
 def merge_run(run_dir: str | Path, dtype: str = "auto", base: Literal["dequantized", "original"] = "dequantized",

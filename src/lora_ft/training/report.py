@@ -4,10 +4,27 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 from pathlib import Path
 from typing import Any
 
-from accelerate.utils import is_tensorboard_available, is_wandb_available
+import torch
+from accelerate.utils import (
+    is_aim_available,
+    is_clearml_available,
+    is_comet_ml_available,
+    is_dvclive_available,
+    is_mlflow_available,
+    is_swanlab_available,
+    is_tensorboard_available,
+    is_trackio_available,
+    is_wandb_available,
+)
+
+from ..memory.estimate import estimate
+from ..memory.launch import answer_tokens_of
+from ..memory.shape import model_shape, setting_for
+from ..recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +32,10 @@ log = logging.getLogger(__name__)
 def available_trackers(names: list[str]) -> list[str]:
     """The enabled trackers whose package is installed; a warning for each one that is not (accelerate
     drops those with only a debug message, so a user would find an empty log folder and no reason)."""
-    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    # Looked up at call time (and by module attribute): the tests replace them to simulate missing packages.
+    installed = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available,
+                 "trackio": is_trackio_available, "comet_ml": is_comet_ml_available, "aim": is_aim_available,
+                 "clearml": is_clearml_available, "dvclive": is_dvclive_available, "swanlab": is_swanlab_available}
     kept = []
     for name in names:
         if bool(installed[name]()):
@@ -24,6 +44,45 @@ def available_trackers(names: list[str]) -> list[str]:
             log.warning("train.trackers: %s is not installed, so nothing is logged to it; "
                         "pip install %s, or remove it from train.trackers", name, name)
     return kept
+
+
+def tracker_run(output_dir: str | Path, group: str | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(project name, per-tracker init kwargs) for ``accelerator.init_trackers``: a run is named after its
+    ``output_dir``; the trials of a sweep (``group``) share one project (MLflow: one experiment), and W&B and
+    Trackio also group them. TensorBoard writes under ``output_dir/<project>``, so a sweep's trials sit side by
+    side; W&B's local files (all of them in offline mode) go to ``output_dir/wandb``; Trackio keeps one SQLite
+    database per project in ``TRACKIO_DIR`` (default ``~/.cache/huggingface/trackio``)."""
+    name = Path(output_dir).resolve().name
+    grouped = {"group": group} if group else {}
+    return group or "lora_ft", {"wandb": {"name": name, "dir": str(output_dir), **grouped},
+                                "mlflow": {"run_name": name}, "trackio": {"name": name, **grouped}}
+
+
+def peak_memory(recipe: Recipe, device: torch.device, source: str, train_data) -> dict[str, float]:
+    """The planner's predicted peak for the resolved recipe on ``device`` and the measured one, in bytes:
+    ``torch.cuda.max_memory_allocated`` against the planner's tensor peak on a GPU; on the CPU the process's peak
+    RSS against the planner's total (tensors + Python, torch and libraries). Empty if the planner cannot model
+    this architecture (training does not depend on it)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        measured = torch.cuda.max_memory_allocated(device)
+    else:
+        measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        setting = setting_for(recipe, device.type, cuda and torch.cuda.is_bf16_supported())
+        e = estimate(model_shape(recipe, source), setting, int(recipe.train.micro_batch_size),
+                     recipe.data.max_length, answer_tokens=answer_tokens_of(train_data))
+    except Exception as err:  # noqa: BLE001 - optional report: an architecture the planner cannot build
+        log.warning("no predicted peak memory for this model: %s", err)
+        return {"memory/measured_peak_bytes": float(measured)}
+    return {"memory/predicted_peak_bytes": float(e.peak if cuda else e.total),
+            "memory/measured_peak_bytes": float(measured)}
+
+
+def final_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """``eval_results`` after training as tracker keys: ``final/<split>/<metric>`` (and ``final/forgetting/...``)."""
+    final = {**results["after"], **({"forgetting": results["forgetting"]["after"]} if "forgetting" in results else {})}
+    return {f"final/{split}/{k}": v for split, metrics in final.items() for k, v in metrics.items()}
 
 
 def tracker_config(tree: dict[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:

@@ -114,7 +114,7 @@ def _run_trials(root: Path, combos: list[dict], recipes: list, plans: list[tuple
                 with signals.phase(f"sweep trial {i}/{len(combos)}"):
                     if what == "failed":
                         raise recipe
-                    results = _trial(recipe, what)
+                    results = _trial(recipe, what, f"lora_ft-sweep-{root.parent.resolve().name}")
                 row.update(_metrics(results), status="ok", **({"reused": True} if what == "reuse" else {}))
             except (TrainingInterrupted, Interrupted) as e:
                 row["status"] = "interrupted"
@@ -135,11 +135,12 @@ def _rank(row: dict[str, Any]) -> tuple[bool, float]:
     return row["status"] != "ok", row.get("loss", float("inf"))
 
 
-def _trial(recipe: Recipe, what: str) -> dict[str, Any]:
+def _trial(recipe: Recipe, what: str, group: str) -> dict[str, Any]:
+    """One trial; ``group``: the trackers' experiment every trial of the sweep is a run of."""
     if what == "reuse":
         log.info("trial %s is finished with this recipe: its results are reused", recipe.output_dir)
         return json.loads((Path(recipe.output_dir) / RESULTS).read_text(encoding="utf-8"))
-    return train(recipe, resume="latest" if what == "resume" else None, overwrite=what == "overwrite")
+    return train(recipe, resume="latest" if what == "resume" else None, overwrite=what == "overwrite", group=group)
 
 
 def _metrics(results: dict[str, Any]) -> dict[str, float]:

@@ -38,7 +38,7 @@ from .guards import ForgettingGuard
 from .interruption import FINAL_EVALUATION, interrupted
 from .neftune import activate_neftune
 from .param_groups import param_groups
-from .report import plot_curves, tracker_config
+from .report import final_metrics, peak_memory, plot_curves, tracker_config, tracker_run
 from .resume import abandon_after, check_recipe_fits, keep_new_hyperparameters, start_point
 from .session import Session, make_accelerator, make_loader, make_packed_loader, setup
 from .signals import Interrupted, Signals, requested
@@ -55,10 +55,11 @@ class Trainer:
         recipe: the validated recipe (``auto`` values are resolved in ``setup``).
         resume: ``latest`` or a checkpoint name/path to continue from; None starts fresh.
         overwrite: replace a run already in ``output_dir``.
+        group: the experiment this run belongs to (a sweep's name), for the trackers.
     """
 
-    def __init__(self, recipe: Recipe, resume: str | None = None, overwrite: bool = False):
-        self.recipe, self.resume, self.overwrite = recipe, resume, overwrite
+    def __init__(self, recipe: Recipe, resume: str | None = None, overwrite: bool = False, group: str | None = None):
+        self.recipe, self.resume, self.overwrite, self.group = recipe, resume, overwrite, group
         self.folder = RunFolder(recipe.output_dir)
         self.state = LoopState()
         self.last_validation: tuple[int, dict[str, float]] | None = None  # reused at the end when still current
@@ -212,7 +213,9 @@ class Trainer:
             if self.recipe.lora.init_from:
                 self.folder.keep_start_adapter(self.recipe.lora.init_from)
         if tc.trackers:  # TensorBoard's hparams take only scalars: a flat, dotted config
-            self.accelerator.init_trackers("lora_ft", config=tracker_config(self.recipe.model_dump(mode="json")))
+            project, init_kwargs = tracker_run(self.folder.path, self.group)
+            self.accelerator.init_trackers(project, config=tracker_config(self.recipe.model_dump(mode="json")),
+                                           init_kwargs=init_kwargs)
 
     def _restore(self, path: Path) -> dict[str, Any]:
         """Adapter, optimizer, schedule and loop state from a checkpoint; returns the RNG state, which ``train``
@@ -248,10 +251,12 @@ class Trainer:
             log.info("before training: %s", st.before)
         if self.forgetting is not None and st.forgetting.before is None:
             st.forgetting.before = self.forgetting.measure(self.model, self.accelerator)
-        if self.accelerator.is_main_process and self.resume_from is None:
+        if self.resume_from is None:
             extra = {"forgetting": st.forgetting.before} if st.forgetting.before else {}
             for split, metrics in {**st.before, **extra}.items():
-                self.folder.log({"step": 0, "split": split, **metrics})
+                if self.accelerator.is_main_process:
+                    self.folder.log({"step": 0, "split": split, **metrics})
+                self.accelerator.log({f"{split}/{k}": v for k, v in metrics.items()}, step=0)
 
     def evaluate_and_track(self) -> bool:
         """Evaluate on validation (never test: it must not steer training), keep the best adapter, log, consult
@@ -269,6 +274,7 @@ class Trainer:
             forgot = self.forgetting.measure(self.model, self.accelerator, st.forgetting.before)
             if main:
                 self.folder.log({"step": st.step, "split": "forgetting", **forgot})
+            self.accelerator.log({f"forgetting/{k}": v for k, v in forgot.items()}, step=st.step)
             breach = self.forgetting.judge(forgot, st.step, st.forgetting, st.best, self.snapshot)
             if breach is not None:
                 self.state.stopped = breach
@@ -366,7 +372,7 @@ class Trainer:
             row["grad_norm"] = float(norm)
         st.watch.record(loss)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", mfu=f"{row['mfu']:.0%}")
-        acc.log(row, step=st.step)
+        acc.log({k: v for k, v in row.items() if k != "step"}, step=st.step)  # the trackers' own step axis
         if acc.is_main_process:
             self.folder.log(row)
 
@@ -448,6 +454,10 @@ class Trainer:
                 results["forgetting"] = {"before": st.forgetting.before, "after": self.forgetting.measure(
                     self.model, acc, st.forgetting.before)}
         self.info.update(best_step=best.step or st.step, steps_done=st.step, stopped=self.state.stopped)
+        # Once, at the end: the planner's prediction for this run beside what it really took.
+        self.info["memory"] = peak_memory(self.recipe, acc.device, self.session.loaded.source,
+                                          self.session.data.splits["train"])
+        acc.log({**self.info["memory"], **final_metrics(results)}, step=st.step)
         with self.signals.phase("the final save", immediate=False):  # a signal waits until all is written
             save_adapter(acc, self.unwrapped, self.folder.adapter, self.session.loaded.tokenizer)  # every process
             acc.wait_for_everyone()
@@ -482,6 +492,8 @@ class Trainer:
         log.info("after training: %s", after)
 
 
-def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Run a recipe end to end; return ``eval_results`` (also written to ``output_dir``)."""
-    return Trainer(recipe, resume, overwrite).run()
+def train(recipe: Recipe, resume: str | None = None, overwrite: bool = False,
+          group: str | None = None) -> dict[str, Any]:
+    """Run a recipe end to end; return ``eval_results`` (also written to ``output_dir``). ``group``: see
+    ``Trainer``."""
+    return Trainer(recipe, resume, overwrite, group).run()
