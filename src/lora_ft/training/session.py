@@ -17,14 +17,20 @@ from accelerate.utils import DistributedDataParallelKwargs
 from peft import PeftModel
 from torch.utils.data import DataLoader
 
+from ..data.augment import Augmenter
 from ..data.batching import LengthGroupedBatches
 from ..data.packing import PackedBatches
 from ..data.prepare import TaskData, prepare_data
+from ..errors import RunError
+from ..lock import RunLock
 from ..modeling.adapters import attach_adapters, attach_start_adapter, load_adapter
 from ..modeling.loading import LoadedModel, check_max_length, load_config, load_model, load_tokenizer, resolve_source
 from ..objectives import Objective, objective_for
 from ..recipe import Recipe
+from ..run import RunFolder
 from .report import available_trackers
+
+log = logging.getLogger(__name__)
 
 
 def make_accelerator(recipe: Recipe) -> tuple[Accelerator, str]:
@@ -59,6 +65,44 @@ def make_packed_loader(ds, capacity: int, rows: int, collate: Callable[[list[dic
     """Training batches of ``rows`` rows of whole examples packed to ``capacity`` tokens (``data.packing``)."""
     sampler = PackedBatches([len(x) for x in ds["input_ids"]], capacity, rows, seed)
     return _loader(ds, sampler, partial(collate, capacity=capacity), seed)
+
+
+def make_train_loader(train, objective: Objective, model: torch.nn.Module,
+                      recipe: Recipe) -> tuple[DataLoader, bool, Augmenter | None]:
+    """The training loader: packed rows where ``data.packing`` allows it for this model, else length-grouped
+    examples (augmented where the recipe asks). Returns (loader, packing, augmenter); the loop sets the
+    augmenter's epoch."""
+    tc, d = recipe.train, recipe.data
+    packing = objective.use_packing(d.packing, model)
+    augmenter = objective.token_augmenter(d.augment, tc.seed)
+    if packing:
+        rows = tc.rows_per_packed_batch(d.max_length)
+        loader = make_packed_loader(train, d.max_length, rows, objective.collate_packed, tc.seed)
+        log.info("packing: %d rows of up to %d tokens per micro-batch, filled to %.1f%%", rows, d.max_length,
+                 100 * loader.batch_sampler.fill())
+        return loader, True, augmenter
+    window = LengthGroupedBatches.window_for(d.group_by_length, objective.length_window)
+    return make_loader(train, tc.micro_batch_size, partial(objective.collate, augment=augmenter), True, tc.seed,
+                       window, tc.max_tokens_per_batch), False, augmenter
+
+
+def lock_run(folder: RunFolder, accelerator: Accelerator) -> RunLock | None:
+    """The run lock, taken by the main process for the whole run (None on the others); every process learns
+    whether it was, so that all of them stop together when another command holds the folder."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = folder.lock().acquire()
+            folder.recover_aside()  # an --overwrite that was killed before it saved anything
+        except RunError as e:
+            error = e
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(torch.tensor(int(error is not None), device=accelerator.device), "max").item()
+        error = error or (RunError(f"output_dir {folder.path} is in use (see the main process's message)")
+                          if failed else None)
+    if error is not None:
+        raise error
+    return lock
 
 
 def _loader(ds, sampler, collate: Callable, seed: int) -> DataLoader:

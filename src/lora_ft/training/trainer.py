@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,7 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..data.batching import LengthGroupedBatches
-from ..errors import NonFiniteLoss, RecipeError, RunError, TrainingInterrupted, first_line
+from ..errors import NonFiniteLoss, RecipeError, TrainingInterrupted, first_line
 from ..lock import RunLock
 from ..memory.launch import resolve_for_launch
 from ..recipe import Recipe
@@ -40,7 +38,7 @@ from .neftune import activate_neftune
 from .param_groups import param_groups
 from .report import final_metrics, peak_memory, plot_curves, tracker_config, tracker_run
 from .resume import abandon_after, check_recipe_fits, keep_new_hyperparameters, start_point
-from .session import Session, make_accelerator, make_loader, make_packed_loader, setup
+from .session import Session, lock_run, make_accelerator, make_loader, make_train_loader, setup
 from .signals import Interrupted, Signals, requested
 from .state import LoopState
 from .throughput import ThroughputMeter
@@ -109,7 +107,8 @@ class Trainer:
             log.warning(warning)
         self.folder.check_location(self.recipe)
         self.accelerator, compute = make_accelerator(self.recipe)
-        self._lock()  # before anything reads or writes the folder: a second run refuses at once
+        # Before anything reads or writes the folder: a second run refuses at once.
+        self.lock = lock_run(self.folder, self.accelerator)
         self.folder.check_new(self.resume, self.overwrite)
         self.recipe = adopt_start_adapter(self.recipe)  # lora.init_from: the starting adapter's shape
         # micro_batch_size / gradient_checkpointing auto: the planner's choice for this device, from the config
@@ -130,27 +129,12 @@ class Trainer:
         self._start_folder(compute)
         self._rng = self._restore(self.resume_from) if self.resume_from is not None else None
 
-    def _lock(self) -> None:
-        """The run lock, taken by the main process for the whole run; every process learns whether it was."""
-        acc, error = self.accelerator, None
-        if acc.is_main_process:
-            try:
-                self.lock = self.folder.lock().acquire()
-                self.folder.recover_aside()  # an --overwrite that was killed before it saved anything
-            except RunError as e:
-                error = e
-        if acc.num_processes > 1:
-            failed = acc.reduce(torch.tensor(int(error is not None), device=acc.device), "max").item()
-            error = error or (RunError(f"output_dir {self.folder.path} is in use (see the main process's message)")
-                              if failed else None)
-        if error is not None:
-            raise error
-
     def _build_loop(self) -> None:
         """Loaders, optimizer and schedule, prepared by Accelerate; the hooks and guards the loop uses."""
         s, tc, acc = self.session, self.tc, self.accelerator
         self.objective, tok, heads = s.objective, s.loaded.tokenizer, s.loaded.head_modules
-        train_loader = self._train_loader()
+        train_loader, self.packing, self.augmenter = make_train_loader(s.data.splits["train"], self.objective,
+                                                                       s.model, self.recipe)
         self.sampler = train_loader.batch_sampler  # kept: the loop sets its epoch (accelerate wraps the loader)
         eval_loaders = {n: make_loader(ds, tc.eval_batch_size, self.objective.collate, False, tc.seed,
                                        max_tokens=tc.eval_max_tokens)
@@ -174,23 +158,6 @@ class Trainer:
         self.forgetting = ForgettingGuard(fg, tok, self.objective.collate, tc.eval_batch_size,
                                           self.recipe.data.max_length) if fg.enabled else None
         self.validating = "validation" in self.eval_loaders
-
-    def _train_loader(self):
-        """Packed rows where ``data.packing`` allows it for this model, else length-grouped examples (augmented
-        where the recipe asks)."""
-        s, tc, d = self.session, self.tc, self.recipe.data
-        self.packing = self.objective.use_packing(d.packing, s.model)
-        self.augmenter = self.objective.token_augmenter(d.augment, tc.seed)
-        train = s.data.splits["train"]
-        if self.packing:
-            loader = make_packed_loader(train, d.max_length, tc.rows_per_packed_batch(d.max_length),
-                                        self.objective.collate_packed, tc.seed)
-            log.info("packing: %d rows of up to %d tokens per micro-batch, filled to %.1f%%",
-                     tc.rows_per_packed_batch(d.max_length), d.max_length, 100 * loader.batch_sampler.fill())
-            return loader
-        window = LengthGroupedBatches.window_for(d.group_by_length, self.objective.length_window)
-        return make_loader(train, tc.micro_batch_size, partial(self.objective.collate, augment=self.augmenter),
-                           True, tc.seed, window, tc.max_tokens_per_batch)
 
     def _start_folder(self, compute: str) -> None:
         """Write the resolved recipe and the run's facts (main process); start the trackers."""
