@@ -35,7 +35,7 @@ def _resolved_at_launch(key: str, recipe: Recipe) -> bool:
     """Whether a trial's saved value of ``key`` was decided by the launch, not by the recipe: ``auto`` values, and
     the batch arithmetic they (or ``global_batch_size``) derive."""
     tc = recipe.train
-    if key in ("train.micro_batch_size", "train.gradient_checkpointing"):
+    if key in ("train.micro_batch_size", "train.gradient_checkpointing", "train.trim_cpu_memory"):
         return getattr(tc, key.split(".")[1]) == "auto"
     if key == "train.global_batch_size":
         return tc.micro_batch_size == "auto"
