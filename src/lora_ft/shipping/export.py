@@ -167,7 +167,8 @@ def _export(run: Run, quant: str, out: Path, force: bool, examples: int, data_fi
              "examples": n_examples, "compared": objective.compared, **metrics, "tokenizer": tokens,
              "kl_limit": KL_LIMITS[quant], "passed": passed, "saved": passed or force, "out": str(out.resolve()),
              "seconds": round(time.perf_counter() - t0, 1),
-             "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+             # Microseconds: "the latest export" is the max of these, and two exports can fall in one second.
+             "written": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
     return _conclude(run, entry, tokenizer)
 
 

@@ -257,7 +257,7 @@ def _merge(run: Run, dtype: str, base: str, out: Path, force: bool, examples: in
         "compared": objective.compared, **metrics, "kl_limit": limit, "kl_limit_dtype": limit_key,
         "passed": passed, "saved": passed or force, "out": str(out.resolve()),
         "seconds": round(time.perf_counter() - t0, 1),
-        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "written": datetime.now(timezone.utc).isoformat(timespec="microseconds"),  # the latest merge: see export
     }
     log.info("merge fidelity (%s base, %s): mean KL %.3g (limit %.0e), top-1 agreement %.4f, max |Δlogit| %.3g",
              effective_base, dtype, metrics["kl_mean"], limit, metrics["top1_agreement"],
