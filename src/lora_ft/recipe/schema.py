@@ -198,10 +198,8 @@ class TrainConfig(_Section):
     when training starts: when the step does not fit without it, or (``micro_batch_size: auto``) when it lets a
     larger micro-batch fit. Recomputing every layer costs about a third more compute."""
     trim_cpu_memory: bool | Literal["auto"] = "auto"
-    """On the CPU, return freed activation memory to the OS every few blocks (see ``cpu_memory.py``). It saves
-    RSS in proportion to the activations a step saves and costs system time on every step, so ``auto`` turns it
-    on only where the planned activations reach ``TRIM_MIN_ACTIVATIONS`` (``memory/launch.py``, with the
-    measurements). No effect on GPUs."""
+    """On the CPU, return freed activation memory to the OS every few blocks (``cpu_memory.py``); ``auto``: only
+    where a step saves ``memory.launch.TRIM_MIN_ACTIVATIONS`` (the measurements are there). No effect on GPUs."""
     seed: int = 42
     log_every: int = Field(1, gt=0)
     checkpoint_every: int | None = Field(None, gt=0)
