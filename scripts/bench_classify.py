@@ -29,13 +29,11 @@ import logging
 import os
 import resource
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from bench_train import cpu_flags, cpu_model, parse_or_serve, process_peak_mb, run_child, versions, work_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes/quickstart/minilm-lora-classify.yaml"
@@ -45,10 +43,6 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.1}
 LR, WARMUP, SEED, BATCH, MAX_LENGTH = 1e-3, 0.1, 42, 16, 128
 
 log = logging.getLogger("bench_classify")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cpu_time() -> tuple[float, float]:
@@ -91,7 +85,7 @@ def child_lora_ft(spec: dict) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "tokens_per_s" in r]
     info = json.loads((out / "run_info.json").read_text())
-    return {"tokens_per_s": steps[-1]["tokens_per_s"], "steps": steps[-1]["step"], "peak_rss_mb": peak_rss_mb(),
+    return {"tokens_per_s": steps[-1]["tokens_per_s"], "steps": steps[-1]["step"], "peak_rss_mb": process_peak_mb(),
             "user_s": u1[0] - u0[0], "sys_s": u1[1] - u0[1], "head_modules": info["head_modules"],
             "targets": info["targets"], "id2label": info["id2label"],
             "trim": yaml.safe_load((out / "run_config.yaml").read_text())["train"]["trim_cpu_memory"]}
@@ -155,7 +149,7 @@ def child_trainer(spec: dict) -> dict:
     model.save_pretrained(Path(spec["out"]) / "adapter")
     tok.save_pretrained(Path(spec["out"]) / "adapter")
     return {"tokens_per_s": marks["tokens"] / marks["train_s"], "steps": trainer.state.global_step,
-            "peak_rss_mb": peak_rss_mb(), "user_s": u1[0] - u0[0], "sys_s": u1[1] - u0[1]}
+            "peak_rss_mb": process_peak_mb(), "user_s": u1[0] - u0[0], "sys_s": u1[1] - u0[1]}
 
 
 def child_eval(spec: dict) -> dict:
@@ -169,50 +163,29 @@ def child_eval(spec: dict) -> dict:
 CHILDREN = {"lora_ft": child_lora_ft, "trainer": child_trainer, "eval": child_eval}
 
 
-def run_child(kind: str, spec: dict, work: Path) -> dict:
-    spec_file, result_file = work / f"{kind}-{spec.get('variant', '')}.spec.json", work / f"{kind}.result.json"
-    spec_file.write_text(json.dumps(spec))
-    log.info("---- %s %s (fresh process)", kind, spec.get("variant", ""))
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, str(spec_file), str(result_file)],
-                          stdout=sys.stderr, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_classify: the {kind} process failed (exit status {proc.returncode})")
-    return json.loads(result_file.read_text())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=float, default=2)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's own choice; 1 keeps a loaded machine's timings honest)")
     ap.add_argument("--no-trim", action="store_true",
                     help="lora_ft with train.trim_cpu_memory off (default: its auto)")
-    ap.add_argument("--keep", metavar="DIR", help="keep the runs in DIR instead of a temp dir")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    if a.child:
-        kind, spec_file, result_file = a.child
-        Path(result_file).write_text(json.dumps(CHILDREN[kind](json.loads(Path(spec_file).read_text()))))
+    a = parse_or_serve(ap, CHILDREN)
+    if a is None:
         return
-    sys.path.insert(0, str(Path(__file__).parent))
     import torch
-    from bench_train import cpu_flags, cpu_model, versions
 
     threads = a.threads or torch.get_num_threads()
-    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_classify-"))
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = work_dir(a.keep, "bench_classify-")
     try:
         spec = {"epochs": a.epochs, "trim": "false" if a.no_trim else "auto", "threads": threads}
-        res = {"lora_ft": run_child("lora_ft", {**spec, "out": str(work / "lora_ft")}, work)}
+        res = {"lora_ft": run_child("lora_ft", {**spec, "out": str(work / "lora_ft")}, work, __file__)}
         shared = {k: res["lora_ft"][k] for k in ("head_modules", "targets", "id2label")}
         for variant in ("default", "grouped"):
             res[f"trainer-{variant}"] = run_child("trainer", {**spec, **shared, "variant": variant,
-                                                              "out": str(work / f"trainer-{variant}")}, work)
+                                                              "out": str(work / f"trainer-{variant}")}, work,
+                                                 __file__)
             for name in ("run_config.yaml", "run_info.json"):
                 shutil.copy(work / "lora_ft" / name, work / f"trainer-{variant}" / name)
-        held = run_child("eval", {"runs": {side: str(work / side) for side in res}}, work)
+        held = run_child("eval", {"runs": {side: str(work / side) for side in res}}, work, __file__)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
