@@ -18,7 +18,7 @@ def run_cli(*args, cwd=None):
 @pytest.mark.parametrize("text, needle", [
     ("model: {name: x\n", "malformed YAML"),
     ("lora: {rr: 8}\n", "lora.rr: unknown key (did you mean 'r'?)"),
-    ("train: {lr: 0}\n", "train.lr: Input should be greater than 0"),
+    ("train: {lr: 0}\n", "train.lr: Input should be a positive number or 'auto'"),
     ("- just\n- a list\n", "a recipe is a mapping of sections"),
 ])
 def test_bad_recipe_exits_non_zero_with_one_line(tmp_path, text, needle):

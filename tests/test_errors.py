@@ -61,7 +61,7 @@ CASES = {
     "malformed YAML": ("RAW:model: {name: [x\n", "malformed YAML at line"),
     "unknown key": ({"lora": {"rank": 8}}, "lora.rank: unknown key (did you mean 'r'?)"),
     "r <= 0": ({"lora": {"r": 0}}, "lora.r: Input should be greater than 0"),
-    "lr <= 0": ({"train": {"lr": 0}}, "train.lr: Input should be greater than 0"),
+    "lr <= 0": ({"train": {"lr": 0}}, "train.lr: Input should be a positive number or 'auto'"),
     "dropout out of [0,1)": ({"lora": {"dropout": 1.0}}, "lora.dropout: Input should be less than 1"),
     "negative dropout": ({"lora": {"dropout": -0.1}}, "lora.dropout: Input should be greater than or equal to 0"),
     "wrong type": ({"lora": {"r": "eight"}}, "lora.r: Input should be a valid integer"),

@@ -7,8 +7,9 @@ from conftest import metrics_rows
 
 from lora_ft.modeling.adapters import attach_adapters
 from lora_ft.modeling.loading import load_model
-from lora_ft.recipe import LoraConfigSection, ModelConfig
-from lora_ft.training.guards import forgetting_breach, forgetting_metrics
+from lora_ft.objectives.classification import SequenceClassification
+from lora_ft.recipe import DataConfig, LoraConfigSection, ModelConfig
+from lora_ft.training.guards import BestAdapter, forgetting_breach, forgetting_metrics
 
 
 def test_forgetting_metrics_zero_before_training_and_rising_after(tiny_llama, chat_data):
@@ -77,3 +78,26 @@ def test_forgetting_guard_measures_and_stops(tiny_llama, chat_data, tmp_path):
     assert info["stopped"].startswith("forgetting guard at step") and "rolled back" in info["stopped"]
     assert info["steps_done"] < 20
     assert results2["forgetting"]["after"]["kl"] <= budget
+
+
+def test_a_classifier_keeps_the_clearly_more_accurate_adapter_and_lets_loss_decide_within_accuracy_noise(tok):
+    objective = SequenceClassification(DataConfig(), tok)
+    best = BestAdapter()
+    # 100 validation examples: accuracy's noise is 0.05. Step 2 is one example less accurate but of clearly lower
+    # loss (a tie on accuracy, won on loss); step 3 is clearly more accurate though its loss rose (over-confident
+    # mistakes); step 4 is within noise of step 3 with a higher loss.
+    for step, accuracy, loss in [(1, 0.78, 0.52), (2, 0.77, 0.48), (3, 0.90, 0.60), (4, 0.92, 0.70)]:
+        metrics = {"accuracy": accuracy, "loss": loss, "examples": 100}
+        best.consider(loss, step, lambda step=step: {"step": torch.tensor(step)}, objective.selection_key(metrics),
+                      objective.selection_noise(metrics))
+        if step == 2:
+            assert best.step == 2
+    assert (best.step, best.loss, best.bad_evals) == (3, 0.60, 1)
+    assert objective.describe_best(best) == "accuracy 0.9000, loss 0.6000"
+
+
+def test_without_a_score_the_lowest_loss_wins_as_in_older_checkpoints():
+    best = BestAdapter()
+    for step, loss in [(1, 0.9), (2, 0.7), (3, 0.7 + 1e-9), (4, 0.8)]:
+        best.consider(loss, step, dict)
+    assert (best.step, best.bad_evals, best.score) == (2, 2, [0.7])

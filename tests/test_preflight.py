@@ -14,7 +14,7 @@ NO_VALIDATION = "the recipe has no validation data: set data.validation or data.
 GUARDS = {
     "early stopping without validation": (
         {"train": {"early_stopping_patience": 2}},
-        f"train.early_stopping_patience watches the validation loss, and {NO_VALIDATION}", []),
+        f"train.early_stopping_patience watches the validation score, and {NO_VALIDATION}", []),
     "forgetting budget without validation": (
         {"forgetting": {"enabled": True, "max_kl": 0.1}},
         f"forgetting.max_kl is checked at each validation, and {NO_VALIDATION}", []),

@@ -22,7 +22,8 @@ def _recipe(path, tiny_llama, chat_data, out, **train):
         "data": {"train": str(chat_data["train"]), "validation": str(chat_data["validation"]), "max_length": 128,
                  "max_eval_examples": 8, "packing": False},
         "train": {"max_steps": 4, "micro_batch_size": 8, "lr": 1e-2, "warmup": 0, "schedule": "constant",
-                  "checkpoint_every": 1, "keep_checkpoints": 10, **train},
+                  "checkpoint_every": 1, "keep_checkpoints": 10, "eval_every": None, "early_stopping_patience": None,
+                  **train},
         "output_dir": str(out)}))
     return path
 

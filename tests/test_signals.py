@@ -106,7 +106,9 @@ def _recipe(tmp_path, tiny_llama, chat_data, **train) -> Path:
         # Batches of 8 examples (not packed rows): the steps, evaluations and stops these tests count on.
         "data": {"train": str(chat_data["train"]), "validation": str(chat_data["validation"]), "max_length": 128,
                  "max_eval_examples": 8, "packing": False},
-        "train": {"micro_batch_size": 8, "warmup": 0, **train}, "output_dir": str(tmp_path / "run")}))
+        # lora_ft's defaults of before the auto rules: the phases these tests interrupt stay where they were.
+        "train": {"micro_batch_size": 8, "warmup": 0, "epochs": 1, "lr": 2e-4, "eval_every": None,
+                  "early_stopping_patience": None, **train}, "output_dir": str(tmp_path / "run")}))
     return recipe
 
 

@@ -130,7 +130,7 @@ def test_tracker_config_is_flat_scalars(tiny_llama, chat_data, tmp_path):
     flat = tracker_config(recipe.model_dump(mode="json"))
     assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
     assert flat["train.lr"] == 1e-2 and flat["lora.r"] == 8 and flat["model.name"] == str(tiny_llama)
-    assert flat["train.trackers"] == '["tensorboard"]' and flat["train.eval_every"] == "null"
+    assert flat["train.trackers"] == '["tensorboard"]' and flat["train.checkpoint_every"] == "null"
 
 
 def test_a_tracker_that_is_not_installed_is_named_in_a_warning(monkeypatch, caplog):
@@ -277,3 +277,39 @@ def test_packed_training_resumes_mid_epoch_with_the_uninterrupted_losses(tiny_ll
     assert sorted(b) == [4, 5, 6] and max(abs(a[k] - b[k]) for k in b) < 1e-6
     rows = [r for r in _rows(tmp_path / "full") if "mfu" in r]
     assert all(0 < r["mfu"] < 1 for r in rows)
+
+
+def test_a_minimal_recipe_resolves_every_auto_value_and_run_config_records_each_with_its_source(tiny_bert, cls_data,
+                                                                                                tmp_path):
+    from lora_ft.recipe import Recipe, load_recipe
+    from lora_ft.recipe.defaults import AUTO_EVALUATIONS, AUTO_LR, AUTO_MAX_EPOCHS
+
+    out = tmp_path / "minimal"
+    given = Recipe.model_validate({"model": {"name": str(tiny_bert), "task": "sequence_classification"},
+                                   "data": {**{k: str(v) for k, v in cls_data.items()}, "max_length": 128},
+                                   "output_dir": str(out)})
+    autos = [k for k, v in given.train.model_dump().items() if v == "auto"]
+    assert {"epochs", "lr", "head_lr", "warmup", "micro_batch_size", "eval_every",
+            "early_stopping_patience"} <= set(autos)
+    train(given)
+    text = (out / "run_config.yaml").read_text()
+    saved = load_recipe(out / "run_config.yaml")  # the comments leave it a loadable recipe
+    assert not [k for k in autos if getattr(saved.train, k) == "auto"]
+    info = json.loads((out / "run_info.json").read_text())
+    for key in autos:  # every auto value: its resolved value in the YAML, its rule in the comments and run_info
+        value, source = info["resolved"][f"train.{key}"]["value"], info["resolved"][f"train.{key}"]["source"]
+        assert value == getattr(saved.train, key) and source.startswith("auto: ")
+        assert any(line.startswith(f"#   train.{key} ") and line.rstrip().endswith(source)
+                   for line in text.splitlines())
+    # ... and they are what the run did: 120 examples in batches of 16 are 8 steps an epoch, so the classifier's
+    # minimum steps ask for the epoch cap; the peak learning rate is the classification rate; 4 evaluations
+    # (fewer if early stopping ended the run).
+    assert (saved.train.micro_batch_size, saved.train.epochs, saved.train.lr) == (16, AUTO_MAX_EPOCHS,
+                                                                                  AUTO_LR["classification"])
+    assert info["total_steps"] == 8 * AUTO_MAX_EPOCHS and saved.train.eval_every == 20
+    steps = [r for r in _rows(out) if "split" not in r]
+    assert max(r["lr"] for r in steps) == pytest.approx(AUTO_LR["classification"])
+    evaluations = [r["step"] for r in _rows(out) if r.get("split") == "validation" and r["step"] > 0
+                   and not r.get("final")]
+    assert evaluations == [20, 40, 60, 80][:len(evaluations)] and (len(evaluations) == AUTO_EVALUATIONS
+                                                                    or info["stopped"])

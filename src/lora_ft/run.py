@@ -23,6 +23,7 @@ from .errors import RecipeError, RunError
 from .lock import RunLock
 from .modeling.loading import load_model, remote_code, resolve_source
 from .recipe import Recipe, load_recipe, looks_local
+from .recipe.defaults import sources_comment
 from .storage import write_folder, write_text
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,8 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         if fresh:
             self.metrics.unlink(missing_ok=True)
-        write_text(self.path / RUN_CONFIG, recipe.dump())
+        resolved = info.get("resolved")
+        write_text(self.path / RUN_CONFIG, recipe.dump() + (sources_comment(resolved) if resolved else ""))
         self.write_json(RUN_INFO, info)
 
     def log(self, row: dict[str, Any]) -> None:

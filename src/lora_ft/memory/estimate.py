@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass
 
 from ..objectives.chunked_loss import chunk_rows
-from ..recipe.schema import EVAL_BATCH_FACTOR
+from ..recipe.train import EVAL_BATCH_FACTOR
 from .activations import layer_terms
 from .shape import (
     BLOCK_4BIT,

@@ -42,6 +42,9 @@ class Objective(ABC):
     """What ``label_logits`` returns, in words (the merge report's ``compared``)."""
     sequences_per_example: ClassVar[int] = 1
     """Sequences one example puts through the model (preference pairs: 2); the planner counts with it."""
+    selected_by: ClassVar[tuple[str, ...]] = ("loss",)
+    """The validation metrics the best adapter (and early stopping) is chosen by, in order; loss is minimised, every
+    other metric maximised (``selection_key``)."""
 
     def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase):
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -159,6 +162,19 @@ class Objective(ABC):
     @abstractmethod
     def summarize(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         """The metrics of a whole split from its gathered per-example values (``loss`` always)."""
+
+    def selection_key(self, metrics: dict[str, float]) -> list[float]:
+        """``selected_by`` of validation ``metrics`` as a key to minimise (a later item breaks a tie)."""
+        return [metrics[m] if m == "loss" else -metrics[m] for m in self.selected_by]
+
+    def selection_noise(self, metrics: dict[str, float]) -> list[float]:
+        """For each item of ``selection_key``, the difference that counts as a tie (float noise here)."""
+        return [1e-6] * len(self.selected_by)
+
+    def describe_best(self, best) -> str:
+        """The best adapter's score in words, for the log (``best``: a ``training.guards.BestAdapter``)."""
+        key = best.score or [best.loss]
+        return ", ".join(f"{m} {v if m == 'loss' else -v:.4f}" for m, v in zip(self.selected_by, key, strict=False))
 
     @abstractmethod
     def label_logits(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,20 +4,21 @@ A recipe is YAML with the sections ``model``, ``objective`` (``objective.py``), 
 ``freeze``, ``forgetting`` and ``output_dir``. Every field has a default, so a recipe names only what differs;
 unknown keys are rejected with a did-you-mean (``loading.py``) instead of being silently ignored (the failure mode
 of flat dict configs). Values derived from several fields (the batch arithmetic, the compute dtype) are methods
-here, so each is computed in one place. This package imports nothing of ours but ``errors``.
+here and in ``train.py`` (the ``train`` section), so each is computed in one place; the ``auto`` training
+values are resolved by the rules in ``defaults.py``. This package imports nothing of ours but ``errors``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from ..errors import RecipeError, did_you_mean
+from ..errors import did_you_mean
 from .objective import PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, ObjectiveConfig
 from .section import Section as _Section
+from .train import TrainConfig
 
 
 class ModelConfig(_Section):
@@ -57,8 +58,11 @@ class LoraConfigSection(_Section):
     """The adapter: passed to peft's ``LoraConfig``."""
 
     r: int = Field(16, gt=0)
+    """Rank 16 with alpha 32 (a scale of 2) on every linear layer: the QLoRA paper's finding that covering all
+    layers matters more than the rank, at the rank TRL's and peft's examples use."""
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
+    """On the adapters' input (QLoRA's 0.05 for small models)."""
     target_modules: Literal["auto"] | list[str] = "auto"
     """``auto``: every linear layer of the backbone, never the output or task head."""
     use_dora: bool = False
@@ -152,131 +156,6 @@ class DataConfig(_Section):
     augment: AugmentConfig = AugmentConfig()
     max_eval_examples: int | None = Field(None, gt=0)
     """Evaluate on at most this many examples per split (the first ones, so runs stay comparable)."""
-
-
-REFERENCE_MICRO_BATCH = 4
-"""The default micro-batch; ``micro_batch_size: auto`` keeps the global batch this one would give."""
-EVAL_BATCH_FACTOR = 2
-"""Evaluation batches are this many micro-batches: no activations are kept for a backward pass (the planner
-checks that this fits too)."""
-
-
-class TrainConfig(_Section):
-    """The optimisation loop."""
-
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    """Optimizer steps; overrides ``epochs`` when set."""
-    micro_batch_size: int | Literal["auto"] = REFERENCE_MICRO_BATCH
-    """Examples per forward pass. ``auto``: the largest that fits the device's memory by the planner
-    (``lora-ft plan``) at ``data.max_length``, with ``grad_accum`` derived to keep the global batch:
-    ``global_batch_size`` if set, else 4 × ``grad_accum`` × processes (the default micro-batch's)."""
-    max_tokens_per_batch: int | None = Field(None, gt=0)
-    """A token cap on every micro-batch besides ``micro_batch_size``: unpacked, a batch holds at most this many
-    tokens once padded to its longest example (long examples come fewer to a batch, short ones up to
-    ``micro_batch_size``); packed, at most this many tokens of rows (at least one row). Evaluation batches get
-    ``EVAL_BATCH_FACTOR`` times the cap. With it, set ``micro_batch_size`` high and the cap bounds memory."""
-    grad_accum: int = Field(1, gt=0)
-    global_batch_size: int | None = Field(None, gt=0)
-    """Examples per optimizer step over all processes. When set, ``grad_accum`` is derived (and a given one
-    replaced): global / (micro_batch_size × processes), so one recipe trains the same on 1 GPU or 8."""
-    lr: float = Field(2e-4, gt=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup: float = Field(0.03, ge=0)
-    """A fraction of all steps when < 1, else a number of steps."""
-    lr_layer_decay: float | None = Field(None, gt=0, le=1)
-    """Layer-wise learning rates: layer l of L (1 = lowest) trains at ``lr · decay^(L−l)``."""
-    head_lr: float | None = Field(None, gt=0)
-    """Learning rate of a new task head (default: ``lr``)."""
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    eval_every: int | None = Field(None, gt=0)
-    """Evaluate every N optimizer steps (and always at the end); None: at the end of each epoch."""
-    early_stopping_patience: int | None = Field(None, gt=0)
-    gradient_checkpointing: Literal["auto"] | bool = "auto"
-    """``auto``: on only when memory needs it, decided by the planner (``lora-ft plan``) against the device's memory
-    when training starts: when the step does not fit without it, or (``micro_batch_size: auto``) when it lets a
-    larger micro-batch fit. Recomputing every layer costs about a third more compute."""
-    trim_cpu_memory: bool | Literal["auto"] = "auto"
-    """On the CPU, return freed activation memory to the OS every few blocks (``cpu_memory.py``); ``auto``: only
-    where a step saves ``memory.launch.TRIM_MIN_ACTIVATIONS`` (the measurements are there). No effect on GPUs."""
-    seed: int = 42
-    log_every: int = Field(1, gt=0)
-    checkpoint_every: int | None = Field(None, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
-    trackers: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive",
-                           "swanlab"]] = []
-    """Experiment trackers (Accelerate's), each used when its package is installed (a warning names the missing
-    ones): per-step loss, evaluation and forgetting metrics, predicted vs measured peak memory, the recipe."""
-
-    @field_validator("micro_batch_size", mode="before")
-    @classmethod
-    def _positive_or_auto(cls, v: Any) -> Any:
-        # One readable error instead of pydantic's two (one per branch of the union); lax like int fields.
-        if v == "auto":
-            return v
-        if isinstance(v, str) and v.strip().isdigit():
-            v = int(v)
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-        raise ValueError(f"Input should be a positive integer or 'auto' (got {v!r})")
-
-    # ------------------------------------------------------------------ batch arithmetic: the only place it lives
-    def _micro(self) -> int:
-        if self.micro_batch_size == "auto":  # a bug, not a user error: launch.resolve_for_launch runs first
-            raise RuntimeError("train.micro_batch_size auto must be resolved before the batch sizes are derived")
-        return self.micro_batch_size
-
-    def rows_per_packed_batch(self, row_tokens: int) -> int:
-        """Rows of ``row_tokens`` in a packed micro-batch: ``micro_batch_size``, fewer under the token cap."""
-        if self.max_tokens_per_batch is None:
-            return self._micro()
-        return max(1, min(self._micro(), self.max_tokens_per_batch // row_tokens))
-
-    @property
-    def eval_max_tokens(self) -> int | None:
-        return EVAL_BATCH_FACTOR * self.max_tokens_per_batch if self.max_tokens_per_batch else None
-
-    @property
-    def eval_batch_size(self) -> int:
-        """Examples per evaluation forward pass (``EVAL_BATCH_FACTOR`` micro-batches)."""
-        return EVAL_BATCH_FACTOR * self._micro()
-
-    def global_batch(self, processes: int) -> int:
-        """Examples per optimizer step over all processes."""
-        return self._micro() * self.grad_accum * processes
-
-    def for_processes(self, processes: int) -> TrainConfig:
-        """This config as a launch on ``processes`` processes runs it: with ``global_batch_size`` set, ``grad_accum``
-        is derived so that one recipe trains the same on 1 GPU or 8."""
-        if self.global_batch_size is None:
-            return self
-        per_pass = self._micro() * processes
-        if self.global_batch_size % per_pass:
-            raise RecipeError(f"train.global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
-                              f"{self._micro()} × {processes} process(es) = {per_pass}; choose a multiple of "
-                              f"{per_pass} or change micro_batch_size")
-        return self.model_copy(update={"grad_accum": self.global_batch_size // per_pass})
-
-    def per_process_batch(self, processes: int) -> int:
-        """Examples each process contributes to one optimizer step, as ``micro_batch_size: auto`` keeps it:
-        ``global_batch_size`` when given, else what the default micro-batch would give
-        (``REFERENCE_MICRO_BATCH`` × ``grad_accum`` × processes)."""
-        global_batch = self.global_batch_size or REFERENCE_MICRO_BATCH * self.grad_accum * processes
-        if global_batch % processes:
-            raise RecipeError(f"train.global_batch_size {global_batch} is not a multiple of the {processes} processes")
-        return global_batch // processes
-
-    def total_steps(self, micro_batches_per_epoch: int) -> int:
-        """Optimizer steps of the run: ``max_steps``, else ``epochs`` × steps per epoch (at least one)."""
-        per_epoch = max(micro_batches_per_epoch // self.grad_accum, 1)
-        return self.max_steps or max(math.ceil(self.epochs * per_epoch), 1)
-
-    def warmup_steps(self, total_steps: int) -> int:
-        """``warmup`` below 1 is a fraction of ``total_steps``, otherwise a number of steps."""
-        return int(self.warmup * total_steps) if self.warmup < 1 else int(self.warmup)
 
 
 class FreezeConfig(_Section):
@@ -419,13 +298,13 @@ class Recipe(_Section):
         f = self.forgetting
         budgets = [k for k in ("max_kl", "max_ppl_increase") if getattr(f, k) is not None]
         if not self.validates:
-            if self.train.early_stopping_patience:
-                errors.append(f"train.early_stopping_patience watches the validation loss, and the recipe has no "
+            if self.train.early_stopping_patience not in (None, "auto"):
+                errors.append(f"train.early_stopping_patience watches the validation score, and the recipe has no "
                               f"validation data: {fix}")
             if f.enabled and budgets:
                 errors.append(f"forgetting.{budgets[0]} is checked at each validation, and the recipe has no "
                               f"validation data: {fix}")
-            if self.train.eval_every:
+            if self.train.eval_every not in (None, "auto"):
                 warnings.append("train.eval_every has nothing to evaluate: the recipe has no validation data")
         if f.enabled and f.action == "rollback" and not budgets:
             warnings.append("forgetting.action rollback acts when forgetting.max_kl or max_ppl_increase is exceeded, "

@@ -31,23 +31,39 @@ Weights = dict[str, torch.Tensor]
 
 @dataclass
 class BestAdapter:
-    """The adapter with the best validation loss so far (kept in memory, CPU tensors), and how many evaluations
+    """The adapter with the best validation score so far (kept in memory, CPU tensors), and how many evaluations
     have passed without improving on it (early stopping)."""
 
     loss: float = math.inf
+    """The validation loss of the best adapter."""
     step: int = 0
     bad_evals: int = 0
     weights: Weights | None = None
+    score: list[float] | None = None
+    """What adapters are ranked by, lower is better: the objective's ``selection_key`` of the validation metrics
+    (None: the loss alone, as in checkpoints written before scores existed)."""
 
-    def consider(self, loss: float, step: int, snapshot: Callable[[], Weights]) -> None:
-        """Keep the current adapter if ``loss`` beats the best by more than float noise."""
-        if loss < self.loss - 1e-6:
-            self.loss, self.step, self.bad_evals, self.weights = loss, step, 0, snapshot()
+    def consider(self, loss: float, step: int, snapshot: Callable[[], Weights], score: list[float] | None = None,
+                 noise: list[float] | None = None) -> None:
+        """Keep the current adapter if its ``score`` (default: its ``loss``) beats the best: compared item by item,
+        a difference within that item's ``noise`` (default: float noise) is a tie that the next item decides."""
+        new, best = score or [loss], self.score or [self.loss]
+        if _beats(new, best, noise or [1e-6] * len(new)):
+            self.loss, self.score, self.step, self.bad_evals, self.weights = loss, new, step, 0, snapshot()
         else:
             self.bad_evals += 1
 
     def patience_exhausted(self, patience: int | None) -> bool:
         return bool(patience and self.bad_evals >= patience)
+
+
+def _beats(new: list[float], best: list[float], noise: list[float]) -> bool:
+    for a, b, tolerance in zip(new, best, noise, strict=False):
+        if a < b - tolerance:
+            return True
+        if a > b + tolerance:
+            return False
+    return False
 
 
 @dataclass

@@ -7,6 +7,7 @@ Shared by training (``trainer.py``), evaluation of a saved run, merging and the 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -23,10 +24,12 @@ from ..data.packing import PackedBatches
 from ..data.prepare import TaskData, prepare_data
 from ..errors import RunError
 from ..lock import RunLock
+from ..memory.launch import resolve_trim
 from ..modeling.adapters import attach_adapters, attach_start_adapter, load_adapter
 from ..modeling.loading import LoadedModel, check_max_length, load_config, load_model, load_tokenizer, resolve_source
 from ..objectives import Objective, objective_for
 from ..recipe import Recipe
+from ..recipe.defaults import DataFacts, resolve_training
 from ..run import RunFolder
 from .report import available_trackers
 
@@ -84,6 +87,24 @@ def make_train_loader(train, objective: Objective, model: torch.nn.Module,
     window = LengthGroupedBatches.window_for(d.group_by_length, objective.length_window)
     return make_loader(train, tc.micro_batch_size, partial(objective.collate, augment=augmenter), True, tc.seed,
                        window, tc.max_tokens_per_batch), False, augmenter
+
+
+def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes: int,
+                     device: str) -> tuple[Recipe, dict[str, str]]:
+    """The ``auto`` values that need the prepared data: ``recipe.defaults.resolve_training`` and
+    ``memory.launch.resolve_trim`` (at the longest training sequence). ``given``: the recipe as written (whether it
+    left the batch to lora_ft). Returns the recipe and the rules that resolved its values."""
+    train, max_length = session.data.splits["train"], recipe.data.max_length
+    lengths = [len(x) for x in train["input_ids"]]
+    packing = session.objective.use_packing(recipe.data.packing, session.model)
+    # What make_train_loader batches in an epoch: the examples, or about the rows they fill (first-fit packing
+    # fills rows to within a few percent).
+    units = max(1, math.ceil(sum(lengths) / max_length)) if packing else len(train)
+    batch_auto = given.train.micro_batch_size == "auto" and given.train.global_batch_size is None
+    parameters = session.model.get_nb_trainable_parameters()[1]  # peft counts 4-bit weights at their real size
+    recipe, rules = resolve_training(recipe, DataFacts(len(train), units, processes, batch_auto, parameters))
+    longest = max_length if packing else max(lengths, default=1)
+    return resolve_trim(recipe, device, session.loaded.source, longest), rules
 
 
 def lock_run(folder: RunFolder, accelerator: Accelerator) -> RunLock | None:

@@ -32,11 +32,13 @@ from .trainer import train
 log = logging.getLogger(__name__)
 
 def _resolved_at_launch(key: str, recipe: Recipe) -> bool:
-    """Whether a trial's saved value of ``key`` was decided by the launch, not by the recipe: ``auto`` values, and
-    the batch arithmetic they (or ``global_batch_size``) derive."""
+    """Whether a trial's saved value of ``key`` was decided by the launch, not by the recipe: ``auto`` values of the
+    ``train`` section (``recipe.defaults``, the memory planner), and the batch arithmetic they (or
+    ``global_batch_size``) derive."""
     tc = recipe.train
-    if key in ("train.micro_batch_size", "train.gradient_checkpointing", "train.trim_cpu_memory"):
-        return getattr(tc, key.split(".")[1]) == "auto"
+    section, _, name = key.partition(".")
+    if section == "train" and getattr(tc, name, None) == "auto":
+        return True
     if key == "train.global_batch_size":
         return tc.micro_batch_size == "auto"
     return key == "train.grad_accum" and (tc.micro_batch_size == "auto" or tc.global_batch_size is not None)
@@ -131,8 +133,10 @@ def _run_trials(root: Path, combos: list[dict], recipes: list, plans: list[tuple
     return rows
 
 
-def _rank(row: dict[str, Any]) -> tuple[bool, float]:
-    return row["status"] != "ok", row.get("loss", float("inf"))
+def _rank(row: dict[str, Any]) -> tuple[bool, float, float]:
+    # As the trainer keeps its best adapter (Objective.selected_by): a classifier's trials by validation accuracy,
+    # then loss; the others' (no "accuracy" metric) by loss.
+    return row["status"] != "ok", -row.get("accuracy", 0.0), row.get("loss", float("inf"))
 
 
 def _trial(recipe: Recipe, what: str, group: str) -> dict[str, Any]:

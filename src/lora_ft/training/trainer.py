@@ -5,7 +5,7 @@ over its items and divided by the items of the whole global batch (so 1 process 
 processes × 1 step); the best adapter is kept in memory; every piece of loop state lives in ``self.state``
 (``state.LoopState``), which is what a checkpoint saves and a resumed run restores. The loop never branches on the
 task: what differs between tasks is the objective's business, and the guards (``guards.py``) are consulted after
-each validation. (A little over 450 lines: the phases and the signal handling inside each belong together; what a
+each validation. (About 480 lines: the phases and the signal handling inside each belong together; what a
 signal leaves behind, and its message, are in ``interruption.py``, resuming's checks in ``resume.py``.)
 """
 
@@ -26,6 +26,7 @@ from ..errors import NonFiniteLoss, RecipeError, TrainingInterrupted, first_line
 from ..lock import RunLock
 from ..memory.launch import resolve_for_launch
 from ..recipe import Recipe
+from ..recipe.defaults import resolve_cadence, sources
 from ..run import CURVES, OBJECTIVE_CACHE, RESULTS, RUN_INFO, RunFolder, adopt_start_adapter
 from . import checkpoint as ckpt
 from .cpu_memory import release_freed_memory
@@ -38,7 +39,7 @@ from .neftune import activate_neftune
 from .param_groups import param_groups
 from .report import final_metrics, peak_memory, plot_curves, tracker_config, tracker_run
 from .resume import abandon_after, check_recipe_fits, keep_new_hyperparameters, start_point
-from .session import Session, lock_run, make_accelerator, make_loader, make_train_loader, setup
+from .session import Session, lock_run, make_accelerator, make_loader, make_train_loader, resolve_for_data, setup
 from .signals import Interrupted, Signals, requested
 from .state import LoopState
 from .throughput import ThroughputMeter
@@ -58,6 +59,8 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, resume: str | None = None, overwrite: bool = False, group: str | None = None):
         self.recipe, self.resume, self.overwrite, self.group = recipe, resume, overwrite, group
+        self.given = recipe  # as written: run_config.yaml says which values it gave and which lora_ft chose
+        self.rules: dict[str, str] = {}  # dotted key → the defaults rule that resolved it
         self.folder = RunFolder(recipe.output_dir)
         self.state = LoopState()
         self.last_validation: tuple[int, dict[str, float]] | None = None  # reused at the end when still current
@@ -125,6 +128,10 @@ class Trainer:
         # training starts from (a preference objective's reference log-probs).
         s.data.splits = s.objective.prepare(s.model, self.accelerator, s.data.splits, self.tc.eval_batch_size,
                                             self.folder / OBJECTIVE_CACHE)
+        # epochs, learning rates, warmup, patience, trimming auto: by objective and data (recipe.defaults).
+        self.recipe, self.rules = resolve_for_data(self.recipe, self.given, s, self.accelerator.num_processes,
+                                                   self.accelerator.device.type)
+        self.tc = self.recipe.train
         self._build_loop()
         self._start_folder(compute)
         self._rng = self._restore(self.resume_from) if self.resume_from is not None else None
@@ -144,6 +151,9 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP2 replaced them with shards
         self.eval_loaders = {n: acc.prepare(v) for n, v in eval_loaders.items()}
         self.total_steps = tc.total_steps(len(self.train_loader))
+        self.recipe, cadence = resolve_cadence(self.recipe, self.total_steps)  # eval_every auto needs the steps
+        self.tc, tc = self.recipe.train, self.recipe.train
+        self.rules.update(cadence)
         # Not passed to accelerator.prepare: its wrapper steps the schedule once per process per step.
         self.scheduler = get_scheduler(tc.schedule if tc.schedule != "constant" else "constant_with_warmup",
                                        self.optimizer, num_warmup_steps=tc.warmup_steps(self.total_steps),
@@ -175,6 +185,7 @@ class Trainer:
                 abandon_after(self.folder, self.resume_from)
             elif self.overwrite:
                 self.folder.set_aside()  # deleted once this run has saved something (drop_aside), else put back
+            self.info["resolved"] = sources(self.given, self.recipe, self.rules)
             self.folder.start(self.recipe, self.info, fresh=self.resume_from is None)
             self.started = True
             if self.recipe.lora.init_from:
@@ -235,8 +246,10 @@ class Trainer:
         if main:
             self.folder.log({"step": st.step, "split": "validation", **row})
         self.accelerator.log({f"validation/{k}": v for k, v in row.items()}, step=st.step)
-        st.best.consider(val["loss"], st.step, self.snapshot)
-        log.info("step %d: validation %s (best loss %.4f at step %d)", st.step, val, st.best.loss, st.best.step)
+        st.best.consider(val["loss"], st.step, self.snapshot, self.objective.selection_key(val),
+                         self.objective.selection_noise(val))
+        log.info("step %d: validation %s (best %s at step %d)", st.step, val, self.objective.describe_best(st.best),
+                 st.best.step)
         if self.forgetting is not None:
             forgot = self.forgetting.measure(self.model, self.accelerator, st.forgetting.before)
             if main:

@@ -1,0 +1,242 @@
+"""The rules behind the ``train`` section's ``auto`` values, and the record of where every resolved value came from.
+
+A minimal recipe (model, task, data) is what a new user runs first, so the defaults are chosen per objective
+(classification with a new head, SFT, preference tuning) and data size rather than as one set of constants tuned
+for chat SFT. Each rule below names the measurement behind it (``scripts/bench_defaults.py`` on the held-out tasks
+of ``scripts/build_heldout_tasks.py``, none of them shipped or used by the tests). The trainer resolves them when
+a run starts, in two steps because the evaluation cadence needs the number of optimizer steps: ``resolve_training``
+once the data is prepared, ``resolve_cadence`` once the loaders exist. ``sources`` then says, for every value a
+reader asks about first, whether the recipe gave it, the schema's constant default, or a rule (and which); the
+trainer writes that into ``run_config.yaml`` (as comments, so the file still loads as a recipe) and
+``run_info.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .compare import flatten
+from .objective import PREFERENCE_OBJECTIVES
+from .schema import Recipe
+from .train import TrainConfig
+
+# ----------------------------------------------------------------------------------------------------- the rules
+REFERENCE_BATCH = {"classification": 16, "sft": 4, "preference": 4}
+"""Examples per optimizer step and process for ``micro_batch_size: auto`` (packed rows for SFT). Classification: 16,
+the ``Trainer`` + peft setting that issue 16's 12-way task measured against (micro-batch 4 took 1,254 steps where 314
+would do, 993 s vs ≈630 s, and under-trained at the same epochs). SFT and preference: 4, unchanged: a packed SFT
+row of ``max_length`` tokens holds several conversations, and the minimal chat recipe already matched TRL there."""
+
+AUTO_LR = {"classification": 5e-4, "sft": 2e-4, "preference": 2e-4}
+"""``lr: auto``. Classification 5e-4 (was 2e-4, which under-trained a new head and its adapters: issue 16's task
+was still rising at the last epoch). Measured with ``AUTO_MIN_STEPS`` on the held-out tasks (test accuracy, lr 5e-4
+vs 1e-3): man-section 0.62 vs 0.67, license-clause 0.60 vs 0.54, man-pair 0.81 vs 0.50 (1e-3 collapsed to one
+class; so did 2e-3 and 4e-3 in three epochs). 1e-3 helps one task and ruins another, so it is not the default.
+SFT 2e-4 (TRL's documented LoRA rate, QLoRA's for 7-13B models; ``SMALL_SFT_LR`` for small models); preference
+2e-4."""
+
+SMALL_MODEL = 1_000_000_000
+"""Below this many parameters an SFT run's ``lr: auto`` is ``SMALL_SFT_LR``: the QLoRA paper's 2e-4 is for 7-13B
+models (1e-4 above), and on SmolLM2-135M it under-trains: whatis test loss 3.957 at 2e-4 (TRL at 2e-4: 3.967),
+3.861 at 4e-4."""
+SMALL_SFT_LR = 4e-4
+
+HEAD_LR_FACTOR = 1.0
+"""``head_lr: auto`` is ``lr`` × this (as ``Trainer`` + peft train the head, at one rate)."""
+
+AUTO_WARMUP = {"classification": 0.06, "sft": 0.03, "preference": 0.03}
+"""``warmup: auto``, a fraction of the steps. Classification 0.06 (RoBERTa's GLUE setting, the ``Trainer``
+comparison's); SFT and preference 0.03 (QLoRA's)."""
+
+AUTO_EPOCHS = {"classification": 3.0, "sft": 3.0, "preference": 1.0}
+"""``epochs: auto`` for data sets up to ``AUTO_EPOCH_EXAMPLES / epochs`` examples. Classification and SFT: 3, as
+transformers' ``Trainer`` and TRL default to; with validation data the best adapter is kept and early stopping ends
+a run that stops improving, so a third pass costs time, not quality. Preference: 1 (the quickstart's DPO run reached
+reward accuracy 0.81 in one)."""
+
+AUTO_MIN_STEPS = {"classification": 300, "sft": 100}
+"""The fewest optimizer steps a run of ``auto`` values gets: a new head and its adapters need a few hundred updates
+whatever the data set's size, and so do adapters learning a new output format. A classifier gets them by more
+epochs (up to ``AUTO_MAX_EPOCHS``): three epochs of the held-out classification tasks (660, 223 and 600 training
+examples, batches of 16) are 126, 42 and 114 steps, and all were under-trained at any learning rate
+(man-section validation accuracy 0.53 / 0.59 / 0.62 / 0.43 at lr 5e-4 / 1e-3 / 2e-3 / 4e-3); with 336 steps
+(8 epochs) test accuracy rose from 0.48 to 0.62 at 5e-4 (the ``Trainer`` + peft at 3 epochs: 0.49). SFT gets
+them by smaller packed batches (fewer rows a step, down to one; never more epochs), so the wall time stays that of
+three epochs: 240 short answers pack into ~32 rows of 512 tokens, 24 steps in batches of 4 rows where TRL's 8
+unpacked examples take 90."""
+
+AUTO_MAX_EPOCHS = 10.0
+"""The most epochs ``AUTO_MIN_STEPS`` may ask for (a data set of a few dozen examples is not helped by more)."""
+
+AUTO_EPOCH_EXAMPLES = 50_000
+"""``epochs: auto`` caps the examples seen at this (never below one epoch): on a large data set the extra passes
+cost hours and a single pass already sees enough (not measured here: no such data on these machines)."""
+
+AUTO_EVALUATIONS = 4
+"""``eval_every: auto`` with validation data: this many evaluations over the run (the last at its end), so the best
+adapter is chosen among several (one per epoch gave one candidate in one-epoch runs). With a validation split of
+10% of the training data, four evaluations cost about 4% of a three-epoch run (a forward pass is ~1/3 of a step)."""
+
+AUTO_PATIENCE = 2
+"""``early_stopping_patience: auto`` with validation data: stop after this many evaluations without improving."""
+
+
+def objective_kind(recipe: Recipe) -> str:
+    """``classification``, ``sft`` or ``preference``: what the rules are chosen by."""
+    kind = recipe.objective.type
+    if kind == "auto":
+        return "classification" if recipe.model.task == "sequence_classification" else "sft"
+    return "preference" if kind in PREFERENCE_OBJECTIVES else kind
+
+
+def reference_batch(recipe: Recipe) -> int:
+    """The per-process batch that ``micro_batch_size: auto`` keeps (``REFERENCE_BATCH``)."""
+    return REFERENCE_BATCH[objective_kind(recipe)]
+
+
+def auto_epochs(kind: str, train_examples: int, steps_per_epoch: int) -> float:
+    """``AUTO_EPOCHS[kind]``; for a classifier, more where that gives fewer than ``AUTO_MIN_STEPS`` steps (at most
+    ``AUTO_MAX_EPOCHS``); fewer where it would show the model more than ``AUTO_EPOCH_EXAMPLES`` examples (never
+    below one)."""
+    epochs = AUTO_EPOCHS[kind]
+    floor = AUTO_MIN_STEPS.get(kind, 0) if kind == "classification" else 0
+    if steps_per_epoch * epochs < floor:
+        epochs = min(AUTO_MAX_EPOCHS, float(math.ceil(floor / max(steps_per_epoch, 1))))
+    if train_examples * epochs > AUTO_EPOCH_EXAMPLES:
+        epochs = max(1.0, round(AUTO_EPOCH_EXAMPLES / max(train_examples, 1), 2))
+    return epochs
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the rules need to know of the prepared training data and the launch."""
+
+    examples: int
+    """Examples in the training split."""
+    units: int
+    """What a micro-batch counts in an epoch: the examples, or the rows they pack into."""
+    processes: int = 1
+    """Processes training together (the global batch, hence the steps of an epoch)."""
+    batch_auto: bool = False
+    """The recipe left the batch to lora_ft (``micro_batch_size: auto`` without ``global_batch_size``)."""
+    parameters: int = 0
+    """The model's parameters (0: unknown)."""
+
+
+def resolve_training(recipe: Recipe, facts: DataFacts) -> tuple[Recipe, dict[str, str]]:
+    """Resolve ``epochs``, ``lr``, ``head_lr``, ``warmup`` and ``early_stopping_patience`` when they are ``auto``, and
+    lower an ``auto`` batch where the run would get fewer than ``AUTO_MIN_STEPS`` steps (SFT).
+
+    Args:
+        recipe: the recipe with its memory settings already resolved (``memory.launch``) for ``facts.processes``.
+        facts: the training data's size and the launch.
+
+    Returns:
+        The recipe with those values set, and for each one set here the rule that chose it.
+    """
+    tc, kind = recipe.train, objective_kind(recipe)
+    update, why = _epochs_and_batch(tc, kind, facts)
+    if tc.lr == "auto":
+        small = kind == "sft" and 0 < facts.parameters < SMALL_MODEL
+        update["lr"] = SMALL_SFT_LR if small else AUTO_LR[kind]
+        why["lr"] = f"{kind}" + (f", a model under {SMALL_MODEL / 1e9:g}B parameters" if small else "")
+    if tc.head_lr == "auto":
+        update["head_lr"] = update.get("lr", tc.lr) * HEAD_LR_FACTOR
+        why["head_lr"] = f"lr × {HEAD_LR_FACTOR:g}"
+    if tc.warmup == "auto":
+        update["warmup"], why["warmup"] = AUTO_WARMUP[kind], f"{kind}"
+    if tc.early_stopping_patience == "auto":
+        update["early_stopping_patience"] = AUTO_PATIENCE if recipe.validates else None
+        why["early_stopping_patience"] = "validation data" if recipe.validates else "no validation data"
+    resolved = recipe.model_copy(update={"train": tc.model_copy(update=update)})
+    return resolved, {f"train.{k}": v for k, v in why.items()}
+
+
+def _epochs_and_batch(tc: TrainConfig, kind: str, facts: DataFacts) -> tuple[dict[str, Any], dict[str, str]]:
+    """``epochs: auto`` (``auto_epochs``), then the SFT batch that gives ``AUTO_MIN_STEPS`` steps."""
+    update: dict[str, Any] = {}
+    why: dict[str, str] = {}
+    per_epoch = max(math.ceil(facts.units / tc.global_batch(facts.processes)), 1)  # the loader keeps the last
+    epochs = tc.epochs
+    if tc.epochs == "auto":
+        update["epochs"] = epochs = auto_epochs(kind, facts.examples, per_epoch)
+        why["epochs"] = f"{kind}: {AUTO_EPOCHS[kind]:g}" + (
+            f", capped at {AUTO_EPOCH_EXAMPLES} examples seen ({facts.examples} training examples)"
+            if epochs < AUTO_EPOCHS[kind] else
+            f", raised to {AUTO_MIN_STEPS[kind]}+ steps ({per_epoch} an epoch, at most {AUTO_MAX_EPOCHS:g} epochs)"
+            if epochs > AUTO_EPOCHS[kind] else "")
+    floor = AUTO_MIN_STEPS.get(kind, 0)
+    if kind == "sft" and facts.batch_auto and tc.max_steps is None and per_epoch * epochs < floor:
+        per_process = max(1, int(facts.units * epochs // (floor * facts.processes)))
+        micro = min(tc.micro_batch_size, per_process)
+        accum = max(1, per_process // micro)
+        update.update(micro_batch_size=micro, grad_accum=accum, global_batch_size=micro * accum * facts.processes)
+        why["micro_batch_size"] = why["grad_accum"] = why["global_batch_size"] = (
+            f"{kind}: {floor}+ steps ({facts.units} units an epoch, {epochs:g} epochs; planner's batch "
+            f"{tc.global_batch(facts.processes)})")
+    return update, why
+
+
+def resolve_cadence(recipe: Recipe, total_steps: int) -> tuple[Recipe, dict[str, str]]:
+    """``eval_every: auto`` → ``AUTO_EVALUATIONS`` evaluations over ``total_steps`` with validation data, else None."""
+    if recipe.train.eval_every != "auto":
+        return recipe, {}
+    every = max(1, math.ceil(total_steps / AUTO_EVALUATIONS)) if recipe.validates else None
+    why = f"{AUTO_EVALUATIONS} evaluations over {total_steps} steps" if every else "no validation data"
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"eval_every": every})}), \
+        {"train.eval_every": why}
+
+
+# ---------------------------------------------------------------------------------------------------- the record
+RECORDED = ("train.epochs", "train.max_steps", "train.micro_batch_size", "train.grad_accum", "train.global_batch_size",
+            "train.lr", "train.head_lr", "train.schedule", "train.warmup", "train.eval_every",
+            "train.early_stopping_patience", "train.gradient_checkpointing", "train.trim_cpu_memory")
+"""The values whose source ``sources`` always reports (and any other ``train`` value that was ``auto``)."""
+
+
+def _given_keys(recipe: Recipe) -> set[str]:
+    """Dotted keys the recipe's author set (YAML or ``--set``), from pydantic's record of the fields given."""
+    keys = set()
+    for name in recipe.model_fields_set:
+        section = getattr(recipe, name)
+        if hasattr(section, "model_fields_set"):
+            keys |= {f"{name}.{field}" for field in section.model_fields_set}
+        else:
+            keys.add(name)
+    return keys
+
+
+def sources(given: Recipe, resolved: Recipe, rules: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Dotted key → ``{"value", "source"}`` for ``RECORDED`` keys and every ``train`` key ``given`` left ``auto``.
+
+    Args:
+        given: the recipe as its author wrote it (before anything was resolved).
+        resolved: the recipe the run trains with.
+        rules: key → the rule that resolved it (``resolve_training``, ``resolve_cadence``); an ``auto`` value
+            without one was resolved by the memory planner.
+    """
+    before, after, written = flatten(given.model_dump(mode="json")), flatten(resolved.model_dump(mode="json")), \
+        _given_keys(given)
+    out: dict[str, dict[str, Any]] = {}
+    for key in sorted(after, key=lambda k: (k not in RECORDED, RECORDED.index(k) if k in RECORDED else 0, k)):
+        if not key.startswith("train."):  # other sections' auto values are resolved where they act, not here
+            continue
+        if before.get(key) == "auto":
+            rule = rules.get(key, "the memory planner for this device (lora-ft plan)")
+            source = f"auto: {rule}"
+        elif key in RECORDED:
+            derived = key in ("train.grad_accum", "train.global_batch_size") and before.get(key) != after[key]
+            source = "derived from the batch" if derived else ("recipe" if key in written else "default")
+        else:
+            continue
+        out[key] = {"value": after[key], "source": source}
+    return out
+
+
+def sources_comment(record: dict[str, dict[str, Any]]) -> str:
+    """``sources`` as a YAML comment block for the end of ``run_config.yaml``."""
+    width = max((len(k) for k in record), default=0)
+    lines = [f"#   {k:<{width}}  {v['value']!s:<10}  {v['source']}" for k, v in record.items()]
+    return "\n".join(["# Where the training values came from (recipe, default, or an auto rule):", *lines]) + "\n"

@@ -1,0 +1,138 @@
+"""The ``auto`` training rules (``recipe/defaults.py``): what each objective gets, the data-size cap, the evaluation
+cadence, and the record of where every value came from."""
+
+import pytest
+import yaml
+
+from lora_ft.recipe import Recipe, load_recipe
+from lora_ft.recipe.defaults import (
+    AUTO_EPOCH_EXAMPLES,
+    AUTO_EVALUATIONS,
+    AUTO_LR,
+    AUTO_MAX_EPOCHS,
+    AUTO_MIN_STEPS,
+    AUTO_PATIENCE,
+    AUTO_WARMUP,
+    REFERENCE_BATCH,
+    SMALL_SFT_LR,
+    DataFacts,
+    reference_batch,
+    resolve_cadence,
+    resolve_training,
+    sources,
+    sources_comment,
+)
+
+
+def _recipe(task: str = "causal_lm", validation: bool = True, objective: str = "auto", **train) -> Recipe:
+    """``micro_batch_size`` as the launch resolves it by default: the objective's reference batch."""
+    train.setdefault("micro_batch_size", 16 if task == "sequence_classification" else 4)
+    data = {"train": "t.jsonl", **({"validation": "v.jsonl"} if validation else {})}
+    if objective != "auto":
+        data["format"] = "preference"
+    return Recipe.model_validate({"model": {"task": task}, "objective": {"type": objective}, "data": data,
+                                  "train": train})
+
+
+def test_a_minimal_classifier_gets_the_classification_rules():
+    resolved, rules = resolve_training(_recipe("sequence_classification"), DataFacts(1_700, 1_700))  # 107 steps/epoch
+    tc = resolved.train
+    assert (tc.lr, tc.head_lr, tc.warmup, tc.epochs) == (AUTO_LR["classification"], AUTO_LR["classification"],
+                                                         AUTO_WARMUP["classification"], 3.0)
+    assert tc.early_stopping_patience == AUTO_PATIENCE
+    assert reference_batch(resolved) == REFERENCE_BATCH["classification"] == 16
+    assert set(rules) == {"train.lr", "train.head_lr", "train.warmup", "train.epochs", "train.early_stopping_patience"}
+
+
+def test_sft_and_preference_get_their_own_rates_and_epochs():
+    sft, _ = resolve_training(_recipe(), DataFacts(500, 500))
+    dpo, _ = resolve_training(_recipe(objective="dpo"), DataFacts(500, 500))
+    assert (sft.train.lr, sft.train.epochs, sft.train.warmup) == (AUTO_LR["sft"], 3.0, AUTO_WARMUP["sft"])
+    assert (dpo.train.lr, dpo.train.epochs) == (AUTO_LR["preference"], 1.0)
+    assert reference_batch(sft) == reference_batch(dpo) == 4
+
+
+@pytest.mark.parametrize("examples, processes, epochs", [(660, 1, 8.0), (660, 2, 10.0), (223, 1, AUTO_MAX_EPOCHS),
+                                                         (1_700, 1, 3.0)])
+def test_auto_epochs_give_a_classifier_its_minimum_steps_up_to_the_epoch_cap(examples, processes, epochs):
+    resolved, rules = resolve_training(_recipe("sequence_classification"), DataFacts(examples, examples, processes))
+    assert resolved.train.epochs == epochs
+    steps_per_epoch = examples // (16 * processes)
+    assert steps_per_epoch * epochs >= AUTO_MIN_STEPS["classification"] or epochs == AUTO_MAX_EPOCHS
+    assert ("raised to" in rules["train.epochs"]) == (epochs > 3)
+
+
+@pytest.mark.parametrize("examples, epochs", [(AUTO_EPOCH_EXAMPLES // 3, 3.0), (AUTO_EPOCH_EXAMPLES // 2, 2.0),
+                                              (AUTO_EPOCH_EXAMPLES * 4, 1.0)])
+def test_auto_epochs_cap_the_examples_seen_on_large_data_but_never_go_below_one(examples, epochs):
+    assert resolve_training(_recipe(), DataFacts(examples, examples))[0].train.epochs == epochs
+
+
+def test_values_the_recipe_gives_are_kept_and_a_given_lr_sets_the_head_rate():
+    resolved, rules = resolve_training(_recipe("sequence_classification", lr=1e-3, epochs=5, warmup=0,
+                                               early_stopping_patience=None), DataFacts(100, 100))
+    assert (resolved.train.lr, resolved.train.head_lr, resolved.train.epochs, resolved.train.warmup) == (1e-3, 1e-3,
+                                                                                                          5, 0)
+    assert resolved.train.early_stopping_patience is None
+    assert set(rules) == {"train.head_lr"}
+
+
+def test_without_validation_there_is_no_evaluation_cadence_and_no_early_stopping():
+    resolved, _ = resolve_training(_recipe(validation=False), DataFacts(100, 100))
+    resolved, rules = resolve_cadence(resolved, 300)
+    assert resolved.train.eval_every is None and resolved.train.early_stopping_patience is None
+    assert rules == {"train.eval_every": "no validation data"}
+
+
+@pytest.mark.parametrize("steps, every", [(300, 75), (301, 76), (3, 1)])
+def test_with_validation_the_run_is_evaluated_auto_evaluations_times(steps, every):
+    resolved, _ = resolve_cadence(_recipe(), steps)
+    assert resolved.train.eval_every == every
+    assert len(range(every, steps + 1, every)) in (AUTO_EVALUATIONS - 1, AUTO_EVALUATIONS, steps)
+
+
+def test_sources_tell_recipe_values_from_defaults_and_rules(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {task: sequence_classification}\ndata: {train: t.jsonl, validation: v.jsonl}\n"
+                    "train: {epochs: 2}\n")
+    given = load_recipe(path, ["train.lr=1e-3"])
+    launched = given.model_copy(update={"train": given.train.model_copy(update={"micro_batch_size": 16})})  # planner
+    resolved, rules = resolve_training(launched, DataFacts(100, 100))
+    resolved, cadence = resolve_cadence(resolved, 40)
+    record = sources(given, resolved, {**rules, **cadence})
+    assert record["train.epochs"] == {"value": 2.0, "source": "recipe"}
+    assert record["train.lr"] == {"value": 1e-3, "source": "recipe"}
+    assert record["train.schedule"] == {"value": "cosine", "source": "default"}
+    assert record["train.warmup"]["source"] == "auto: classification"
+    assert record["train.eval_every"] == {"value": 10, "source": f"auto: {AUTO_EVALUATIONS} evaluations over 40 steps"}
+    assert record["train.micro_batch_size"]["source"].startswith("auto: the memory planner")
+    comment = sources_comment(record)
+    assert all(line.startswith("#") for line in comment.splitlines())
+    assert yaml.safe_load(resolved.dump() + comment) == yaml.safe_load(resolved.dump())  # comments only
+
+
+@pytest.mark.parametrize("rows, micro, expected", [(32, 4, (1, 1)), (80, 4, (2, 1)), (200, 4, (4, 1)), (80, 1, (1, 2))])
+def test_a_small_sft_set_gets_its_minimum_steps_from_smaller_packed_batches_not_more_epochs(rows, micro, expected):
+    """32 rows × 3 epochs in batches of 4 are 24 steps: batches of 1 row give 96; 80 rows: batches of 2, 120 steps;
+    200 rows already give 150. A planner's micro-batch of 1 keeps the batch by accumulating instead."""
+    recipe = _recipe(micro_batch_size=micro, grad_accum=4 // micro)
+    resolved, rules = resolve_training(recipe, DataFacts(rows * 5, rows, batch_auto=True))
+    tc = resolved.train
+    assert (tc.micro_batch_size, tc.grad_accum) == (expected[0], expected[1] if rows != 200 else 4 // micro)
+    assert tc.epochs == 3.0 and tc.global_batch_size in (None, tc.micro_batch_size * tc.grad_accum)
+    steps = -(-rows // tc.global_batch(1)) * tc.epochs
+    assert steps >= AUTO_MIN_STEPS["sft"] - 6 and ("train.micro_batch_size" in rules) == (rows != 200)
+
+
+def test_a_batch_the_recipe_gives_is_never_lowered():
+    resolved, rules = resolve_training(_recipe(micro_batch_size=4), DataFacts(100, 10, batch_auto=False))
+    assert resolved.train.micro_batch_size == 4 and "train.micro_batch_size" not in rules
+
+
+@pytest.mark.parametrize("parameters, lr", [(135_000_000, SMALL_SFT_LR), (7_000_000_000, AUTO_LR["sft"]),
+                                            (0, AUTO_LR["sft"])])
+def test_sft_on_a_small_model_gets_the_small_model_rate_and_larger_or_unknown_ones_the_qlora_rate(parameters, lr):
+    resolved, rules = resolve_training(_recipe(), DataFacts(500, 500, parameters=parameters))
+    assert resolved.train.lr == lr and ("under" in rules["train.lr"]) == (lr == SMALL_SFT_LR)
+    cls, _ = resolve_training(_recipe("sequence_classification"), DataFacts(500, 500, parameters=parameters))
+    assert cls.train.lr == AUTO_LR["classification"]  # the size rule is SFT's only
