@@ -151,7 +151,7 @@ def test_running_a_sweep_again_never_destroys_its_trials_silently(tiny_llama, ch
     assert main([*argv, "--set", "train.lr=1e-3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"lora-ft: error: the sweep folder {root} holds trials of another recipe; trial 1 ("
-                          f"{root}/trial-01-r-2): train.lr 0.0002 → 0.001; trial 2") and \
+                          f"{root}/trial-01-r-2): train.lr 0.0004 → 0.001; trial 2") and \
         err.endswith("pass --overwrite to retrain them, or choose another output_dir")
     assert _adapters(root) == trained
     # ... and retrained with --overwrite.
