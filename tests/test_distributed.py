@@ -389,3 +389,25 @@ def test_preference_run_on_two_processes_matches_one_process(tiny_llama, tmp_pat
         full = {r["step"]: r["loss"] for r in two if "split" not in r}
         again = {r["step"]: r["loss"] for r in rows(part) if "split" not in r}
         assert sorted(again) == [3, 4] and max(abs(full[s] - again[s]) for s in again) < 1e-6
+
+
+def test_deepspeed_is_told_the_smaller_batch_the_sft_step_rule_chose(tiny_llama, chat_data, tmp_path):
+    """The trainer passes a batch lowered by ``resolve_training`` through ``scale_to_processes`` again (stubs)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from lora_ft.recipe.defaults import DataFacts, resolve_training
+
+    launched = make_recipe(tiny_llama, chat_data, tmp_path / "r", train={"global_batch_size": 16, "micro_batch_size": 4,
+                                                                         "lr": "auto", "epochs": "auto",
+                                                                         "max_steps": None})
+    resolved, rules = resolve_training(launched, DataFacts(200, 40, processes=4, batch_auto=True))
+    assert "train.micro_batch_size" in rules  # 40 rows × 3 epochs in batches of 16 would be 9 steps
+    plugin = SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"})
+    ds = SimpleNamespace(num_processes=4, distributed_type=DistributedType.DEEPSPEED, is_fsdp2=False,
+                         state=SimpleNamespace(deepspeed_plugin=plugin))
+    tc = scale_to_processes(resolved, ds).train
+    assert (tc.micro_batch_size, tc.grad_accum, tc.global_batch(4)) == (1, 1, 4)
+    assert plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                                       "train_batch_size": 4, "gradient_clipping": 1.0}

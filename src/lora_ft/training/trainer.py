@@ -131,6 +131,8 @@ class Trainer:
         # epochs, learning rates, warmup, patience, trimming auto: by objective and data (recipe.defaults).
         self.recipe, self.rules = resolve_for_data(self.recipe, self.given, s, self.accelerator.num_processes,
                                                    self.accelerator.device.type)
+        if "train.micro_batch_size" in self.rules:  # a smaller SFT batch: DeepSpeed must be told the new numbers
+            self.recipe = scale_to_processes(self.recipe, self.accelerator, self.resume)
         self.tc = self.recipe.train
         self._build_loop()
         self._start_folder(compute)
