@@ -71,6 +71,8 @@ What is measured:
 - **wall_s**: the whole training call, model and data loading included, imports excluded: lora_ft's ``train()``
   (with the evaluations its defaults do before, during and after training, and the final save), the HF side from
   loading the tokenizer to the saved adapter (no evaluation).
+- **loop s**: the training loop alone (both sides: the steps, without loading, evaluation or saving): lora_ft's
+  ``train_s`` (last step row of ``metrics.jsonl``), the HF sides' ``bench_train.trl_timer`` time.
 - **tokens/s**: real (non-padding) training tokens ÷ the training loop's time. lora_ft's is its own
   ``tokens_per_s`` (last step row of ``metrics.jsonl``); the HF sides' count the tokens their collator receives
   and time the loop with ``bench_train.trl_timer`` (epoch start to each step's end).
@@ -163,8 +165,10 @@ def run_facts(run_dir: Path) -> dict:
     hparams.update(max_length=cfg["data"].get("max_length"), lora={k: cfg["lora"].get(k) for k in ("r", "alpha",
                                                                                                      "dropout")})
     after = json.loads((run_dir / "eval_results.json").read_text())["after"]
+    loop = last.get("train_s")  # lora_ft's training-step seconds (evaluations and saving excluded)
     return {"tokens_per_s": round(last["tokens_per_s"], 1), "steps": last["step"], "epochs": round(last["epoch"], 3),
-            "hparams": hparams, "validation": after.get("validation")}
+            "train_loop_s": round(loop, 1) if loop is not None else None, "hparams": hparams,
+            "validation": after.get("validation")}
 
 
 def metric_text(m: dict | None, kind: str) -> str:
@@ -175,7 +179,7 @@ def metric_text(m: dict | None, kind: str) -> str:
 
 def table(tasks: dict, label: str) -> str:
     """The Markdown table of every task and side."""
-    head = ["task", "side", "test", "validation", "wall s", "tok/s", "epochs", "steps", "lr", "batch",
+    head = ["task", "side", "test", "validation", "wall s", "loop s", "tok/s", "epochs", "steps", "lr", "batch",
             "warmup", "schedule"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, t in tasks.items():
@@ -186,7 +190,8 @@ def table(tasks: dict, label: str) -> str:
             name = label if side == "lora_ft" else f"sweep ({r['best']})" if side == "sweep" else side
             lines.append("| " + " | ".join(str(x) for x in [
                 task, name, metric_text(r.get("test"), t["kind"]), metric_text(r.get("validation"), t["kind"]),
-                round(r["wall_s"]), round(r["tokens_per_s"] or 0), r["epochs"], r["steps"],
+                round(r["wall_s"]), round(r.get("train_loop_s") or 0), round(r["tokens_per_s"] or 0), r["epochs"],
+                r["steps"],
                 f"{hp.get('lr', hp.get('learning_rate'))}", batch,
                 hp.get("warmup", hp.get("warmup_steps")), hp.get("schedule", hp.get("lr_scheduler_type"))]) + " |")
     return "\n".join(lines)

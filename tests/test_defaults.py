@@ -54,12 +54,38 @@ def test_sft_and_preference_get_their_own_rates_and_epochs():
 
 @pytest.mark.parametrize("examples, processes, epochs", [(660, 1, 8.0), (660, 2, 10.0), (223, 1, AUTO_MAX_EPOCHS),
                                                          (1_700, 1, 3.0)])
-def test_auto_epochs_give_a_classifier_its_minimum_steps_up_to_the_epoch_cap(examples, processes, epochs):
+def test_a_classifier_whose_batch_the_recipe_gives_gets_its_minimum_steps_from_more_epochs_up_to_the_cap(
+        examples, processes, epochs):
     resolved, rules = resolve_training(_recipe("sequence_classification"), DataFacts(examples, examples, processes))
     assert resolved.train.epochs == epochs
     steps_per_epoch = examples // (16 * processes)
     assert steps_per_epoch * epochs >= AUTO_MIN_STEPS["classification"] or epochs == AUTO_MAX_EPOCHS
     assert ("raised to" in rules["train.epochs"]) == (epochs > 3)
+
+
+@pytest.mark.parametrize("examples, processes, micro", [(660, 1, 6), (223, 1, 2), (600, 1, 6), (660, 2, 3),
+                                                         (1_700, 1, 16)])
+def test_a_small_classification_set_gets_its_minimum_steps_from_smaller_batches_in_three_epochs(examples, processes,
+                                                                                                 micro):
+    """The held-out sets: 660 examples in batches of 16 are 42 steps an epoch; batches of 6 give 110 (330 in three
+    epochs); 223 examples need batches of 2. 1,700 examples already give 321 steps at 16 and keep it."""
+    resolved, rules = resolve_training(_recipe("sequence_classification"),
+                                       DataFacts(examples, examples, processes, batch_auto=True))
+    tc = resolved.train
+    assert (tc.micro_batch_size, tc.grad_accum, tc.epochs) == (micro, 1, 3.0)
+    steps = -(-examples // tc.global_batch(processes)) * tc.epochs
+    assert steps >= AUTO_MIN_STEPS["classification"]
+    assert ("train.micro_batch_size" in rules) == (micro != 16) and "raised" not in rules["train.epochs"]
+    given = _recipe("sequence_classification", micro_batch_size="auto")
+    record = sources(given, resolved, rules)
+    for key in ("train.micro_batch_size", "train.grad_accum", "train.global_batch_size"):
+        assert ("300+ steps" in record[key]["source"]) == (micro != 16), record[key]
+
+
+def test_a_classification_set_too_small_for_batches_of_one_gets_more_epochs_too():
+    resolved, rules = resolve_training(_recipe("sequence_classification"), DataFacts(60, 60, batch_auto=True))
+    assert (resolved.train.micro_batch_size, resolved.train.epochs) == (1, 5.0)  # 60 steps an epoch
+    assert "raised to" in rules["train.epochs"] and "train.micro_batch_size" in rules
 
 
 @pytest.mark.parametrize("examples, epochs", [(AUTO_EPOCH_EXAMPLES // 3, 3.0), (AUTO_EPOCH_EXAMPLES // 2, 2.0),

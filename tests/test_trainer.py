@@ -66,6 +66,8 @@ def test_qlora_loss_falls_and_results_have_the_documented_shape(chat_run):
     train_losses = [r["loss"] for r in rows if "split" not in r]
     assert len(train_losses) == 30 and sum(train_losses[-5:]) < sum(train_losses[:5])
     assert all(r["tokens_per_s"] > 0 for r in rows if "split" not in r)
+    loop = [r["train_s"] for r in rows if "split" not in r]  # the training steps' own seconds, growing each step
+    assert all(0 < a < b for a, b in zip(loop, loop[1:], strict=False))
     for name in ("run_config.yaml", "run_info.json", "curves.png", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "adapter/tokenizer_config.json"):
         assert (Path(out) / name).is_file(), name
@@ -282,7 +284,7 @@ def test_packed_training_resumes_mid_epoch_with_the_uninterrupted_losses(tiny_ll
 def test_a_minimal_recipe_resolves_every_auto_value_and_run_config_records_each_with_its_source(tiny_bert, cls_data,
                                                                                                 tmp_path):
     from lora_ft.recipe import Recipe, load_recipe
-    from lora_ft.recipe.defaults import AUTO_EVALUATIONS, AUTO_LR, AUTO_MAX_EPOCHS
+    from lora_ft.recipe.defaults import AUTO_EVALUATIONS, AUTO_LR
 
     out = tmp_path / "minimal"
     given = Recipe.model_validate({"model": {"name": str(tiny_bert), "task": "sequence_classification"},
@@ -302,14 +304,13 @@ def test_a_minimal_recipe_resolves_every_auto_value_and_run_config_records_each_
         assert any(line.startswith(f"#   train.{key} ") and line.rstrip().endswith(source)
                    for line in text.splitlines())
     # ... and they are what the run did: 120 examples in batches of 16 are 8 steps an epoch, so the classifier's
-    # minimum steps ask for the epoch cap; the peak learning rate is the classification rate; 4 evaluations
-    # (fewer if early stopping ended the run).
-    assert (saved.train.micro_batch_size, saved.train.epochs, saved.train.lr) == (16, AUTO_MAX_EPOCHS,
-                                                                                  AUTO_LR["classification"])
-    assert info["total_steps"] == 8 * AUTO_MAX_EPOCHS and saved.train.eval_every == 20
+    # minimum steps lower the batch to one example (360 steps in the 3 epochs); the peak learning rate is the
+    # classification rate; 4 evaluations (fewer if early stopping ended the run).
+    assert (saved.train.micro_batch_size, saved.train.epochs, saved.train.lr) == (1, 3.0, AUTO_LR["classification"])
+    assert info["total_steps"] == 120 * 3 and saved.train.eval_every == 90
     steps = [r for r in _rows(out) if "split" not in r]
     assert max(r["lr"] for r in steps) == pytest.approx(AUTO_LR["classification"])
     evaluations = [r["step"] for r in _rows(out) if r.get("split") == "validation" and r["step"] > 0
                    and not r.get("final")]
-    assert evaluations == [20, 40, 60, 80][:len(evaluations)] and (len(evaluations) == AUTO_EVALUATIONS
+    assert evaluations == [90, 180, 270, 360][:len(evaluations)] and (len(evaluations) == AUTO_EVALUATIONS
                                                                     or info["stopped"])

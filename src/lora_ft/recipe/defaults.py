@@ -58,14 +58,17 @@ reward accuracy 0.81 in one)."""
 
 AUTO_MIN_STEPS = {"classification": 300, "sft": 100}
 """The fewest optimizer steps a run of ``auto`` values gets: a new head and its adapters need a few hundred updates
-whatever the data set's size, and so do adapters learning a new output format. A classifier gets them by more
-epochs (up to ``AUTO_MAX_EPOCHS``): three epochs of the held-out classification tasks (660, 223 and 600 training
-examples, batches of 16) are 126, 42 and 114 steps, and all were under-trained at any learning rate
-(man-section validation accuracy 0.53 / 0.59 / 0.62 / 0.43 at lr 5e-4 / 1e-3 / 2e-3 / 4e-3); with 336 steps
-(8 epochs) test accuracy rose from 0.48 to 0.62 at 5e-4 (the ``Trainer`` + peft at 3 epochs: 0.49). SFT gets
-them by smaller packed batches (fewer rows a step, down to one; never more epochs), so the wall time stays that of
-three epochs: 240 short answers pack into ~32 rows of 512 tokens, 24 steps in batches of 4 rows where TRL's 8
-unpacked examples take 90."""
+whatever the data set's size, and so do adapters learning a new output format. Where the recipe leaves the batch
+to lora_ft, a run gets them by smaller batches (fewer examples or packed rows a step, down to one) in the same
+epochs, so its wall time stays that of ``AUTO_EPOCHS`` epochs; only where batches of one are still too few (or the
+recipe gives the batch) does a classifier get more epochs (up to ``AUTO_MAX_EPOCHS``). Measured on the held-out
+classification tasks (660, 223 and 600 training examples; three epochs in batches of 16 are 126, 42 and 114
+steps, under-trained at any rate: man-section validation accuracy 0.53 / 0.59 / 0.62 / 0.43 at lr 5e-4 / 1e-3 /
+2e-3 / 4e-3). Test accuracy at lr 5e-4: batches of 16, 3 epochs (the ``Trainer`` + peft) 0.49 / 0.25 / 0.77;
+batches of 6 / 2 / 6, 3 epochs (this rule) 0.60 / 0.59 / 0.78 in about the ``Trainer``'s training-loop time;
+batches of 16, 8 / 10 / 8 epochs (the rule before) 0.62 / 0.60 / 0.81 in 2.6-3x that time, where lr 1e-3 also
+collapsed man-pair to one class (the batch rule at 1e-3: validation 0.74). SFT: 240 short answers pack into ~32 rows
+of 512 tokens, 24 steps in batches of 4 rows where TRL's 8 unpacked examples take 90."""
 
 AUTO_MAX_EPOCHS = 10.0
 """The most epochs ``AUTO_MIN_STEPS`` may ask for (a data set of a few dozen examples is not helped by more)."""
@@ -127,7 +130,7 @@ class DataFacts:
 
 def resolve_training(recipe: Recipe, facts: DataFacts) -> tuple[Recipe, dict[str, str]]:
     """Resolve ``epochs``, ``lr``, ``head_lr``, ``warmup`` and ``early_stopping_patience`` when they are ``auto``, and
-    lower an ``auto`` batch where the run would get fewer than ``AUTO_MIN_STEPS`` steps (SFT).
+    lower an ``auto`` batch where the run would get fewer than ``AUTO_MIN_STEPS`` steps.
 
     Args:
         recipe: the recipe with its memory settings already resolved (``memory.launch``) for ``facts.processes``.
@@ -155,11 +158,23 @@ def resolve_training(recipe: Recipe, facts: DataFacts) -> tuple[Recipe, dict[str
 
 
 def _epochs_and_batch(tc: TrainConfig, kind: str, facts: DataFacts) -> tuple[dict[str, Any], dict[str, str]]:
-    """``epochs: auto`` (``auto_epochs``), then the SFT batch that gives ``AUTO_MIN_STEPS`` steps."""
+    """An ``auto`` batch lowered to give ``AUTO_MIN_STEPS`` steps in ``AUTO_EPOCHS`` epochs (when the recipe leaves
+    both to lora_ft), then ``epochs: auto`` (``auto_epochs``) at the batch that results."""
     update: dict[str, Any] = {}
     why: dict[str, str] = {}
-    per_epoch = max(math.ceil(facts.units / tc.global_batch(facts.processes)), 1)  # the loader keeps the last
-    epochs = tc.epochs
+    floor = AUTO_MIN_STEPS.get(kind, 0)
+    planned = tc.global_batch(facts.processes)
+    epochs_then = AUTO_EPOCHS[kind] if tc.epochs == "auto" else tc.epochs
+    per_epoch = max(math.ceil(facts.units / planned), 1)  # the loader keeps the last
+    if facts.batch_auto and tc.max_steps is None and per_epoch * epochs_then < floor:
+        per_process = max(1, int(facts.units * epochs_then // (floor * facts.processes)))
+        micro = min(tc.micro_batch_size, per_process)
+        accum = max(1, per_process // micro)
+        update.update(micro_batch_size=micro, grad_accum=accum, global_batch_size=micro * accum * facts.processes)
+        why["micro_batch_size"] = why["grad_accum"] = why["global_batch_size"] = (
+            f"{kind}: {floor}+ steps ({facts.units} {'examples' if facts.units == facts.examples else 'packed rows'}"
+            f" an epoch, {epochs_then:g} epochs; planner's batch {planned})")
+        per_epoch = max(math.ceil(facts.units / (micro * accum * facts.processes)), 1)
     if tc.epochs == "auto":
         update["epochs"] = epochs = auto_epochs(kind, facts.examples, per_epoch)
         why["epochs"] = f"{kind}: {AUTO_EPOCHS[kind]:g}" + (
@@ -167,15 +182,6 @@ def _epochs_and_batch(tc: TrainConfig, kind: str, facts: DataFacts) -> tuple[dic
             if epochs < AUTO_EPOCHS[kind] else
             f", raised to {AUTO_MIN_STEPS[kind]}+ steps ({per_epoch} an epoch, at most {AUTO_MAX_EPOCHS:g} epochs)"
             if epochs > AUTO_EPOCHS[kind] else "")
-    floor = AUTO_MIN_STEPS.get(kind, 0)
-    if kind == "sft" and facts.batch_auto and tc.max_steps is None and per_epoch * epochs < floor:
-        per_process = max(1, int(facts.units * epochs // (floor * facts.processes)))
-        micro = min(tc.micro_batch_size, per_process)
-        accum = max(1, per_process // micro)
-        update.update(micro_batch_size=micro, grad_accum=accum, global_batch_size=micro * accum * facts.processes)
-        why["micro_batch_size"] = why["grad_accum"] = why["global_batch_size"] = (
-            f"{kind}: {floor}+ steps ({facts.units} units an epoch, {epochs:g} epochs; planner's batch "
-            f"{tc.global_batch(facts.processes)})")
     return update, why
 
 
@@ -223,7 +229,7 @@ def sources(given: Recipe, resolved: Recipe, rules: dict[str, str]) -> dict[str,
     for key in sorted(after, key=lambda k: (k not in RECORDED, RECORDED.index(k) if k in RECORDED else 0, k)):
         if not key.startswith("train."):  # other sections' auto values are resolved where they act, not here
             continue
-        if before.get(key) == "auto":
+        if before.get(key) == "auto" or key in rules:  # rules: also what a rule changed along (the batch's parts)
             rule = rules.get(key, "the memory planner for this device (lora-ft plan)")
             source = f"auto: {rule}"
         elif key in RECORDED:

@@ -35,14 +35,17 @@ class TrainConfig(_Section):
 
     epochs: float | Auto = "auto"
     """Passes over the training data. ``auto``: 3 (transformers' and TRL's default), fewer for large data sets
-    (at most ``defaults.AUTO_EPOCH_EXAMPLES`` examples seen), 1 for preference objectives."""
+    (at most ``defaults.AUTO_EPOCH_EXAMPLES`` examples seen), 1 for preference objectives; a classifier whose
+    batch is given, or whose data is too small even for batches of one, gets more (up to
+    ``defaults.AUTO_MAX_EPOCHS``) until the run has ``defaults.AUTO_MIN_STEPS`` steps."""
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; overrides ``epochs`` when set."""
     micro_batch_size: int | Auto = "auto"
     """Examples per forward pass. ``auto``: the largest that fits the device's memory by the planner
     (``lora-ft plan``) at ``data.max_length``, with ``grad_accum`` derived to keep the global batch:
     ``global_batch_size`` if set, else the objective's batch (``defaults.reference_batch``: 16 examples for
-    classification, 4 for the others, packed rows for SFT) × ``grad_accum`` × processes."""
+    classification, 4 for the others, packed rows for SFT) × ``grad_accum`` × processes, lowered (down to one)
+    where the run would get fewer than ``defaults.AUTO_MIN_STEPS`` steps in its epochs."""
     max_tokens_per_batch: int | None = Field(None, gt=0)
     """A token cap on every micro-batch besides ``micro_batch_size``: unpacked, a batch holds at most this many
     tokens once padded to its longest example (long examples come fewer to a batch, short ones up to

@@ -103,8 +103,9 @@ class ThroughputMeter:
         self.head_positions += head_positions.to(self.tokens.device)
 
     def row(self, processes: int) -> dict[str, float]:
-        """``tokens_per_s`` over all processes (each counts its own) and this process's ``mfu``."""
+        """``tokens_per_s`` over all processes (each counts its own), this process's ``mfu``, and ``train_s``, the
+        seconds this process has spent in training steps so far (evaluation and checkpointing excluded)."""
         tokens = self.tokens.item()
         flops = self.flops.step(tokens, self.head_positions.item())
         return {"tokens_per_s": tokens * processes / self.seconds,
-                "mfu": flops / self.seconds / matmul_peak(self.device, self.dtype)}
+                "mfu": flops / self.seconds / matmul_peak(self.device, self.dtype), "train_s": self.seconds}

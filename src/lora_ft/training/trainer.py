@@ -131,7 +131,7 @@ class Trainer:
         # epochs, learning rates, warmup, patience, trimming auto: by objective and data (recipe.defaults).
         self.recipe, self.rules = resolve_for_data(self.recipe, self.given, s, self.accelerator.num_processes,
                                                    self.accelerator.device.type)
-        if "train.micro_batch_size" in self.rules:  # a smaller SFT batch: DeepSpeed must be told the new numbers
+        if "train.micro_batch_size" in self.rules:  # a smaller batch (the step rule): DeepSpeed must be told it
             self.recipe = scale_to_processes(self.recipe, self.accelerator, self.resume)
         self.tc = self.recipe.train
         self._build_loop()
