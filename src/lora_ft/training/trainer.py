@@ -36,7 +36,7 @@ from .freezing import FreezeSchedule
 from .guards import ForgettingGuard
 from .interruption import FINAL_EVALUATION, interrupted
 from .neftune import activate_neftune
-from .param_groups import param_groups
+from .param_groups import make_optimizer
 from .report import final_metrics, peak_memory, plot_curves, tracker_config, tracker_run
 from .resume import abandon_after, check_recipe_fits, keep_new_hyperparameters, start_point
 from .session import Session, lock_run, make_accelerator, make_loader, make_train_loader, resolve_for_data, setup
@@ -148,7 +148,7 @@ class Trainer:
         eval_loaders = {n: make_loader(ds, tc.eval_batch_size, self.objective.collate, False, tc.seed,
                                        max_tokens=tc.eval_max_tokens)
                         for n, ds in s.data.splits.items() if n != "train"}
-        optimizer = torch.optim.AdamW(param_groups(s.model, tc, heads), lr=tc.lr, weight_decay=tc.weight_decay)
+        optimizer = make_optimizer(s.model, tc, heads, acc.distributed_type)
         self.model, self.optimizer, self.train_loader = acc.prepare(s.model, optimizer, train_loader)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP2 replaced them with shards
         self.eval_loaders = {n: acc.prepare(v) for n, v in eval_loaders.items()}
