@@ -94,16 +94,15 @@ def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes:
     """The ``auto`` values that need the prepared data: ``recipe.defaults.resolve_training`` and
     ``memory.launch.resolve_trim`` (at the longest training sequence). ``given``: the recipe as written (whether it
     left the batch to lora_ft). Returns the recipe and the rules that resolved its values."""
-    train, max_length = session.data.splits["train"], recipe.data.max_length
-    lengths = [len(x) for x in train["input_ids"]]
+    stats, max_length = session.data.stats["train"], recipe.data.max_length  # counted once by prepare_data
     packing = session.objective.use_packing(recipe.data.packing, session.model)
     # What make_train_loader batches in an epoch: the examples, or about the rows they fill (first-fit packing
     # fills rows to within a few percent).
-    units = max(1, math.ceil(sum(lengths) / max_length)) if packing else len(train)
+    units = max(1, math.ceil(stats["tokens"] / max_length)) if packing else stats["examples"]
     batch_auto = given.train.micro_batch_size == "auto" and given.train.global_batch_size is None
     parameters = session.model.get_nb_trainable_parameters()[1]  # peft counts 4-bit weights at their real size
-    recipe, rules = resolve_training(recipe, DataFacts(len(train), units, processes, batch_auto, parameters))
-    longest = max_length if packing else max(lengths, default=1)
+    recipe, rules = resolve_training(recipe, DataFacts(stats["examples"], units, processes, batch_auto, parameters))
+    longest = max_length if packing else stats["max_tokens"]
     return resolve_trim(recipe, device, session.loaded.source, longest), rules
 
 
