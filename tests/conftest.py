@@ -167,13 +167,29 @@ def make_recipe(model_dir: Path, splits: dict[str, Path], out: Path, **sections)
     """A Recipe for the tiny models; ``sections`` update model/lora/data/train keys."""
     from lora_ft.recipe import Recipe
 
+    # eval.generate off unless a test turns it on: the generation evaluation costs 2-4 s per tiny run (before and
+    # after), and the tests of generation (test_generated.py, test_judge.py, test_stops.py, DDP, resume) turn it on.
     tree = {"model": {"name": str(model_dir)}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "eval": {"generate": False},
             "data": {**{k: str(v) for k, v in splits.items()}, "max_length": 128},  # the tiny models' positions
             "train": {"max_steps": 30, "micro_batch_size": 8, "lr": 1e-2, "warmup": 0, "log_every": 1},
             "output_dir": str(out)}
     for section, values in sections.items():
         tree.setdefault(section, {}).update(values)
     return Recipe.model_validate(tree)
+
+
+@pytest.fixture(scope="session")
+def answering_run(tiny_llama, chat_data, tmp_path_factory) -> Path:
+    """A tiny fp32 chat run trained until its answers match the references and end with <|im_end|> (40 steps, the
+    generation evaluation on): what the export gate's stop check and ``lora-ft eval``'s columns compare."""
+    from lora_ft.training.trainer import train
+
+    out = tmp_path_factory.mktemp("answering") / "run"
+    splits = {k: v for k, v in chat_data.items() if k != "test"}
+    train(make_recipe(tiny_llama, splits, out, eval={"generate": "auto", "examples": 12},
+                      train={"max_steps": 40, "eval_every": None}))
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -65,9 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=arg.integer(1), default=1, metavar="N",
                    help="train on N processes, one per GPU (CPU processes without GPUs): the same command "
                         "under `accelerate launch --multi_gpu --num_processes N`")
-    p = sub.add_parser("eval", help="evaluate a trained run on a data file")
+    p = sub.add_parser("eval", help="judge a trained run (and its merged model or GGUF file) on held-out data")
     p.add_argument("run_dir", type=arg.path)
-    p.add_argument("--data", required=True, type=arg.path, help="jsonl/json/csv/parquet file in the run's data format")
+    p.add_argument("--data", default=None, type=arg.path, help="jsonl/json/csv/parquet file in the run's data format "
+                   "(default: the run's validation file, else its test file)")
+    p.add_argument("--merged", action="store_true", help="also the merged model (lora-ft merge), side by side")
+    p.add_argument("--gguf", nargs="?", const="latest", default=None, type=arg.path, metavar="FILE",
+                   help="also a GGUF file exported from the run (default: its latest passing export)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     p = sub.add_parser("validate", help="check a recipe, its files and data without loading weights")
     _recipe_args(p)
     p = sub.add_parser("sweep", help="train a grid of recipe variations and rank them on validation")
@@ -220,9 +225,10 @@ def _cmd_train(args, argv) -> int:
 
 
 def _cmd_eval(args, argv) -> int:
-    from .training.evaluation import evaluate_run
+    from .shipping.judge import judge_run, judge_table
 
-    print(json.dumps(evaluate_run(args.run_dir, args.data), indent=2))
+    results = judge_run(args.run_dir, args.data, args.merged, args.gguf)
+    print(json.dumps(results, indent=2) if args.json else judge_table(results))
     return 0
 
 

@@ -34,6 +34,10 @@ RUN_INFO = "run_info.json"
 METRICS = "metrics.jsonl"
 RESULTS = "eval_results.json"
 CURVES = "curves.png"
+SAMPLES = "samples.jsonl"
+"""The generation evaluation's answers: one object per example (prompt, reference, before, after, …)."""
+SAMPLES_MD = "samples.md"
+"""The same as a readable table, with the generated metrics before and after training."""
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 MERGED = "merged"
@@ -53,7 +57,7 @@ LOCK = ".lora_ft.lock"
 REPLACED = ".lora_ft.replaced"
 """``--overwrite``: the old run's outputs wait here until the new run has saved something of its own."""
 OUTPUTS = (CHECKPOINTS, ADAPTER, MERGED, HUB, START_ADAPTER, RUN_CONFIG, RUN_INFO, METRICS, RESULTS, CURVES,
-           MERGE_REPORT, GGUF_DIR, EXPORT_REPORT)
+           SAMPLES, SAMPLES_MD, MERGE_REPORT, GGUF_DIR, EXPORT_REPORT)
 """What belongs to a run (``--overwrite`` replaces these; other files in the folder stay). ``OBJECTIVE_CACHE`` is
 not: it is keyed by the data and the starting model, and the new run has just written its own there."""
 
@@ -191,6 +195,17 @@ class RunFolder:
 
     def write_json(self, name: str, value: Any) -> None:
         write_text(self.path / name, json.dumps(value, indent=2))
+
+    def write_samples(self, jsonl: str, markdown: str) -> None:
+        write_text(self.path / SAMPLES, jsonl)
+        write_text(self.path / SAMPLES_MD, markdown)
+
+    def read_samples(self) -> list[dict[str, Any]]:
+        """The rows of ``samples.jsonl`` (none when the run did not generate)."""
+        path = self.path / SAMPLES
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def record(self, name: str, key: str, entry: Any) -> Path:
         """Add (or replace) one entry of a JSON report (``merge_report.json``, ``export_report.json``)."""

@@ -119,6 +119,20 @@ def encode_chat(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], tr
     return {"input_ids": enc["input_ids"], "labels": labels}
 
 
+def render_prompt(tok: PreTrainedTokenizerBase, prompt: list[dict[str, str]]) -> list[int]:
+    """The token ids a model answers from: the prompt turns with the chat template's generation prompt, exactly
+    the prefix ``encode_chat`` puts before an answer (``encode_plain``'s without a template)."""
+    if tok.chat_template:
+        text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok("\n".join(m["content"] for m in prompt) + "\n", add_special_tokens=True)["input_ids"]
+
+
+def prompt_text(messages: list[dict[str, str]]) -> str:
+    """Turns as ``role: content`` lines: how ``lora-ft inspect`` and the samples table show a conversation."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
 def encode_plain(tok: PreTrainedTokenizerBase, prompt: str, answer: str) -> dict:
     """Prompt/answer without a chat template: loss on the answer and the EOS."""
     p = tok(prompt, add_special_tokens=True)["input_ids"]

@@ -33,6 +33,11 @@ class TaskData:
     format: str
     id2label: dict[int, str] | None = None
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    raw: dict[str, datasets.Dataset] = field(default_factory=dict)
+    """The evaluation splits as read (not tokenized), after ``max_eval_examples``: what the generation evaluation
+    takes its prompts and reference answers from."""
+    formats: dict[str, str] = field(default_factory=dict)
+    """Each split's data format."""
 
 
 def read_splits(cfg: DataConfig, need_train: bool = True,
@@ -98,7 +103,8 @@ def prepare_data(cfg: DataConfig, objective: Objective, seed: int, need_train: b
     if cfg.max_eval_examples:
         raw = {n: ds.select(range(min(len(ds), cfg.max_eval_examples))) if n != "train" else ds
                for n, ds in raw.items()}
-    data = TaskData({}, fmt, objective.fit_labels(raw, id2label))
+    data = TaskData({}, fmt, objective.fit_labels(raw, id2label),
+                    raw={n: ds for n, ds in raw.items() if n != "train"}, formats=formats)
     for name, ds in raw.items():
         data.splits[name], data.stats[name] = _tokenize(ds, name, formats[name], objective, cfg.max_length)
     return data

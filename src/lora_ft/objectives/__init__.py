@@ -8,7 +8,7 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from ..recipe import Recipe
-from .base import Batch, Objective
+from .base import Batch, GenerationExample, Objective
 from .causal_lm import CausalLM
 from .classification import SequenceClassification
 from .preference import Preference
@@ -28,4 +28,5 @@ def objective_for(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Objecti
     return OBJECTIVES[recipe.model.task](recipe.data, tokenizer)
 
 
-__all__ = ["OBJECTIVES", "Batch", "CausalLM", "Objective", "Preference", "SequenceClassification", "objective_for"]
+__all__ = ["OBJECTIVES", "Batch", "CausalLM", "GenerationExample", "Objective", "Preference", "SequenceClassification",
+           "objective_for"]

@@ -20,8 +20,10 @@ from transformers import PreTrainedTokenizerBase
 from ..data.cells import Where, check_columns
 from ..errors import RecipeError
 from ..recipe import AugmentConfig, DataConfig
+from ..scoring.generation import GenerationExample
 
 Batch = dict[str, Any]
+
 
 
 class Objective(ABC):
@@ -97,6 +99,11 @@ class Objective(ABC):
     def describe(self, row: dict[str, Any], fmt: str) -> str:
         """One example as ``lora-ft inspect`` shows it, with what carries the training signal."""
 
+    def generation_example(self, row: dict[str, Any], fmt: str) -> GenerationExample | None:
+        """The example as a prompt and its reference answer, for the generation evaluation; None where the
+        objective does not generate (classifiers, plain text)."""
+        return None
+
     def label_column(self) -> str | None:
         """The column whose value counts ``lora-ft inspect`` reports (class balance); None for none."""
         return None
@@ -162,6 +169,12 @@ class Objective(ABC):
     @abstractmethod
     def summarize(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         """The metrics of a whole split from its gathered per-example values (``loss`` always)."""
+
+    def select_by(self, metric: str | None) -> None:
+        """``eval.select_by``: the best adapter and early stopping go by this validation metric instead (loss
+        breaks ties); None keeps the objective's own rule."""
+        if metric is not None and metric != self.selected_by[0]:
+            self.selected_by = ("loss",) if metric == "loss" else (metric, "loss")
 
     def selection_key(self, metrics: dict[str, float]) -> list[float]:
         """``selected_by`` of validation ``metrics`` as a key to minimise (a later item breaks a tie)."""

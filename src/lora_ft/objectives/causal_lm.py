@@ -17,11 +17,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.chat import IGNORE, encode_chat, encode_plain, encode_text, to_messages
+from ..data.chat import IGNORE, encode_chat, encode_plain, encode_text, prompt_text, render_prompt, to_messages
 from ..data.packing import next_fit_rows
 from ..errors import RecipeError
 from ..recipe import AugmentConfig
-from .base import Batch, Objective
+from .base import Batch, GenerationExample, Objective
 from .chunked_loss import chunked_token_losses, head_inputs, innermost, output_head
 
 
@@ -227,6 +227,16 @@ class CausalLM(Objective):
         out["usable"] = any(t != IGNORE for t in out["labels"][1:])  # position 0 predicts nothing
         return out
 
+    def generation_example(self, row: dict[str, Any], fmt: str) -> GenerationExample | None:
+        """The conversation up to its last answer, and that answer; plain text has no prompt to answer."""
+        if fmt == "text":
+            return None
+        messages = to_messages(row, fmt, self.cfg)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = messages[:last]
+        return GenerationExample(render_prompt(self.tokenizer, prompt), prompt_text(prompt),
+                                 messages[last]["content"])
+
     def collate(self, rows: list[dict[str, Any]], augment: Callable[[dict], dict] | None = None) -> Batch:
         if augment:
             rows = [augment(r) for r in rows]
@@ -235,7 +245,7 @@ class CausalLM(Objective):
     def example_text(self, row: dict[str, Any], fmt: str) -> str:
         if fmt == "text":
             return str(row[self.cfg.text_column])
-        return "\n".join(f"{m['role']}: {m['content']}" for m in to_messages(row, fmt, self.cfg))
+        return prompt_text(to_messages(row, fmt, self.cfg))
 
     def length(self, row: dict[str, Any], fmt: str) -> int:
         return len(self.encode_full(row, fmt)["input_ids"])

@@ -162,7 +162,7 @@ class SequenceClassification(Objective):
 
     def selection_noise(self, metrics: dict[str, float]) -> list[float]:
         """Accuracy's standard error at 50% on this many examples (0.05 for 100), then float noise for the loss."""
-        return [0.5 / max(metrics["examples"], 1) ** 0.5, 1e-6]
+        return [1e-6 if m == "loss" else 0.5 / max(metrics["examples"], 1) ** 0.5 for m in self.selected_by]
 
     def summarize(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         preds, refs = values["prediction"].tolist(), values["label"].tolist()

@@ -44,12 +44,12 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from ..data.cells import Where, text_problem
-from ..data.chat import IGNORE
+from ..data.chat import IGNORE, prompt_text, render_prompt
 from ..data.preference import encode_answer, pair_text, read_pair
 from ..errors import DataError, RecipeError
 from ..recipe import AugmentConfig, DataConfig, ObjectiveConfig
 from ..recipe.objective import REFERENCE_OBJECTIVES
-from .base import Batch
+from .base import Batch, GenerationExample
 from .causal_lm import CausalLM, pad_left, token_losses
 from .chunked_loss import innermost
 
@@ -234,6 +234,11 @@ class Preference(CausalLM):
 
     def example_text(self, row: dict[str, Any], fmt: str) -> str:
         return pair_text(read_pair(row, self.cfg))
+
+    def generation_example(self, row: dict[str, Any], fmt: str) -> GenerationExample | None:
+        """The pair's prompt, with the chosen answer as the reference."""
+        pair = read_pair(row, self.cfg)
+        return GenerationExample(render_prompt(self.tokenizer, pair.prompt), prompt_text(pair.prompt), pair.chosen)
 
     def length(self, row: dict[str, Any], fmt: str) -> int:
         encoded = self.encode_full(row, fmt)

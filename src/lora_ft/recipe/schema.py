@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from ..errors import did_you_mean
+from .evaluation import EvalConfig
 from .objective import PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, ObjectiveConfig
 from .section import Section as _Section
 from .train import TrainConfig
@@ -195,6 +196,7 @@ class Recipe(_Section):
     train: TrainConfig = TrainConfig()
     freeze: FreezeConfig = FreezeConfig()
     forgetting: ForgettingConfig = ForgettingConfig()
+    eval: EvalConfig = EvalConfig()
     output_dir: str = "runs/default"
 
     @field_validator("output_dir")
@@ -239,7 +241,26 @@ class Recipe(_Section):
         if d.validation and d.validation_split:
             raise ValueError("give data.validation or data.validation_split, not both")
         self._objective_fits()
+        self._generation_fits()
         return self
+
+    def _generation_fits(self) -> None:
+        """The ``eval`` section's rules: generation needs a causal LM; selection by a generated metric needs it at
+        every evaluation."""
+        e = self.eval
+        if isinstance(e.max_new_tokens, int) and e.max_new_tokens < 1:
+            raise ValueError("eval.max_new_tokens must be at least 1 (or auto)")
+        if e.generate is True and self.model.task != "causal_lm":
+            raise ValueError("eval.generate true generates answers: it needs model.task causal_lm (a classifier is "
+                             "judged by accuracy and F1)")
+        if "regex_match" in e.metrics and not e.regex:
+            raise ValueError("eval.metrics regex_match needs eval.regex: the pattern a whole answer must match")
+        if e.select_by in (None, "loss"):
+            return
+        if self.model.task == "causal_lm" and e.select_by in e.metric_names:
+            if e.generate is False or not e.every_eval:
+                raise ValueError(f"eval.select_by {e.select_by} is a generated metric: it needs eval.every_eval: "
+                                 "true (and eval.generate not false) so that every validation generates")
 
     def _objective_fits(self) -> None:
         """The objective's rules: which task and data it trains on, and what preference tuning cannot combine with."""
@@ -304,6 +325,9 @@ class Recipe(_Section):
             if f.enabled and budgets:
                 errors.append(f"forgetting.{budgets[0]} is checked at each validation, and the recipe has no "
                               f"validation data: {fix}")
+            if self.eval.select_by is not None:
+                errors.append(f"eval.select_by ranks the validation results, and the recipe has no validation "
+                              f"data: {fix}")
             if self.train.eval_every not in (None, "auto"):
                 warnings.append("train.eval_every has nothing to evaluate: the recipe has no validation data")
         if f.enabled and f.action == "rollback" and not budgets:
@@ -326,4 +350,5 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "train": TrainConfig,
     "freeze": FreezeConfig,
     "forgetting": ForgettingConfig,
+    "eval": EvalConfig,
 }

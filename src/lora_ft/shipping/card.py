@@ -17,6 +17,7 @@ from ..data.reading import READERS
 from ..errors import UsageError
 from ..modeling.examples import EXAMPLES
 from ..run import CURVES, RESULTS, Run
+from ..scoring.suite import best_samples
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +250,23 @@ def _measurements(run: Run, merge_entry: dict[str, Any] | None) -> list[str]:
                   "|---|---|---|---|---|---|",
                   f"| {e['kl_mean']:.3g} | {e['kl_max']:.3g} | {e['top1_agreement']:.4f} | "
                   f"{e['max_abs_logit_diff']:.3g} | {e['loss_adapter']:.4f} | {e['loss_merged']:.4f} |", ""]
+    lines += _samples(run)
     if (run.dir / CURVES).is_file():
         lines += ["## Training curves", "", f"![training and validation loss]({CURVES})", ""]
+    return lines
+
+
+def _samples(run: Run) -> list[str]:
+    """The best few generated answers (``samples.jsonl``; ``eval.samples_in_card`` of them), before and after."""
+    rows = best_samples(run.folder.read_samples(), run.recipe.eval.samples_in_card)
+    if not rows:
+        return []
+    lines = ["## Sample answers", "",
+             f"Greedy answers to held-out prompts before and after training ({len(rows)} of the run's "
+             f"`samples.md`, those closest to the reference):", ""]
+    for i, r in enumerate(rows, 1):
+        lines += [f"**{i}.** {r['prompt']}", "", f"- reference: {r['reference']}",
+                  f"- before: {r['before'] if r['before'] is not None else '–'}", f"- after: {r['after']}", ""]
     return lines
 
 

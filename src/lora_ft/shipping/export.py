@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from ..run import EXPORT_REPORT, GGUF_DIR, Run, default_device, load_adapter_mod
 from .gguf_file import QUANT_TYPES, add_bos_eos, check_exportable, write_gguf
 from .merge import build_merged, collect_outputs, compare_outputs, fidelity_loader
 from .modelfile import modelfile
+from .stops import check_stops, generated_stops
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +100,23 @@ def _tokenizer_ok(t: dict[str, Any]) -> bool:
     return t["identical"] == t["texts"] and t["add_bos_eos"] and t["special_ids"] and t["chat_template"]
 
 
-def _read_back(path: Path, loader, objective, device: torch.device, tokenizer: PreTrainedTokenizerBase,
-               texts: list[str]):
-    """The file through transformers' GGUF reader: its outputs on ``loader`` and its tokenizer's agreement."""
+def load_gguf(path: Path, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A GGUF file through transformers' reader (fp32), with the tokenizer and generation config it rebuilds from
+    the file's metadata: what llama.cpp and Ollama read."""
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    outputs = collect_outputs(model.to(device), loader, objective, device)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def _read_back(path: Path, loader, objective, device: torch.device, tokenizer: PreTrainedTokenizerBase,
+               texts: list[str], stops: Callable[..., dict[str, Any]]):
+    """The file through transformers' GGUF reader: its outputs on ``loader``, its tokenizer's agreement, and its
+    stop check (``stops``: ``stops.check_stops`` bound to the adapter model's answers)."""
+    model, their_tokenizer = load_gguf(path, device)
+    outputs = collect_outputs(model, loader, objective, device)
+    stopped = stops(model, their_tokenizer, "gguf")
     del model
     gc.collect()
-    their_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return outputs, compare_tokenizers(tokenizer, their_tokenizer, texts)
+    return outputs, compare_tokenizers(tokenizer, their_tokenizer, texts), stopped
 
 
 def write_modelfile(run: Run, gguf_name: str, folder: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> bool:
@@ -142,10 +153,12 @@ def _export(run: Run, quant: str, out: Path, force: bool, examples: int, data_fi
     t0 = time.perf_counter()
     tokenizer = load_run_tokenizer(run)
     objective = objective_for(run.recipe, tokenizer)
-    loader, split, n_examples = fidelity_loader(run, objective, examples, data_file)
+    held = fidelity_loader(run, objective, examples, data_file, tokenizer)
+    loader, split, n_examples = held.loader, held.split, held.examples
     texts = [tokenizer.decode(ids, clean_up_tokenization_spaces=False) for ids in loader.dataset["input_ids"]]
     adapter_model = load_adapter_model(run, device, tokenizer)
     reference = collect_outputs(adapter_model, loader, objective, device)
+    stops_before = generated_stops(held.suite, adapter_model)
     merged = build_merged(run, adapter_model, "dequantized", device, tokenizer).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.partial{os.getpid()}.gguf")
@@ -153,10 +166,11 @@ def _export(run: Run, quant: str, out: Path, force: bool, examples: int, data_fi
         counts = write_gguf(merged, tokenizer, tmp, quant, run.dir.resolve().name)
         del merged, adapter_model  # the reader's copy is loaded next: never three models in memory at once
         gc.collect()
-        outputs, tokens = _read_back(tmp, loader, objective, device, tokenizer, texts)
+        outputs, tokens, stops = _read_back(tmp, loader, objective, device, tokenizer, texts,
+                                            partial(check_stops, held.suite, stops_before))
         size = tmp.stat().st_size
         metrics = compare_outputs(reference, outputs)
-        passed = metrics["kl_mean"] <= KL_LIMITS[quant] and _tokenizer_ok(tokens)
+        passed = metrics["kl_mean"] <= KL_LIMITS[quant] and _tokenizer_ok(tokens) and stops.get("stops_ok", True)
         if passed or force:
             os.replace(tmp, out)
     finally:
@@ -164,7 +178,7 @@ def _export(run: Run, quant: str, out: Path, force: bool, examples: int, data_fi
     metrics["loss_gguf"] = metrics.pop("loss_merged")
     entry = {"format": "gguf", "quant": quant, "tensor_types": counts, "size_bytes": size,
              "run_quant": run.recipe.model.quant, "reference_compute_dtype": run.compute_dtype, "data": split,
-             "examples": n_examples, "compared": objective.compared, **metrics, "tokenizer": tokens,
+             "examples": n_examples, "compared": objective.compared, **metrics, **stops, "tokenizer": tokens,
              "kl_limit": KL_LIMITS[quant], "passed": passed, "saved": passed or force, "out": str(out.resolve()),
              "seconds": round(time.perf_counter() - t0, 1),
              # Microseconds: "the latest export" is the max of these, and two exports can fall in one second.
@@ -184,10 +198,11 @@ def _conclude(run: Run, entry: dict[str, Any], tokenizer: PreTrainedTokenizerBas
              "tokenizer %d/%d texts identical", quant, entry["size_bytes"] / 1e6, entry["kl_mean"], limit,
              entry["top1_agreement"], entry["loss_adapter"], entry["loss_gguf"], tokens["identical"], tokens["texts"])
     if not entry["saved"]:
-        why = (f"mean KL {entry['kl_mean']:.3g} > {limit:g} ({quant})" if entry["kl_mean"] > limit
+        why = (f"mean KL {entry['kl_mean']:.3g} > {limit:g} ({quant}) on {entry['positions']} positions"
+               if entry["kl_mean"] > limit else entry["stops_problem"] if not entry.get("stops_ok", True)
                else f"the tokenizer read back from the file differs ({json.dumps(tokens)})")
-        raise FidelityError(f"the GGUF file does not reproduce the adapter model: {why} on {entry['positions']} "
-                            f"positions; nothing saved (report in {report_path}). Pass --force to keep it anyway")
+        raise FidelityError(f"the GGUF file does not reproduce the adapter model: {why}; nothing saved (report in "
+                            f"{report_path}). Pass --force to keep it anyway")
     if not entry["passed"]:
         log.warning("keeping a GGUF file that failed its fidelity check because --force was given")
     log.info("GGUF written to %s (Modelfile beside it)", entry["out"])

@@ -27,6 +27,8 @@ from ..run import (
     MERGE_MARKER,
     MERGE_REPORT,
     RESULTS,
+    SAMPLES,
+    SAMPLES_MD,
     Run,
     RunFolder,
     is_merge_of,
@@ -165,7 +167,7 @@ def build_hub_folder(run_dir: str | Path, repo_id: str, merged: bool = False, ba
             cfg = json.loads((tmp / "adapter_config.json").read_text())
             cfg["base_model_name_or_path"] = base_id or public.recipe.model.name
             (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for name in (CURVES, RESULTS):
+        for name in (CURVES, RESULTS, SAMPLES, SAMPLES_MD):
             if (run.dir / name).is_file():
                 _place(run.dir / name, tmp / name)
         reports = (MERGE_REPORT,) if merged and merge_entry is not None else (EXPORT_REPORT,) if gguf_entry else ()

@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.prepare import prepare_data
@@ -40,8 +42,10 @@ from ..run import (
     merge_owner,
     open_run,
 )
+from ..scoring.suite import GenerationSuite
 from ..storage import write_folder
 from ..training.session import make_loader
+from .stops import check_stops, gate_suite, generated_stops
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +124,20 @@ def compare_outputs(ref: list[tuple[torch.Tensor, torch.Tensor]],
             "positions": n}
 
 
-def fidelity_loader(run: Run, objective: Objective, examples: int, data_file: str | None):
-    """Held-out examples for the comparison: ``--data``, else the run's validation data, else its test data.
-    Returns (loader, split name, number of examples)."""
+@dataclass
+class HeldOut:
+    """The held-out examples an export is compared on."""
+
+    loader: DataLoader
+    split: str
+    examples: int
+    suite: GenerationSuite | None
+    """The generation evaluation on the same split, for the stop-rate check (None: data without prompts)."""
+
+
+def fidelity_loader(run: Run, objective: Objective, examples: int, data_file: str | None,
+                    tokenizer: PreTrainedTokenizerBase) -> HeldOut:
+    """Held-out examples for the comparison: ``--data``, else the run's validation data, else its test data."""
     cfg = run.recipe.data.model_copy(update={"max_eval_examples": examples})
     extra, need_train = None, False
     if data_file:
@@ -139,7 +154,8 @@ def fidelity_loader(run: Run, objective: Objective, examples: int, data_file: st
                        "pass --data FILE (held-out examples in the run's data format)")
     data = prepare_data(cfg, objective, run.recipe.train.seed, need_train, extra, run.id2label)
     ds = data.splits[split]
-    return make_loader(ds, run.recipe.train.eval_batch_size, objective.collate, False, 0), split, len(ds)
+    loader = make_loader(ds, run.recipe.train.eval_batch_size, objective.collate, False, 0)
+    return HeldOut(loader, split, len(ds), gate_suite(run, objective, tokenizer, data, split, examples))
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -237,24 +253,27 @@ def _merge(run: Run, dtype: str, base: str, out: Path, force: bool, examples: in
 
     tokenizer = load_run_tokenizer(run)
     objective = objective_for(run.recipe, tokenizer)
-    loader, split, n_examples = fidelity_loader(run, objective, examples, data_file)
+    held = fidelity_loader(run, objective, examples, data_file, tokenizer)
+    loader, split, n_examples = held.loader, held.split, held.examples
     adapter_model = load_adapter_model(run, device, tokenizer)
     log.info("reference: the adapter model (%s base, compute %s) on %d %s examples",
              run.recipe.model.quant, run.compute_dtype, n_examples, split)
     reference = collect_outputs(adapter_model, loader, objective, device)
+    stops_before = generated_stops(held.suite, adapter_model)  # before the merge consumes the adapter model
     if run.quantized and base == "original":
         adapter_model = None  # not needed any more: free it before the full-precision base is loaded
         gc.collect()
 
     merged = build_merged(run, adapter_model, base, device, tokenizer).to(DTYPES[dtype]).eval()
     metrics = compare_outputs(reference, collect_outputs(merged, loader, objective, device))
+    stops = check_stops(held.suite, stops_before, merged, tokenizer, "merged")
     limit_key = _limit_key(dtype, run.compute_dtype)
     limit = KL_LIMITS[limit_key]
-    passed = metrics["kl_mean"] <= limit
+    passed = metrics["kl_mean"] <= limit and stops.get("stops_ok", True)
     entry = {
         "base": effective_base, "dtype": dtype, "quant": run.recipe.model.quant,
         "reference_compute_dtype": run.compute_dtype, "data": split, "examples": n_examples,
-        "compared": objective.compared, **metrics, "kl_limit": limit, "kl_limit_dtype": limit_key,
+        "compared": objective.compared, **metrics, **stops, "kl_limit": limit, "kl_limit_dtype": limit_key,
         "passed": passed, "saved": passed or force, "out": str(out.resolve()),
         "seconds": round(time.perf_counter() - t0, 1),
         "written": datetime.now(timezone.utc).isoformat(timespec="microseconds"),  # the latest merge: see export
@@ -265,10 +284,10 @@ def _merge(run: Run, dtype: str, base: str, out: Path, force: bool, examples: in
     if not passed and not force:
         report_path = _record(run, f"{effective_base}-{dtype}", entry)
         hint = ", or merge with the default --base dequantized" if run.quantized and base == "original" else ""
-        raise FidelityError(
-            f"the merged model does not reproduce the adapter model: mean KL {metrics['kl_mean']:.3g} > "
-            f"{limit:g} ({limit_key}) on {metrics['positions']} positions; nothing saved (report in {report_path}). "
-            f"Pass --force to save it anyway{hint}")
+        why = (f"mean KL {metrics['kl_mean']:.3g} > {limit:g} ({limit_key}) on {metrics['positions']} positions"
+               if metrics["kl_mean"] > limit else stops["stops_problem"])
+        raise FidelityError(f"the merged model does not reproduce the adapter model: {why}; nothing saved (report "
+                            f"in {report_path}). Pass --force to save it anyway{hint}")
     if not passed:
         log.warning("saving a merge above the fidelity limit because --force was given")
     save_merged(merged, tokenizer, out, max_shard_size, {"run_dir": str(run.dir.resolve()), "base": effective_base,

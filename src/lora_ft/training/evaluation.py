@@ -15,8 +15,10 @@ from accelerate import Accelerator
 from peft import set_peft_model_state_dict
 from peft.utils import load_peft_weights
 
+from ..errors import RunError
 from ..objectives import Objective
-from ..run import open_run
+from ..run import Run, open_run
+from ..scoring.suite import GenerationSuite
 from .session import make_accelerator, make_loader, setup
 
 
@@ -39,12 +41,20 @@ def evaluate_all(model: torch.nn.Module, loaders: dict, objective: Objective,
     return {name: evaluate_loader(model, loader, objective, accelerator) for name, loader in loaders.items()}
 
 
-def evaluate_run(run_dir: str | Path, data_file: str, split: str = "eval") -> dict[str, float]:
+def evaluate_run(run_dir: str | Path, data_file: str | None = None, split: str = "eval",
+                 generate: bool = False) -> dict[str, float]:
     """``lora-ft eval``: the run's adapter on any file, with the run's own recipe and label set.
 
     The whole file is scored: ``max_eval_examples`` caps only the periodic evaluation during training.
+
+    Args:
+        run_dir: the run's ``output_dir``.
+        data_file: the examples (the run's data format); None: the run's validation file, else its test file.
+        split: the name the examples are reported under.
+        generate: add the generation evaluation (``eval`` section; causal runs whose data has prompts).
     """
     run = open_run(run_dir)
+    data_file = data_file or held_out_file(run)
     data = run.recipe.data.model_copy(update={"validation": None, "test": None, "max_eval_examples": None})
     train = run.recipe.train.model_copy(update={"trackers": []})
     recipe = run.recipe.model_copy(update={"data": data, "train": train})
@@ -56,4 +66,18 @@ def evaluate_run(run_dir: str | Path, data_file: str, split: str = "eval") -> di
         set_peft_model_state_dict(s.model, load_peft_weights(str(run.adapter_dir)))
     loader = accelerator.prepare(make_loader(s.data.splits[split], train.eval_batch_size, s.objective.collate,
                                              False, 0))
-    return evaluate_loader(s.model, loader, s.objective, accelerator)
+    metrics = evaluate_loader(s.model, loader, s.objective, accelerator)
+    suite = GenerationSuite.build(recipe, s.objective, s.loaded.tokenizer, s.data.raw.get(split),
+                                  s.data.formats.get(split)) if generate else None
+    if suite is not None:
+        metrics.update(suite.run(s.model, accelerator)[0])
+    return metrics
+
+
+def held_out_file(run: Run) -> str:
+    """The file ``lora-ft eval`` scores when given none: the run's validation file, else its test file."""
+    d = run.recipe.data
+    if d.validation or d.test:
+        return d.validation or d.test
+    raise RunError(f"{run.dir}: the recipe names no validation or test file (a validation_split is carved from the "
+                   "training data); pass --data FILE with held-out examples in the run's data format")

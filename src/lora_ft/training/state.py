@@ -29,6 +29,9 @@ class LoopState:
     """Why training ended early (early stopping, the forgetting guard): a resumed run that had stopped only finishes."""
     before: dict[str, dict[str, float]] | None = None
     """The evaluation before training, by split (reused by a resumed run, which does not evaluate again)."""
+    generated_before: list[dict[str, Any]] | None = None
+    """The generation evaluation's answers before training (``scoring.generation.Answer`` fields), for the samples
+    table of a resumed run."""
     best: BestAdapter = field(default_factory=BestAdapter)
     watch: OverfittingWatch = field(default_factory=OverfittingWatch)
     forgetting: ForgettingBudget = field(default_factory=ForgettingBudget)

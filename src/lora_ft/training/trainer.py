@@ -28,11 +28,13 @@ from ..memory.launch import resolve_for_launch
 from ..recipe import Recipe
 from ..recipe.defaults import resolve_cadence, sources
 from ..run import CURVES, OBJECTIVE_CACHE, RESULTS, RUN_INFO, RunFolder, adopt_start_adapter
+from ..scoring.suite import GenerationSuite
 from . import checkpoint as ckpt
 from .cpu_memory import release_freed_memory
 from .distributed import adapter_snapshot, restore_adapter, save_adapter, scale_to_processes
 from .evaluation import evaluate_all
 from .freezing import FreezeSchedule
+from .generated import GeneratedEvaluation, check_selectable
 from .guards import ForgettingGuard
 from .interruption import FINAL_EVALUATION, interrupted
 from .neftune import activate_neftune
@@ -70,6 +72,7 @@ class Trainer:
         self.resume_from: Path | None = None  # the checkpoint this run continues (None: from step 0)
         self.started = False  # this run wrote run_config.yaml
         self.final_weights: dict[str, torch.Tensor] | None = None  # the last step's, while the best are evaluated
+        self.generated: GeneratedEvaluation | None = None  # eval: answers generated and scored (scoring/suite.py)
 
     def run(self) -> dict[str, Any]:
         """The whole run; returns ``eval_results`` (also written to ``output_dir``).
@@ -104,6 +107,7 @@ class Trainer:
         that can reject the recipe has run.
         """
         errors, warnings = self.recipe.inert_settings()
+        errors += GenerationSuite.check(self.recipe)  # metric names and functions, before any model loads
         if errors:
             raise RecipeError(f"{len(errors)} problem(s): " + "; ".join(errors))
         for warning in warnings:
@@ -134,6 +138,10 @@ class Trainer:
         if "train.micro_batch_size" in self.rules:  # a smaller batch (the step rule): DeepSpeed must be told it
             self.recipe = scale_to_processes(self.recipe, self.accelerator, self.resume)
         self.tc = self.recipe.train
+        s.objective.select_by(self.recipe.eval.select_by)
+        suite = GenerationSuite.build(self.recipe, s.objective, s.loaded.tokenizer, s.data.raw.get("validation"),
+                                      s.data.formats.get("validation"))
+        self.generated = GeneratedEvaluation(suite, self.accelerator) if suite is not None else None
         self._build_loop()
         self._start_folder(compute)
         self._rng = self._restore(self.resume_from) if self.resume_from is not None else None
@@ -178,7 +186,8 @@ class Trainer:
                      "targets": sorted(self.unwrapped.peft_config["default"].target_modules),
                      "head_modules": s.loaded.head_modules, "compute_dtype": compute, "world_size": world,
                      "global_batch": tc.global_batch(world), "grad_accum": tc.grad_accum,
-                     "total_steps": self.total_steps, "packing": self.packing, "data": s.data.stats}
+                     "total_steps": self.total_steps, "packing": self.packing, "data": s.data.stats,
+                     "generation": self.generated.settings() if self.generated is not None else None}
         unit = f"rows of up to {self.recipe.data.max_length} tokens" if self.packing else "examples"
         log.info("global batch %d %s = micro_batch_size %d × grad_accum %d × %d process(es); %d optimizer steps",
                  self.info["global_batch"], unit, tc.micro_batch_size, tc.grad_accum, world, self.total_steps)
@@ -229,6 +238,9 @@ class Trainer:
         if st.before is None:
             st.before = self.evaluate()
             log.info("before training: %s", st.before)
+        if self.generated is not None:
+            self.generated.before(self.model, st)
+        check_selectable(self.recipe.eval.select_by, st.before)
         if self.forgetting is not None and st.forgetting.before is None:
             st.forgetting.before = self.forgetting.measure(self.model, self.accelerator)
         if self.resume_from is None:
@@ -243,6 +255,8 @@ class Trainer:
         the guards; True when training should stop (early stopping or a forgetting breach)."""
         st, tc, main = self.state, self.tc, self.accelerator.is_main_process
         val = self.evaluate(["validation"])["validation"]
+        if self.generated is not None and self.recipe.eval.every_eval:
+            val.update(self.generated.run(self.model, st.step))
         self.last_validation = (st.step, val)
         row = {**val, **st.watch.on_evaluation(val["loss"], st.step, tc.early_stopping_patience)}
         if main:
@@ -431,6 +445,9 @@ class Trainer:
             reuse = {"validation": self.last_validation[1]} if current else {}
             after = {**self.evaluate([n for n in self.eval_loaders if n not in reuse]), **reuse}
             after = {n: after[n] for n in self.eval_loaders}
+            if self.generated is not None:  # the best adapter's answers (reused when generated at that step)
+                after["validation"] = {**after["validation"], **self.generated.after(self.model, best.step or st.step,
+                                                                                     st)}
             results: dict[str, Any] = {"before": st.before, "after": after}
             if self.forgetting is not None:  # not a split: the model against its own base on general text
                 results["forgetting"] = {"before": st.forgetting.before, "after": self.forgetting.measure(
@@ -471,6 +488,8 @@ class Trainer:
         self.folder.write_json(RESULTS, results)
         self.folder.write_json(RUN_INFO, self.info)
         plot_curves(self.folder.metrics, self.folder / CURVES)
+        if self.generated is not None:
+            self.generated.write(self.folder, results, self.state.step)
         log.info("after training: %s", after)
 
 
