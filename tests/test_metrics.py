@@ -4,8 +4,10 @@ sacrebleu and scikit-learn called directly) on fixed strings; names are checked 
 from __future__ import annotations
 
 import math
+import sys
 import textwrap
 
+import evaluate
 import numpy as np
 import pytest
 from rouge_score import rouge_scorer, scoring
@@ -25,6 +27,15 @@ PREDICTIONS = ["the cat sat on the mat", "a quick brown fox", "hello world", "lo
                "The answer is 42.", "completely different words here", "It's 3.14, roughly - said Bob."]
 REFERENCES = ["the cat is on the mat", "the quick brown fox jumps", "hello there world", "lorem ipsum dolor",
               "the answer is forty-two", "nothing in common", "It is 3.14, roughly, said Bob!"]
+
+
+@pytest.fixture(autouse=True)
+def evaluate_module_cache(tmp_path, monkeypatch):
+    """evaluate.load copies scripts into a module cache it imports from: a fresh one per test, not the home's."""
+    monkeypatch.setattr(evaluate.config, "HF_MODULES_CACHE", tmp_path / "hf_modules")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [n for n in sys.modules if n.split(".")[0] == "evaluate_modules"]:
+        monkeypatch.delitem(sys.modules, name)
 
 
 def test_the_issue_s_metric_names_are_built_in():
