@@ -1,8 +1,11 @@
-"""The classification objective: text pairs get segment ids, right padding."""
+"""The classification objective: text pairs get segment ids, right padding; evaluation metrics."""
 
+import pytest
+import torch
 from conftest import build_bert_tokenizer, prepare, write_jsonl
+from sklearn.metrics import f1_score
 
-from lora_ft.objectives.classification import pad_right
+from lora_ft.objectives.classification import SequenceClassification, pad_right
 from lora_ft.recipe import DataConfig
 
 
@@ -27,3 +30,16 @@ def test_text_pairs_get_segment_ids_and_two_separators(tmp_path):
     # a pair longer than max_length is truncated, and counted
     short = prepare(cfg.model_copy(update={"max_length": 8}), "sequence_classification", btok, 0)
     assert short.stats["train"]["truncated"] == 2 and short.stats["train"]["max_tokens"] == 8
+
+
+def test_summarize_reports_the_loss_and_scikit_learn_s_accuracy_f1_precision_and_recall(tmp_path):
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "x"}])))
+    objective = SequenceClassification(cfg, build_bert_tokenizer())
+    objective.label2id = {"a": 0, "b": 1, "c": 2, "d": 3}  # "d" never occurs below: it must not count as F1 0
+    labels = [0, 0, 1, 1, 2, 2]
+    preds = [0, 1, 1, 1, 2, 0]
+    got = objective.summarize({"loss": torch.tensor([0.5, 1.0, 0.5, 1.0, 0.5, 1.5]),
+                               "prediction": torch.tensor(preds), "label": torch.tensor(labels)})
+    assert got == pytest.approx({"loss": 5.0 / 6, "examples": 6, "accuracy": 4 / 6,
+                                 "f1_macro": f1_score(labels, preds, average="macro"), "f1_micro": 4 / 6,
+                                 "precision_macro": (2 / 3 + 1 / 2 + 1) / 3, "recall_macro": (1 / 2 + 1 + 1 / 2) / 3})

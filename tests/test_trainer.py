@@ -164,7 +164,8 @@ def test_classifier_head_is_saved_and_reloads_to_identical_logits(tiny_bert, cls
     results = train(recipe)
     assert results["after"]["validation"]["loss"] < results["before"]["validation"]["loss"] - 0.3
     assert results["after"]["validation"]["accuracy"] > results["before"]["validation"]["accuracy"] + 0.2
-    assert {"loss", "accuracy", "f1_macro"} <= set(results["after"]["test"])
+    assert {"loss", "accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro"} <= set(
+        results["after"]["test"])
     info = json.loads((tmp_path / "cls" / "run_info.json").read_text())
     id2label = {int(k): v for k, v in info["id2label"].items()}
     assert sorted(id2label.values()) == ["animals", "money", "weather"]

@@ -2,8 +2,8 @@
 
 The label set is read from the training split (sorted, numerically when the labels are numbers) and saved with
 the run as ``id2label``; a validation or test label never seen in training is an error. Batches are padded on
-the right. Accuracy and macro-F1 come from scikit-learn directly: ``evaluate.load("accuracy")`` fetches its
-script from the Hub at run time, which fails offline.
+the right. Accuracy, F1, precision and recall come from ``scoring.classification_metrics`` (scikit-learn, as
+``evaluate``'s modules of those names, which fetch their scripts from the Hub and so fail offline).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Any
 import datasets
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
 from transformers import PreTrainedTokenizerBase
 
 from ..data.augment import Augmenter
 from ..errors import RecipeError
 from ..recipe import AugmentConfig, DataConfig
+from ..scoring import classification_metrics
 from .base import Batch, Objective
 
 
@@ -165,10 +165,11 @@ class SequenceClassification(Objective):
         return [1e-6 if m == "loss" else 0.5 / max(metrics["examples"], 1) ** 0.5 for m in self.selected_by]
 
     def summarize(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean loss, the example count, and ``classification_metrics`` (accuracy, f1_macro, f1_micro,
+        precision_macro, recall_macro)."""
         preds, refs = values["prediction"].tolist(), values["label"].tolist()
         return {"loss": values["loss"].double().sum().item() / max(len(refs), 1), "examples": len(refs),
-                "accuracy": float(accuracy_score(refs, preds)),
-                "f1_macro": float(f1_score(refs, preds, average="macro", zero_division=0))}
+                **classification_metrics(preds, refs, len(self.label2id))}
 
     @torch.no_grad()
     def label_logits(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
