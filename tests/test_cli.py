@@ -57,13 +57,13 @@ def test_train_then_eval_from_the_command_line(tiny_llama, chat_data, tmp_path, 
     rows = [json.loads(x) for x in chat_data["validation"].read_text().splitlines()]
     first4 = write_jsonl(tmp_path / "first4.jsonl", rows[:4])
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run"), "--data", str(first4)]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(tmp_path / "run"), "--data", str(first4), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)["adapter"]
     assert printed["examples"] == 4
     assert printed["loss"] == pytest.approx(results["after"]["validation"]["loss"], rel=1e-4)
     # ... but not to `lora-ft eval`: it scores every row of the file it is given
-    assert main(["eval", str(tmp_path / "run"), "--data", str(chat_data["validation"])]) == 0
-    assert len(rows) == 24 and json.loads(capsys.readouterr().out)["examples"] == 24
+    assert main(["eval", str(tmp_path / "run"), "--data", str(chat_data["validation"]), "--json"]) == 0
+    assert len(rows) == 24 and json.loads(capsys.readouterr().out)["adapter"]["examples"] == 24
     # the run is protected: a second train into it fails cleanly
     assert main(["train", str(p)]) == 2
 

@@ -21,16 +21,18 @@ GENERATED = {"rougeL", "chrf", "exact_match", "stop_rate", "length_ratio", "answ
 @pytest.fixture(scope="module")
 def gen_run(tiny_llama, chat_data, tmp_path_factory, trackio_dir):
     """40 steps on the animal-sounds chat data with the default generation evaluation, logged to TensorBoard,
-    MLflow (local file store) and Trackio."""
+    MLflow (local file store), Trackio and W&B (offline)."""
     pytest.importorskip("tensorboard")
     root = tmp_path_factory.mktemp("generated")
     splits = {k: v for k, v in chat_data.items() if k != "test"}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"file:{root / 'mlruns'}")
         mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
         recipe = make_recipe(tiny_llama, splits, root / "run", eval={"generate": "auto"},
                              train={"max_steps": 40, "eval_every": 20, "checkpoint_every": 20,
-                                    "trackers": ["tensorboard", "mlflow", "trackio"]})
+                                    "trackers": ["tensorboard", "mlflow", "trackio", "wandb"]})
         train(recipe)
     return root
 
@@ -98,6 +100,11 @@ def test_the_trackers_show_the_samples_table(gen_run, trackio_dir):
         logged = [json.loads(m) for (m,) in con.execute("select metrics from metrics")]
     tables = [m["samples"] for m in logged if "samples" in m]
     assert len(tables) == 1 and "The cow says moo." in json.dumps(tables[0])
+    rows = [json.loads(x) for x in (gen_run / "run" / "samples.jsonl").read_text().splitlines()]
+    (table,) = (gen_run / "run" / "wandb").rglob("media/table/samples_*.table.json")
+    wandb_table = json.loads(table.read_text())
+    assert wandb_table["columns"] == ["prompt", "reference", "before", "after"]
+    assert wandb_table["data"] == [[r["prompt"], r["reference"], r["before"], r["after"]] for r in rows]
 
 
 def test_a_resumed_run_keeps_the_answers_from_before_training(gen_run, tiny_llama, chat_data, tmp_path):

@@ -517,3 +517,20 @@ def test_push_gguf_uploads_the_file_its_modelfile_and_a_card_that_runs_it(chat_r
     # --latest by default: the newest passing export
     assert main(["push", str(run), "--repo", "alice/tiny-gguf", "--gguf", "--dry-run"]) == 0
     assert f"{run.name}-F16.gguf" in json.loads(capsys.readouterr().out)["files"]
+
+
+def test_the_card_shows_the_best_sample_answers_and_the_folder_carries_the_samples(answering_run, tmp_path,
+                                                                                   no_network):
+    run = tmp_path / "run"
+    shutil.copytree(answering_run, run, ignore=shutil.ignore_patterns("hub", "merged", "gguf", "*_report.json"))
+    assert main(["push", str(run), "--repo", "alice/sounds", "--dry-run", "--base-model", BASE_ID]) == 0
+    folder = run / "hub"
+    assert (folder / "samples.md").read_text() == (run / "samples.md").read_text()
+    rows = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    card = (folder / "README.md").read_text()
+    section = card[card.index("## Sample answers"):]
+    section = section[: section.index("\n## ", 3)]
+    best = sorted(rows, key=lambda r: -r["rougeL_after"])[:3]  # eval.samples_in_card: 3, the closest first
+    assert section.count("- reference: ") == 3
+    for r in best:
+        assert f"- reference: {r['reference']}" in section and f"- after: {r['after']}" in section

@@ -32,7 +32,8 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     if not verbose:
         # Library chatter (load reports, bitsandbytes kernel notices) would bury our own messages.
-        for name in ("transformers", "datasets", "accelerate", "peft", "bitsandbytes", "httpx", "filelock", "gguf"):
+        for name in ("transformers", "datasets", "accelerate", "peft", "bitsandbytes", "httpx", "filelock", "gguf",
+                     "absl"):  # absl: rouge-score says "Using default tokenizer" at every score
             logging.getLogger(name).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -58,14 +58,19 @@ def load_for_inference(path: str | Path, merged: bool = False, device: torch.dev
         if not merged:
             tok = load_run_tokenizer(run)
             return InferenceModel(load_adapter_model(run, device, tok), tok, run.causal, **cols)
-        folder = merged_folder(run)
-        if not (folder / "config.json").is_file():
-            raise RunError(f"{folder} holds no merged model; run 'lora-ft merge {path}' first "
-                              "(or drop --merged to use the adapter)")
-        return _load_plain(folder, device, cols, run.recipe.model.trust_remote_code)
+        return _load_plain(written_merge(run), device, cols, run.recipe.model.trust_remote_code)
     if (path / "config.json").is_file():
         return _load_plain(path, device, {})
     raise RunError(f"{path} is neither a lora_ft run (no {RUN_CONFIG}) nor a model folder (no config.json)")
+
+
+def written_merge(run) -> Path:
+    """The run's merged folder (``run.merged_folder``), or the error that says how to write one."""
+    folder = merged_folder(run)
+    if not (folder / "config.json").is_file():
+        raise RunError(f"{folder} holds no merged model; run 'lora-ft merge {run.dir}' first "
+                       "(or drop --merged to use the adapter)")
+    return folder
 
 
 def _load_plain(folder: Path, device: torch.device, cols: dict[str, Any], trust: bool = False) -> InferenceModel:

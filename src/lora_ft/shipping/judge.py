@@ -28,7 +28,7 @@ from ..scoring.suite import GenerationSuite
 from ..training.evaluation import evaluate_loader, evaluate_run, held_out_file
 from ..training.session import make_loader
 from .export import latest_export, load_gguf
-from .infer import load_for_inference
+from .infer import load_for_inference, written_merge
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ def judge_run(run_dir: str | Path, data_file: str | None = None, merged: bool = 
     """
     run = open_run(run_dir)
     data_file = data_file or held_out_file(run)
+    if merged:  # every model asked for must exist before the first one is evaluated
+        written_merge(run)
+    path = Path(latest_export(run, None if gguf == "latest" else gguf)["out"]) if gguf is not None else None
     results = {"adapter": evaluate_run(run.dir, data_file, "eval", generate=True)}
     device = torch.device(device) if device else default_device()
     if merged:
@@ -53,8 +56,7 @@ def judge_run(run_dir: str | Path, data_file: str | None = None, merged: bool = 
         results["merged"] = _judge_export(run, data_file, im.model, im.tokenizer)
         del im
         gc.collect()
-    if gguf is not None:
-        path = Path(latest_export(run)["out"] if gguf == "latest" else latest_export(run, gguf)["out"])
+    if path is not None:
         model, tokenizer = load_gguf(path, device)
         results["gguf"] = _judge_export(run, data_file, model, tokenizer)
     return results
