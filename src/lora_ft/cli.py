@@ -32,8 +32,10 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     if not verbose:
         # Library chatter (load reports, bitsandbytes kernel notices) would bury our own messages.
+        # absl: rouge-score says "Using default tokenizer" at every score; kernels (a dependency of transformers
+        # 5.25): bitsandbytes asks it for a CPU kernel from the Hub at import, and offline it warns.
         for name in ("transformers", "datasets", "accelerate", "peft", "bitsandbytes", "httpx", "filelock", "gguf",
-                     "absl"):  # absl: rouge-score says "Using default tokenizer" at every score
+                     "absl", "kernels"):
             logging.getLogger(name).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import torch
@@ -46,23 +47,27 @@ class GeneratedEvaluation:
         self.suite, self.accelerator = suite, accelerator
         self.last: tuple[int, dict[str, float], list[Answer]] | None = None  # (step, metrics, answers)
         self.rows: list[dict[str, Any]] = []
+        self.seconds: dict[int, float] = {}  # step → wall time of its generation (run_info.json: the cost)
 
     def settings(self) -> dict[str, Any]:
         """What ``run_info.json`` records: the resolved generation settings."""
         cfg = self.suite.cfg
         return {"examples": len(self.suite.examples), "max_new_tokens": self.suite.max_new_tokens,
-                "temperature": cfg.temperature, "top_p": cfg.top_p, "metrics": cfg.metric_names}
+                "temperature": cfg.temperature, "top_p": cfg.top_p, "metrics": cfg.metric_names,
+                "seconds": {str(k): round(v, 2) for k, v in self.seconds.items()}}
 
     def run(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
         metrics, answers = self.suite.run(self.accelerator.unwrap_model(model), self.accelerator)
-        self.last = (step, metrics, answers)
-        log.info("step %d: generated %d answers: %s", step, len(answers),
+        self.last, self.seconds[step] = (step, metrics, answers), time.perf_counter() - t0
+        log.info("step %d: generated %d answers in %.1f s: %s", step, len(answers), self.seconds[step],
                  ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return metrics
 
-    def before(self, model: torch.nn.Module, state: LoopState) -> None:
-        """Generate with the untrained adapter into ``state.before`` (a resumed run has it already)."""
-        if state.generated_before is None:
+    def before(self, model: torch.nn.Module, state: LoopState, fresh: bool) -> None:
+        """Generate with the untrained adapter into ``state.before``. A resumed run has it from its checkpoint; one
+        resumed from a checkpoint written without it (``fresh`` false: the model is trained already) goes without."""
+        if state.generated_before is None and fresh:
             state.before["validation"].update(self.run(model, 0))
             state.generated_before = [dataclasses.asdict(a) for a in self.last[2]]
 

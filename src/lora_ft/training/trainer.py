@@ -5,7 +5,7 @@ over its items and divided by the items of the whole global batch (so 1 process 
 processes × 1 step); the best adapter is kept in memory; every piece of loop state lives in ``self.state``
 (``state.LoopState``), which is what a checkpoint saves and a resumed run restores. The loop never branches on the
 task: what differs between tasks is the objective's business, and the guards (``guards.py``) are consulted after
-each validation. (About 480 lines: the phases and the signal handling inside each belong together; what a
+each validation. (About 500 lines: the phases and the signal handling inside each belong together; what a
 signal leaves behind, and its message, are in ``interruption.py``, resuming's checks in ``resume.py``.)
 """
 
@@ -239,7 +239,7 @@ class Trainer:
             st.before = self.evaluate()
             log.info("before training: %s", st.before)
         if self.generated is not None:
-            self.generated.before(self.model, st)
+            self.generated.before(self.model, st, fresh=self.resume_from is None)
         check_selectable(self.recipe.eval.select_by, st.before)
         if self.forgetting is not None and st.forgetting.before is None:
             st.forgetting.before = self.forgetting.measure(self.model, self.accelerator)
@@ -452,7 +452,8 @@ class Trainer:
             if self.forgetting is not None:  # not a split: the model against its own base on general text
                 results["forgetting"] = {"before": st.forgetting.before, "after": self.forgetting.measure(
                     self.model, acc, st.forgetting.before)}
-        self.info.update(best_step=best.step or st.step, steps_done=st.step, stopped=self.state.stopped)
+        self.info.update(best_step=best.step or st.step, steps_done=st.step, stopped=self.state.stopped,
+                         generation=self.generated.settings() if self.generated is not None else None)
         # Once, at the end: the planner's prediction for this run beside what it really took.
         self.info["memory"] = peak_memory(self.recipe, acc.device, self.session.loaded.source,
                                           self.session.data.splits["train"])
