@@ -52,8 +52,13 @@ LOCK = ".lora_ft.lock"
 """The run lock (``lock.py``): one command at a time writes into a run folder."""
 REPLACED = ".lora_ft.replaced"
 """``--overwrite``: the old run's outputs wait here until the new run has saved something of its own."""
+SAMPLES = "samples.jsonl"
+"""Generated examples, one JSON object a line: ``{"prompt", "reference", "before", "after"}`` (before/after: the
+base model's and the trained model's answers)."""
+SAMPLES_MD = "samples.md"
+"""The same samples for reading."""
 OUTPUTS = (CHECKPOINTS, ADAPTER, MERGED, HUB, START_ADAPTER, RUN_CONFIG, RUN_INFO, METRICS, RESULTS, CURVES,
-           MERGE_REPORT, GGUF_DIR, EXPORT_REPORT)
+           MERGE_REPORT, GGUF_DIR, EXPORT_REPORT, SAMPLES, SAMPLES_MD)
 """What belongs to a run (``--overwrite`` replaces these; other files in the folder stay). ``OBJECTIVE_CACHE`` is
 not: it is keyed by the data and the starting model, and the new run has just written its own there."""
 
@@ -204,13 +209,33 @@ class RunFolder:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(self.metrics)
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Replace ``metrics.jsonl`` with ``rows`` (a resumed run drops the rows of an abandoned continuation)."""
         write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """The rows of one of a run's JSON-lines files (none when it is missing). A last line without its newline that
+    is no JSON is being appended right now by the command writing the run (or was cut by a kill) and is left out;
+    any other line that is no JSON is one RunError naming the file and the line."""
+    if not path.is_file():
+        return []
+    *lines, last = path.read_text(encoding="utf-8").split("\n")  # last: "" when the file ends with its newline
+    rows = []
+    for n, line in enumerate([*lines, last], 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines) + 1:
+                log.debug("%s: left out its last line, which is still being written", path)
+                continue
+            raise RunError(f"{path}: line {n} is not JSON ({e.msg}); repair or delete that "
+                           "line") from None
+    return rows
 
 
 @dataclass
