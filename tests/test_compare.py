@@ -14,7 +14,7 @@ from conftest import make_recipe
 from lora_ft.cli import main
 from lora_ft.lock import RunLock, read_holder
 from lora_ft.run import LOCK, RESULTS, RUN_INFO, SAMPLES
-from lora_ft.shipping.compare import build_figure, compare_runs, split_results
+from lora_ft.shipping.compare import build_figure, compare_runs, loss_curves, split_results
 
 
 def _samples(name: str, prompts: list[tuple[str, str]]) -> str:
@@ -144,6 +144,11 @@ def test_the_report_holds_what_was_printed_and_the_figure_overlays_both_runs_cur
         assert len(train) == 6 and len(val) >= 3  # steps 1..6; validation at 0, 2, 4, 6
         assert list(zip(train_line.get_xdata(), train_line.get_ydata(), strict=True)) == train
         assert list(zip(val_line.get_xdata(), val_line.get_ydata(), strict=True)) == val
+    # A restored best adapter's final validation row, logged at the last step, is no point of the curve.
+    rows = [{"step": 1, "loss": 3.0}, {"step": 2, "split": "validation", "loss": 2.0},
+            {"step": 4, "split": "validation", "loss": 2.5}, {"step": 4, "split": "validation", "final": True,
+                                                                "loss": 2.0}, {"step": 4, "split": "test", "loss": 2.2}]
+    assert loss_curves(rows) == ([(1, 3.0)], [(2, 2.0), (4, 2.5)])
 
 
 def test_every_metric_any_run_has_is_shown_and_blank_where_a_run_lacks_it(runs, tmp_path, capsys):
