@@ -13,7 +13,7 @@ import time
 import pytest
 
 from lora_ft.errors import RunError
-from lora_ft.lock import STALE_S, RunLock, _process_start, read_holder
+from lora_ft.lock import STALE_S, RunLock, _process_start, live_holder, read_holder
 
 HOLDER = textwrap.dedent("""
     import sys
@@ -106,6 +106,25 @@ def test_a_lock_of_another_host_is_honoured_while_its_heartbeat_lives(age, held,
             assert read_holder(lock_file)["pid"] == os.getpid()
         assert "taking over the lock left by pid 4242 on host gpu-node-7" in caplog.text
         assert "no heartbeat for" in caplog.text
+
+
+def test_live_holder_names_a_writer_that_runs_and_no_one_else_without_touching_the_lock(tmp_path):
+    """What a reader (lora-ft compare) asks: a live holder of this host or a fresh heartbeat of another is named; no
+    file, a killed holder's record or a stopped heartbeat is no one. The lock file is only read."""
+    lock_file = tmp_path / "run" / ".lora_ft.lock"
+    assert live_holder(lock_file) is None and not lock_file.parent.exists()
+    proc = _holder(lock_file, tmp_path)
+    assert live_holder(lock_file).startswith(f"pid {proc.pid} on host {socket.gethostname()}, started ")
+    with pytest.raises(RunError, match="in use by another lora_ft process"):  # the reader did not release it
+        RunLock(lock_file).acquire()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert read_holder(lock_file)["pid"] == proc.pid and live_holder(lock_file) is None
+    for age, holder in ((5.0, "pid 4242 on host gpu-node-7, started 2026-01-01T00:00:00+00:00 (lora-ft train "
+                              "r.yaml)"), (STALE_S + 60, None)):
+        _leave_record(lock_file, pid=4242, host="gpu-node-7")
+        os.utime(lock_file, (time.time() - age, time.time() - age))
+        assert live_holder(lock_file) == holder
 
 
 def test_a_second_train_into_a_running_runs_folder_refuses_and_a_killed_run_is_taken_over(tiny_llama, chat_data,

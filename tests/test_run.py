@@ -8,7 +8,16 @@ import pytest
 from conftest import make_recipe
 
 from lora_ft.errors import RunError
-from lora_ft.run import MERGE_REPORT, REPLACED, RUN_INFO, RunFolder, labels_of, merged_folder, open_run
+from lora_ft.run import (
+    MERGE_REPORT,
+    REPLACED,
+    RUN_INFO,
+    RunFolder,
+    labels_of,
+    merged_folder,
+    open_run,
+    read_jsonl,
+)
 
 
 def _fake_run(tmp_path, tiny_llama, chat_data, info=None):
@@ -100,3 +109,20 @@ def test_merged_folder_is_the_default_or_the_latest_passing_merge_elsewhere(tmp_
     assert merged_folder(run) == elsewhere
     (folder / "merged").mkdir()
     assert merged_folder(run) == folder.path / "merged"
+
+
+def test_a_half_appended_last_line_is_left_out_and_any_other_bad_line_is_named(tmp_path):
+    """metrics.jsonl is appended while a run trains: a reader may find its last row half-written (or a kill cut
+    it); that row is left out. A bad line elsewhere was damaged, and is one RunError naming file and line."""
+    folder = RunFolder(tmp_path)
+    folder.log({"step": 1, "loss": 2.0})
+    folder.log({"step": 2, "loss": 1.5})
+    with folder.metrics.open("a") as f:
+        f.write('{"step": 3, "lo')
+    assert folder.read_metrics() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    folder.metrics.write_text('{"step": 1}\n{"step": 2}')  # a complete last row without its newline is kept
+    assert read_jsonl(folder.metrics) == [{"step": 1}, {"step": 2}]
+    folder.metrics.write_text('{"step": 1}\n{"step": \n{"step": 3}\n')
+    with pytest.raises(RunError, match=r"metrics.jsonl: line 2 is not JSON \(Expecting value\); repair or delete "):
+        folder.read_metrics()
+    assert read_jsonl(tmp_path / "missing.jsonl") == []

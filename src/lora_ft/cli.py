@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=arg.integer(2), default=None, help="sequence length (default: data.max_length)")
     p.add_argument("--micro-batch", type=arg.integer(1), default=None,
                    help="micro-batch for the breakdown (default: the recipe's, or the largest that fits)")
+    p = sub.add_parser("compare", help="runs side by side: recipe differences, steps, every metric before/after, "
+                       "samples, loss curves")
+    p.add_argument("run_dirs", nargs="+", type=arg.path, metavar="RUN_DIR", help="two or more runs' output_dir")
+    p.add_argument("--out", default=None, type=arg.path, metavar="DIR", help="where compare.md and curves.png go "
+                   "(default ./compare-<RUN_A>-vs-<RUN_B>...)")
+    p.add_argument("--samples", type=arg.integer(0), default=3, metavar="N",
+                   help="generated samples (samples.jsonl) of the first N prompts to set side by side (default 3)")
     _export_parsers(sub)
     return parser
 
@@ -235,6 +242,16 @@ def _cmd_eval(args, argv) -> int:
     return 0
 
 
+def _cmd_compare(args, argv) -> int:
+    from .shipping.compare import compare_runs, default_out
+
+    out = Path(args.out) if args.out else default_out([Path(p) for p in args.run_dirs])
+    comparison = compare_runs([Path(p) for p in args.run_dirs], out, args.samples)
+    print(comparison.text(), end="")
+    print(f"report written to {comparison.report} (figure: {comparison.figure})")
+    return 0
+
+
 def _cmd_merge(args, argv) -> int:
     from .shipping.merge import merge_run
 
@@ -288,7 +305,7 @@ def _cmd_infer(args, argv) -> int:
 
 COMMANDS = {"validate": _cmd_validate, "sweep": _cmd_sweep, "inspect": _cmd_inspect, "plan": _cmd_plan,
             "train": _cmd_train, "eval": _cmd_eval, "merge": _cmd_merge, "push": _cmd_push, "chat": _cmd_infer,
-            "generate": _cmd_infer, "predict": _cmd_infer, "export": _cmd_export}
+            "generate": _cmd_infer, "predict": _cmd_infer, "export": _cmd_export, "compare": _cmd_compare}
 
 
 def _plan(recipe, args) -> str:
@@ -334,6 +351,7 @@ KEPT_ON_SIGNAL = {
     "push": "nothing was uploaded (an upload commits all its files or none) and RUN_DIR/hub is as it was",
     "predict": "no predictions file was written (an earlier one is as it was)",
     "sweep": "every trial finished before is kept (re-running the sweep reuses it)",
+    "compare": "compare.md and curves.png are each either as they were or complete (never half-written)",
 }
 """What a signal leaves behind in each command that writes (the others write nothing); the trainer and the sweep
 say it themselves for the signals they handle."""

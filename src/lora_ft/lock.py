@@ -24,6 +24,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,24 @@ def read_holder(path: str | Path) -> dict[str, Any]:
         return json.loads(Path(path).read_text(encoding="utf-8") or "{}")
     except (OSError, ValueError):
         return {}
+
+
+def live_holder(path: str | Path) -> str | None:
+    """Who holds the lock file ``path`` now (``describe``'s words), or None when no live process does.
+
+    Read without taking the lock, not even for a moment: a reader (``lora-ft compare``) must never make a writer
+    that starts at the same time refuse. A record of this host counts while its process runs; one of another host
+    while its heartbeat is fresh by this host's clock (``acquire`` measures against the file server's clock through a
+    probe file, which would be a write). A lock file without a record is being taken right now.
+    """
+    path = Path(path)
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    record = read_holder(path)
+    if not record:
+        return "another process (no record yet)" if age <= STALE_S else None
+    if record.get("host") == socket.gethostname():
+        return None if RunLock._holder_dead(record) else describe(record)
+    return describe(record) if age <= STALE_S else None

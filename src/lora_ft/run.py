@@ -202,10 +202,7 @@ class RunFolder:
 
     def read_samples(self) -> list[dict[str, Any]]:
         """The rows of ``samples.jsonl`` (none when the run did not generate)."""
-        path = self.path / SAMPLES
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(self.path / SAMPLES)
 
     def record(self, name: str, key: str, entry: Any) -> Path:
         """Add (or replace) one entry of a JSON report (``merge_report.json``, ``export_report.json``)."""
@@ -219,13 +216,33 @@ class RunFolder:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(self.metrics)
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Replace ``metrics.jsonl`` with ``rows`` (a resumed run drops the rows of an abandoned continuation)."""
         write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """The rows of one of a run's JSON-lines files (none when it is missing). A last line without its newline that
+    is no JSON is being appended right now by the command writing the run (or was cut by a kill) and is left out;
+    any other line that is no JSON is one RunError naming the file and the line."""
+    if not path.is_file():
+        return []
+    *lines, last = path.read_text(encoding="utf-8").split("\n")  # last: "" when the file ends with its newline
+    rows = []
+    for n, line in enumerate([*lines, last], 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines) + 1:
+                log.debug("%s: left out its last line, which is still being written", path)
+                continue
+            raise RunError(f"{path}: line {n} is not JSON ({e.msg}); repair or delete that "
+                           "line") from None
+    return rows
 
 
 @dataclass

@@ -113,14 +113,19 @@ def write_folder(folder: Path, write: Callable[[Path], None], retry: str, tmp: P
         raise
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace a small text file whole (a temporary file, then ``os.replace``): a reader, or a run interrupted
-    while writing it, never sees half a file."""
+def write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace one file whole with what ``write(tmp)`` puts into a temporary file beside it (then ``os.replace``):
+    a reader, or a command interrupted while writing it, never sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace a small text file whole (see ``write_file``)."""
+    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
