@@ -85,7 +85,8 @@ def _mlflow(output_dir: Path, project: str) -> str | None:
 
 def _wandb(output_dir: Path, project: str) -> str | None:
     problem = _folder_problem(output_dir / "wandb")
-    if problem or os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+    offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled")
+    if problem or offline or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
         return problem  # offline and disabled runs need no login (wandb.login would only warn)
     import wandb  # optional tracker package: imported only when the run tracks with it
 
