@@ -50,10 +50,25 @@ NOT_CONVERSATION = {
                      "message 2 (assistant) has no content (null)"),
     "empty content": ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
                       "message 2 (assistant) is empty"),
-    "list content": ([{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                      {"role": "assistant", "content": "yo"}],
-                     "message 1 (user) has content of type list: give its text (multimodal parts and tool calls are "
-                     "not supported)"),
+    "object content": ([{"role": "user", "content": {"text": "hi"}}, {"role": "assistant", "content": "yo"}],
+                       "message 1 (user) has content of type dict: give its text, or a list of text parts (tool calls "
+                       "are not supported)"),
+    "image part": ([{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                 {"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]},
+                    {"role": "assistant", "content": "A cat."}],
+                   "message 1 (user) has a part of type 'image_url' (part 2): only text parts are read, as lora-ft "
+                   "trains text models; remove the part or the row"),
+    "audio part": ([{"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": [{"type": "input_audio",
+                                                       "input_audio": {"data": "UklGRg==", "format": "wav"}}]}],
+                   "message 2 (assistant) has a part of type 'input_audio' (part 1): only text parts are read, as "
+                   "lora-ft trains text models; remove the part or the row"),
+    "part without a type": ([{"role": "user", "content": [{"text": "hi"}]}, {"role": "assistant", "content": "yo"}],
+                            "message 1 (user) has a part without a 'type' (keys present: ['text']) (part 1): only "
+                            "text parts are read, as lora-ft trains text models; remove the part or the row"),
+    "text part without text": ([{"role": "user", "content": [{"type": "text", "text": None}]},
+                                {"role": "assistant", "content": "yo"}],
+                               "message 1 (user) part 1 (text) has no string 'text'"),
     "unknown role": ([{"role": "user", "content": "hi"}, {"role": "robot", "content": "yo"}],
                      "message 2 has the role 'robot'; use one of system, user, assistant, tool, human, gpt"),
     "no answer": ([{"role": "user", "content": "hi"}],
@@ -197,6 +212,55 @@ def test_sharegpt_and_json_string_conversations_train_like_messages(tok, tmp_pat
     assert encoded["sharegpt"][1:] == encoded["messages"][1:] == encoded["csv"][1:]
     assert labelled_text(tok, {"input_ids": encoded["sharegpt"][1][0], "labels": encoded["sharegpt"][2][0]}) == \
         "moo<|im_end|>"
+
+
+def _parts(*texts: str) -> list[dict]:
+    return [{"type": "text", "text": t} for t in texts]
+
+
+# The same conversation as ``[system, *CHAT]`` with every content a list of text parts (the OpenAI/transformers
+# multimodal layout), the user's split in two mid-sentence: joined with nothing in between it is the plain text.
+PARTS_CHAT = [{"role": "system", "content": _parts("Be brief.")},
+              {"role": "user", "content": _parts("What does the ", "cow say?")},
+              {"role": "assistant", "content": _parts("m", "oo")}]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_text_parts_are_their_joined_text_in_every_reader(suffix, tok, tmp_path):
+    """Contents given as lists of text parts tokenize exactly as the same conversation written with strings (labels
+    included), in each reader; in ShareGPT's ``value`` too."""
+    plain = prepare(DataConfig(train=str(write_jsonl(tmp_path / "plain.jsonl", [{"messages": [
+        {"role": "system", "content": "Be brief."}, *CHAT]}] * 2)), max_length=64), "causal_lm", tok)
+    parts = prepare(DataConfig(train=str(_write(tmp_path / f"parts{suffix}", [{"messages": PARTS_CHAT}] * 2)),
+                               max_length=64), "causal_lm", tok)
+    sharegpt = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                for m in PARTS_CHAT]
+    shared = prepare(DataConfig(train=str(_write(tmp_path / f"s{suffix}", [{"conversations": sharegpt}] * 2)),
+                                max_length=64), "causal_lm", tok)
+    for data in (parts, shared):
+        assert data.splits["train"]["input_ids"] == plain.splits["train"]["input_ids"]
+        assert data.splits["train"]["labels"] == plain.splits["train"]["labels"]
+    assert tok.decode(parts.splits["train"][0]["input_ids"]).startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat does the cow say?<|im_end|>")
+    assert labelled_text(tok, parts.splits["train"][0]) == "moo<|im_end|>"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_an_image_part_is_refused_by_its_type_in_every_reader(suffix, models, tmp_path, capsys):
+    """Every row in the parts layout (a parquet column has one type), row 2 with an image beside its text: one line
+    naming file, row, column and the part's type, from validate and from train, before anything is written."""
+    rows = [{"messages": PARTS_CHAT} for _ in range(3)]
+    rows[1] = {"messages": [PARTS_CHAT[0], {"role": "user", "content": [
+        {"type": "image", "url": "http://x/cow.png"}, *_parts("What does it say?")]}, PARTS_CHAT[2]]}
+    file = _write(tmp_path / f"d{suffix}", rows)
+    problem = (f"data.train: {file} row 2, column 'messages' message 2 (user) has a part of type 'image' (part 1): "
+               "only text parts are read, as lora-ft trains text models; remove the part or the row")
+    recipe = _recipe(tmp_path, models, "llama", {}, file)
+    assert main(["validate", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"lora-ft: error: {recipe}: 1 problem(s): {problem}"
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"lora-ft: error: {problem}"
+    assert not (tmp_path / "run").exists()
 
 
 def test_csv_labels_stay_as_written_and_sort_as_numbers(tiny_bert, tmp_path):

@@ -42,6 +42,24 @@ def test_chat_report_finds_duplicates_leakage_and_truncation(tiny_llama, tmp_pat
     assert report["sample"].count("[[") == 1
 
 
+def test_text_parts_are_inspected_as_their_joined_text(tiny_llama, tmp_path):
+    """The same conversations with every content a list of text parts report exactly what the strings report: token
+    lengths, the rendered sample, and duplicates counted on the joined text (a parts row duplicates a string row)."""
+    rows = _unique_chat_rows(6)
+    def split(text: str) -> list[dict]:  # "What does ..." as "What " + "does ..."
+        head, space, tail = text.partition(" ")
+        return [{"type": "text", "text": head + space}, {"type": "text", "text": tail}]
+
+    parts = [{"messages": [{"role": m["role"], "content": split(m["content"])} for m in r["messages"]]} for r in rows]
+    plain = inspect_recipe(make_recipe(tiny_llama, {"train": write_jsonl(tmp_path / "p.jsonl", rows + rows[:1])},
+                                       tmp_path / "run"))
+    joined = inspect_recipe(make_recipe(tiny_llama, {"train": write_jsonl(tmp_path / "s.jsonl", parts + rows[:1])},
+                                        tmp_path / "run"))
+    assert joined == plain
+    assert joined["splits"]["train"]["exact_duplicates"] == 1
+    assert joined["sample"].endswith("[[Animal 0 says moo.<|im_end|>]]\n")
+
+
 def test_classification_report_counts_labels_and_flags_imbalance(tiny_bert, tmp_path):
     rows = [{"text": f"rain {i}", "label": "weather"} for i in range(40)] + [{"text": "cash", "label": "money"}] * 3
     recipe = make_recipe(tiny_bert, {"train": write_jsonl(tmp_path / "c.jsonl", rows)}, tmp_path / "run",

@@ -25,6 +25,23 @@ def test_string_and_conversational_rows_give_the_same_pair():
     assert (strings.prompt, strings.chosen, strings.rejected) == (COW, "moo", "woof")
 
 
+def _parts(*texts: str) -> list[dict]:
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def test_text_part_contents_give_the_pair_of_the_same_strings_in_both_layouts():
+    """Contents as lists of text parts (the OpenAI/transformers layout) are their joined text, in the prompt, the
+    one-message answers and the implicit layout's shared conversation."""
+    explicit = read_pair({"prompt": [{"role": "user", "content": _parts("What does the ", "cow say?")}],
+                          "chosen": [{"role": "assistant", "content": _parts("mo", "o")}],
+                          "rejected": [{"role": "assistant", "content": _parts("woof")}]}, CFG)
+    assert (explicit.prompt, explicit.chosen, explicit.rejected) == (COW, "moo", "woof")
+    user = {"role": "user", "content": _parts("What does the cow say?")}
+    implicit = read_pair({"chosen": [user, {"role": "assistant", "content": _parts("moo")}],
+                          "rejected": [user, {"role": "assistant", "content": "woof"}]}, CFG)
+    assert implicit == explicit
+
+
 def test_implicit_prompt_is_the_shared_conversation_before_the_last_answer():
     turns = [*COW, {"role": "assistant", "content": "moo"}, {"role": "user", "content": "And the dog?"}]
     pair = read_pair({"chosen": [*turns, {"role": "assistant", "content": "woof"}],
@@ -97,6 +114,12 @@ def test_shipped_preference_pairs_are_rebuilt_exactly_from_the_shipped_docstring
     ({"chosen": None}, "row 3: data.chosen: a completion is a string or one assistant message"),
     ({"rejected": "  "}, "row 3, column 'rejected' is empty; every example needs this text"),
     ({"prompt": None}, "row 3: data: without a 'prompt' column, 'chosen' and 'rejected' must be whole conversations"),
+    ({"prompt": [{"role": "user", "content": [{"type": "image", "url": "cow.png"}, {"type": "text", "text": "Hm?"}]}]},
+     "row 3: data.prompt: message 1 (user) has a part of type 'image' (part 1): only text parts are read, as lora-ft "
+     "trains text models; remove the part or the row"),
+    ({"chosen": [{"role": "assistant", "content": [{"type": "audio", "path": "moo.wav"}]}]},
+     "row 3: data.chosen: message 1 (assistant) has a part of type 'audio' (part 1): only text parts are read, as "
+     "lora-ft trains text models; remove the part or the row"),
 ])
 def test_a_bad_pair_is_one_data_error_naming_file_and_row_before_anything_is_tokenized(tok, tmp_path, bad, message):
     rows = [{"prompt": "What does the cow say?", "chosen": "moo", "rejected": "woof"} for _ in range(4)]

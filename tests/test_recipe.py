@@ -46,6 +46,40 @@ def test_every_error_is_reported_at_once_on_one_line(tmp_path):
         assert needle in msg
 
 
+REPEAT = "YAML would keep the last silently, so remove all but one"
+
+
+def test_a_repeated_key_is_refused_naming_the_key_and_its_lines_with_the_other_problems(tmp_path, capsys):
+    """A section pasted twice and a key twice in one section: each is one problem naming the dotted key and the
+    lines, listed with the schema's problems on the one line (the last value would have won silently)."""
+    p = write(tmp_path, "lora:\n  r: 8\n  alpha: 16\n  r: 16\ntrain: {lr: -1}\nlora:\n  dropout: 0.1\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert str(e.value) == (f"{p}: 3 problem(s): lora: given twice (lines 1 and 6); {REPEAT}; lora.r: given twice "
+                            f"(lines 2 and 4); {REPEAT}; train.lr: Input should be a positive number or 'auto' "
+                            "(got -1)")
+    # Alone (the recipe is otherwise valid, and --set of the same key is no repeat), three times, equal values too.
+    p = write(tmp_path, "data: {train: x.jsonl}\nlora: {r: 4,\n  alpha: 8, r: 4}\ntrain:\n  lr: 0.001\n  lr: 0.001\n"
+              "  lr: 0.002\n", "again.yaml")
+    problems = f"lora.r: given twice (lines 2 and 3); {REPEAT}; train.lr: given 3 times (lines 5, 6 and 7); {REPEAT}"
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p, ["lora.r=8"])
+    assert str(e.value) == f"{p}: 2 problem(s): {problems}"
+    from lora_ft.cli import main
+
+    assert main(["validate", str(p)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"lora-ft: error: {p}: 2 problem(s): {problems}"
+
+
+def test_the_same_key_in_other_sections_and_a_merge_key_override_are_not_repeats(tmp_path):
+    p = write(tmp_path, "data: {train: x.jsonl, validation: y.jsonl}\nlora: {r: 4, alpha: 8}\n"
+              "train: {lr: 0.001, warmup: 0}\n")
+    r = load_recipe(p)
+    assert (r.lora.r, r.lora.alpha, r.train.lr) == (4, 8, 0.001)
+    merged = load_recipe(write(tmp_path, "data: {train: x.jsonl}\nlora:\n  <<: {r: 4, alpha: 8}\n  r: 16\n", "m.yaml"))
+    assert (merged.lora.r, merged.lora.alpha) == (16, 8)  # overriding a merged key is what a merge key is for
+
+
 def test_wrong_type(tmp_path):
     with pytest.raises(RecipeError, match=r"train.micro_batch_size: .*integer.*'eight'"):
         load_recipe(write(tmp_path, "train: {micro_batch_size: eight}\n"))

@@ -1,4 +1,4 @@
-"""What the experiment trackers get, read back from the files TensorBoard and MLflow wrote."""
+"""What the experiment trackers get, read back from what TensorBoard, MLflow, W&B and Trackio wrote."""
 
 import json
 import logging
@@ -19,15 +19,15 @@ TRACKERS = get_args(TrainConfig.model_fields["trackers"].annotation.__args__[0])
 
 @pytest.fixture(scope="module")
 def tracked_run(tiny_llama, chat_data, tmp_path_factory):
-    """A 4-step run with validation every 2 steps and the forgetting guard, logged to TensorBoard, MLflow (a local
-    file store, as MLflow's default database needs SQLAlchemy) and, where they are installed, W&B in offline mode
-    and Trackio (a local SQLite database in TRACKIO_DIR, set by conftest)."""
+    """A 4-step run with validation every 2 steps and the forgetting guard, logged to TensorBoard, MLflow (a SQLite
+    database: MLflow 3 refuses its file: store, in maintenance mode) and, where they are installed, W&B in offline
+    mode and Trackio (a local SQLite database in TRACKIO_DIR, set by conftest)."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")  # MLflow's database stores (mlflow-skinny leaves it out)
     root = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"file:{root / 'mlruns'}")
-        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
         splits = {k: v for k, v in chat_data.items() if k != "test"}
@@ -84,7 +84,7 @@ def test_tensorboard_gets_losses_evaluations_forgetting_and_peak_memory(tracked_
 def test_mlflow_gets_the_same_metrics_and_the_recipe_as_params(tracked_run):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"file:{tracked_run / 'mlruns'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tracked_run / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("lora_ft")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "run"

@@ -57,17 +57,17 @@ def test_failed_trial_is_reported_not_fatal(tiny_llama, chat_data, tmp_path, cap
 
 def test_sweep_trials_are_runs_of_one_tracker_experiment(tiny_llama, chat_data, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")  # MLflow's database stores (MLflow 3 refuses its file: store)
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     trackers = ["mlflow"] + (["trackio"] if importlib.util.find_spec("trackio") else [])
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"name": str(tiny_llama)}, "data": {"train": str(chat_data["train"])},
         "train": {"max_steps": 2, "trackers": trackers}, "output_dir": str(tmp_path / "exp")}))
     rows = run_sweep(str(recipe), ["lora.r=2,4"])
-    client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("lora_ft-sweep-exp")
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == sorted(Path(r["output_dir"]).name for r in rows)

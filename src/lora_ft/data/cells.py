@@ -12,8 +12,9 @@ Accepted on purpose:
   serialized conversation or record, not text (the ``messages`` format reads conversations);
 - ``optional_text`` (alpaca's ``input``): also null or empty, meaning no input;
 - ``label`` cells: strings, integers, booleans (classes "True"/"False") and finite numbers;
-- ``conversation`` cells: a list of messages, or that list as a JSON string (how CSV files hold it); see
-  ``chat.parse_conversation``.
+- ``conversation`` cells: a list of messages, or that list as a JSON string (how CSV files hold it); a message's
+  content may be a list of text parts (the OpenAI/transformers layout), read as their joined text, while an image
+  or audio part is refused by its type; see ``chat.parse_conversation``.
 """
 
 from __future__ import annotations

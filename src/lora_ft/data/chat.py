@@ -22,6 +22,43 @@ ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "
 """Accepted turn roles → the chat template's role."""
 
 
+TEXT_PART = "text"
+"""The one content part read: OpenAI's and transformers' ``{"type": "text", "text": ...}``."""
+
+
+def join_parts(content: list | tuple, who: str) -> str:
+    """A content given as a list of parts (the OpenAI/transformers multimodal message layout) as its text.
+
+    Text parts are concatenated with nothing in between, as transformers' own chat templates that render part
+    lists do (the Llama 4 and Qwen2-Audio templates shipped in transformers 5.25 emit each ``content['text']`` in
+    turn, no separator): the joined string renders through a text-only template exactly as those render the parts.
+    TRL 1.16 has no one rule to follow (its experimental trainers join with " " or "\n", for logging only).
+
+    Any other part (image, image_url, audio, input_audio, video, file, ...) is refused by its type: this toolkit
+    trains text models, and dropping the part silently would train on a question about an image nobody sees.
+    Keys whose value is null are ignored: a parquet or datasets struct column gives every part the keys of all
+    parts (``url: None`` on a text part).
+
+    Args:
+        content: the message's list of parts.
+        who: the message, for errors ("message 2 (user)").
+    """
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise ValueError(f"{who} part {j + 1} is {type(part).__name__}, not an object with 'type' and 'text'")
+        part = {k: v for k, v in part.items() if v is not None}
+        kind = part.get("type")
+        if kind != TEXT_PART:
+            what = f"of type {kind!r}" if kind is not None else f"without a 'type' (keys present: {sorted(part)})"
+            raise ValueError(f"{who} has a part {what} (part {j + 1}): only text parts are read, as lora-ft trains "
+                             "text models; remove the part or the row")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"{who} part {j + 1} (text) has no string 'text'")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def _turn(i: int, m: Any) -> dict[str, str]:
     """One turn, ``{role, content}`` or ShareGPT's ``{from, value}``, as ``{role, content}``."""
     if not isinstance(m, dict):
@@ -35,9 +72,11 @@ def _turn(i: int, m: Any) -> dict[str, str]:
         raise ValueError(f"message {i + 1} ({role}) has no content (null)")
     if isinstance(content, int | float) and not isinstance(content, bool):
         content = str(content)
+    if isinstance(content, list | tuple):
+        content = join_parts(content, f"message {i + 1} ({role})")
     if not isinstance(content, str):
-        raise ValueError(f"message {i + 1} ({role}) has content of type {type(content).__name__}: give its text "
-                         "(multimodal parts and tool calls are not supported)")
+        raise ValueError(f"message {i + 1} ({role}) has content of type {type(content).__name__}: give its text, "
+                         "or a list of text parts (tool calls are not supported)")
     if not content.strip():
         raise ValueError(f"message {i + 1} ({role}) is empty")
     return {"role": ROLES[role], "content": content}
@@ -47,8 +86,8 @@ def parse_conversation(value: Any) -> list[dict[str, str]]:
     """A conversation cell as a list of ``{role, content}`` turns; ``ValueError`` says what is wrong with it.
 
     Accepted: a list of ``{role, content}`` messages, ShareGPT's ``{from, value}`` turns (``human``/``gpt``/
-    ``system``), or either as a JSON string (CSV files hold lists that way). It needs an assistant answer after a
-    prompt turn."""
+    ``system``), or either as a JSON string (CSV files hold lists that way). A content (or value) may be a list of
+    text parts, read as their joined text (``join_parts``). It needs an assistant answer after a prompt turn."""
     if isinstance(value, str):
         try:
             value = json.loads(value)

@@ -2,7 +2,8 @@
 
 Reads TRL's two preference layouts: explicit prompt (``prompt`` a string or a message list, ``chosen``/``rejected``
 strings or one assistant message each) and implicit prompt (no ``prompt`` column; ``chosen`` and ``rejected`` are
-whole conversations that share every message but the last). Each side is rendered as prompt + answer with the
+whole conversations that share every message but the last); a message's content may be a list of text parts, read
+as supervised fine-tuning reads them (``chat.join_parts``). Each side is rendered as prompt + answer with the
 tokenizer's chat template, as supervised fine-tuning renders it (``chat.py``), so an SFT adapter and its preference
 tuning see the same text; only the final answer (up to and including its EOS/turn-end token) carries labels, never
 an earlier assistant turn of a multi-turn prompt.
@@ -17,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..errors import RecipeError
 from ..recipe import DataConfig
-from .chat import IGNORE, assistant_char_spans, encode_plain
+from .chat import IGNORE, assistant_char_spans, encode_plain, join_parts
 
 Message = dict[str, str]
 
@@ -35,16 +36,28 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def _messages(value: list[dict]) -> list[Message]:
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+def _content(m: dict, i: int, column: str) -> str:
+    """A message's text: a string, or a list of text parts joined as supervised fine-tuning joins them
+    (``chat.join_parts``; an image or audio part is refused by its type)."""
+    content = m["content"]
+    if not isinstance(content, list | tuple):
+        return str(content)
+    try:
+        return join_parts(content, f"message {i + 1} ({m['role']})")
+    except ValueError as e:
+        raise RecipeError(f"data.{column}: {e}") from None
 
 
-def _answer(value: Any, column: str) -> str:
-    """A completion: a string, or TRL's conversational one-assistant-message list."""
+def _messages(value: list[dict], column: str) -> list[Message]:
+    return [{"role": str(m["role"]), "content": _content(m, i, column)} for i, m in enumerate(value)]
+
+
+def _answer(value: Any, column: str, at: int = 0) -> str:
+    """A completion: a string, or TRL's conversational one-assistant-message list (message ``at`` of the cell)."""
     if isinstance(value, str):
         return value
     if _is_messages(value) and len(value) == 1 and value[0]["role"] == "assistant":
-        return str(value[0]["content"])
+        return _content(value[0], at, column)
     raise RecipeError(f"data.{column}: a completion is a string or one assistant message "
                       f"([{{'role': 'assistant', 'content': ...}}]), got {str(value)[:80]!r}")
 
@@ -55,17 +68,18 @@ def read_pair(row: dict[str, Any], cfg: DataConfig) -> Pair:
     chosen, rejected = row[cfg.chosen_column], row[cfg.rejected_column]
     if cfg.prompt_column in row and row[cfg.prompt_column] is not None:
         raw = row[cfg.prompt_column]
-        prompt = _messages(raw) if _is_messages(raw) else [{"role": "user", "content": str(raw)}]
+        prompt = _messages(raw, cfg.prompt_column) if _is_messages(raw) else [{"role": "user", "content": str(raw)}]
         pair = Pair(prompt, _answer(chosen, cfg.chosen_column), _answer(rejected, cfg.rejected_column))
     else:  # implicit prompt: two whole conversations that differ in their last (assistant) message
         if not (_is_messages(chosen) and _is_messages(rejected) and chosen and rejected):
             raise RecipeError(f"data: without a '{cfg.prompt_column}' column, '{cfg.chosen_column}' and "
                               f"'{cfg.rejected_column}' must be whole conversations (message lists)")
-        if _messages(chosen[:-1]) != _messages(rejected[:-1]):
+        prompt = _messages(chosen[:-1], cfg.chosen_column)
+        if prompt != _messages(rejected[:-1], cfg.rejected_column):
             raise RecipeError(f"data: '{cfg.chosen_column}' and '{cfg.rejected_column}' must share every message "
                               "but the last (the prompt); give a prompt column otherwise")
-        pair = Pair(_messages(chosen[:-1]), _answer(chosen[-1:], cfg.chosen_column),
-                    _answer(rejected[-1:], cfg.rejected_column))
+        pair = Pair(prompt, _answer(chosen[-1:], cfg.chosen_column, len(chosen) - 1),
+                    _answer(rejected[-1:], cfg.rejected_column, len(rejected) - 1))
     if cfg.system_prompt and (not pair.prompt or pair.prompt[0]["role"] != "system"):
         pair = Pair([{"role": "system", "content": cfg.system_prompt}, *pair.prompt], pair.chosen, pair.rejected)
     return pair

@@ -1,7 +1,7 @@
 """Reading a recipe: YAML → overrides (``--set``) → paths relative to the recipe → schema, every problem at once.
 
 A recipe's problems are collected by pydantic and reported in one ``RecipeError`` line, each with its dotted
-location and, for unknown keys, a did-you-mean.
+location and, for unknown keys, a did-you-mean; a key given twice in one mapping is listed with them.
 """
 
 from __future__ import annotations
@@ -55,6 +55,45 @@ def _format_error(err: dict[str, Any]) -> str:
     if err["type"] != "value_error" and "input" in err and not isinstance(err["input"], dict):
         msg += f" (got {err['input']!r})"
     return f"{where}: {msg}"
+
+
+def _repeated_keys(node: yaml.Node, where: str = "", seen: set[int] | None = None) -> list[str]:
+    """Keys a mapping of the composed YAML gives more than once, each as one problem naming the key and its lines.
+
+    YAML loaders keep the last value silently; a recipe with ``lora:`` (or ``r:`` in one section) twice is a paste
+    accident, not a choice. Read from the node tree (not a SafeLoader that raises) so the repeats are listed with
+    the recipe's other problems and each one's dotted place is known. A merge key (``<<: *base``) is not a repeat:
+    overriding merged keys is what it is for. ``seen`` stops at a node already walked (aliases can make cycles).
+
+    Args:
+        node: a composed node (``yaml.SafeLoader.get_single_node``).
+        where: the dotted place of ``node`` ("" at the top).
+        seen: ids of the nodes already walked.
+    """
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return []
+    seen.add(id(node))
+    problems: list[str] = []
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _repeated_keys(item, f"{where}[{i}]", seen)
+    if not isinstance(node, yaml.MappingNode):
+        return problems
+    lines: dict[str, list[int]] = {}
+    inner: list[str] = []
+    for key, value in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+            dotted = f"{where}.{key.value}" if where else key.value
+            lines.setdefault(dotted, []).append(key.start_mark.line + 1)
+            inner += _repeated_keys(value, dotted, seen)
+    for dotted, at in lines.items():
+        if len(at) > 1:
+            times = "twice" if len(at) == 2 else f"{len(at)} times"
+            listed = ", ".join(map(str, at[:-1])) + f" and {at[-1]}"
+            problems.append(f"{dotted}: given {times} (lines {listed}); YAML would keep the last silently, so remove "
+                            "all but one")
+    return problems + inner
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -120,12 +159,19 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def _load_recipe(path: str | Path | None, overrides: list[str] | None) -> Recipe:
     tree: dict[str, Any] = {}
+    repeated: list[str] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+            try:
+                node = loader.get_single_node()
+                repeated = _repeated_keys(node) if node is not None else []
+                loaded = loader.construct_document(node) if node is not None else None
+            finally:
+                loader.dispose()
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -144,9 +190,12 @@ def _load_recipe(path: str | Path | None, overrides: list[str] | None) -> Recipe
     for section in SECTIONS:
         if section in tree and not isinstance(tree[section], dict):
             raise RecipeError(f"{section}: must be a mapping of keys, got {tree[section]!r}")
+    lines = list(repeated)
     try:
-        return Recipe.model_validate(tree)
+        recipe = Recipe.model_validate(tree)
     except ValidationError as e:
-        lines = [_format_error(err) for err in e.errors()]
+        lines += [_format_error(err) for err in e.errors()]
+    if lines:
         source = str(path) if path else "recipe"
         raise RecipeError(f"{source}: {len(lines)} problem(s): " + "; ".join(lines)) from None
+    return recipe

@@ -45,6 +45,7 @@ from .session import Session, lock_run, make_accelerator, make_loader, make_trai
 from .signals import Interrupted, Signals, requested
 from .state import LoopState
 from .throughput import ThroughputMeter
+from .trackers import check_trackers, start_trackers
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ class Trainer:
 
     # ==================================================================================================== setup
     def setup(self) -> None:
-        """Checks and the run lock → accelerator and resolved recipe → model, data, optimizer → run folder → resumed
-        state.
+        """Checks and the run lock → trackers' backends → accelerator and resolved recipe → model, data, optimizer →
+        trackers started → run folder → resumed state.
 
         The order matters: the run lock comes before anything reads or writes the folder, so a second run refuses
         at once; the ``auto`` memory settings decide the micro-batch the loaders are built with; a missing or
@@ -117,6 +118,7 @@ class Trainer:
         # Before anything reads or writes the folder: a second run refuses at once.
         self.lock = lock_run(self.folder, self.accelerator)
         self.folder.check_new(self.resume, self.overwrite)
+        check_trackers(self.accelerator, self.folder.path, tracker_run(self.folder.path, self.group)[0])
         self.recipe = adopt_start_adapter(self.recipe)  # lora.init_from: the starting adapter's shape
         # micro_batch_size / gradient_checkpointing auto: the planner's choice for this device, from the config
         # and the data, before any loader is built (see memory.launch); then grad_accum for this many processes.
@@ -180,7 +182,7 @@ class Trainer:
         self.validating = "validation" in self.eval_loaders
 
     def _start_folder(self, compute: str) -> None:
-        """Write the resolved recipe and the run's facts (main process); start the trackers."""
+        """Start the trackers, then write the resolved recipe and the run's facts (main process)."""
         s, tc, world = self.session, self.tc, self.accelerator.num_processes
         self.info = {"source": s.loaded.source, "format": s.data.format, "id2label": s.data.id2label,
                      "targets": sorted(self.unwrapped.peft_config["default"].target_modules),
@@ -197,14 +199,15 @@ class Trainer:
             elif self.overwrite:
                 self.folder.set_aside()  # deleted once this run has saved something (drop_aside), else put back
             self.info["resolved"] = sources(self.given, self.recipe, self.rules)
+        if tc.trackers:  # before the folder is written, which a tracker that cannot start leaves as it was
+            project, init_kwargs = tracker_run(self.folder.path, self.group)
+            start_trackers(self.accelerator, project, tracker_config(self.recipe.model_dump(mode="json")),
+                           init_kwargs, self.folder.path)
+        if self.accelerator.is_main_process:
             self.folder.start(self.recipe, self.info, fresh=self.resume_from is None)
             self.started = True
             if self.recipe.lora.init_from:
                 self.folder.keep_start_adapter(self.recipe.lora.init_from)
-        if tc.trackers:  # TensorBoard's hparams take only scalars: a flat, dotted config
-            project, init_kwargs = tracker_run(self.folder.path, self.group)
-            self.accelerator.init_trackers(project, config=tracker_config(self.recipe.model_dump(mode="json")),
-                                           init_kwargs=init_kwargs)
 
     def _restore(self, path: Path) -> dict[str, Any]:
         """Adapter, optimizer, schedule and loop state from a checkpoint; returns the RNG state, which ``train``
