@@ -21,13 +21,14 @@ GENERATED = {"rougeL", "chrf", "exact_match", "stop_rate", "length_ratio", "answ
 @pytest.fixture(scope="module")
 def gen_run(tiny_llama, chat_data, tmp_path_factory, trackio_dir):
     """40 steps on the animal-sounds chat data with the default generation evaluation, logged to TensorBoard,
-    MLflow (local file store), Trackio and W&B (offline)."""
+    MLflow (a SQLite database), Trackio and W&B (offline)."""
     pytest.importorskip("tensorboard")
+    pytest.importorskip("sqlalchemy")  # MLflow's database stores (mlflow-skinny leaves it out)
     root = tmp_path_factory.mktemp("generated")
     splits = {k: v for k, v in chat_data.items() if k != "test"}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"file:{root / 'mlruns'}")
-        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.chdir(root)  # a database store keeps artifacts in ./mlruns (MLflow's default artifact root)
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
         recipe = make_recipe(tiny_llama, splits, root / "run", eval={"generate": "auto"},
@@ -92,9 +93,13 @@ def test_the_trackers_show_the_samples_table(gen_run, trackio_dir):
             if tag.startswith("samples"):
                 texts += [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)]
     assert texts == [md]
-    (artifact,) = (gen_run / "mlruns").rglob("artifacts/samples.md")
-    assert artifact.read_text() == md
-    assert len((artifact.parent / "samples.jsonl").read_text().splitlines()) == 24
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{gen_run / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("lora_ft").experiment_id])
+    assert mlflow.artifacts.load_text(f"{run.info.artifact_uri}/samples.md") == md
+    assert len(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/samples.jsonl").splitlines()) == 24
     (db,) = trackio_dir.rglob("lora_ft.db")
     with sqlite3.connect(db) as con:
         logged = [json.loads(m) for (m,) in con.execute("select metrics from metrics")]
