@@ -125,7 +125,9 @@ def runs(request, tiny_llama, chat_data, tmp_path_factory):
     driver.write_text(DRIVER)
     train_cfg = {"max_steps": MAX_STEPS, "micro_batch_size": 8, "global_batch_size": 16, "eval_every": 4,
                  "checkpoint_every": 4}
-    sections = {"model": {"quant": quant}, "train": train_cfg, "data": DDP_CASES[quant]}
+    # The generation evaluation too: 24 validation prompts in batches of 8, so the 2 processes get 2 and 1 batches.
+    sections = {"model": {"quant": quant}, "train": train_cfg, "data": DDP_CASES[quant],
+                "eval": {"generate": "auto", "batch_size": 8, "max_new_tokens": 16}}
     (root / "dump1").mkdir()
     with first_step_gradients(root / "dump1" / "grads-rank0.safetensors"):
         train(make_recipe(tiny_llama, chat_data, root / "p1", **sections))
@@ -209,6 +211,20 @@ def test_evaluation_on_two_processes_equals_evaluation_on_one(runs, chat_data):
     again = evaluate_run(root / "p2", str(chat_data["validation"]))
     assert (again["examples"], again["tokens"]) == (24, r2["after"]["validation"]["tokens"])
     assert again["loss"] == pytest.approx(r2["after"]["validation"]["loss"], rel=1e-5)
+
+
+def test_generation_on_two_processes_equals_generation_on_one(runs):
+    """Each process generates whole batches of prompts and the answers are gathered: the same answers, metrics and
+    samples as one process, before training (the same weights) and after (bit-identical adapters)."""
+    root = runs["root"]
+    r1, r2 = (json.loads((root / f"p{n}" / "eval_results.json").read_text()) for n in (1, 2))
+    generated = ("rougeL", "chrf", "exact_match", "stop_rate", "length_ratio", "answer_tokens")
+    for when in ("before", "after"):
+        assert all(k in r1[when]["validation"] for k in generated)
+        assert {k: r2[when]["validation"][k] for k in generated} == {k: r1[when]["validation"][k] for k in generated}
+    s1, s2 = ((root / f"p{n}" / "samples.jsonl").read_text().splitlines() for n in (1, 2))
+    assert len(s1) == 24 and s1 == s2
+    assert r1["after"]["validation"]["answer_tokens"] != r1["before"]["validation"]["answer_tokens"]  # it learned
 
 
 def test_cli_num_processes_resumes_mid_epoch_with_dropout_like_the_uninterrupted_run(runs, tiny_llama, chat_data):
