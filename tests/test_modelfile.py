@@ -121,7 +121,8 @@ func main() {
     var msgs []Message
     if err := json.Unmarshal([]byte(os.Args[2]), &msgs); err != nil { panic(err) }
     // Execute's error (an unknown field, a wrong argument) must fail the test, not leave a partial rendering.
-    if err := template.Must(template.New("m").Parse(string(tpl))).Execute(os.Stdout, map[string]any{"Messages": msgs}); err != nil {
+    tmpl := template.Must(template.New("m").Parse(string(tpl)))
+    if err := tmpl.Execute(os.Stdout, map[string]any{"Messages": msgs}); err != nil {
         os.Stderr.WriteString(err.Error()); os.Exit(1)
     }
 }
