@@ -333,8 +333,8 @@ def test_a_signal_during_the_save_of_a_merge_leaves_everything_as_it_was(fp32_ru
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == ("lora-ft: interrupted (SIGTERM) during lora-ft merge; nothing of this merge was saved (an earlier "
                    "merged model and merge_report.json are as they were); run the command again to start over")
-    [(partial, size)] = written
-    assert partial == tmp_path / ".m.tmp" / "model.safetensors" and size > 1000
     assert (tree_hashes(out), (fp32_run / "merge_report.json").read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no .m.tmp, no .m.old
     assert not (fp32_run / ".lora_ft.lock").exists()
+    [(partial, size)] = written
+    assert partial == tmp_path / ".m.tmp" / "model.safetensors" and size > 1000
