@@ -58,28 +58,32 @@ CONFIGS = Path(__file__).parents[1] / "recipes" / "accelerate"
 def _env(tmp: Path) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(tmp / "hf"),  # no user accelerate config
-            "PYTHONPATH": str(Path(__file__).parent)}  # the driver imports first_step_gradients from here
+            # The driver imports first_step_gradients from here; an existing PYTHONPATH (a worktree's src) stays.
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 @contextmanager
 def first_step_gradients(path: Path):
-    """Save the gradients the first optimizer step applies (after DDP's all-reduce, before clipping and AdamW,
-    which would hide a uniform scale), in parameter order, to ``path``."""
+    """Save the gradients of the first optimizer step as ``clip_grad_norm_`` receives them: after DDP's all-reduce,
+    before clipping (which rescales them to the norm limit, hiding a uniform scale) and AdamW (which divides it out),
+    in parameter order, to ``path``."""
+    from accelerate import Accelerator
     from safetensors.torch import save_file
 
-    real = torch.optim.AdamW.step
+    real = Accelerator.clip_grad_norm_
 
-    def step(self, *args, **kwargs):
+    def clip(self, parameters, *args, **kwargs):
+        parameters = list(parameters)
         if not path.exists():
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            grads = [p.grad for p in parameters if p.grad is not None]
             save_file({f"{i:04d}": g.detach().cpu().contiguous() for i, g in enumerate(grads)}, path)
-        return real(self, *args, **kwargs)
+        return real(self, parameters, *args, **kwargs)
 
-    torch.optim.AdamW.step = step
+    Accelerator.clip_grad_norm_ = clip
     try:
         yield
     finally:
-        torch.optim.AdamW.step = real
+        Accelerator.clip_grad_norm_ = real
 
 
 def _port() -> str:
@@ -154,25 +158,28 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     assert info1["packing"] == info2["packing"] == (runs["quant"] == "none")
     assert (info1["world_size"], info1["grad_accum"], info1["global_batch"]) == (1, 2, 16)
     assert (info2["world_size"], info2["grad_accum"], info2["global_batch"]) == (2, 1, 16)
-    # The same examples in every step: the first step's loss (same weights) agrees to float rounding.
     loss1 = {r["step"]: r["loss"] for r in rows(root / "p1") if "split" not in r}
     loss2 = {r["step"]: r["loss"] for r in rows(root / "p2") if "split" not in r}
-    assert sorted(loss1) == sorted(loss2) == list(range(1, MAX_STEPS + 1))
-    # Exactly equal, as the README says: with 2 processes each gradient is the sum of the same two terms, and the
-    # loss scaling (× processes, then DDP's average) is by powers of two, which floating point does exactly.
-    assert max(abs(loss1[s] - loss2[s]) for s in loss1) == 0
-    # AdamW divides by the gradient's own scale, so equal losses and adapters alone would not catch a gradient
-    # that is uniformly off by a factor (a wrong loss scale for N processes): the gradients themselves, before
-    # clipping, and their norms at every step must agree.
     norm1 = {r["step"]: r["grad_norm"] for r in rows(root / "p1") if "split" not in r}
     norm2 = {r["step"]: r["grad_norm"] for r in rows(root / "p2") if "split" not in r}
-    assert norm1 == norm2
+    # Clipping rescales a gradient to the norm limit and AdamW divides by its own scale, so equal losses and
+    # adapters alone would not catch a gradient that is uniformly off by a factor (a wrong loss scale for N
+    # processes): the step-1 gradients before clipping, and their norms at every step, must agree. That the dumps
+    # are unclipped: their norm is the logged (pre-clipping) grad_norm, above the limit that clipping scales to.
     g1 = load_file(root / "dump1" / "grads-rank0.safetensors")
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g1.values()])).item()
+    assert total == pytest.approx(norm1[1], rel=1e-5) and total > 1.0  # train.max_grad_norm
     for rank in (0, 1):
         g2 = load_file(root / "dump2" / f"grads-rank{rank}.safetensors")
         assert sorted(g1) == sorted(g2) and len(g1) > 10
         worst = max(((g1[k] - g2[k]).abs().max() / g1[k].abs().max().clamp(min=1e-12)).item() for k in g1)
         assert worst == 0 and all(g1[k].abs().max() > 0 for k in g1 if "lora_B" in k)
+    assert norm1 == norm2
+    # The same examples in every step. Exactly equal, as the README says: with 2 processes each gradient is the
+    # sum of the same two terms, and the loss scaling (× processes, then DDP's average) is by powers of two, which
+    # floating point does exactly.
+    assert sorted(loss1) == sorted(loss2) == list(range(1, MAX_STEPS + 1))
+    assert max(abs(loss1[s] - loss2[s]) for s in loss1) == 0
     assert loss1[MAX_STEPS] < loss1[1] - 0.5  # it learned: the comparison is not between two untrained adapters
     one, two = load_file(root / "p1" / "adapter" / "adapter_model.safetensors"), \
         load_file(root / "p2" / "adapter" / "adapter_model.safetensors")
@@ -231,12 +238,13 @@ def test_cli_num_processes_resumes_mid_epoch_with_dropout_like_the_uninterrupted
     """`lora-ft train --num-processes 2 --resume`: the convenience launch, and a mid-epoch resume under sharding
     (accelerate's skip_first_batches over each process's shard, then a reshuffled epoch) with LoRA dropout on: each
     process draws its own dropout masks, so each must continue its own RNG stream (the checkpoint holds one per
-    process; with rank 0's alone, rank 1's masks after the resume differ and the losses drift)."""
-    if runs["quant"] != "none":
-        pytest.skip("the launch and data paths do not depend on quantization")
-    root = runs["root"]
-    full = make_recipe(tiny_llama, chat_data, root / "drop-full", lora={"dropout": 0.1}, train={
-        "max_steps": MAX_STEPS, "micro_batch_size": 8, "global_batch_size": 16, "checkpoint_every": 4})
+    process; with rank 0's alone, rank 1's masks after the resume differ and the losses drift). In fp32 (packed
+    rows) and in NF4 (left-padded batches, the dropout fused into peft's 4-bit LoRA layers)."""
+    root, quant = runs["root"], runs["quant"]
+    full = make_recipe(tiny_llama, chat_data, root / "drop-full", lora={"dropout": 0.1}, model={"quant": quant},
+                       data={} if quant == "none" else DDP_CASES[quant], train={
+                           "max_steps": MAX_STEPS, "micro_batch_size": 8, "global_batch_size": 16,
+                           "checkpoint_every": 4})
     run([sys.executable, "-m", "lora_ft", "train", str(write_recipe(full, root / "drop-full.yaml")),
          "--num-processes", "2"], root)
     part = root / "drop-part"

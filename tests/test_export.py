@@ -185,3 +185,37 @@ def test_the_smollm2_quickstart_exports_to_q8_0_within_its_limit(tmp_path):
     assert abs(entry["loss_gguf"] - entry["loss_adapter"]) < 0.05
     modelfile = (Path(entry["out"]).parent / "Modelfile").read_text()
     assert "named SmolLM" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_a_signal_while_the_gguf_is_written_keeps_the_earlier_export_and_report(fp32_run, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """SIGTERM with the GGUF's header and metadata on disk and its tensors not yet: one line, exit 143, the earlier
+    export, its Modelfile and export_report.json byte for byte, no partial file left, the run unlocked."""
+    import gguf
+    from test_merge import sigterm_inside
+
+    out = tmp_path / "m-F32.gguf"
+    assert main(["export", str(fp32_run), "--quant", "f32", "--out", str(out)]) == 0
+    capsys.readouterr()
+    report = fp32_run / "export_report.json"
+    def files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in tmp_path.iterdir()} | {report.name: report.read_bytes()}
+
+    before, written = files(), []
+    assert set(before) == {out.name, "Modelfile", report.name}
+    real_tensors = gguf.GGUFWriter.write_tensors_to_file
+
+    def signal_before_the_tensors(self, *args, **kwargs):
+        for f in self.fout:
+            f.flush()
+        sigterm_inside(written, Path(self.fout[0].name))
+        return real_tensors(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", signal_before_the_tensors)
+    assert main(["export", str(fp32_run), "--quant", "f32", "--out", str(out)]) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("lora-ft: interrupted (SIGTERM) during lora-ft export; nothing was written; run the command again "
+                   "to start over")
+    assert files() == before and not (fp32_run / LOCK).exists()  # and no partial file beside the export
+    [(partial, size)] = written
+    assert partial.parent == tmp_path and ".partial" in partial.name and 0 < size < len(before[out.name])

@@ -519,6 +519,51 @@ def test_push_gguf_uploads_the_file_its_modelfile_and_a_card_that_runs_it(chat_r
     assert f"{run.name}-F16.gguf" in json.loads(capsys.readouterr().out)["files"]
 
 
+def test_a_signal_while_the_hub_folder_is_written_uploads_nothing_and_keeps_the_earlier_folder(
+        chat_run, tmp_path, token_env, monkeypatch, capsys):
+    """SIGTERM with half of adapter_model.safetensors written into the Hub folder being built: one line, exit 143,
+    no repository created and nothing uploaded, RUN_DIR/hub byte for byte the earlier build, no temporary folder
+    left, the run unlocked."""
+    import hashlib
+
+    from test_merge import sigterm_inside
+
+    from lora_ft.shipping import hub
+
+    run = copy_run(chat_run, tmp_path / "run")
+    assert main(["push", str(run), "--repo", "alice/tiny-chat", "--dry-run"]) == 0
+    capsys.readouterr()
+
+    def hashes() -> dict[str, str]:
+        return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(run.rglob("*")) if p.is_file()}
+
+    before, calls, written = hashes(), [], []
+    assert "hub/adapter_model.safetensors" in before
+    for name in ("create_repo", "upload_folder"):
+        monkeypatch.setattr(HfApi, name, lambda self, *a, _name=name, **k: calls.append(_name))
+    real_place = hub._place
+
+    def half_then_signal(src: Path, dst: Path) -> None:
+        if src.name != "adapter_model.safetensors":
+            return real_place(src, dst)
+        data = src.read_bytes()
+        with open(dst, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            sigterm_inside(written, dst)
+            f.write(data[len(data) // 2 :])
+
+    monkeypatch.setattr(hub, "_place", half_then_signal)
+    assert main(["push", str(run), "--repo", "alice/tiny-chat"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"lora-ft: interrupted (SIGTERM) during lora-ft push; nothing was uploaded (an upload commits all "
+                   f"its files or none) and {run}/hub is as it was; run the command again to start over")
+    assert calls == [] and hashes() == before  # no .hub.tmp, no .hub.old, no lock, the earlier folder intact
+    [(partial, size)] = written
+    assert partial == run / ".hub.tmp" / "adapter_model.safetensors" and size > 1000
+
+
 def test_the_card_shows_the_best_sample_answers_and_the_folder_carries_the_samples(answering_run, tmp_path,
                                                                                    no_network):
     run = tmp_path / "run"

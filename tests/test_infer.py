@@ -136,3 +136,39 @@ def test_wrong_task_or_missing_merge_exit_2(chat_run, cls_run, cls_data, tmp_pat
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_a_signal_while_predictions_are_written_keeps_the_earlier_file(cls_run, cls_data, tmp_path, monkeypatch,
+                                                                        capsys):
+    """SIGTERM with the first prediction row on disk in the file being written: one line, exit 143, the earlier
+    predictions file byte for byte, no temporary file left."""
+    from test_merge import sigterm_inside
+
+    from lora_ft.shipping import infer
+
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", str(cls_run), "--data", str(cls_data["test"]), "--out", str(out)]) == 0
+    capsys.readouterr()
+    before, written = out.read_bytes(), []
+    real_rows = infer._predict_rows
+
+    def signal_after_the_first_row(im, ds, need, batch_size, f):
+        class Inside:  # the open predictions file, SIGTERM once its first row is on disk
+            def write(self, text: str) -> int:
+                n = f.write(text)
+                f.flush()
+                if not written:
+                    sigterm_inside(written, Path(f.name))
+                return n
+
+        return real_rows(im, ds, need, batch_size, Inside())
+
+    monkeypatch.setattr(infer, "_predict_rows", signal_after_the_first_row)
+    assert main(["predict", str(cls_run), "--data", str(cls_data["test"]), "--out", str(out), "--batch-size",
+                 "4"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("lora-ft: interrupted (SIGTERM) during lora-ft predict; no predictions file was written (an "
+                   "earlier one is as it was); run the command again to start over")
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["pred.jsonl"]
+    [(partial, size)] = written
+    assert partial == tmp_path / ".pred.jsonl.tmp" and 0 < size < len(before)

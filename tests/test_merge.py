@@ -295,25 +295,40 @@ def test_nf4_adapter_card_loads_the_base_quantized_as_in_training(nf4_run, tmp_p
     assert kl(ref, logits_on(full_precision, tok, texts)).mean().item() > KL_LIMITS["fp32"]
 
 
-def test_a_signal_during_the_save_of_a_merge_leaves_everything_as_it_was(fp32_run, tmp_path, capsys, monkeypatch):
-    """SIGTERM landed inside the write of the merged weights (a hook in save_pretrained): one line, exit 143, no
-    half-written folder, the earlier merge and merge_report.json untouched, the run unlocked."""
+def sigterm_inside(written: list, path: Path) -> None:
+    """SIGTERM while ``path`` is provably being written: it must be on disk, partly written (the caller holds the
+    rest), and is noted in ``written``. lora_ft's handler runs as soon as ``os.kill`` returns, so the signal lands
+    inside the write. (The other writing commands' tests, in test_hub/test_infer/test_export, use this too.)"""
     import os
     import signal
 
-    from transformers import PreTrainedModel
+    assert path.is_file() and path.stat().st_size > 0, path
+    written.append((path, path.stat().st_size))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_during_the_save_of_a_merge_leaves_everything_as_it_was(fp32_run, tmp_path, capsys, monkeypatch):
+    """SIGTERM landed inside the write of the merged weights (half of model.safetensors on disk, in the merge's
+    temporary folder): one line, exit 143, no half-written folder, the earlier merge and merge_report.json
+    untouched, the run unlocked."""
+    from safetensors.torch import save
+    from transformers import modeling_utils
 
     out = tmp_path / "m"
     assert main(["merge", str(fp32_run), "--out", str(out), "--examples", "4"]) == 0
     capsys.readouterr()
     before = tree_hashes(out), (fp32_run / "merge_report.json").read_bytes()
-    real = PreTrainedModel.save_pretrained
+    written = []
 
-    def signalled(self, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, *args, **kwargs)
+    def half_then_signal(tensors, filename, metadata=None):  # transformers' safetensors writer, half at a time
+        data = save(tensors, metadata=metadata)
+        with open(filename, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            sigterm_inside(written, Path(filename))
+            f.write(data[len(data) // 2 :])
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", signalled)
+    monkeypatch.setattr(modeling_utils, "safe_save_file", half_then_signal)
     assert main(["merge", str(fp32_run), "--out", str(out), "--examples", "4", "--dtype", "bf16"]) == 143
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == ("lora-ft: interrupted (SIGTERM) during lora-ft merge; nothing of this merge was saved (an earlier "
@@ -321,3 +336,5 @@ def test_a_signal_during_the_save_of_a_merge_leaves_everything_as_it_was(fp32_ru
     assert (tree_hashes(out), (fp32_run / "merge_report.json").read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no .m.tmp, no .m.old
     assert not (fp32_run / ".lora_ft.lock").exists()
+    [(partial, size)] = written
+    assert partial == tmp_path / ".m.tmp" / "model.safetensors" and size > 1000

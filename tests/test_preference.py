@@ -1,6 +1,6 @@
-"""Preference tuning (objectives/preference.py): losses and LoRA gradients equal to TRL 1.16's trainers on the same
-tiny model and batch, the reference (the base with the adapter off, or the starting adapter), and whole runs:
-training, evaluation, resume, SFT → DPO, merge and push."""
+"""Preference tuning (objectives/preference.py): losses and LoRA gradients equal to TRL 1.16.0's trainers on the same
+tiny model and pairs (tokenized and collated by TRL itself), the reference (the base with the adapter off, or the
+starting adapter), and whole runs: training, evaluation, resume, SFT → DPO, merge and push."""
 
 import json
 import math
@@ -90,54 +90,87 @@ def our_loss(obj, model, batch) -> torch.Tensor:
     return (obj.loss(model, batch) / obj.items(batch).clamp(min=1)).sum()
 
 
-def answer_span(ids: list[int], labels: list[int]) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, answer ids, answer labels) of an encoded side, cut after the answer's last label."""
-    first = next(i for i, t in enumerate(labels) if t != IGNORE)
-    last = max(i for i, t in enumerate(labels) if t != IGNORE)
-    return ids[:first], ids[first:last + 1], labels[:last + 1]
+TRL_COMPARED = "1.16.0"
+"""The TRL release these comparisons were made against (README: "Equal to TRL 1.16")."""
 
 
-def trl_dpo_batch(encoded: list[dict], pad_id: int) -> dict:
-    """TRL's own collator (right padding, completion mask) on our token ids."""
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
+@pytest.fixture
+def trl_as_compared():
+    """Skips a TRL comparison, naming both versions, where another TRL is installed: its trainers may tokenize or
+    reduce differently, and the README's claim is about this one."""
+    import trl
 
+    if trl.__version__ != TRL_COMPARED:
+        pytest.skip(f"the losses and gradients were compared against TRL {TRL_COMPARED}, and TRL {trl.__version__} "
+                    f"is installed: compare against it, then update TRL_COMPARED and the README's 'Equal to TRL'")
+
+
+def as_conversation(row: dict) -> dict:
+    """A pair in TRL's conversational layout. lora_ft renders a string prompt as one user message and a string answer
+    as one assistant message with the chat template (data/preference.py); given strings, TRL would tokenize them
+    as plain text, without the template."""
+    def messages(value, role):
+        return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+    return {"prompt": messages(row["prompt"], "user"), "chosen": messages(row["chosen"], "assistant"),
+            "rejected": messages(row["rejected"], "assistant")}
+
+
+def trl_dataset() -> Dataset:
+    return Dataset.from_list([as_conversation(r) for r in ROWS])
+
+
+def end_at_turn_end(ids: list[int], start: int, tok, tail: list[int]) -> int:
+    """Where TRL's tokens of an answer (from ``start``) end if cut after the answer's turn-end token (the EOS).
+
+    lora_ft scores an answer up to and including its turn-end token, the token that stops generation. TRL scores
+    the rest of the rendered conversation too: ChatML's newline after ``<|im_end|>``, and the CPO/ORPO trainers
+    append one more EOS after that. ``tail`` is exactly what may follow; anything else fails here.
+    """
+    end = ids.index(tok.eos_token_id, start) + 1
+    assert ids[end:] == tail, (tok.decode(ids[:end]), tok.decode(ids[end:]))
+    return end
+
+
+def trl_dpo_batch(trainer) -> dict:
+    """The ROWS as TRL's DPOTrainer tokenized them (its own dataset processing, from the raw pairs) and its own
+    collator, each answer cut after its turn end (``end_at_turn_end``)."""
+    tok, tail = trainer.processing_class, trainer.processing_class("\n", add_special_tokens=False)["input_ids"]
     examples = []
-    for e in encoded:
-        prompt, chosen, _ = answer_span(e["input_ids"], e["labels"])
-        prompt2, rejected, _ = answer_span(e["rejected_input_ids"], e["rejected_labels"])
-        assert prompt == prompt2
-        examples.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
-    return DataCollatorForPreference(pad_token_id=pad_id)(examples)
+    for e in trainer.train_dataset:
+        cut = {k: e[k][:end_at_turn_end(e[k], 0, tok, tail)] for k in ("chosen_ids", "rejected_ids")}
+        examples.append({"prompt_ids": e["prompt_ids"], **cut})
+    assert len(examples) == len(ROWS)
+    return trainer.data_collator(examples)
 
 
-def trl_pair_batch(encoded: list[dict], pad_id: int) -> dict:
-    """The batch layout of TRL's CPO/ORPO trainers (``{chosen,rejected}_{input_ids,attention_mask,labels}``)."""
-    batch = {}
-    for side, ids_key, labels_key in (("chosen", "input_ids", "labels"),
-                                      ("rejected", "rejected_input_ids", "rejected_labels")):
-        seqs = []
-        for e in encoded:
-            prompt, answer, labels = answer_span(e[ids_key], e[labels_key])
-            seqs.append((prompt + answer, labels))
-        width = max(len(ids) for ids, _ in seqs)
-        batch[f"{side}_input_ids"] = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs])
-        batch[f"{side}_attention_mask"] = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs])
-        batch[f"{side}_labels"] = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in seqs])
-    return batch
+def trl_pair_batch(trainer) -> dict:
+    """The ROWS as TRL's CPO/ORPO trainer tokenized them (``tokenize_row``, from the raw pairs) and its own collator,
+    each side cut after its answer's turn end (``end_at_turn_end``)."""
+    tok = trainer.processing_class
+    tail = tok("\n", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    examples = []
+    for e in trainer.train_dataset:
+        for side in ("chosen", "rejected"):
+            ids = e[f"{side}_input_ids"]
+            end = end_at_turn_end(ids, len(e["prompt_input_ids"]), tok, tail)
+            e = {**e, **{f"{side}_{k}": e[f"{side}_{k}"][:end] for k in ("input_ids", "attention_mask", "labels")}}
+        examples.append(e)
+    assert len(examples) == len(ROWS)
+    return trainer.data_collator(examples)
 
 
 def trl_dpo_trainer(model_dir, tok, loss_type: str, beta: float, model=None):
-    """TRL's DPOTrainer on the tiny model: with a base model and a LoRA config (reference: the adapter disabled),
-    or with ``model`` a PeftModel holding a trained adapter (reference: TRL's frozen copy of it)."""
+    """TRL's DPOTrainer on the tiny model and the ROWS: with a base model and a LoRA config (reference: the adapter
+    disabled), or with ``model`` a PeftModel holding a trained adapter (reference: TRL's frozen copy of it)."""
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(output_dir=tempfile.mkdtemp(), beta=beta, loss_type=[loss_type], bf16=False, use_cpu=True,
                      gradient_checkpointing=False, report_to="none", max_length=None)
-    data = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])  # tokenized by TRL, never used
     if model is None:
-        return DPOTrainer(model=LlamaForCausalLM.from_pretrained(model_dir), args=args, train_dataset=data,
+        return DPOTrainer(model=LlamaForCausalLM.from_pretrained(model_dir), args=args, train_dataset=trl_dataset(),
                           processing_class=tok, peft_config=lora())
-    return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    return DPOTrainer(model=model, args=args, train_dataset=trl_dataset(), processing_class=tok)
 
 
 def trl_pair_trainer(kind: str, model, tok, **options):
@@ -147,8 +180,7 @@ def trl_pair_trainer(kind: str, model, tok, **options):
     config, trainer = (CPOConfig, CPOTrainer) if kind == "simpo" else (ORPOConfig, ORPOTrainer)
     args = config(output_dir=tempfile.mkdtemp(), bf16=False, use_cpu=True, gradient_checkpointing=False,
                   report_to="none", max_length=512, **({"loss_type": "simpo"} if kind == "simpo" else {}), **options)
-    return trainer(model=model, args=args, train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b",
-                                                                             "rejected": "c"}]), processing_class=tok)
+    return trainer(model=model, args=args, train_dataset=trl_dataset(), processing_class=tok)
 
 
 def assert_equal_to_trl(ours: float, our_grads: dict, theirs: float, their_grads: dict) -> None:
@@ -160,7 +192,8 @@ def assert_equal_to_trl(ours: float, our_grads: dict, theirs: float, their_grads
 
 # ------------------------------------------------------------------------------------- TRL equivalence
 @pytest.mark.parametrize("kind,loss_type,beta", [("dpo", "sigmoid", 0.3), ("ipo", "ipo", 0.3)])
-def test_dpo_and_ipo_loss_and_lora_gradients_equal_trl_dpo_trainer(tiny_llama, kind, loss_type, beta):
+def test_dpo_and_ipo_loss_and_lora_gradients_equal_trl_dpo_trainer(tiny_llama, trl_as_compared, kind, loss_type,
+                                                                   beta):
     obj = objective(tiny_llama, kind, beta=beta)
     encoded = [obj.encode(r, "preference") for r in ROWS]
     ours = policy(tiny_llama)
@@ -169,7 +202,7 @@ def test_dpo_and_ipo_loss_and_lora_gradients_equal_trl_dpo_trainer(tiny_llama, k
     trainer = trl_dpo_trainer(tiny_llama, obj.tokenizer, loss_type, beta)
     set_peft_model_state_dict(trainer.model, get_peft_model_state_dict(policy(tiny_llama)))
     trainer.model.train()
-    theirs = trainer.compute_loss(trainer.model, trl_dpo_batch(encoded, obj.tokenizer.pad_token_id))
+    theirs = trainer.compute_loss(trainer.model, trl_dpo_batch(trainer))
     theirs.backward()
     assert_equal_to_trl(loss.item(), grads(ours), theirs.item(), grads(trainer.model))
 
@@ -177,7 +210,8 @@ def test_dpo_and_ipo_loss_and_lora_gradients_equal_trl_dpo_trainer(tiny_llama, k
 @pytest.mark.parametrize("kind,options", [("simpo", {"beta": 2.0, "simpo_gamma": 0.7}),
                                           ("simpo", {"beta": 2.0, "simpo_gamma": 0.7, "cpo_alpha": 0.5}),
                                           ("orpo", {"beta": 0.25})])
-def test_simpo_and_orpo_loss_and_lora_gradients_equal_trl_cpo_and_orpo_trainers(tiny_llama, kind, options):
+def test_simpo_and_orpo_loss_and_lora_gradients_equal_trl_cpo_and_orpo_trainers(tiny_llama, trl_as_compared, kind,
+                                                                                 options):
     obj = objective(tiny_llama, kind, **options)
     encoded = [obj.encode(r, "preference") for r in ROWS]
     ours = policy(tiny_llama)
@@ -187,7 +221,7 @@ def test_simpo_and_orpo_loss_and_lora_gradients_equal_trl_cpo_and_orpo_trainers(
     trl_options = {**options, "cpo_alpha": options.get("cpo_alpha", 0.0)} if kind == "simpo" else options
     trainer = trl_pair_trainer(kind, policy(tiny_llama), obj.tokenizer, **trl_options)
     trainer.model.train()
-    theirs, _ = trainer.get_batch_loss_metrics(trainer.model, trl_pair_batch(encoded, obj.tokenizer.pad_token_id))
+    theirs, _ = trainer.get_batch_loss_metrics(trainer.model, trl_pair_batch(trainer))
     theirs.backward()
     assert_equal_to_trl(loss.item(), grads(ours), theirs.item(), grads(trainer.model))
 
@@ -251,7 +285,8 @@ def test_reference_is_the_base_model_with_the_adapter_switched_off(tiny_llama):
     assert model.training  # the reference pass runs in eval mode and gives the mode back
 
 
-def test_starting_from_a_trained_adapter_the_reference_is_that_adapter_as_trl_makes_it(tiny_llama, tmp_path):
+def test_starting_from_a_trained_adapter_the_reference_is_that_adapter_as_trl_makes_it(tiny_llama, tmp_path,
+                                                                                      trl_as_compared):
     """SFT → DPO: TRL keeps a frozen copy of the starting adapter as the reference; lora_ft computes that
     adapter's log-probs before training (precompute). After the policy moves, both give the same loss; the
     base model with the adapter off would not."""
@@ -273,8 +308,7 @@ def test_starting_from_a_trained_adapter_the_reference_is_that_adapter_as_trl_ma
     assert "ref" in trainer.model.peft_config  # TRL's frozen copy of the starting adapter
     set_peft_model_state_dict(trainer.model, moved)
     with torch.no_grad():
-        theirs = trainer.compute_loss(trainer.model, trl_dpo_batch([ds[i] for i in range(len(ROWS))],
-                                                                   obj.tokenizer.pad_token_id)).item()
+        theirs = trainer.compute_loss(trainer.model, trl_dpo_batch(trainer)).item()
     assert abs(ours - theirs) < TOL, (ours, theirs)
     obj.reference_is_start = False  # the base model with the adapter off instead
     with torch.no_grad():

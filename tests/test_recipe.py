@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lora_ft.errors import RecipeError
@@ -138,13 +138,23 @@ def test_random_recipes_either_load_or_raise_recipe_error(tmp_path, tree):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(max_size=60))
+@example(text="")  # the success branch, every run: kept nf4, replaced, the whole mapping replaced
+@example(text="  quant: int8\n")
+@example(text="model: {name: x}\n")
 def test_random_text_either_loads_or_raises_recipe_error(tmp_path, text):
+    """A recipe that loads is what its file says: the quantization the YAML gives (nf4, unless the text replaced
+    it or the whole model mapping, then the default), and a dump that reads back as the same recipe."""
+    import yaml
+
     p = tmp_path / "fuzz.yaml"
     p.write_text("model:\n  quant: nf4\n" + text, encoding="utf-8")
     try:
-        load_recipe(p)
+        recipe = load_recipe(p)
     except RecipeError:
-        pass
+        return
+    assert isinstance(recipe, Recipe)
+    assert recipe.model.quant == yaml.safe_load(p.read_text(encoding="utf-8"))["model"].get("quant", "none")
+    assert load_recipe(write(tmp_path, recipe.dump(), "again.yaml")) == recipe
 
 
 QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart" / "smollm2-qlora-chat.yaml"
