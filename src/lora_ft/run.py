@@ -19,9 +19,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .errors import RecipeError, RunError
+from .errors import RecipeError, RunError, first_line
 from .lock import RunLock
-from .modeling.loading import load_model, remote_code, resolve_source
+from .modeling.loading import check_folder, load_model, remote_code, resolve_source
 from .recipe import Recipe, load_recipe, looks_local
 from .recipe.defaults import sources_comment
 from .storage import write_folder, write_text
@@ -56,6 +56,65 @@ OUTPUTS = (CHECKPOINTS, ADAPTER, MERGED, HUB, START_ADAPTER, RUN_CONFIG, RUN_INF
            MERGE_REPORT, GGUF_DIR, EXPORT_REPORT)
 """What belongs to a run (``--overwrite`` replaces these; other files in the folder stay). ``OBJECTIVE_CACHE`` is
 not: it is keyed by the data and the starting model, and the new run has just written its own there."""
+
+
+RETRAIN = "restore it from a copy, or train the run again with --overwrite"
+FIXES = {
+    RUN_CONFIG: f"restore it (every checkpoint in {CHECKPOINTS}/ keeps a copy), or train the run again with "
+                "--overwrite",
+    RESULTS: "delete it (training's final evaluation; lora-ft eval measures the run again)",
+    MERGE_REPORT: "delete it (it only records earlier merges; the next merge writes a new one)",
+    EXPORT_REPORT: "delete it (it only records earlier exports; the next export writes a new one)",
+}
+"""What to do about a run file that does not read (a crash of an older version while writing it, a damaged
+copy): the one line of ``damaged`` ends with it; files not named here take ``RETRAIN``."""
+
+
+def damaged(path: Path, problem: str) -> RunError:
+    """The error for a run file that does not read: the file, what is wrong, and what to do about it."""
+    return RunError(f"{path} {problem}; {FIXES.get(path.name, RETRAIN)}")
+
+
+def cut_short(text: str) -> bool:
+    """Whether a file lora_ft writes whole (YAML, JSON lines: every one ends with a newline) lost its end: cut
+    YAML often still parses, its missing keys silently taking their defaults."""
+    return bool(text) and not text.endswith("\n")
+
+
+def read_run_config(path: Path) -> Recipe:
+    """A run's (or a checkpoint's) ``run_config.yaml``: cut short, malformed YAML, or keys this version does not
+    know, are a ``damaged`` run file, not a recipe to edit."""
+    if path.is_file() and cut_short(path.read_text(encoding="utf-8", errors="replace")):
+        raise damaged(path, "is cut short (its last line is unfinished)")
+    try:
+        return load_recipe(path)
+    except RecipeError as e:
+        raise damaged(path, "cannot be read back as this run's recipe (" + str(e).removeprefix(f"{path}: ") + ")") \
+            from None
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines log (``metrics.jsonl``); [] when there is none.
+
+    Rows are appended as training goes, so a kill can cut the last one short: an unfinished last line (no
+    newline after it) is skipped with a warning. Any other line that does not parse is a ``damaged`` file."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if n == len(lines) and not text.endswith("\n"):
+                log.warning("%s: ignoring its unfinished last line (a crash while it was written)", path)
+                continue
+            raise RunError(f"{path} line {n} is not valid JSON ({first_line(e)}); delete that line (the rows "
+                           "before and after it stay usable)") from None
+    return rows
 
 
 def labels_of(info: dict[str, Any]) -> dict[int, str] | None:
@@ -174,9 +233,19 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         if fresh:
             self.metrics.unlink(missing_ok=True)
+        else:
+            self._drop_unfinished_row()
         resolved = info.get("resolved")
         write_text(self.path / RUN_CONFIG, recipe.dump() + (sources_comment(resolved) if resolved else ""))
         self.write_json(RUN_INFO, info)
+
+    def _drop_unfinished_row(self) -> None:
+        """Before a resumed run appends: cut a last row a kill left unfinished, or the next row would be glued to
+        it (``read_rows`` skips only an unfinished *last* line)."""
+        if self.metrics.is_file():
+            data = self.metrics.read_bytes()
+            if data and not data.endswith(b"\n"):
+                write_text(self.metrics, data[:data.rfind(b"\n") + 1].decode("utf-8", errors="replace"))
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one row to ``metrics.jsonl``."""
@@ -200,13 +269,17 @@ class RunFolder:
         return self.path / name
 
     def read_json(self, name: str) -> Any:
+        """A JSON file of the run ({} when absent); one that does not parse is a ``damaged`` run file."""
         path = self.path / name
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise damaged(path, f"is not valid JSON ({first_line(e)})") from None
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_rows(self.metrics)
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Replace ``metrics.jsonl`` with ``rows`` (a resumed run drops the rows of an abandoned continuation)."""
@@ -267,7 +340,11 @@ def open_run(run_dir: str | Path, need_adapter: bool = True) -> Run:
         raise RunError(f"{folder.path} is not a lora_ft run (no {RUN_CONFIG}); give the output_dir of a run")
     if need_adapter and not (folder.adapter / "adapter_config.json").is_file():
         raise RunError(f"{folder.path} has no trained adapter ({ADAPTER}/adapter_config.json); finish training first")
-    return Run(folder, load_recipe(folder / RUN_CONFIG), folder.read_json(RUN_INFO))
+    if need_adapter:
+        check_folder(folder.adapter, "the run's adapter", RETRAIN, RunError)
+    if (folder / START_ADAPTER).is_dir():
+        check_folder(folder / START_ADAPTER, "the run's copy of lora.init_from", RETRAIN, RunError)
+    return Run(folder, read_run_config(folder / RUN_CONFIG), folder.read_json(RUN_INFO))
 
 
 # The adapter_config.json keys of the lora section's shape fields.
@@ -294,8 +371,9 @@ def adopt_start_adapter(recipe: Recipe) -> Recipe:
     if lora.init_from is None:
         return recipe
     folder = start_adapter_dir(lora.init_from)
+    check_folder(folder, "lora.init_from", "point lora.init_from at an intact adapter or run")
     if folder.parent / ADAPTER == folder and (folder.parent / RUN_CONFIG).is_file():
-        other = load_recipe(folder.parent / RUN_CONFIG).model
+        other = read_run_config(folder.parent / RUN_CONFIG).model
         if (other.name, other.task) != (recipe.model.name, recipe.model.task):
             raise RecipeError(f"lora.init_from {lora.init_from}: that run trained {other.name} ({other.task}), "
                               f"not model.name {recipe.model.name} ({recipe.model.task})")

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import SaveError
+from .errors import LoraFtError, SaveError
 from .interrupts import Interrupted
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,9 @@ def write_folder(folder: Path, write: Callable[[Path], None], retry: str, tmp: P
         tmp.mkdir(parents=True)
         write(tmp)
         _replace(tmp, folder)
+    except LoraFtError:  # a problem of what is written (a damaged run file it reads), not of the disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except Exception as e:  # safetensors raises a plain Exception subclass on a full disk
         raise _failed(folder, tmp, e, retry) from None
     except (Interrupted, KeyboardInterrupt):  # a signal: what a kill would leave, tidied up (see recover)
