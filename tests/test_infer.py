@@ -136,3 +136,16 @@ def test_wrong_task_or_missing_merge_exit_2(chat_run, cls_run, cls_data, tmp_pat
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_a_damaged_model_folder_given_instead_of_a_run_is_one_line(tiny_llama, tmp_path, capsys):
+    """A merged model copied elsewhere and cut short: `generate FOLDER` names the file, not safetensors' error."""
+    from test_errors import error_line
+
+    folder = shutil.copytree(tiny_llama, tmp_path / "merged")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:len(data) // 3])
+    assert main(["generate", str(folder), "--prompt", "hi"]) == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"lora-ft: error: model folder: {folder / 'model.safetensors'} is cut short or corrupt (header: incomplete "
+        "metadata, file not fully covered); download or save the model again")

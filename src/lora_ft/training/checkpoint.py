@@ -131,28 +131,36 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
 
 
+def _read_recipe(path: Path) -> None:
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if cut_short(text):
+            raise ValueError("cut short")
+        yaml.safe_load(text)
+
+
 def damage(path: Path) -> str | None:
-    """Why the checkpoint at ``path`` cannot be resumed from (the first line of the error), None when it can: the
-    state loads (``weights_only``: a pickle with code is refused), the adapter loads, the saved recipe parses."""
-    try:
-        torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
-        load_file(path / ADAPTER_FILE)
-        if (path / RUN_CONFIG).is_file():
-            text = (path / RUN_CONFIG).read_text(encoding="utf-8")
-            yaml.safe_load(text)
-            if cut_short(text):
-                return f"{RUN_CONFIG} is cut short"
-        return None
-    except Exception as e:  # noqa: BLE001 - missing file, truncated zip, bad safetensors header, pickled code,
-        return first_line(e, 160)  # malformed YAML: torch.load alone raises half a dozen types; all mean "unusable"
+    """Why the checkpoint at ``path`` cannot be resumed from (which file, and the first line of its error), None
+    when it can: the state loads (``weights_only``: a pickle with code is refused), the adapter loads, the saved
+    recipe is whole and parses."""
+    reads = {STATE_FILE: lambda p: torch.load(p, weights_only=True, map_location="cpu"), ADAPTER_FILE: load_file,
+             RUN_CONFIG: _read_recipe}
+    for name, read in reads.items():
+        try:
+            read(path / name)
+        except Exception as e:  # noqa: BLE001 - missing file, truncated zip, bad safetensors header, pickled code,
+            if "Weights only load failed" in str(e):  # malformed YAML: torch.load alone raises many types
+                return f"{name} holds more than tensors and plain values: loading it would run code"
+            return f"{name}: {first_line(e, 160)}"
+    return None
 
 
 def _damaged_latest(root: Path, broken: Path, why: str) -> RunError:
     """``--resume latest`` when the newest checkpoint is damaged: name it, and the newest intact one to use."""
     intact = next((p for p in reversed(list_checkpoints(root)) if p != broken and damage(p) is None), None)
     fix = (f"continue from the newest intact one with --resume {intact.name}, or delete {broken.name}" if intact else
-           f"no intact checkpoint is left: delete {broken.name} to start again from step 0 with --resume latest, or "
-           "train again with --overwrite")
+           f"no intact checkpoint is left: delete {root} to start again from step 0 with --resume latest, or train "
+           "again with --overwrite")
     return RunError(f"--resume latest: the newest checkpoint {broken} is damaged ({why}); {fix}")
 
 

@@ -85,8 +85,8 @@ def abandon_after(folder: RunFolder, checkpoint: Path | None) -> None:
     """Set aside what came after ``checkpoint`` (everything, for None: a run starting again from step 0): newer
     checkpoints, and the metrics rows of later steps (they would be logged twice)."""
     step = ckpt.step_of(checkpoint) if checkpoint is not None else None
+    rows = folder.read_metrics()  # first: a damaged log stops the resume before anything moves
     aside = ckpt.set_aside_after(folder.checkpoints, step)
-    rows = folder.read_metrics()
     later = [step is None or r.get("step", 0) > step or bool(r.get("final")) for r in rows]
     if any(later):
         aside = aside or ckpt.abandoned_folder(folder.checkpoints)
