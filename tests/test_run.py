@@ -199,3 +199,18 @@ def test_a_damaged_metrics_row_before_the_last_is_one_line_naming_the_line(tmp_p
         folder.read_metrics()
     assert str(caught.value) == (f"{folder.metrics} line 2 is not valid JSON (Unterminated string starting at: line 1 "
                                  "column 13 (char 12)); delete that line (the rows before and after it stay usable)")
+
+
+def test_a_damaged_start_adapter_is_refused_naming_the_file(trained, tmp_path, tiny_llama, chat_data):
+    """lora.init_from: an adapter whose weights were cut short is named before any model loads."""
+    from lora_ft.errors import RecipeError
+    from lora_ft.run import adopt_start_adapter
+
+    run = shutil.copytree(trained, tmp_path / "start")
+    _cut(run / "adapter" / "adapter_model.safetensors")
+    recipe = make_recipe(tiny_llama, chat_data, tmp_path / "next", lora={"init_from": str(run)})
+    with pytest.raises(RecipeError) as caught:
+        adopt_start_adapter(recipe)
+    assert str(caught.value) == (f"lora.init_from: {run / 'adapter' / 'adapter_model.safetensors'} is cut short or "
+                                 "corrupt (header: incomplete metadata, file not fully covered); point lora.init_from "
+                                 "at an intact adapter or run")
