@@ -181,7 +181,8 @@ def _without_lock(tree: dict) -> dict:
     return {k: v for k, v in tree.items() if not k.endswith(".lora_ft.lock")}
 
 
-@pytest.mark.parametrize("damage", ["adapter cut short", "state cut short", "recipe cut short"])
+@pytest.mark.parametrize("damage", ["adapter cut short", "state cut short", "recipe cut short",
+                                    "recipe cut on a line end"])
 def test_a_damaged_newest_checkpoint_is_named_under_resume_latest_and_an_older_one_continues(
         damage, finished, tiny_llama, chat_data, tmp_path, capsys):
     """`--resume latest` never passes over a damaged newest checkpoint in silence (its steps would be lost without
@@ -191,14 +192,21 @@ def test_a_damaged_newest_checkpoint_is_named_under_resume_latest_and_an_older_o
 
     out = shutil.copytree(finished, tmp_path / "run")
     newest = out / "checkpoints" / "step-00000004"
-    file = {"adapter cut short": ADAPTER_FILE, "state cut short": "trainer_state.pt",
-            "recipe cut short": "run_config.yaml"}[damage]
+    file = {"adapter cut short": ADAPTER_FILE, "state cut short": "trainer_state.pt"}.get(damage, "run_config.yaml")
     data = (newest / file).read_bytes()
-    (newest / file).write_bytes(data[:len(data) // 2])
+    # Half of each file; the recipe mid-value, or on a line end (its YAML parses: only the keys it lost tell).
+    cut = len(data) // 2
+    if damage == "recipe cut short":
+        cut = data.index(b"  max_length: 128\n") + len(b"  max_length: 12")
+    elif damage == "recipe cut on a line end":
+        cut = data.index(b"train:\n")
+    (newest / file).write_bytes(data[:cut])
     why = {"adapter cut short": f"{ADAPTER_FILE}: Error while deserializing header: incomplete metadata, file not "
                                 "fully covered",
            "state cut short": "trainer_state.pt: [Errno 22] Invalid argument",  # torch's own words
-           "recipe cut short": "run_config.yaml: cut short"}[damage]
+           "recipe cut short": "run_config.yaml: cut short (its last line is unfinished)",
+           "recipe cut on a line end": "run_config.yaml: cut short (it ends before output_dir, the last key a run "
+                                       "writes)"}[damage]
     before = _without_lock(_tree(out))
     recipe = _recipe(tmp_path / "r.yaml", tiny_llama, chat_data, out)
     assert main(["train", str(recipe), "--resume", "latest"]) == 2
@@ -208,7 +216,7 @@ def test_a_damaged_newest_checkpoint_is_named_under_resume_latest_and_an_older_o
     assert _without_lock(_tree(out)) == before
     assert main(["train", str(recipe), "--resume", "step-00000003"]) == 0
     aside = next(p for p in (out / "checkpoints").iterdir() if p.name.startswith("abandoned-"))
-    assert (aside / "step-00000004" / file).read_bytes() == data[:len(data) // 2]
+    assert (aside / "step-00000004" / file).read_bytes() == data[:cut]
 
 
 def test_resume_latest_with_every_checkpoint_damaged_says_so(finished, tiny_llama, chat_data, tmp_path, capsys):

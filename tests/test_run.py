@@ -133,9 +133,13 @@ RETRAIN = "restore it from a copy, or train the run again with --overwrite"
 RESTORE_CONFIG = "restore it (every checkpoint in checkpoints/ keeps a copy), or train the run again with --overwrite"
 # case → (file, damage, command after RUN, expected line after 'lora-ft: error: ' with RUN for the run folder)
 DAMAGED = {
-    # Cut YAML mostly still parses (its lost keys would take their defaults): the missing newline tells.
-    "run_config.yaml cut": ("run_config.yaml", "cut", ["generate", "--prompt", "hi"],
+    # Cut YAML mostly still parses (here to max_length 12, every later key taking its default): the missing
+    # newline tells.
+    "run_config.yaml cut": ("run_config.yaml", "cut mid-value", ["generate", "--prompt", "hi"],
                             "RUN/run_config.yaml is cut short (its last line is unfinished); " + RESTORE_CONFIG),
+    "run_config.yaml cut on a line end": ("run_config.yaml", "cut on a line end", ["generate", "--prompt", "hi"],
+                                          "RUN/run_config.yaml is cut short (it ends before output_dir, the last key "
+                                          "a run writes); " + RESTORE_CONFIG),
     "run_config.yaml malformed": ("run_config.yaml", "model: {name: [x\n", ["generate", "--prompt", "hi"],
                                   "RUN/run_config.yaml cannot be read back as this run's recipe (malformed YAML at "
                                   "line 2, column 1: expected ',' or ']', but got '<stream end>'); " + RESTORE_CONFIG),
@@ -169,7 +173,14 @@ def test_a_damaged_run_file_is_one_line_naming_it_and_what_to_do(name, trained, 
     path = run / file
     if file == "merge_report.json":
         path.write_text(json.dumps({"merged": {"saved": True, "out": str(tmp_path / "m"), "passed": True}}))
-    _cut(path) if damage == "cut" else path.write_text(damage)
+    if damage == "cut mid-value":
+        text = path.read_text()
+        path.write_text(text[:text.index("  max_length: 128\n") + len("  max_length: 12")])
+    elif damage == "cut on a line end":
+        text = path.read_text()
+        path.write_text(text[:text.index("train:\n")])
+    else:
+        _cut(path) if damage == "cut" else path.write_text(damage)
     text = path.read_text(encoding="utf-8", errors="replace")
     expected = expected.replace("RUN", str(run)).format(json=_json_error(text) if damage == "cut" else "")
     before = _digest(run)

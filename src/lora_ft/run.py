@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,16 +82,31 @@ def cut_short(text: str) -> bool:
     return bool(text) and not text.endswith("\n")
 
 
+def run_config_cut(text: str, parsed: bool = False) -> str | None:
+    """How a ``run_config.yaml`` lost its end, or None when it is whole: ``Recipe.dump`` writes every key, and
+    ``output_dir`` (the last field, in every version) last, so a cut on a line end shows by its absence.
+    ``parsed``: the text is known to parse, so a missing ``output_dir`` is a cut (not garbage)."""
+    if cut_short(text):
+        return "its last line is unfinished"
+    if parsed and not re.search(r"^output_dir:", text, re.MULTILINE):
+        return "it ends before output_dir, the last key a run writes"
+    return None
+
+
 def read_run_config(path: Path) -> Recipe:
     """A run's (or a checkpoint's) ``run_config.yaml``: cut short, malformed YAML, or keys this version does not
     know, are a ``damaged`` run file, not a recipe to edit."""
-    if path.is_file() and cut_short(path.read_text(encoding="utf-8", errors="replace")):
-        raise damaged(path, "is cut short (its last line is unfinished)")
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    if run_config_cut(text):
+        raise damaged(path, f"is cut short ({run_config_cut(text)})")
     try:
-        return load_recipe(path)
+        recipe = load_recipe(path)
     except RecipeError as e:
         raise damaged(path, "cannot be read back as this run's recipe (" + str(e).removeprefix(f"{path}: ") + ")") \
             from None
+    if run_config_cut(text, parsed=True):
+        raise damaged(path, f"is cut short ({run_config_cut(text, parsed=True)})")
+    return recipe
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

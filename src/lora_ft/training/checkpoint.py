@@ -24,7 +24,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..errors import RecipeError, RunError, UsageError, first_line
-from ..run import RUN_CONFIG, cut_short
+from ..run import RUN_CONFIG, run_config_cut
 from ..storage import recover, write_folder
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,11 @@ def list_checkpoints(root: Path) -> list[Path]:
 def _read_recipe(path: Path) -> None:
     if path.is_file():
         text = path.read_text(encoding="utf-8")
-        if cut_short(text):
-            raise ValueError("cut short")
-        yaml.safe_load(text)
+        if run_config_cut(text) is None:
+            yaml.safe_load(text)
+        cut = run_config_cut(text, parsed=True)
+        if cut is not None:
+            raise ValueError(f"cut short ({cut})")
 
 
 def damage(path: Path) -> str | None:
