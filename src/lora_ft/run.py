@@ -25,7 +25,7 @@ from .lock import RunLock
 from .modeling.loading import check_folder, load_model, remote_code, resolve_source
 from .recipe import Recipe, load_recipe, looks_local
 from .recipe.defaults import sources_comment
-from .storage import write_folder, write_text
+from .storage import cut_short, read_rows, write_folder, write_text
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,6 @@ def damaged(path: Path, problem: str) -> RunError:
     return RunError(f"{path} {problem}; {FIXES.get(path.name, RETRAIN)}")
 
 
-def cut_short(text: str) -> bool:
-    """Whether a file lora_ft writes whole (YAML, JSON lines: every one ends with a newline) lost its end: cut
-    YAML often still parses, its missing keys silently taking their defaults."""
-    return bool(text) and not text.endswith("\n")
-
-
 def run_config_cut(text: str, parsed: bool = False) -> str | None:
     """How a ``run_config.yaml`` lost its end, or None when it is whole: ``Recipe.dump`` writes every key, and
     ``output_dir`` (the last field, in every version) last, so a cut on a line end shows by its absence.
@@ -107,30 +101,6 @@ def read_run_config(path: Path) -> Recipe:
     if run_config_cut(text, parsed=True):
         raise damaged(path, f"is cut short ({run_config_cut(text, parsed=True)})")
     return recipe
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines log (``metrics.jsonl``); [] when there is none.
-
-    Rows are appended as training goes, so a kill can cut the last one short: an unfinished last line (no
-    newline after it) is skipped with a warning. Any other line that does not parse is a ``damaged`` file."""
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.splitlines()
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError as e:
-            if n == len(lines) and not text.endswith("\n"):
-                log.warning("%s: ignoring its unfinished last line (a crash while it was written)", path)
-                continue
-            raise RunError(f"{path} line {n} is not valid JSON ({first_line(e)}); delete that line (the rows "
-                           "before and after it stay usable)") from None
-    return rows
 
 
 def labels_of(info: dict[str, Any]) -> dict[int, str] | None:

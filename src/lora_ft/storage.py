@@ -1,4 +1,5 @@
-"""Kill-safe writes of whole folders (checkpoints, adapters, merged models).
+"""Kill-safe writes of whole folders (checkpoints, adapters, merged models), and reading back what an unsafe
+write (a kill while appending, an older version) may have cut short.
 
 Every write goes to a temporary folder first. Replacing a folder that already exists (the same step saved twice,
 the final adapter of a second run) renames the old one aside and deletes it only after the new one is in place,
@@ -9,13 +10,15 @@ or load puts back. A failed write (full disk, permissions) is one ``SaveError`` 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .errors import LoraFtError, SaveError
+from .errors import LoraFtError, RunError, SaveError, first_line
 from .interrupts import Interrupted
 
 log = logging.getLogger(__name__)
@@ -127,3 +130,33 @@ def write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def cut_short(text: str) -> bool:
+    """Whether a file lora_ft writes whole (YAML, JSON lines: every one ends with a newline) lost its end: cut
+    YAML often still parses, its missing keys silently taking their defaults."""
+    return bool(text) and not text.endswith("\n")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines log (``metrics.jsonl``); [] when there is none.
+
+    Rows are appended as training goes, so a kill can cut the last one short: an unfinished last line (no
+    newline after it) is skipped with a warning. Any other line that does not parse is a RunError naming it."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if n == len(lines) and not text.endswith("\n"):
+                log.warning("%s: ignoring its unfinished last line (a crash while it was written)", path)
+                continue
+            raise RunError(f"{path} line {n} is not valid JSON ({first_line(e)}); delete that line (the rows "
+                           "before and after it stay usable)") from None
+    return rows

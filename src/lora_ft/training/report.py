@@ -25,7 +25,7 @@ from ..memory.estimate import estimate
 from ..memory.launch import answer_tokens_of
 from ..memory.shape import model_shape, setting_for
 from ..recipe import Recipe
-from ..run import read_rows
+from ..storage import read_rows
 
 log = logging.getLogger(__name__)
 
