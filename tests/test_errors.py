@@ -395,8 +395,9 @@ def test_a_checkpoint_holding_pickled_code_is_refused(peft_model, tmp_path, capl
     torch.save({"step": 2, "payload": Evil()}, root / "step-00000002" / checkpoint.STATE_FILE)
     assert checkpoint.find_checkpoint(root) == root / "step-00000001"
     assert "skipping checkpoint" in caplog.text and "step-00000002" in caplog.text
-    with pytest.raises(UsageError, match="step-00000002 is not an intact checkpoint; intact checkpoints under .*: "
-                                          "step-00000001 "):
+    with pytest.raises(UsageError, match=r"step-00000002 is not an intact checkpoint \(trainer_state.pt holds more "
+                                          r"than tensors and plain values: loading it would run code\); intact "
+                                          "checkpoints under .*: step-00000001 "):
         checkpoint.find_checkpoint(root, "step-00000002")
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
         checkpoint.load_checkpoint(root / "step-00000002", peft_model)
@@ -445,6 +446,8 @@ def test_resume_from_a_named_checkpoint_continues_the_losses(tiny_llama, chat_da
 
 
 def test_corrupt_checkpoint_is_skipped_for_the_previous_one(tiny_llama, chat_data, tmp_path, caplog):
+    """Where nothing resumes from it (the message after a signal names the last checkpoint); ``--resume latest``
+    refuses it by name instead (test_resume.py)."""
     from conftest import make_recipe
 
     from lora_ft.training import checkpoint

@@ -159,3 +159,31 @@ def test_dpo_quickstart_raises_held_out_reward_accuracy_with_the_adapter_off_as_
     assert before["examples"] == after["examples"] == 32
     assert before["reward_accuracy"] == 0.5 and before["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert after["reward_accuracy"] >= 0.6 and after["reward_margin"] > 0.1 and after["loss"] < math.log(2) - 0.03
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])
+def test_a_gguf_file_cut_short_is_one_line_naming_it(keep, tiny_llama, chat_data, tmp_path, capsys, monkeypatch):
+    """An interrupted download of a .gguf model.name: one line naming the file (never numpy's reshape error or
+    struct.error from deep in the reader, nor the unsupported-architecture hint), exit 2, nothing converted."""
+    from test_errors import error_line
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_ft.cli import main
+    from lora_ft.shipping.gguf_file import write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(AutoModelForCausalLM.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama), path,
+               "f32", "tiny")
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    reason = examples.gguf_damage(path)
+    assert reason is not None
+    monkeypatch.setattr(examples, "_home", tmp_path / "home")  # the module's home comes back afterwards
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"model": {"name": str(path)}, "data": {"train": str(chat_data["train"])},
+                                  "train": {"max_steps": 1}, "output_dir": str(tmp_path / "run")}))
+    assert main(["train", str(recipe)]) == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"lora-ft: error: model.name: {path} is cut short or not a GGUF file ({reason}); download it again (an "
+        "interrupted download or copy leaves such files)")
+    assert not (tmp_path / "home" / "gguf").exists() or not any((tmp_path / "home" / "gguf").iterdir())

@@ -172,3 +172,16 @@ def test_a_signal_while_predictions_are_written_keeps_the_earlier_file(cls_run, 
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["pred.jsonl"]
     [(partial, size)] = written
     assert partial == tmp_path / ".pred.jsonl.tmp" and 0 < size < len(before)
+
+
+def test_a_damaged_model_folder_given_instead_of_a_run_is_one_line(tiny_llama, tmp_path, capsys):
+    """A merged model copied elsewhere and cut short: `generate FOLDER` names the file, not safetensors' error."""
+    from test_errors import error_line
+
+    folder = shutil.copytree(tiny_llama, tmp_path / "merged")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:len(data) // 3])
+    assert main(["generate", str(folder), "--prompt", "hi"]) == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"lora-ft: error: model folder: {folder / 'model.safetensors'} is cut short or corrupt (header: incomplete "
+        "metadata, file not fully covered); download or save the model again")

@@ -337,3 +337,105 @@ def test_trust_remote_code_is_applied_at_every_load_and_warned_about(remote_code
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         f"lora-ft: error: {out / 'merged'}: cannot open the model without running its own code (")
     assert ran() == before
+
+
+# ------------------------------------------------------------------ damaged model files: one line naming the file
+REFETCH = "download or save the model again (an interrupted download or copy leaves such files)"
+
+
+def _cut(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def _sharded_llama(tiny_llama: Path, dest: Path) -> Path:
+    """tiny_llama saved again in shards of 100 kB (a dozen files and model.safetensors.index.json)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(dest, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(dest)
+    return dest
+
+
+def _break(how: str, tiny_llama: Path, dest: Path) -> str:
+    """Damage a copy of tiny_llama at ``dest`` as ``how`` says; returns the message's middle (file + problem)."""
+    if how.startswith("shard"):
+        _sharded_llama(tiny_llama, dest)
+        index = json.loads((dest / "model.safetensors.index.json").read_text())
+        shard = sorted(set(index["weight_map"].values()))[1]
+        if how == "shard missing":
+            (dest / shard).unlink()
+            return f"{dest / shard} is missing (model.safetensors.index.json names it)"
+        _cut(dest / shard, 0.9)
+        return f"{dest / shard} is cut short or corrupt (header: incomplete metadata, file not fully covered)"
+    shutil.copytree(tiny_llama, dest)
+    if how == "safetensors cut short":
+        _cut(dest / "model.safetensors")
+        return f"{dest / 'model.safetensors'} is cut short or corrupt (header: incomplete metadata, file not fully " \
+               "covered)"
+    if how == "safetensors empty":
+        (dest / "model.safetensors").write_bytes(b"")
+        return f"{dest / 'model.safetensors'} is cut short or corrupt (header: header too small)"
+    name = {"tokenizer.json garbage": "tokenizer.json", "tokenizer_config.json cut short": "tokenizer_config.json",
+            "config.json cut short": "config.json"}[how]
+    if how == "tokenizer.json garbage":
+        (dest / name).write_text("\x00\x01 not a tokenizer")
+        return f"{dest / name} is not valid JSON (Expecting value: line 1 column 1 (char 0))"
+    (dest / name).write_text((dest / name).read_text()[:20])
+    try:  # the parser's own words are the message's
+        json.loads((dest / name).read_text())
+    except ValueError as e:
+        return f"{dest / name} is not valid JSON ({e})"
+    raise AssertionError("the cut file still parses")
+
+
+BROKEN = ["safetensors cut short", "safetensors empty", "shard missing", "shard cut short", "tokenizer.json garbage",
+          "tokenizer_config.json cut short", "config.json cut short"]
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_a_damaged_model_file_is_one_line_naming_it_and_the_fix(how, tiny_llama, chat_data, tmp_path, capsys):
+    """An interrupted download or copy of the base model: `train` ends with one line that names the damaged file
+    (never safetensors' or json's traceback), exits 2, and leaves the model folder as it was."""
+    from test_errors import _digest, error_line
+
+    from lora_ft.cli import main
+
+    folder = tmp_path / "model"
+    what = _break(how, tiny_llama, folder)
+    before = _digest(folder)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"model": {"name": str(folder)}, "data": {"train": str(chat_data["train"])},
+                                  "train": {"max_steps": 1}, "output_dir": str(tmp_path / "run")}))
+    assert main(["train", str(recipe)]) == 2
+    assert error_line(capsys.readouterr().err) == f"lora-ft: error: model.name: {what}; {REFETCH}"
+    assert _digest(folder) == before
+    assert not (tmp_path / "run" / "run_config.yaml").exists()
+
+
+def test_a_damaged_file_in_the_hub_cache_says_to_delete_the_repos_cache_folder(tiny_llama, tmp_path, monkeypatch):
+    """A Hub id is checked in its cached snapshot; deleting the one file would not do (its blob would be linked
+    again), so the message names the repo's cache folder."""
+    import lora_ft.modeling.loading
+
+    repo = tmp_path / "hub" / "models--someone--llama"
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(tiny_llama, snapshot)
+    (snapshot / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+
+    def fake_cached_file(name, filename, revision=None, local_files_only=False, **kwargs):
+        """transformers' cache lookup, serving 'someone/llama' from the snapshot above."""
+        assert name == "someone/llama"
+        return str(snapshot / filename) if (snapshot / filename).is_file() else None
+
+    monkeypatch.setattr(lora_ft.modeling.loading, "cached_file", fake_cached_file)
+    with pytest.raises(RecipeError) as caught:  # offline, transformers itself finds nothing: an OSError first
+        load_tokenizer("someone/llama", ModelConfig(name="someone/llama"))
+    assert str(caught.value) == (f"model.name: {snapshot / 'tokenizer.json'} is not valid JSON (Unterminated string "
+                                 f"starting at: line 1 column 20 (char 19)); delete {repo} to download the model again")
+
+
+def test_a_model_that_fails_to_load_for_another_reason_keeps_the_old_message(tmp_path):
+    """Every file reads: the failure is not a damaged file, and the message stays 'cannot load'."""
+    with pytest.raises(RecipeError, match="model.name: cannot load 'nobody/nothing' .*check the name, or the network"):
+        load_tokenizer("nobody/nothing", ModelConfig(name="nobody/nothing"))

@@ -175,3 +175,76 @@ def test_a_checkpoint_of_another_adapter_shape_is_not_loaded_loosely(tiny_llama,
     with pytest.raises(RecipeError, match=r"checkpoint .*step-00000001 does not fit this recipe's adapter: tensors "
                                           r"8 of another shape \(e.g. base_model.model.model.layers.0.self_attn"):
         checkpoint.load_checkpoint(tmp_path / "ckpts" / "step-00000001", model(2))
+
+
+def _without_lock(tree: dict) -> dict:
+    return {k: v for k, v in tree.items() if not k.endswith(".lora_ft.lock")}
+
+
+@pytest.mark.parametrize("damage", ["adapter cut short", "state cut short", "recipe cut short",
+                                    "recipe cut on a line end"])
+def test_a_damaged_newest_checkpoint_is_named_under_resume_latest_and_an_older_one_continues(
+        damage, finished, tiny_llama, chat_data, tmp_path, capsys):
+    """`--resume latest` never passes over a damaged newest checkpoint in silence (its steps would be lost without
+    a word): one line names it, why, and the newest intact one to resume by name; nothing on disk changes. Resuming
+    by name then sets the damaged one aside with the rest of the abandoned branch (kept, not deleted)."""
+    from test_errors import error_line
+
+    out = shutil.copytree(finished, tmp_path / "run")
+    newest = out / "checkpoints" / "step-00000004"
+    file = {"adapter cut short": ADAPTER_FILE, "state cut short": "trainer_state.pt"}.get(damage, "run_config.yaml")
+    data = (newest / file).read_bytes()
+    # Half of each file; the recipe mid-value, or on a line end (its YAML parses: only the keys it lost tell).
+    cut = len(data) // 2
+    if damage == "recipe cut short":
+        cut = data.index(b"  max_length: 128\n") + len(b"  max_length: 12")
+    elif damage == "recipe cut on a line end":
+        cut = data.index(b"train:\n")
+    (newest / file).write_bytes(data[:cut])
+    why = {"adapter cut short": f"{ADAPTER_FILE}: Error while deserializing header: incomplete metadata, file not "
+                                "fully covered",
+           "state cut short": "trainer_state.pt: [Errno 22] Invalid argument",  # torch's own words
+           "recipe cut short": "run_config.yaml: cut short (its last line is unfinished)",
+           "recipe cut on a line end": "run_config.yaml: cut short (it ends before output_dir, the last key a run "
+                                       "writes)"}[damage]
+    before = _without_lock(_tree(out))
+    recipe = _recipe(tmp_path / "r.yaml", tiny_llama, chat_data, out)
+    assert main(["train", str(recipe), "--resume", "latest"]) == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"lora-ft: error: --resume latest: the newest checkpoint {newest} is damaged ({why}); continue from the "
+        "newest intact one with --resume step-00000003, or delete step-00000004")
+    assert _without_lock(_tree(out)) == before
+    assert main(["train", str(recipe), "--resume", "step-00000003"]) == 0
+    aside = next(p for p in (out / "checkpoints").iterdir() if p.name.startswith("abandoned-"))
+    assert (aside / "step-00000004" / file).read_bytes() == data[:cut]
+
+
+def test_resume_latest_with_every_checkpoint_damaged_says_so(finished, tiny_llama, chat_data, tmp_path, capsys):
+    from test_errors import error_line
+
+    out = shutil.copytree(finished, tmp_path / "run")
+    for step in (out / "checkpoints").glob("step-*"):
+        (step / ADAPTER_FILE).write_bytes(b"")
+    recipe = _recipe(tmp_path / "r.yaml", tiny_llama, chat_data, out)
+    assert main(["train", str(recipe), "--resume", "latest"]) == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"lora-ft: error: --resume latest: the newest checkpoint {out / 'checkpoints' / 'step-00000004'} is damaged "
+        f"({ADAPTER_FILE}: Error while deserializing header: header too small); no intact checkpoint is left: "
+        f"delete {out / 'checkpoints'} to start again from step 0 with --resume latest, or train again with "
+        "--overwrite")
+
+
+def test_a_damaged_metrics_row_stops_a_resume_with_the_line_named(finished, tiny_llama, chat_data, tmp_path, capsys):
+    from test_errors import error_line
+
+    out = shutil.copytree(finished, tmp_path / "run")
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:10] + "\n"  # a row an older version's crash cut, with rows written after it
+    (out / "metrics.jsonl").write_text("".join(lines))
+    before = _without_lock(_tree(out))
+    recipe = _recipe(tmp_path / "r.yaml", tiny_llama, chat_data, out)
+    assert main(["train", str(recipe), "--resume", "step-00000002"]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert err.startswith(f"lora-ft: error: {out / 'metrics.jsonl'} line 2 is not valid JSON (") and \
+        err.endswith("); delete that line (the rows before and after it stay usable)"), err
+    assert _without_lock(_tree(out)) == before

@@ -16,7 +16,6 @@ from lora_ft.run import (
     labels_of,
     merged_folder,
     open_run,
-    read_jsonl,
 )
 
 
@@ -111,18 +110,126 @@ def test_merged_folder_is_the_default_or_the_latest_passing_merge_elsewhere(tmp_
     assert merged_folder(run) == folder.path / "merged"
 
 
-def test_a_half_appended_last_line_is_left_out_and_any_other_bad_line_is_named(tmp_path):
-    """metrics.jsonl is appended while a run trains: a reader may find its last row half-written (or a kill cut
-    it); that row is left out. A bad line elsewhere was damaged, and is one RunError naming file and line."""
-    folder = RunFolder(tmp_path)
-    folder.log({"step": 1, "loss": 2.0})
+# ------------------------------------------------------------------ damaged run files: one line naming the file
+@pytest.fixture(scope="module")
+def trained(tiny_llama, chat_data, tmp_path_factory):
+    """A finished 2-step run with a checkpoint at each step and its reports (copied by each test before it is
+    damaged)."""
+    from lora_ft.training.trainer import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    recipe = make_recipe(tiny_llama, chat_data, out, train={"max_steps": 2, "checkpoint_every": 1})
+    recipe.data.max_eval_examples = 8
+    train(recipe)
+    return out
+
+
+def _cut(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def _json_error(text: str) -> str:
+    try:
+        json.loads(text)
+    except ValueError as e:
+        return str(e)
+    raise AssertionError("still parses")
+
+
+RETRAIN = "restore it from a copy, or train the run again with --overwrite"
+RESTORE_CONFIG = "restore it (every checkpoint in checkpoints/ keeps a copy), or train the run again with --overwrite"
+# case → (file, damage, command after RUN, expected line after 'lora-ft: error: ' with RUN for the run folder)
+DAMAGED = {
+    # Cut YAML mostly still parses (here to max_length 12, every later key taking its default): the missing
+    # newline tells.
+    "run_config.yaml cut": ("run_config.yaml", "cut mid-value", ["generate", "--prompt", "hi"],
+                            "RUN/run_config.yaml is cut short (its last line is unfinished); " + RESTORE_CONFIG),
+    "run_config.yaml cut on a line end": ("run_config.yaml", "cut on a line end", ["generate", "--prompt", "hi"],
+                                          "RUN/run_config.yaml is cut short (it ends before output_dir, the last key "
+                                          "a run writes); " + RESTORE_CONFIG),
+    "run_config.yaml malformed": ("run_config.yaml", "model: {name: [x\n", ["generate", "--prompt", "hi"],
+                                  "RUN/run_config.yaml cannot be read back as this run's recipe (malformed YAML at "
+                                  "line 2, column 1: expected ',' or ']', but got '<stream end>'); " + RESTORE_CONFIG),
+    "run_info.json": ("run_info.json", "cut", ["generate", "--prompt", "hi"],
+                      "RUN/run_info.json is not valid JSON ({json}); " + RETRAIN),
+    "adapter weights cut": ("adapter/adapter_model.safetensors", "cut", ["generate", "--prompt", "hi"],
+                            "the run's adapter: RUN/adapter/adapter_model.safetensors is cut short or corrupt (header: "
+                            "incomplete metadata, file not fully covered); " + RETRAIN),
+    "adapter tokenizer garbage": ("adapter/tokenizer.json", "\x00 not json", ["generate", "--prompt", "hi"],
+                                  "the run's adapter: RUN/adapter/tokenizer.json is not valid JSON (Expecting value: "
+                                  "line 1 column 1 (char 0)); " + RETRAIN),
+    "merge_report.json": ("merge_report.json", "cut", ["generate", "--merged", "--prompt", "hi"],
+                          "RUN/merge_report.json is not valid JSON ({json}); delete it (it only records earlier "
+                          "merges; the next merge writes a new one)"),
+    "eval_results.json": ("eval_results.json", "cut", ["push", "--repo", "me/x", "--dry-run"],
+                          "RUN/eval_results.json is not valid JSON ({json}); delete it (training's final evaluation; "
+                          "lora-ft eval measures the run again)"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGED))
+def test_a_damaged_run_file_is_one_line_naming_it_and_what_to_do(name, trained, tmp_path, capsys):
+    """Half a file (a crash of an older version while writing it) or garbage: the command that reads it ends with
+    one line naming the file and what to do, exits 2, and changes nothing in the run folder."""
+    from test_errors import error_line
+
+    from lora_ft.cli import main
+
+    run = shutil.copytree(trained, tmp_path / "run")
+    file, damage, args, expected = DAMAGED[name]
+    path = run / file
+    if file == "merge_report.json":
+        path.write_text(json.dumps({"merged": {"saved": True, "out": str(tmp_path / "m"), "passed": True}}))
+    if damage == "cut mid-value":
+        text = path.read_text()
+        path.write_text(text[:text.index("  max_length: 128\n") + len("  max_length: 12")])
+    elif damage == "cut on a line end":
+        text = path.read_text()
+        path.write_text(text[:text.index("train:\n")])
+    else:
+        _cut(path) if damage == "cut" else path.write_text(damage)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    expected = expected.replace("RUN", str(run)).format(json=_json_error(text) if damage == "cut" else "")
+    before = _digest(run)
+    assert main([args[0], str(run), *args[1:]]) == 2
+    assert error_line(capsys.readouterr().err) == f"lora-ft: error: {expected}"
+    assert {k: v for k, v in _digest(run).items() if ".lora_ft.lock" not in k} == \
+        {k: v for k, v in before.items() if ".lora_ft.lock" not in k}
+
+
+def test_an_unfinished_last_metrics_row_is_skipped_and_cut_before_a_resumed_run_appends(tmp_path, tiny_llama,
+                                                                                        chat_data, caplog):
+    """A kill while a row was appended leaves half a line: reading skips it with a warning; a resumed run cuts it
+    first, so its next row is not glued to the fragment."""
+    recipe, folder = _fake_run(tmp_path, tiny_llama, chat_data)
+    folder.metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert folder.read_metrics() == [{"step": 1, "loss": 2.0}]
+    assert "metrics.jsonl: ignoring its unfinished last line" in caplog.text
+    folder.start(recipe, {}, fresh=False)
     folder.log({"step": 2, "loss": 1.5})
-    with folder.metrics.open("a") as f:
-        f.write('{"step": 3, "lo')
-    assert folder.read_metrics() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
-    folder.metrics.write_text('{"step": 1}\n{"step": 2}')  # a complete last row without its newline is kept
-    assert read_jsonl(folder.metrics) == [{"step": 1}, {"step": 2}]
-    folder.metrics.write_text('{"step": 1}\n{"step": \n{"step": 3}\n')
-    with pytest.raises(RunError, match=r"metrics.jsonl: line 2 is not JSON \(Expecting value\); repair or delete "):
+    assert folder.metrics.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+
+
+def test_a_damaged_metrics_row_before_the_last_is_one_line_naming_the_line(tmp_path, tiny_llama, chat_data):
+    _, folder = _fake_run(tmp_path, tiny_llama, chat_data)
+    folder.metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(RunError) as caught:
         folder.read_metrics()
-    assert read_jsonl(tmp_path / "missing.jsonl") == []
+    assert str(caught.value) == (f"{folder.metrics} line 2 is not valid JSON (Unterminated string starting at: line 1 "
+                                 "column 13 (char 12)); delete that line (the rows before and after it stay usable)")
+
+
+def test_a_damaged_start_adapter_is_refused_naming_the_file(trained, tmp_path, tiny_llama, chat_data):
+    """lora.init_from: an adapter whose weights were cut short is named before any model loads."""
+    from lora_ft.errors import RecipeError
+    from lora_ft.run import adopt_start_adapter
+
+    run = shutil.copytree(trained, tmp_path / "start")
+    _cut(run / "adapter" / "adapter_model.safetensors")
+    recipe = make_recipe(tiny_llama, chat_data, tmp_path / "next", lora={"init_from": str(run)})
+    with pytest.raises(RecipeError) as caught:
+        adopt_start_adapter(recipe)
+    assert str(caught.value) == (f"lora.init_from: {run / 'adapter' / 'adapter_model.safetensors'} is cut short or "
+                                 "corrupt (header: incomplete metadata, file not fully covered); point lora.init_from "
+                                 "at an intact adapter or run")

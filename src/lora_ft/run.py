@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .errors import RecipeError, RunError
+from .errors import RecipeError, RunError, first_line
 from .lock import RunLock
-from .modeling.loading import load_model, remote_code, resolve_source
+from .modeling.loading import check_folder, load_model, remote_code, resolve_source
 from .recipe import Recipe, load_recipe, looks_local
 from .recipe.defaults import sources_comment
-from .storage import write_folder, write_text
+from .storage import cut_short, read_rows, write_folder, write_text
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,50 @@ OUTPUTS = (CHECKPOINTS, ADAPTER, MERGED, HUB, START_ADAPTER, RUN_CONFIG, RUN_INF
            SAMPLES, SAMPLES_MD, MERGE_REPORT, GGUF_DIR, EXPORT_REPORT)
 """What belongs to a run (``--overwrite`` replaces these; other files in the folder stay). ``OBJECTIVE_CACHE`` is
 not: it is keyed by the data and the starting model, and the new run has just written its own there."""
+
+
+RETRAIN = "restore it from a copy, or train the run again with --overwrite"
+FIXES = {
+    RUN_CONFIG: f"restore it (every checkpoint in {CHECKPOINTS}/ keeps a copy), or train the run again with "
+                "--overwrite",
+    RESULTS: "delete it (training's final evaluation; lora-ft eval measures the run again)",
+    MERGE_REPORT: "delete it (it only records earlier merges; the next merge writes a new one)",
+    EXPORT_REPORT: "delete it (it only records earlier exports; the next export writes a new one)",
+}
+"""What to do about a run file that does not read (a crash of an older version while writing it, a damaged
+copy): the one line of ``damaged`` ends with it; files not named here take ``RETRAIN``."""
+
+
+def damaged(path: Path, problem: str) -> RunError:
+    """The error for a run file that does not read: the file, what is wrong, and what to do about it."""
+    return RunError(f"{path} {problem}; {FIXES.get(path.name, RETRAIN)}")
+
+
+def run_config_cut(text: str, parsed: bool = False) -> str | None:
+    """How a ``run_config.yaml`` lost its end, or None when it is whole: ``Recipe.dump`` writes every key, and
+    ``output_dir`` (the last field, in every version) last, so a cut on a line end shows by its absence.
+    ``parsed``: the text is known to parse, so a missing ``output_dir`` is a cut (not garbage)."""
+    if cut_short(text):
+        return "its last line is unfinished"
+    if parsed and not re.search(r"^output_dir:", text, re.MULTILINE):
+        return "it ends before output_dir, the last key a run writes"
+    return None
+
+
+def read_run_config(path: Path) -> Recipe:
+    """A run's (or a checkpoint's) ``run_config.yaml``: cut short, malformed YAML, or keys this version does not
+    know, are a ``damaged`` run file, not a recipe to edit."""
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    if run_config_cut(text):
+        raise damaged(path, f"is cut short ({run_config_cut(text)})")
+    try:
+        recipe = load_recipe(path)
+    except RecipeError as e:
+        raise damaged(path, "cannot be read back as this run's recipe (" + str(e).removeprefix(f"{path}: ") + ")") \
+            from None
+    if run_config_cut(text, parsed=True):
+        raise damaged(path, f"is cut short ({run_config_cut(text, parsed=True)})")
+    return recipe
 
 
 def labels_of(info: dict[str, Any]) -> dict[int, str] | None:
@@ -178,9 +223,19 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         if fresh:
             self.metrics.unlink(missing_ok=True)
+        else:
+            self._drop_unfinished_row()
         resolved = info.get("resolved")
         write_text(self.path / RUN_CONFIG, recipe.dump() + (sources_comment(resolved) if resolved else ""))
         self.write_json(RUN_INFO, info)
+
+    def _drop_unfinished_row(self) -> None:
+        """Before a resumed run appends: cut a last row a kill left unfinished, or the next row would be glued to
+        it (``read_rows`` skips only an unfinished *last* line)."""
+        if self.metrics.is_file():
+            data = self.metrics.read_bytes()
+            if data and not data.endswith(b"\n"):
+                write_text(self.metrics, data[:data.rfind(b"\n") + 1].decode("utf-8", errors="replace"))
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one row to ``metrics.jsonl``."""
@@ -202,7 +257,7 @@ class RunFolder:
 
     def read_samples(self) -> list[dict[str, Any]]:
         """The rows of ``samples.jsonl`` (none when the run did not generate)."""
-        return read_jsonl(self.path / SAMPLES)
+        return read_rows(self.path / SAMPLES)
 
     def record(self, name: str, key: str, entry: Any) -> Path:
         """Add (or replace) one entry of a JSON report (``merge_report.json``, ``export_report.json``)."""
@@ -212,37 +267,21 @@ class RunFolder:
         return self.path / name
 
     def read_json(self, name: str) -> Any:
+        """A JSON file of the run ({} when absent); one that does not parse is a ``damaged`` run file."""
         path = self.path / name
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise damaged(path, f"is not valid JSON ({first_line(e)})") from None
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.metrics)
+        return read_rows(self.metrics)
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Replace ``metrics.jsonl`` with ``rows`` (a resumed run drops the rows of an abandoned continuation)."""
         write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path) -> list[Any]:
-    """The rows of one of a run's JSON-lines files (none when it is missing). A last line without its newline that
-    is no JSON is being appended right now by the command writing the run (or was cut by a kill) and is left out;
-    any other line that is no JSON is one RunError naming the file and the line."""
-    if not path.is_file():
-        return []
-    *lines, last = path.read_text(encoding="utf-8").split("\n")  # last: "" when the file ends with its newline
-    rows = []
-    for n, line in enumerate([*lines, last], 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n == len(lines) + 1:
-                log.debug("%s: left out its last line, which is still being written", path)
-                continue
-            raise RunError(f"{path}: line {n} is not JSON ({e.msg}); repair or delete that "
-                           "line") from None
-    return rows
 
 
 @dataclass
@@ -299,7 +338,11 @@ def open_run(run_dir: str | Path, need_adapter: bool = True) -> Run:
         raise RunError(f"{folder.path} is not a lora_ft run (no {RUN_CONFIG}); give the output_dir of a run")
     if need_adapter and not (folder.adapter / "adapter_config.json").is_file():
         raise RunError(f"{folder.path} has no trained adapter ({ADAPTER}/adapter_config.json); finish training first")
-    return Run(folder, load_recipe(folder / RUN_CONFIG), folder.read_json(RUN_INFO))
+    if need_adapter:
+        check_folder(folder.adapter, "the run's adapter", RETRAIN, RunError)
+    if (folder / START_ADAPTER).is_dir():
+        check_folder(folder / START_ADAPTER, "the run's copy of lora.init_from", RETRAIN, RunError)
+    return Run(folder, read_run_config(folder / RUN_CONFIG), folder.read_json(RUN_INFO))
 
 
 # The adapter_config.json keys of the lora section's shape fields.
@@ -326,8 +369,9 @@ def adopt_start_adapter(recipe: Recipe) -> Recipe:
     if lora.init_from is None:
         return recipe
     folder = start_adapter_dir(lora.init_from)
+    check_folder(folder, "lora.init_from", "point lora.init_from at an intact adapter or run")
     if folder.parent / ADAPTER == folder and (folder.parent / RUN_CONFIG).is_file():
-        other = load_recipe(folder.parent / RUN_CONFIG).model
+        other = read_run_config(folder.parent / RUN_CONFIG).model
         if (other.name, other.task) != (recipe.model.name, recipe.model.task):
             raise RecipeError(f"lora.init_from {lora.init_from}: that run trained {other.name} ({other.task}), "
                               f"not model.name {recipe.model.name} ({recipe.model.task})")

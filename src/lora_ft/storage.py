@@ -1,4 +1,5 @@
-"""Kill-safe writes of whole folders (checkpoints, adapters, merged models).
+"""Kill-safe writes of whole folders (checkpoints, adapters, merged models), and reading back what an unsafe
+write (a kill while appending, an older version) may have cut short.
 
 Every write goes to a temporary folder first. Replacing a folder that already exists (the same step saved twice,
 the final adapter of a second run) renames the old one aside and deletes it only after the new one is in place,
@@ -9,13 +10,15 @@ or load puts back. A failed write (full disk, permissions) is one ``SaveError`` 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .errors import SaveError
+from .errors import LoraFtError, RunError, SaveError, first_line
 from .interrupts import Interrupted
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,9 @@ def write_folder(folder: Path, write: Callable[[Path], None], retry: str, tmp: P
         tmp.mkdir(parents=True)
         write(tmp)
         _replace(tmp, folder)
+    except LoraFtError:  # a problem of what is written (a damaged run file it reads), not of the disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except Exception as e:  # safetensors raises a plain Exception subclass on a full disk
         raise _failed(folder, tmp, e, retry) from None
     except (Interrupted, KeyboardInterrupt):  # a signal: what a kill would leave, tidied up (see recover)
@@ -129,3 +135,33 @@ def write_file(path: Path, write: Callable[[Path], None]) -> None:
 def write_text(path: Path, text: str) -> None:
     """Replace a small text file whole (see ``write_file``)."""
     write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def cut_short(text: str) -> bool:
+    """Whether a file lora_ft writes whole (YAML, JSON lines: every one ends with a newline) lost its end: cut
+    YAML often still parses, its missing keys silently taking their defaults."""
+    return bool(text) and not text.endswith("\n")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines log (``metrics.jsonl``); [] when there is none.
+
+    Rows are appended as training goes, so a kill can cut the last one short: an unfinished last line (no
+    newline after it) is skipped with a warning. Any other line that does not parse is a RunError naming it."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if n == len(lines) and not text.endswith("\n"):
+                log.warning("%s: ignoring its unfinished last line (a crash while it was written)", path)
+                continue
+            raise RunError(f"{path} line {n} is not valid JSON ({first_line(e)}); delete that line (the rows "
+                           "before and after it stay usable)") from None
+    return rows

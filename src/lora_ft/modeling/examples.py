@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,10 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     try:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:  # transformers raises ValueError/KeyError for architectures it cannot map
+        damage = gguf_damage(gguf)
+        if damage is not None:
+            raise RecipeError(f"model.name: {gguf} is cut short or not a GGUF file ({damage}); download it "
+                              "again (an interrupted download or copy leaves such files)") from None
         raise RecipeError(f"model.name: cannot import {gguf.name} ({first_line(e)}); "
                            "transformers supports GGUF for llama, mistral, qwen2, phi3, gemma and a few more") from None
     log.info("converting %s (%s) to safetensors in %s (once)", gguf.name, config.model_type, out)
@@ -123,6 +128,20 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         tokenizer.save_pretrained(stage)
         stage.rename(out)  # atomic: a crash never leaves a half-written model that looks complete
     return out
+
+
+def gguf_damage(path: Path) -> str | None:
+    """Why gguf's own reader cannot read ``path`` (a file cut short, not a GGUF file), or None when it reads.
+
+    The reader maps every tensor's bytes: a file cut short fails it with numpy's reshape or view errors, or
+    ``struct.error`` inside the metadata."""
+    import gguf as gguf_lib  # optional and heavy: only after transformers failed to read the file
+
+    try:
+        gguf_lib.GGUFReader(path)
+    except (ValueError, IndexError, struct.error, OSError) as e:
+        return first_line(e)
+    return None
 
 
 def gguf_cache_dir(gguf: Path) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -24,8 +24,8 @@ from transformers import (
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.utils import cached_file
 
-from ..errors import RecipeError, first_line
-from ..recipe import ModelConfig
+from ..errors import LoraFtError, RecipeError, first_line
+from ..recipe import ModelConfig, looks_local
 from .examples import convert_gguf, example_path, gguf_cache_dir
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,79 @@ def resolve_source(name: str) -> str:
     return name  # a Hub id: from_pretrained downloads (or reads the local HF cache)
 
 
-def _cannot_load(source: str, err: Exception) -> RecipeError:
-    return RecipeError(f"model.name: cannot load '{source}' ({first_line(err)}); check the name, or the network and "
-                       "HF_HUB_OFFLINE for Hub ids")
+def _cannot_load(source: str, err: Exception, revision: str | None = None) -> RecipeError:
+    return _broken_source(source, revision) or RecipeError(
+        f"model.name: cannot load '{source}' ({first_line(err)}); check the name, or the network and HF_HUB_OFFLINE "
+        "for Hub ids")
+
+
+READ_ERRORS = (OSError, ValueError, KeyError, SafetensorError)
+"""What transformers and safetensors raise on a model folder's damaged file: a missing shard (OSError), JSON that
+does not parse (``json.JSONDecodeError``, a ValueError; transformers rewraps config.json's as OSError), an index
+without its ``weight_map`` (KeyError), a safetensors file cut short (``SafetensorError``)."""
+
+
+def damaged_file(folder: str | Path) -> tuple[Path, str] | None:
+    """The first file of a model or adapter folder that cannot be read, and what is wrong with it; None if none.
+
+    Checks what another program wrote and an interrupted download or copy breaks: every ``*.json`` parses (config,
+    tokenizer, index), every shard an index names exists, every ``*.safetensors`` header is whole and its tensors
+    cover the file exactly (safetensors' own check: a file cut short fails it). Reads headers only, never weights.
+
+    Args:
+        folder: the folder to check (a local model, a Hub cache snapshot, an adapter, a merged model).
+    """
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.json")):
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            return path, f"is not valid JSON ({first_line(e)})"
+        if path.name.endswith(".index.json"):
+            shards = value.get("weight_map") if isinstance(value, dict) else None
+            if not isinstance(shards, dict):
+                return path, "has no weight_map"
+            missing = sorted(s for s in set(shards.values()) if not (folder / s).is_file())
+            if missing:
+                return folder / missing[0], f"is missing ({path.name} names it)"
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except SafetensorError as e:
+            return path, f"is cut short or corrupt ({first_line(e).removeprefix('Error while deserializing ')})"
+        except OSError as e:  # a symlink into the Hub cache whose blob is gone
+            return path, f"cannot be read ({e.strerror or first_line(e)})"
+    return None
+
+
+def check_folder(folder: str | Path, field: str, fix: str, error: type[LoraFtError] = RecipeError) -> None:
+    """Raise ``error`` with one line naming the damaged file of ``folder`` (``damaged_file``), ``field`` (what
+    names the folder: ``model.name``, a run's adapter) and ``fix``; nothing when every file reads."""
+    found = damaged_file(folder)
+    if found is not None:
+        raise error(f"{field}: {found[0]} {found[1]}; {fix}")
+
+
+def _refetch(path: Path) -> str:
+    """How to get a damaged model file again: from the Hub, the repo's cache folder goes; else the folder's source."""
+    repo = next((p for p in Path(path).parents if p.name.startswith("models--")), None)
+    if repo is not None:  # deleting one snapshot file is not enough: its blob would be linked again
+        return f"delete {repo} to download the model again"
+    return "download or save the model again (an interrupted download or copy leaves such files)"
+
+
+def _broken_source(source: str, revision: str | None = None) -> RecipeError | None:
+    """After a load of ``source`` failed: the one-line error naming its damaged file, or None when every file
+    reads (the failure was something else). A Hub id is checked in its local cache, never downloaded."""
+    folder: Path | None = Path(source) if Path(source).is_dir() else None
+    if folder is None and not looks_local(source):
+        config = _weights_file(source, "config.json", revision, False)
+        folder = Path(config).parent if config else None
+    found = damaged_file(folder) if folder is not None else None
+    if found is None:
+        return None
+    return RecipeError(f"model.name: {found[0]} {found[1]}; {_refetch(found[0])}")
 
 
 @functools.cache
@@ -140,8 +210,8 @@ def check_max_length(config, max_length: int, source: str) -> None:
 def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, **remote_code(cfg.trust_remote_code, source))
-    except OSError as e:  # transformers reports missing repos/files (and offline mode) as OSError
-        raise _cannot_load(source, e) from None
+    except READ_ERRORS as e:  # transformers reports missing repos/files (and offline mode) as OSError
+        raise _cannot_load(source, e, cfg.revision) from None
     if tok.pad_token is None:
         # Reusing an existing token avoids resizing (and, when quantized, re-quantizing) the embeddings.
         # pad == eos is safe here because labels are built from our own masks, never from pad ids, so the
@@ -164,8 +234,8 @@ def load_config(source: str, cfg: ModelConfig):
     """The model's ``config.json`` (and nothing else) as transformers reads it."""
     try:
         return AutoConfig.from_pretrained(source, revision=cfg.revision, **remote_code(cfg.trust_remote_code, source))
-    except (OSError, ValueError) as e:  # transformers reports missing repos/files (and offline mode) as OSError
-        raise _cannot_load(source, e) from None
+    except READ_ERRORS as e:  # transformers reports missing repos/files (and offline mode) as OSError
+        raise _cannot_load(source, e, cfg.revision) from None
 
 
 def _weights_file(source: str, filename: str, revision: str | None, fetch: bool) -> str | None:
@@ -187,12 +257,15 @@ def _checkpoint_keys(source: str, revision: str | None = None, fetch: bool = Fal
     so predicting memory from the config (plan) never downloads weights.
     """
     index = _weights_file(source, "model.safetensors.index.json", revision, True)
-    if index:
-        return set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"])
-    single = _weights_file(source, "model.safetensors", revision, fetch)
-    if single:
-        with safe_open(single, "pt") as f:
-            return set(f.keys())
+    single = None if index else _weights_file(source, "model.safetensors", revision, fetch)
+    try:
+        if index:
+            return set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"])
+        if single:
+            with safe_open(single, "pt") as f:
+                return set(f.keys())
+    except READ_ERRORS as e:
+        raise _broken_source(str(Path(index or single).parent)) or e from None
     return None
 
 
@@ -298,6 +371,9 @@ def load_model(
     except Exception as e:
         if quant is not None and _from_bitsandbytes(e):
             raise _bnb_unsupported(cfg.quant, e) from None
+        broken = _broken_source(source, cfg.revision) if isinstance(e, READ_ERRORS) else None
+        if broken is not None:
+            raise broken from None
         raise
     if quant is None:
         model.to(device)

@@ -3,7 +3,6 @@ that loads exactly what was uploaded (built from the run folder; ``hub.py`` writ
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -110,7 +109,7 @@ def eval_results(run: Run) -> list[EvalResult] | None:
     path = run.dir / RESULTS
     if not path.is_file():
         return None
-    _, after, forgetting = split_results(json.loads(path.read_text()))
+    _, after, forgetting = split_results(run.folder.read_json(RESULTS))
     task = PIPELINE_TAGS[run.recipe.model.task]
     splits = {split: (_dataset_id(run, split), metrics) for split, metrics in after.items()}
     if forgetting.get("after"):
@@ -240,7 +239,7 @@ def _measurements(run: Run, merge_entry: dict[str, Any] | None) -> list[str]:
     if results.is_file():
         lines += ["## Results", "",
                   f"Measured by lora_ft on the run's held-out splits; *before* is {start}.", "",
-                  results_table(json.loads(results.read_text())), ""]
+                  results_table(run.folder.read_json(RESULTS)), ""]
     if merge_entry:
         e = merge_entry
         lines += ["## Merge fidelity", "",

@@ -8,7 +8,7 @@ one figure; printed as text and written as Markdown.
 It only reads. Runs are opened through ``run.py``, and no run lock is taken, not even for a moment: a reader must
 never make a training that starts at the same time refuse. A run that another command is writing now is named in a
 warning and compared as it is at that moment: its JSON reports are replaced whole (``storage.write_text``), and the
-last line of its JSON-lines files, perhaps half-appended, is left out (``run.read_jsonl``).
+last line of its JSON-lines files, perhaps half-appended, is left out (``storage.read_rows``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 from ..errors import RunError, UsageError
 from ..lock import live_holder
 from ..recipe.compare import changes, describe_changes, flatten
-from ..run import LOCK, OUTPUTS, RESULTS, RUN_CONFIG, SAMPLES, SAMPLES_MD, Run, open_run, read_jsonl
-from ..storage import write_file, write_text
+from ..run import LOCK, OUTPUTS, RESULTS, RUN_CONFIG, SAMPLES, SAMPLES_MD, Run, open_run
+from ..storage import read_rows, write_file, write_text
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def _read_samples(run: Run) -> list[dict[str, str]] | None:
     if not path.is_file():
         return None
     rows = []
-    for n, row in enumerate(read_jsonl(path), 1):
+    for n, row in enumerate(read_rows(path), 1):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise RunError(f"{path}: row {n} has no 'prompt' text; each row is {{\"prompt\", \"reference\", "
                            "\"before\", \"after\"}: repair or delete the file")

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..errors import FidelityError, RunError, UsageError
+from ..modeling.loading import load_config
 from ..objectives import objective_for
 from ..run import EXPORT_REPORT, GGUF_DIR, Run, default_device, load_adapter_model, load_run_tokenizer, open_run
 from .gguf_file import QUANT_TYPES, add_bos_eos, check_exportable, write_gguf
@@ -78,7 +79,7 @@ def _checked(run: Run, quant: str, examples: int) -> None:
         raise UsageError(f"--examples {examples}: compare on at least 1 example")
     if not run.causal:
         raise UsageError(f"GGUF export is for causal LM runs; {run.dir} is a {run.recipe.model.task} run")
-    config = AutoConfig.from_pretrained(run.source(), trust_remote_code=run.recipe.model.trust_remote_code)
+    config = load_config(run.source(), run.recipe.model)  # a damaged base config is one line, as in training
     check_exportable(config, load_run_tokenizer(run))
 
 

@@ -27,7 +27,7 @@ from transformers import (
 from ..data.cells import Where, check_columns
 from ..data.reading import read_split
 from ..errors import RunError, UsageError, first_line
-from ..modeling.loading import remote_code
+from ..modeling.loading import check_folder, remote_code
 from ..run import RUN_CONFIG, default_device, load_adapter_model, load_run_tokenizer, merged_folder, open_run
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,11 @@ def load_for_inference(path: str | Path, merged: bool = False, device: torch.dev
         if not merged:
             tok = load_run_tokenizer(run)
             return InferenceModel(load_adapter_model(run, device, tok), tok, run.causal, **cols)
-        return _load_plain(written_merge(run), device, cols, run.recipe.model.trust_remote_code)
+        folder = written_merge(run)
+        check_folder(folder, "the run's merged model", f"merge again (lora-ft merge {path})", RunError)
+        return _load_plain(folder, device, cols, run.recipe.model.trust_remote_code)
     if (path / "config.json").is_file():
+        check_folder(path, "model folder", "download or save the model again", RunError)
         return _load_plain(path, device, {})
     raise RunError(f"{path} is neither a lora_ft run (no {RUN_CONFIG}) nor a model folder (no config.json)")
 

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from ..errors import RecipeError, UsageError
-from ..run import RUN_CONFIG
+from ..errors import RecipeError, RunError, UsageError, first_line
+from ..run import RUN_CONFIG, run_config_cut
 from ..storage import recover, write_folder
 
 log = logging.getLogger(__name__)
@@ -130,35 +131,69 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
 
 
-def _readable(path: Path) -> bool:
-    """Load the state (``weights_only``: a pickle with code is refused) and the adapter; log why not."""
-    try:
-        torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
-        load_file(path / ADAPTER_FILE)
-        return True
-    except Exception as e:  # missing file, truncated zip, bad safetensors header, pickled code: all "unusable"
-        log.warning("skipping checkpoint %s: unreadable (%s)", path, (str(e).strip().splitlines() or [""])[0][:160])
-        return False
+def _read_recipe(path: Path) -> None:
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if run_config_cut(text) is None:
+            yaml.safe_load(text)
+        cut = run_config_cut(text, parsed=True)
+        if cut is not None:
+            raise ValueError(f"cut short ({cut})")
 
 
-def find_checkpoint(root: Path, which: str = "latest") -> Path | None:
-    """The newest intact checkpoint under ``root``, or None; partial or corrupt ones are skipped with a message.
+def damage(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (which file, and the first line of its error), None
+    when it can: the state loads (``weights_only``: a pickle with code is refused), the adapter loads, the saved
+    recipe is whole and parses."""
+    reads = {STATE_FILE: lambda p: torch.load(p, weights_only=True, map_location="cpu"), ADAPTER_FILE: load_file,
+             RUN_CONFIG: _read_recipe}
+    for name, read in reads.items():
+        try:
+            read(path / name)
+        except Exception as e:  # noqa: BLE001 - missing file, truncated zip, bad safetensors header, pickled code,
+            if "Weights only load failed" in str(e):  # malformed YAML: torch.load alone raises many types
+                return f"{name} holds more than tensors and plain values: loading it would run code"
+            return f"{name}: {first_line(e, 160)}"
+    return None
+
+
+def _damaged_latest(root: Path, broken: Path, why: str) -> RunError:
+    """``--resume latest`` when the newest checkpoint is damaged: name it, and the newest intact one to use."""
+    intact = next((p for p in reversed(list_checkpoints(root)) if p != broken and damage(p) is None), None)
+    fix = (f"continue from the newest intact one with --resume {intact.name}, or delete {broken.name}" if intact else
+           f"no intact checkpoint is left: delete {root} to start again from step 0 with --resume latest, or train "
+           "again with --overwrite")
+    return RunError(f"--resume latest: the newest checkpoint {broken} is damaged ({why}); {fix}")
+
+
+def find_checkpoint(root: Path, which: str = "latest", strict: bool = False) -> Path | None:
+    """The newest intact checkpoint under ``root``, or None.
 
     ``which`` other than ``latest`` names one checkpoint: a path, or a bare name such as ``step-00000003``
-    looked up under ``root``. A named one that is missing or unreadable raises UsageError listing the
-    intact checkpoints there.
+    looked up under ``root``. A named one that is missing or damaged raises UsageError listing the intact
+    checkpoints there. ``strict`` (``--resume latest``): a damaged newest checkpoint is a RunError naming it and
+    what to do, never silently passed over for an older one (that would discard its steps without a word);
+    otherwise (the message after a signal) damaged ones are skipped with a warning.
     """
     root = Path(root)
     recover_checkpoints(root)
     if which == "latest":
-        return next((p for p in reversed(list_checkpoints(root)) if _readable(p)), None)
+        for path in reversed(list_checkpoints(root)):
+            why = damage(path)
+            if why is None:
+                return path
+            if strict:
+                raise _damaged_latest(root, path, why)
+            log.warning("skipping checkpoint %s: damaged (%s)", path, why)
+        return None
     path = Path(which).expanduser()
     if not path.exists() and not path.is_absolute():
         path = root / which  # `--resume step-00000003`: the run's own checkpoints, not the cwd
-    if path.is_dir() and _readable(path):
+    why = damage(path) if path.is_dir() else "not a folder"
+    if why is None:
         return path
-    state = "is not an intact checkpoint" if path.exists() else "does not exist"
-    available = [p.name for p in list_checkpoints(root) if _readable(p)]
+    state = f"is not an intact checkpoint ({why})" if path.exists() else "does not exist"
+    available = [p.name for p in list_checkpoints(root) if damage(p) is None]
     raise UsageError(f"--resume {which}: {path} {state}; intact checkpoints under {root}: "
                       f"{', '.join(available) or 'none'} (give one of them, or --resume latest)")
 

@@ -25,6 +25,7 @@ from ..memory.estimate import estimate
 from ..memory.launch import answer_tokens_of
 from ..memory.shape import model_shape, setting_for
 from ..recipe import Recipe
+from ..storage import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,7 @@ def tracker_config(tree: dict[str, Any], prefix: str = "") -> dict[str, int | fl
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_rows(path)
 
 
 def plot_curves(metrics_file: Path, png: Path) -> None:

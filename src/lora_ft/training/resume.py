@@ -23,8 +23,8 @@ from pathlib import Path
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import RecipeError, RunError
-from ..recipe import Recipe, changes, describe_changes, load_recipe
-from ..run import ADAPTER, RUN_CONFIG, RunFolder
+from ..recipe import Recipe, changes, describe_changes
+from ..run import ADAPTER, RUN_CONFIG, RunFolder, read_run_config
 from . import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def start_point(folder: RunFolder, resume: str | None) -> Path | None:
     """
     if resume is None:
         return None
-    found = ckpt.find_checkpoint(folder.checkpoints, resume)
+    found = ckpt.find_checkpoint(folder.checkpoints, resume, strict=True)
     if found is not None:
         return found
     if not folder.holds_run():
@@ -69,7 +69,7 @@ def check_recipe_fits(checkpoint: Path, folder: RunFolder, recipe: Recipe) -> No
     saved_at = checkpoint / RUN_CONFIG if (checkpoint / RUN_CONFIG).is_file() else folder / RUN_CONFIG
     if not saved_at.is_file():
         return
-    diff = changes(load_recipe(saved_at), recipe)
+    diff = changes(read_run_config(saved_at), recipe)
     fixed = [k for k in diff if _matches(k, FIXED)]
     if fixed:
         raise RecipeError(f"--resume {checkpoint.name}: the recipe changed what the checkpoint was trained with: "
@@ -85,8 +85,8 @@ def abandon_after(folder: RunFolder, checkpoint: Path | None) -> None:
     """Set aside what came after ``checkpoint`` (everything, for None: a run starting again from step 0): newer
     checkpoints, and the metrics rows of later steps (they would be logged twice)."""
     step = ckpt.step_of(checkpoint) if checkpoint is not None else None
+    rows = folder.read_metrics()  # first: a damaged log stops the resume before anything moves
     aside = ckpt.set_aside_after(folder.checkpoints, step)
-    rows = folder.read_metrics()
     later = [step is None or r.get("step", 0) > step or bool(r.get("final")) for r in rows]
     if any(later):
         aside = aside or ckpt.abandoned_folder(folder.checkpoints)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import logging
 import random
 import re
@@ -24,7 +23,7 @@ from typing import Any
 from ..errors import RunError, TrainingInterrupted, UsageError, first_line
 from ..lock import RunLock
 from ..recipe import Recipe, changes, describe_changes, load_recipe, parse_overrides
-from ..run import LOCK, RESULTS, RUN_CONFIG, RunFolder
+from ..run import LOCK, RESULTS, RUN_CONFIG, RunFolder, read_run_config
 from ..storage import write_text
 from .signals import Interrupted, Signals
 from .trainer import train
@@ -65,7 +64,7 @@ def _plan(recipe: Recipe, overwrite: bool) -> tuple[str, str | None]:
     folder = RunFolder(recipe.output_dir)
     if not folder.holds_run():
         return "train", None
-    diff = changes(load_recipe(folder / RUN_CONFIG), recipe)
+    diff = changes(read_run_config(folder / RUN_CONFIG), recipe)
     changed = [k for k in diff if not _resolved_at_launch(k, recipe)]
     if changed:
         return ("overwrite", None) if overwrite else ("refuse", describe_changes(diff, changed))
@@ -143,7 +142,7 @@ def _trial(recipe: Recipe, what: str, group: str) -> dict[str, Any]:
     """One trial; ``group``: the trackers' experiment every trial of the sweep is a run of."""
     if what == "reuse":
         log.info("trial %s is finished with this recipe: its results are reused", recipe.output_dir)
-        return json.loads((Path(recipe.output_dir) / RESULTS).read_text(encoding="utf-8"))
+        return RunFolder(recipe.output_dir).read_json(RESULTS)
     return train(recipe, resume="latest" if what == "resume" else None, overwrite=what == "overwrite", group=group)
 
 
