@@ -209,7 +209,7 @@ def test_a_run_being_written_is_named_in_a_warning_and_its_lock_is_left_alone(ru
     (["{fast}", "{slow}", "--out", "{fast}"], "is a run folder, whose curves.png is the run's own"),
     (["{fast}", "{slow}", "--out", "{tmp}/file"], "is a file; give a folder"),
     (["{fast}", "{slow}", "--samples", "-1"], "argument --samples: must be at least 0 (got -1)"),
-    (["{fast}", "{bad}"], "samples.jsonl: line 2 is not JSON"),
+    (["{fast}", "{bad}"], "samples.jsonl line 2 is not valid JSON"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, needle, runs, tmp_path, capsys, monkeypatch):
     bad = _copy(runs, "slow", tmp_path)

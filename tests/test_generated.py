@@ -31,7 +31,7 @@ def gen_run(tiny_llama, chat_data, tmp_path_factory, trackio_dir):
         mp.chdir(root)  # a database store keeps artifacts in ./mlruns (MLflow's default artifact root)
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
-        recipe = make_recipe(tiny_llama, splits, root / "run", eval={"generate": "auto"},
+        recipe = make_recipe(tiny_llama, splits, root / "gen", eval={"generate": "auto"},
                              train={"max_steps": 40, "eval_every": 20, "checkpoint_every": 20,
                                     "trackers": ["tensorboard", "mlflow", "trackio", "wandb"]})
         train(recipe)
@@ -39,17 +39,17 @@ def gen_run(tiny_llama, chat_data, tmp_path_factory, trackio_dir):
 
 
 def test_a_minimal_recipe_reports_generated_metrics_before_and_after_training(gen_run):
-    results = json.loads((gen_run / "run" / "eval_results.json").read_text())
+    results = json.loads((gen_run / "gen" / "eval_results.json").read_text())
     before, after = results["before"]["validation"], results["after"]["validation"]
     assert GENERATED <= set(before) and GENERATED <= set(after)
     # An untrained random model rambles until max_new_tokens; the trained one answers like the references.
     assert before["stop_rate"] < 0.2 and after["stop_rate"] >= 0.9
     assert before["rougeL"] < 0.2 and after["rougeL"] > 0.8 and after["exact_match"] > 0.5
     assert before["length_ratio"] > 2 and 0.8 < after["length_ratio"] < 1.25
-    info = json.loads((gen_run / "run" / "run_info.json").read_text())["generation"]
+    info = json.loads((gen_run / "gen" / "run_info.json").read_text())["generation"]
     assert info["examples"] == 24 and info["metrics"] == ["rougeL", "chrf", "exact_match", *sorted(GENERATED - {
         "rougeL", "chrf", "exact_match"}, key=["stop_rate", "length_ratio", "answer_tokens"].index)]
-    step0 = [r for r in metrics_rows(gen_run / "run") if r.get("split") == "validation" and r["step"] == 0]
+    step0 = [r for r in metrics_rows(gen_run / "gen") if r.get("split") == "validation" and r["step"] == 0]
     assert len(step0) == 1 and step0[0]["rougeL"] == before["rougeL"]
 
 
@@ -64,29 +64,29 @@ def _by_generate(model, tok, prompt_messages, max_new_tokens):
 
 
 def test_the_samples_are_what_the_models_generate_before_and_after(gen_run, tiny_llama, chat_data):
-    rows = [json.loads(x) for x in (gen_run / "run" / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (gen_run / "gen" / "samples.jsonl").read_text().splitlines()]
     data = [json.loads(x) for x in chat_data["validation"].read_text().splitlines()]
     assert len(rows) == 24
-    max_new = json.loads((gen_run / "run" / "run_info.json").read_text())["generation"]["max_new_tokens"]
-    trained = load_for_inference(gen_run / "run", device="cpu")
+    max_new = json.loads((gen_run / "gen" / "run_info.json").read_text())["generation"]["max_new_tokens"]
+    trained = load_for_inference(gen_run / "gen", device="cpu")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    base_tok = AutoTokenizer.from_pretrained(gen_run / "run" / "adapter")
+    base_tok = AutoTokenizer.from_pretrained(gen_run / "gen" / "adapter")
     for row, example in list(zip(rows, data, strict=True))[:6]:
         prompt = example["messages"][:-1]
         assert row["prompt"] == f"user: {prompt[0]['content']}"
         assert row["reference"] == example["messages"][-1]["content"]
         assert row["after"] == _by_generate(trained.model, trained.tokenizer, prompt, max_new)
         assert row["before"] == _by_generate(base, base_tok, prompt, max_new)  # B = 0: the untrained adapter
-    md = (gen_run / "run" / "samples.md").read_text()
+    md = (gen_run / "gen" / "samples.md").read_text()
     assert md.count("\n| ") >= 24 + 6 and rows[0]["reference"] in md
 
 
 def test_the_trackers_show_the_samples_table(gen_run, trackio_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    md = (gen_run / "run" / "samples.md").read_text()
+    md = (gen_run / "gen" / "samples.md").read_text()
     texts = []
-    for events in (gen_run / "run").rglob("events.out.tfevents*"):
+    for events in (gen_run / "gen").rglob("events.out.tfevents*"):
         acc = EventAccumulator(str(events))
         acc.Reload()
         for tag in acc.Tags()["tensors"]:
@@ -105,8 +105,8 @@ def test_the_trackers_show_the_samples_table(gen_run, trackio_dir):
         logged = [json.loads(m) for (m,) in con.execute("select metrics from metrics")]
     tables = [m["samples"] for m in logged if "samples" in m]
     assert len(tables) == 1 and "The cow says moo." in json.dumps(tables[0])
-    rows = [json.loads(x) for x in (gen_run / "run" / "samples.jsonl").read_text().splitlines()]
-    (table,) = (gen_run / "run" / "wandb").rglob("media/table/samples_*.table.json")
+    rows = [json.loads(x) for x in (gen_run / "gen" / "samples.jsonl").read_text().splitlines()]
+    (table,) = (gen_run / "gen" / "wandb").rglob("media/table/samples_*.table.json")
     wandb_table = json.loads(table.read_text())
     assert wandb_table["columns"] == ["prompt", "reference", "before", "after"]
     assert wandb_table["data"] == [[r["prompt"], r["reference"], r["before"], r["after"]] for r in rows]
@@ -114,12 +114,12 @@ def test_the_trackers_show_the_samples_table(gen_run, trackio_dir):
 
 def test_a_resumed_run_keeps_the_answers_from_before_training(gen_run, tiny_llama, chat_data, tmp_path):
     part = tmp_path / "part"
-    shutil.copytree(gen_run / "run" / "checkpoints" / "step-00000020", part / "checkpoints" / "step-00000020")
+    shutil.copytree(gen_run / "gen" / "checkpoints" / "step-00000020", part / "checkpoints" / "step-00000020")
     splits = {k: v for k, v in chat_data.items() if k != "test"}
     recipe = make_recipe(tiny_llama, splits, part, eval={"generate": "auto"},
                          train={"max_steps": 40, "eval_every": 20, "checkpoint_every": 20})
     train(recipe, resume="latest")
-    full = [json.loads(x) for x in (gen_run / "run" / "samples.jsonl").read_text().splitlines()]
+    full = [json.loads(x) for x in (gen_run / "gen" / "samples.jsonl").read_text().splitlines()]
     resumed = [json.loads(x) for x in (part / "samples.jsonl").read_text().splitlines()]
     assert [r["before"] for r in resumed] == [r["before"] for r in full]
     assert [r["after"] for r in resumed] == [r["after"] for r in full]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import textwrap
+from pathlib import Path
 
 import evaluate
 import numpy as np
@@ -33,7 +34,9 @@ REFERENCES = ["the cat is on the mat", "the quick brown fox jumps", "hello there
 def evaluate_module_cache(tmp_path, monkeypatch):
     """evaluate.load copies scripts into a module cache it imports from: a fresh one per test, not the home's."""
     monkeypatch.setattr(evaluate.config, "HF_MODULES_CACHE", tmp_path / "hf_modules")
-    monkeypatch.setattr(sys, "path", list(sys.path))
+    # A module cache an earlier evaluate.load put on sys.path (another test's, the default one) would shadow this
+    # one's evaluate_modules package.
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p) / "evaluate_modules").is_dir()])
     for name in [n for n in sys.modules if n.split(".")[0] == "evaluate_modules"]:
         monkeypatch.delitem(sys.modules, name)
 

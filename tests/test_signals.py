@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from lora_ft.cli import main
 from lora_ft.training import trainer as trainer_module
+from lora_ft.training.generated import GeneratedEvaluation
 from lora_ft.training.trainer import Trainer
 
 
@@ -64,6 +65,19 @@ def _signal_in_final_save(monkeypatch) -> None:
     monkeypatch.setattr(trainer_module, "save_adapter", hooked)
 
 
+def _signal_in_generation(monkeypatch, at) -> None:
+    """SIGTERM as the generation evaluation of the step ``at`` accepts starts (once)."""
+    real, sent = GeneratedEvaluation.run, []
+
+    def hooked(self, model, step):
+        if not sent and at(step):
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, model, step)
+
+    monkeypatch.setattr(GeneratedEvaluation, "run", hooked)
+
+
 # phase → (hook, expected words of the line, files afterwards, the continuation's extra arguments or None)
 PHASES = {
     "setup": (lambda mp: _signal_in(mp, "_build_loop", _in_phase("setup")),
@@ -95,7 +109,23 @@ PHASES = {
         _signal_in_final_save,
         "interrupted during the final save, which was completed first: the run is complete (adapter and reports in "
         "{out}); nothing to continue",
-        ["adapter/", "curves.png", "eval_results.json", "metrics.jsonl", "run_config.yaml", "run_info.json"], None),
+        ["adapter/", "curves.png", "eval_results.json", "metrics.jsonl", "run_config.yaml", "run_info.json",
+         "samples.jsonl", "samples.md"], None),
+    # The generation evaluation belongs to the evaluations around it: the same line, the same files.
+    "generation before training": (
+        lambda mp: _signal_in_generation(mp, lambda step: step == 0),
+        "interrupted during the evaluation before training; nothing was trained yet; no checkpoint was saved yet, so "
+        "this starts again from step 0; continue with: lora-ft train {recipe} --set train.max_steps=2 --resume "
+        "latest (output_dir {out})",
+        ["run_config.yaml", "run_info.json"], ["--resume", "latest"]),
+    "generation after training": (
+        lambda mp: _signal_in_generation(mp, lambda step: step == 2),
+        "interrupted during the final evaluation (training finished at step 2); the trained adapter was saved to "
+        "{out}/adapter (not evaluated) and a checkpoint to {out}/checkpoints/step-00000002; finish the evaluation "
+        "and reports with: lora-ft train {recipe} --set train.max_steps=2 --resume latest (output_dir {out})",
+        ["adapter/", "checkpoints/step-00000002/adapter/", "checkpoints/step-00000002/run_config.yaml",
+         "checkpoints/step-00000002/trainer_state.pt", "metrics.jsonl", "run_config.yaml", "run_info.json"],
+        ["--resume", "latest"]),
 }
 
 

@@ -210,6 +210,8 @@ def _predict_rows(im: InferenceModel, ds, need: list[str], batch_size: int, f: I
                                                        for j, p in enumerate(probs[i])})
             if im.label_column in row and row[im.label_column] is not None:
                 labelled += 1
+                # Counted as rows stream to the file (no predictions kept in memory); the evaluation's metrics
+                # (scoring.metrics.classification_metrics) are lora-ft eval's business.
                 correct += str(row[im.label_column]) == pred
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
             n += 1
