@@ -111,22 +111,12 @@ PHASES = {
         "{out}); nothing to continue",
         ["adapter/", "curves.png", "eval_results.json", "metrics.jsonl", "run_config.yaml", "run_info.json",
          "samples.jsonl", "samples.md"], None),
-    # The generation evaluation belongs to the evaluations around it: the same line, the same files.
-    "generation before training": (
-        lambda mp: _signal_in_generation(mp, lambda step: step == 0),
-        "interrupted during the evaluation before training; nothing was trained yet; no checkpoint was saved yet, so "
-        "this starts again from step 0; continue with: lora-ft train {recipe} --set train.max_steps=2 --resume "
-        "latest (output_dir {out})",
-        ["run_config.yaml", "run_info.json"], ["--resume", "latest"]),
-    "generation after training": (
-        lambda mp: _signal_in_generation(mp, lambda step: step == 2),
-        "interrupted during the final evaluation (training finished at step 2); the trained adapter was saved to "
-        "{out}/adapter (not evaluated) and a checkpoint to {out}/checkpoints/step-00000002; finish the evaluation "
-        "and reports with: lora-ft train {recipe} --set train.max_steps=2 --resume latest (output_dir {out})",
-        ["adapter/", "checkpoints/step-00000002/adapter/", "checkpoints/step-00000002/run_config.yaml",
-         "checkpoints/step-00000002/trainer_state.pt", "metrics.jsonl", "run_config.yaml", "run_info.json"],
-        ["--resume", "latest"]),
 }
+# The generation evaluation belongs to the evaluations around it: the same line, the same files, the same continuation.
+PHASES["generation before training"] = (lambda mp: _signal_in_generation(mp, lambda step: step == 0),
+                                        *PHASES["evaluation before training"][1:])
+PHASES["generation after training"] = (lambda mp: _signal_in_generation(mp, lambda step: step == 2),
+                                       *PHASES["final evaluation"][1:])
 
 
 def _recipe(tmp_path, tiny_llama, chat_data, **train) -> Path:
