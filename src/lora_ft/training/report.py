@@ -104,10 +104,6 @@ def tracker_config(tree: dict[str, Any], prefix: str = "") -> dict[str, int | fl
     return flat
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return read_rows(path)
-
-
 def plot_curves(metrics_file: Path, png: Path) -> None:
     """Training loss, evaluation losses and the task metric (accuracy, or a preference objective's reward
     accuracy) over optimizer steps."""
@@ -116,7 +112,7 @@ def plot_curves(metrics_file: Path, png: Path) -> None:
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_file)
+    rows = read_rows(metrics_file)
     train = [r for r in rows if "split" not in r and "loss" in r]  # (rows with "freeze" mark schedule changes)
     evals: dict[str, list[dict]] = {}
     for r in rows:
