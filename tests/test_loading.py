@@ -7,6 +7,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import build_chat_tokenizer
 
 from lora_ft.errors import RecipeError
 from lora_ft.modeling.loading import load_model, load_tokenizer, new_head_modules, quantization_config, resolve_source
@@ -439,3 +440,55 @@ def test_a_model_that_fails_to_load_for_another_reason_keeps_the_old_message(tmp
     """Every file reads: the failure is not a damaged file, and the message stays 'cannot load'."""
     with pytest.raises(RecipeError, match="model.name: cannot load 'nobody/nothing' .*check the name, or the network"):
         load_tokenizer("nobody/nothing", ModelConfig(name="nobody/nothing"))
+
+
+def _net_allocation_peak(fn) -> int:
+    """Peak of the net CPU tensor allocations while ``fn`` runs, from the profiler's allocator events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                     and e.device_type() == torch.autograd.DeviceType.CPU), key=lambda e: e.start_ns())
+    net = top = 0
+    for e in events:
+        net += e.nbytes()
+        top = max(top, net)
+    return top
+
+
+def test_an_nf4_load_of_a_sharded_bf16_checkpoint_holds_one_tensor_beside_the_quantized_model(tmp_path):
+    """The memory a quantized load allocates is the quantized model plus one tensor being converted (read, cast
+    to fp32, quantized): never the checkpoint, let alone the model in fp32. Reading through transformers' own
+    memory maps held every shard's tensors until the end (peak 88% of the fp32 size here); the weights loaded
+    are the same either way."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_ft.training.measure import _held_bytes
+
+    cfg = LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="1MB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 6  # really sharded
+    build_chat_tokenizer().save_pretrained(tmp_path)
+    loaded = {}
+    peak = _net_allocation_peak(lambda: loaded.update(m=load_model(ModelConfig(name=str(tmp_path), quant="nf4"),
+                                                                   "fp32").model))
+    model = loaded["m"]
+    fp32 = 4 * sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    held = _held_bytes(model, None)
+    assert held < fp32 / 4  # NF4 weights, fp32 embeddings and head
+    assert peak < held + fp32 / 4, (peak, held, fp32)
+    assert model.name_or_path == str(tmp_path)
+    # The same weights as transformers' own loading of the folder (compared stored values: the forward of a
+    # model lora_ft loaded takes another CPU kernel, see _keep_cpu_weights_trainable).
+    quant = quantization_config(ModelConfig(name=str(tmp_path), quant="nf4"), torch.float32, ["lm_head"])
+    own = dict(LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=quant,
+                                                device_map={"": "cpu"}).named_parameters())
+    ours = dict(model.named_parameters())
+    assert ours.keys() == own.keys()
+    for name, p in ours.items():
+        assert p.dtype == own[name].dtype and torch.equal(p.data, own[name].data), name
+        if hasattr(p, "quant_state"):
+            assert torch.equal(p.quant_state.absmax, own[name].quant_state.absmax), name

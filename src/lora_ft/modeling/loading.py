@@ -21,12 +21,14 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.auto_factory import _get_model_class
 from transformers.quantizers.base import get_keys_to_not_convert
 from transformers.utils import cached_file
 
 from ..errors import LoraFtError, RecipeError, first_line
 from ..recipe import ModelConfig, looks_local
 from .examples import convert_gguf, example_path, gguf_cache_dir
+from .lazy_weights import as_if_from, read_tensor_by_tensor
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +305,22 @@ def new_head_modules(config, task: str, source: str, revision: str | None = None
     return top, get_keys_to_not_convert(model)
 
 
+def _safetensors_files(source: str, revision: str | None = None) -> list[Path] | None:
+    """The checkpoint's safetensors files (every shard its index names, or the single file); None when it has
+    none, or one is missing (``from_pretrained`` then reports it its own way)."""
+    index = _weights_file(source, "model.safetensors.index.json", revision, True)
+    if index:
+        try:
+            names = sorted(set(json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"].values()))
+        except READ_ERRORS:
+            return None
+        files = [Path(index).parent / n for n in names]
+    else:
+        single = _weights_file(source, "model.safetensors", revision, True)
+        files = [Path(single)] if single else []
+    return files if files and all(f.is_file() for f in files) else None
+
+
 def quantization_config(cfg: ModelConfig, compute: torch.dtype, skip: list[str]) -> BitsAndBytesConfig | None:
     if cfg.quant == "none":
         return None
@@ -364,10 +382,19 @@ def load_model(
     # because LoRA weights and optimizer state should stay fp32 either way.
     dtype = compute if quant is not None else torch.float32
     device_map = {"": device} if quant is not None else None
+    # Quantized: the checkpoint is read tensor by tensor (see lazy_weights.py), not mapped whole.
+    # transformers takes a state dict only instead of the folder (the config says what to build).
+    files = _safetensors_files(source, cfg.revision) if quant is not None and not cfg.trust_remote_code else None
+    lazy = read_tensor_by_tensor(files) if files else None
     try:
-        model = auto_class(cfg.task).from_pretrained(
-            source, config=config, dtype=dtype, quantization_config=quant, device_map=device_map, **kwargs
+        # (the auto classes need a folder to look for remote code in: the concrete class is asked directly)
+        cls = _get_model_class(config, auto_class(cfg.task)._model_mapping) if lazy else auto_class(cfg.task)
+        model = cls.from_pretrained(
+            None if lazy else source, config=config, dtype=dtype, quantization_config=quant, device_map=device_map,
+            **({"state_dict": lazy} if lazy else {}), **kwargs
         )
+        if lazy:
+            as_if_from(model, source, cfg.revision)
     except Exception as e:
         if quant is not None and _from_bitsandbytes(e):
             raise _bnb_unsupported(cfg.quant, e) from None
