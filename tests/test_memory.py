@@ -286,6 +286,22 @@ def test_auto_trimming_is_on_only_where_a_cpu_step_saves_a_gibibyte_of_activatio
     assert trims(2, 128, trim=True) is True and trims(64, 512, trim=False) is False  # a recipe's choice stands
 
 
+def test_auto_trimming_counts_what_checkpointed_layers_produce_not_the_little_they_keep(small_llama):
+    """With checkpointing a step keeps only the layer inputs, but every layer's activations pass through the heap
+    (forward, then the recomputation): glibc keeps those, so the trim decision counts them."""
+    def plan(gc: bool):
+        recipe = recipe_for(small_llama, train={"micro_batch_size": 64, "gradient_checkpointing": gc},
+                            data={"max_length": 512, "packing": False})
+        kept = next(r.bytes for r in estimate(model_shape(recipe), setting_for(recipe, "cpu"), 64, 512).rows
+                    if r.label == "activations")
+        return kept, resolve_auto_trim(recipe, "cpu").train.trim_cpu_memory
+
+    kept_on, trim_on = plan(True)
+    kept_off, trim_off = plan(False)
+    assert kept_on < TRIM_MIN_ACTIVATIONS < kept_off  # what checkpointing keeps is below the threshold
+    assert trim_on is True and trim_off is True
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_plan_command_prints_the_breakdown_and_what_fits(tmp_path, capsys):
     from transformers import LlamaConfig
