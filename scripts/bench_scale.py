@@ -198,7 +198,8 @@ class _LogitWatch:
         self.mode = Mode()
 
 
-def measure_train(folder: Path, seq: int, gc: str, steps: int, memory: float | None) -> dict:
+def measure_train(folder: Path, seq: int, gc: str, steps: int, memory: float | None, trim: str = "auto",
+                  watch_logits: bool = True) -> dict:
     """Tokens/s, MFU and peak RSS of ``steps`` training steps on one packed row of ``seq`` tokens."""
     import torch
 
@@ -216,6 +217,8 @@ def measure_train(folder: Path, seq: int, gc: str, steps: int, memory: float | N
     recipe = recipe_for(folder, seq, gc)
     budget = memory or device_memory("cpu")
     recipe = resolve_auto_checkpointing(recipe, 1, "cpu", budget)
+    if trim != "auto":
+        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"trim_cpu_memory": trim == "on"})})
     recipe = resolve_auto_trim(recipe, "cpu")
     shape = model_shape(recipe)
     plan = estimate(shape, setting_for(recipe, "cpu"), 1, seq)
@@ -247,7 +250,7 @@ def measure_train(folder: Path, seq: int, gc: str, steps: int, memory: float | N
     times = []
     for k in range(steps):
         t0 = time.perf_counter()
-        if k == steps - 1:
+        if k == steps - 1 and watch_logits:
             with watch.mode:
                 step(batch)
         else:
@@ -272,7 +275,8 @@ def one(spec: dict) -> dict:
     folder = Path(spec["folder"])
     if spec["what"] == "load":
         return measure_load(folder)
-    return measure_train(folder, spec["seq"], spec["gc"], spec["steps"], spec.get("memory"))
+    return measure_train(folder, spec["seq"], spec["gc"], spec["steps"], spec.get("memory"), spec.get("trim", "auto"),
+                         spec.get("watch", True))
 
 
 def run_one(spec: dict, timeout: float) -> dict:
@@ -342,6 +346,8 @@ def main() -> int:
     ap.add_argument("--gc", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--memory", default=None, help="the budget checkpointing auto plans against (e.g. 12GiB; "
                     "default: this machine's RAM)")
+    ap.add_argument("--trim", default="auto", choices=("auto", "on", "off"), help="train.trim_cpu_memory")
+    ap.add_argument("--no-watch", action="store_true", help="do not look for vocabulary-wide tensors")
     ap.add_argument("--no-load", action="store_true", help="skip the load measurement")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json", default=None, metavar="FILE", help="append every result as a JSON line")
@@ -373,7 +379,8 @@ def main() -> int:
             print(LOAD_HEAD + "\n" + load_row(name, r), flush=True)
         for seq in seqs:
             spec = {"what": "train", "folder": str(folder), "threads": args.threads, "seq": seq, "gc": gc,
-                    "steps": args.steps, "memory": parse_size(args.memory) if args.memory else None}
+                    "steps": args.steps, "trim": args.trim, "watch": not args.no_watch,
+                    "memory": parse_size(args.memory) if args.memory else None}
             r = run_one(spec, args.timeout)
             results.append((name, r))
             print(TRAIN_HEAD + "\n" + train_row(name, r), flush=True)
