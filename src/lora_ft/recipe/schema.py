@@ -153,7 +153,10 @@ class DataConfig(_Section):
     example, attention stays inside it), so no compute goes to padding. ``auto``: wherever that is exact for the
     model and its attention implementation (``objectives.causal_lm.PACKING_MODELS``); ``true``: an error where it
     is not. A packed micro-batch is ``train.micro_batch_size`` rows of ``max_length`` tokens (or
-    ``train.max_tokens_per_batch``), so one step sees more examples than unpacked. Evaluation is never packed."""
+    ``train.max_tokens_per_batch``), so one step sees more examples than unpacked. Sequence classification packs
+    too, where the encoder is proven exact (``objectives.encoder_packing.ENCODERS``: BERT, RoBERTa, DistilBERT,
+    ELECTRA, DeBERTa-v2, ModernBERT): the same ``micro_batch_size`` examples as unpadded, only laid end to end,
+    shuffled without length grouping. Evaluation is never packed."""
     augment: AugmentConfig = AugmentConfig()
     max_eval_examples: int | None = Field(None, gt=0)
     """Evaluate on at most this many examples per split (the first ones, so runs stay comparable)."""
@@ -235,9 +238,9 @@ class Recipe(_Section):
             # The guard's "base" is the model with the adapter switched off, which these inits have rewritten.
             raise ValueError(f"forgetting.enabled compares with the base model, which lora.init '{self.lora.init}' "
                              "rewrites: use lora.init: true, or turn the guard off")
-        if d.packing is True and self.model.task != "causal_lm":
-            raise ValueError("data.packing true lays examples of a causal LM end to end: it needs model.task "
-                             "causal_lm (set data.packing: auto or false)")
+        if d.packing is True and self.model.task not in ("causal_lm", "sequence_classification"):
+            raise ValueError("data.packing true lays examples end to end for model.task causal_lm or "
+                             "sequence_classification (set data.packing: auto or false)")
         if d.validation and d.validation_split:
             raise ValueError("give data.validation or data.validation_split, not both")
         self._objective_fits()
