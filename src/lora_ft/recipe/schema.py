@@ -146,8 +146,9 @@ class DataConfig(_Section):
     group_by_length: Literal["auto"] | bool = "auto"
     """Batch examples of similar length (less padding). ``auto``: causal LMs sort within windows of 64 batches;
     classifiers within windows of 4 only, because length can correlate with the label and single-class
-    batches make training erratic (fortunes: padding 55% → 27%, batches still mix 3-4 labels). ``true``:
-    windows of 64 for both; ``false``: only shuffled."""
+    batches make training erratic (fortunes: padding 55% → 27%, batches still mix 3-4 labels); packed classifier
+    batches (``packing``) carry no padding, so ``auto`` only shuffles them. ``true``: windows of 64 for both;
+    ``false``: only shuffled."""
     packing: Literal["auto"] | bool = "auto"
     """Training batches of a causal LM as rows of whole examples laid end to end (position ids restart on each
     example, attention stays inside it), so no compute goes to padding. ``auto``: wherever that is exact for the
@@ -155,8 +156,8 @@ class DataConfig(_Section):
     is not. A packed micro-batch is ``train.micro_batch_size`` rows of ``max_length`` tokens (or
     ``train.max_tokens_per_batch``), so one step sees more examples than unpacked. Sequence classification packs
     too, where the encoder is proven exact (``objectives.encoder_packing.ENCODERS``: BERT, RoBERTa, DistilBERT,
-    ELECTRA, DeBERTa-v2, ModernBERT): the same ``micro_batch_size`` examples as unpadded, only laid end to end,
-    shuffled without length grouping. Evaluation is never packed."""
+    ELECTRA, DeBERTa-v2, ModernBERT): the same ``micro_batch_size`` examples as unpadded, only laid end to end
+    (and, under ``group_by_length: auto``, shuffled without length grouping). Evaluation is never packed."""
     augment: AugmentConfig = AugmentConfig()
     max_eval_examples: int | None = Field(None, gt=0)
     """Evaluate on at most this many examples per split (the first ones, so runs stay comparable)."""

@@ -79,11 +79,13 @@ def make_train_loader(train, objective: Objective, model: torch.nn.Module,
     packing = objective.use_packing(d.packing, model)
     augmenter = objective.token_augmenter(d.augment, tc.seed)
     if packing and objective.packs_examples:
-        # The padded run's batches, unpadded: no padding left for length grouping to save, so only shuffled.
+        # micro_batch_size examples as unpacked, laid end to end: no padding is left for length grouping to save,
+        # so group_by_length auto only shuffles (as the Trainer's default sampler); true still groups.
         collate = partial(objective.collate_packed, capacity=d.max_length, augment=augmenter)
+        window = LengthGroupedBatches.window_for(d.group_by_length, 0)
         log.info("packing: each micro-batch's examples laid end to end in rows (no padding between them)")
-        return make_loader(train, tc.micro_batch_size, collate, True, tc.seed, 0, tc.max_tokens_per_batch), True, \
-            augmenter
+        return make_loader(train, tc.micro_batch_size, collate, True, tc.seed, window, tc.max_tokens_per_batch), \
+            True, augmenter
     if packing:
         rows = tc.rows_per_packed_batch(d.max_length)
         loader = make_packed_loader(train, d.max_length, rows, objective.collate_packed, tc.seed)
