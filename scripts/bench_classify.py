@@ -1,6 +1,7 @@
 """Classification throughput of lora_ft against transformers' ``Trainer`` + peft, the same QLoRA job on the CPU.
 
     LORA_FT_HOME=/tmp/lfhome HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_classify.py [--epochs 2] [--keep DIR]
+        [--seeds 42 43 44] [--peers default grouped] [--lora-ft-set KEY=VALUE]...
 
 Prints one JSON line on stdout (logs go to stderr). Every side trains all-MiniLM-L6-v2 with a new 4-way classifier
 on the fortunes data (``data/fortunes``), NF4 with double quantization and fp32 compute, LoRA r=16 / alpha=32 /
@@ -8,8 +9,10 @@ dropout 0.1 on the same linear layers (lora_ft's ``target_modules: auto``: every
 new head), the new head and pooler trained in full (peft ``modules_to_save``), micro-batch 16, max length 128,
 AdamW at lr 1e-3 with a cosine schedule and 10% warmup, clipping at 1.0, seed 42, no evaluation during training.
 
-- **lora_ft**: ``lora_ft.training.trainer.train`` with its defaults otherwise (length-grouped batches in windows
-  of 4, fused LoRA dropout, ``train.trim_cpu_memory: auto``, off for this job; ``--no-trim`` forces it off).
+- **lora_ft**: ``lora_ft.training.trainer.train`` with its defaults otherwise (``data.packing: auto``: each
+  micro-batch's 16 examples laid end to end in unpadded rows, shuffled; fused LoRA dropout,
+  ``train.trim_cpu_memory: auto``, off for this job; ``--no-trim`` forces it off; ``--lora-ft-set KEY=VALUE``
+  adds a recipe override, e.g. ``data.packing=false`` for the padded, length-grouped path).
 - **Trainer** + peft, as their documentation does QLoRA classification: ``AutoModelForSequenceClassification``
   with a ``BitsAndBytesConfig``, ``prepare_model_for_kbit_training``, ``get_peft_model``, dynamic padding
   (``DataCollatorWithPadding``): ``trainer-default``, and ``trainer-grouped``
@@ -18,7 +21,9 @@ AdamW at lr 1e-3 with a cosine schedule and 10% warmup, clipping at 1.0, seed 42
 Each side runs in its own fresh process, one after the other. **tokens/s**: real (non-padding) tokens of the
 training examples seen ÷ the training loop's time (lora_ft's own ``tokens_per_s``; the Trainer's timed by a
 callback from the first to the last step). **accuracy**: on ``data/fortunes/test.jsonl``, every side scored by
-lora_ft's evaluation code on its saved adapter.
+lora_ft's evaluation code on its saved adapter. With several ``--seeds`` every side runs once per seed (the seed
+of the new head, the adapters and the batch order) and the ratios compare the means; the target (issue 26): lora_ft
+≥ 1.3× the tokens/s of the ``Trainer`` at its best, at an accuracy at most 0.5 pt below (mean over the seeds).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def source() -> str:
     return resolve_source(MODEL)
 
 
-def recipe(out: str, epochs: float, trim: str):
+def recipe(out: str, epochs: float, trim: str, seed: int = SEED, extra: tuple[str, ...] = ()):
     from lora_ft.recipe import load_recipe
 
     return load_recipe(RECIPE, [
@@ -66,8 +71,8 @@ def recipe(out: str, epochs: float, trim: str):
         f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}", "data.validation=null", "data.test=null",
         f"data.max_length={MAX_LENGTH}", f"train.epochs={epochs}", f"train.micro_batch_size={BATCH}",
         f"train.lr={LR}", "train.schedule=cosine", f"train.warmup={WARMUP}", "train.eval_every=null",
-        "train.early_stopping_patience=null", "train.max_grad_norm=1.0", f"train.seed={SEED}",
-        f"train.trim_cpu_memory={trim}", f"output_dir={out}"])
+        "train.early_stopping_patience=null", "train.max_grad_norm=1.0", f"train.seed={seed}",
+        f"train.trim_cpu_memory={trim}", f"output_dir={out}", *extra])
 
 
 # ------------------------------------------------------------------------------------------------ children
@@ -80,7 +85,7 @@ def child_lora_ft(spec: dict) -> dict:
     source()
     out = Path(spec["out"])
     u0 = cpu_time()
-    train(recipe(spec["out"], spec["epochs"], spec["trim"]), overwrite=True)
+    train(recipe(spec["out"], spec["epochs"], spec["trim"], spec["seed"], tuple(spec["set"])), overwrite=True)
     u1 = cpu_time()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "tokens_per_s" in r]
@@ -138,7 +143,7 @@ def child_trainer(spec: dict) -> dict:
 
     args = TrainingArguments(
         output_dir=spec["out"], per_device_train_batch_size=BATCH, num_train_epochs=spec["epochs"], learning_rate=LR,
-        lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0, max_grad_norm=1.0, seed=SEED,
+        lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"],
         train_sampling_strategy="group_by_length" if spec["variant"] == "grouped" else "random", use_cpu=True,
         report_to="none", save_strategy="no",
         eval_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_num_workers=0)
@@ -163,11 +168,18 @@ def child_eval(spec: dict) -> dict:
 CHILDREN = {"lora_ft": child_lora_ft, "trainer": child_trainer, "eval": child_eval}
 
 
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=float, default=2)
     ap.add_argument("--no-trim", action="store_true",
                     help="lora_ft with train.trim_cpu_memory off (default: its auto)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[SEED])
+    ap.add_argument("--peers", nargs="+", choices=["default", "grouped"], default=["default", "grouped"])
+    ap.add_argument("--lora-ft-set", action="append", default=[], metavar="KEY=VALUE")
     a = parse_or_serve(ap, CHILDREN)
     if a is None:
         return
@@ -175,38 +187,59 @@ def main() -> None:
 
     threads = a.threads or torch.get_num_threads()
     work = work_dir(a.keep, "bench_classify-")
+    res: dict[str, list[dict]] = {}
     try:
-        spec = {"epochs": a.epochs, "trim": "false" if a.no_trim else "auto", "threads": threads}
-        res = {"lora_ft": run_child("lora_ft", {**spec, "out": str(work / "lora_ft")}, work, __file__)}
-        shared = {k: res["lora_ft"][k] for k in ("head_modules", "targets", "id2label")}
-        for variant in ("default", "grouped"):
-            res[f"trainer-{variant}"] = run_child("trainer", {**spec, **shared, "variant": variant,
-                                                              "out": str(work / f"trainer-{variant}")}, work,
-                                                 __file__)
-            for name in ("run_config.yaml", "run_info.json"):
-                shutil.copy(work / "lora_ft" / name, work / f"trainer-{variant}" / name)
-        held = run_child("eval", {"runs": {side: str(work / side) for side in res}}, work, __file__)
+        for seed in a.seeds:
+            spec = {"epochs": a.epochs, "trim": "false" if a.no_trim else "auto", "threads": threads, "seed": seed}
+            sdir = work / f"seed{seed}"
+            sdir.mkdir()
+            runs = {"lora_ft": run_child("lora_ft", {**spec, "set": a.lora_ft_set, "out": str(sdir / "lora_ft")},
+                                         sdir, __file__)}
+            shared = {k: runs["lora_ft"][k] for k in ("head_modules", "targets", "id2label")}
+            for variant in a.peers:
+                runs[f"trainer-{variant}"] = run_child("trainer", {**spec, **shared, "variant": variant,
+                                                                   "out": str(sdir / f"trainer-{variant}")}, sdir,
+                                                       __file__)
+                for name in ("run_config.yaml", "run_info.json"):
+                    shutil.copy(sdir / "lora_ft" / name, sdir / f"trainer-{variant}" / name)
+            held = run_child("eval", {"runs": {side: str(sdir / side) for side in runs}}, sdir, __file__)
+            for side, r in runs.items():
+                res.setdefault(side, []).append({**r, "test_accuracy": held[side]["accuracy"],
+                                                 "test_loss": held[side]["loss"]})
+            log.info("seed %d: %s", seed, {s: (round(r[-1]["tokens_per_s"]), round(r[-1]["test_accuracy"], 4))
+                                           for s, r in res.items()})
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    out: dict = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": threads,
-                 "versions": versions(), "epochs": a.epochs, "batch": BATCH,
-                 "lora_ft_trim_cpu_memory": res["lora_ft"]["trim"]}
-    for side, r in res.items():
-        out[side] = {"tokens_per_s": round(r["tokens_per_s"], 1), "steps": r["steps"],
-                     "peak_rss_mb": round(r["peak_rss_mb"]), "user_s": round(r["user_s"], 1),
-                     "sys_s": round(r["sys_s"], 1), "test_accuracy": round(held[side]["accuracy"], 4),
-                     "test_loss": round(held[side]["loss"], 4)}
-    best = max((s for s in res if s != "lora_ft"), key=lambda s: res[s]["tokens_per_s"])
+    print(json.dumps(summary(res, a, threads)), flush=True)
+
+
+def summary(res: dict[str, list[dict]], a: argparse.Namespace, threads: int) -> dict:
+    """Every side's means over the seeds (and each seed's value), the ratios and the targets."""
+    out: dict = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": threads, "load_average": os.getloadavg(),
+                 "versions": versions(), "epochs": a.epochs, "batch": BATCH, "seeds": a.seeds,
+                 "lora_ft_set": a.lora_ft_set, "lora_ft_trim_cpu_memory": res["lora_ft"][0]["trim"]}
+    for side, rs in res.items():
+        out[side] = {"tokens_per_s": round(mean([r["tokens_per_s"] for r in rs]), 1),
+                     "tokens_per_s_each": [round(r["tokens_per_s"], 1) for r in rs], "steps": rs[0]["steps"],
+                     "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs)),
+                     "user_s": round(mean([r["user_s"] for r in rs]), 1),
+                     "sys_s": round(mean([r["sys_s"] for r in rs]), 1),
+                     "test_accuracy": round(mean([r["test_accuracy"] for r in rs]), 4),
+                     "test_accuracy_each": [round(r["test_accuracy"], 4) for r in rs],
+                     "test_loss": round(mean([r["test_loss"] for r in rs]), 4)}
+    best = max((s for s in res if s != "lora_ft"), key=lambda s: out[s]["tokens_per_s"])
     for name, side in (("trainer_default", "trainer-default"), ("trainer_best", best)):
-        out[f"vs_{name}"] = {"peer": side, "speed_ratio": round(res["lora_ft"]["tokens_per_s"]
-                                                                 / res[side]["tokens_per_s"], 3),
-                             "accuracy_diff_pt": round(100 * (held["lora_ft"]["accuracy"] - held[side]["accuracy"]), 2)}
-    out["targets_met (vs the Trainer at its best)"] = {
-        "speed_ge_1.5x": out["vs_trainer_best"]["speed_ratio"] >= 1.5,
+        if side in out:
+            out[f"vs_{name}"] = {"peer": side, "speed_ratio": round(out["lora_ft"]["tokens_per_s"]
+                                                                     / out[side]["tokens_per_s"], 3),
+                                 "accuracy_diff_pt": round(100 * (out["lora_ft"]["test_accuracy"]
+                                                                  - out[side]["test_accuracy"]), 2)}
+    out["targets_met (vs the Trainer at its best, issue 26)"] = {
+        "speed_ge_1.3x": out["vs_trainer_best"]["speed_ratio"] >= 1.3,
         # The speed must not come out of the accuracy: lora_ft at most 0.5 pt below (above is no failure).
         "accuracy_not_below_by_0.5pt": out["vs_trainer_best"]["accuracy_diff_pt"] >= -0.5}
-    print(json.dumps(out), flush=True)
+    return out
 
 
 if __name__ == "__main__":

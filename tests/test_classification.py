@@ -43,3 +43,33 @@ def test_summarize_reports_the_loss_and_scikit_learn_s_accuracy_f1_precision_and
     assert got == pytest.approx({"loss": 5.0 / 6, "examples": 6, "accuracy": 4 / 6,
                                  "f1_macro": f1_score(labels, preds, average="macro"), "f1_micro": 4 / 6,
                                  "precision_macro": (2 / 3 + 1 / 2 + 1) / 3, "recall_macro": (1 / 2 + 1 + 1 / 2) / 3})
+
+
+def test_a_packed_training_batch_holds_the_micro_batch_s_examples_unpadded_and_gives_the_padded_loss(
+        tmp_path, tiny_bert, bert_lora):
+    from conftest import make_recipe
+
+    from lora_ft.training.session import make_train_loader
+
+    btok = build_bert_tokenizer()
+    words = "cat dog horse bird fish mouse lion tiger rain snow".split()  # lengths 1-10 words: padding to save
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": " ".join(words[: 1 + i * 7 % 10]), "label": "ab"[i % 2]}
+                                                  for i in range(24)])
+    cfg = DataConfig(train=str(path))
+    data = prepare(cfg, "sequence_classification", btok, 0)
+    objective = SequenceClassification(cfg, btok)
+    objective.label2id = {"a": 0, "b": 1}
+    model = bert_lora[0].eval()  # eval: the same dropout (none) on both layouts
+    recipe = make_recipe(tiny_bert, {"train": path}, tmp_path / "run", model={"task": "sequence_classification"},
+                         train={"micro_batch_size": 8})
+    loader, packing, _ = make_train_loader(data.splits["train"], objective, model, recipe)
+    assert packing and len(loader) == 3
+    train = data.splits["train"]
+    for indices, batch in zip(loader.batch_sampler, loader, strict=True):
+        rows = [train[i] for i in indices]
+        lengths = [len(r["input_ids"]) for r in rows]
+        assert len(indices) == 8 and batch["labels"].shape == (8,) and batch["segments"].max().item() == 7
+        assert objective.tokens(batch).item() == sum(lengths) == (batch["segments"] >= 0).sum().item()
+        assert batch["input_ids"].numel() < len(rows) * max(lengths)  # rows are shared: fewer than padded
+        padded = objective.loss(model, pad_right(rows, btok.pad_token_id))
+        torch.testing.assert_close(objective.loss(model, batch), padded, atol=1e-5, rtol=1e-6)

@@ -44,6 +44,10 @@ class Objective(ABC):
     """What ``label_logits`` returns, in words (the merge report's ``compared``)."""
     sequences_per_example: ClassVar[int] = 1
     """Sequences one example puts through the model (preference pairs: 2); the planner counts with it."""
+    packs_examples: ClassVar[bool] = False
+    """Packing keeps each micro-batch's ``micro_batch_size`` examples and only lays them end to end (an encoder's
+    examples, ``collate_packed`` given the same sampler as padded batches), instead of filling rows of
+    ``max_length`` tokens with as many examples as fit (a causal LM's rows, ``PackedBatches``)."""
     selected_by: ClassVar[tuple[str, ...]] = ("loss",)
     """The validation metrics the best adapter (and early stopping) is chosen by, in order; loss is minimised, every
     other metric maximised (``selection_key``)."""

@@ -2,8 +2,10 @@
 
 The label set is read from the training split (sorted, numerically when the labels are numbers) and saved with
 the run as ``id2label``; a validation or test label never seen in training is an error. Batches are padded on
-the right. Accuracy, F1, precision and recall come from ``scoring.classification_metrics`` (scikit-learn, as
-``evaluate``'s modules of those names, which fetch their scripts from the Hub and so fail offline).
+the right, or, for training under ``data.packing: auto`` where the architecture is proven exact, unpadded: the
+micro-batch's examples laid end to end in rows (``encoder_packing``). Accuracy, F1, precision and recall come
+from ``scoring.classification_metrics`` (scikit-learn, as ``evaluate``'s modules of those names, which fetch
+their scripts from the Hub and so fail offline).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..errors import RecipeError
 from ..recipe import AugmentConfig, DataConfig
 from ..scoring import classification_metrics
 from .base import Batch, Objective
+from .encoder_packing import cannot_pack_encoder, pack_examples, packed_logits
 
 
 def _number(value: Any) -> float | None:
@@ -62,6 +65,9 @@ def pad_right(rows: list[dict[str, Any]], pad_id: int) -> Batch:
 
 
 def classification_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """One row of float logits per example, of a padded or a packed (``pack_examples``) batch."""
+    if "segments" in batch:
+        return packed_logits(model, batch)
     return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
 
 
@@ -74,6 +80,7 @@ class SequenceClassification(Objective):
     from 55% of the computed tokens (shuffled) to 27%, and every batch still holds at least 3 of the 4 labels (as
     when shuffled). Wider windows pad less but, where length correlates with the label, give batches of fewer
     labels (8: 17%, some batches of 2 labels), and single-class batches make training erratic."""
+    packs_examples = True
     formats = ("classification",)
     compared = "class distributions"
     selected_by = ("accuracy", "loss")
@@ -133,6 +140,18 @@ class SequenceClassification(Objective):
         if augment:
             rows = [augment(r) for r in rows]
         return pad_right(rows, self.tokenizer.pad_token_id)
+
+    def cannot_pack(self, model: torch.nn.Module) -> str | None:
+        return cannot_pack_encoder(model)
+
+    def collate_packed(self, rows: list[dict[str, Any]], capacity: int,
+                       augment: Callable[[dict], dict] | None = None) -> Batch:
+        if augment:
+            rows = [augment(r) for r in rows]
+        return pack_examples(rows, self.tokenizer.pad_token_id, capacity)
+
+    def tokens(self, batch: Batch) -> torch.Tensor:
+        return batch["real_tokens"] if "real_tokens" in batch else batch["attention_mask"].sum()
 
     def example_text(self, row: dict[str, Any], fmt: str) -> str:
         return " ".join(self._texts(row))

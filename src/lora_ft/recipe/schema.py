@@ -146,14 +146,18 @@ class DataConfig(_Section):
     group_by_length: Literal["auto"] | bool = "auto"
     """Batch examples of similar length (less padding). ``auto``: causal LMs sort within windows of 64 batches;
     classifiers within windows of 4 only, because length can correlate with the label and single-class
-    batches make training erratic (fortunes: padding 55% → 27%, batches still mix 3-4 labels). ``true``:
-    windows of 64 for both; ``false``: only shuffled."""
+    batches make training erratic (fortunes: padding 55% → 27%, batches still mix 3-4 labels); packed classifier
+    batches (``packing``) carry no padding, so ``auto`` only shuffles them. ``true``: windows of 64 for both;
+    ``false``: only shuffled."""
     packing: Literal["auto"] | bool = "auto"
     """Training batches of a causal LM as rows of whole examples laid end to end (position ids restart on each
     example, attention stays inside it), so no compute goes to padding. ``auto``: wherever that is exact for the
     model and its attention implementation (``objectives.causal_lm.PACKING_MODELS``); ``true``: an error where it
     is not. A packed micro-batch is ``train.micro_batch_size`` rows of ``max_length`` tokens (or
-    ``train.max_tokens_per_batch``), so one step sees more examples than unpacked. Evaluation is never packed."""
+    ``train.max_tokens_per_batch``), so one step sees more examples than unpacked. Sequence classification packs
+    too, where the encoder is proven exact (``objectives.encoder_packing.ENCODERS``: BERT, RoBERTa, DistilBERT,
+    ELECTRA, DeBERTa-v2, ModernBERT): the same ``micro_batch_size`` examples as unpadded, only laid end to end
+    (and, under ``group_by_length: auto``, shuffled without length grouping). Evaluation is never packed."""
     augment: AugmentConfig = AugmentConfig()
     max_eval_examples: int | None = Field(None, gt=0)
     """Evaluate on at most this many examples per split (the first ones, so runs stay comparable)."""
@@ -235,9 +239,9 @@ class Recipe(_Section):
             # The guard's "base" is the model with the adapter switched off, which these inits have rewritten.
             raise ValueError(f"forgetting.enabled compares with the base model, which lora.init '{self.lora.init}' "
                              "rewrites: use lora.init: true, or turn the guard off")
-        if d.packing is True and self.model.task != "causal_lm":
-            raise ValueError("data.packing true lays examples of a causal LM end to end: it needs model.task "
-                             "causal_lm (set data.packing: auto or false)")
+        if d.packing is True and self.model.task not in ("causal_lm", "sequence_classification"):
+            raise ValueError("data.packing true lays examples end to end for model.task causal_lm or "
+                             "sequence_classification (set data.packing: auto or false)")
         if d.validation and d.validation_split:
             raise ValueError("give data.validation or data.validation_split, not both")
         self._objective_fits()

@@ -63,7 +63,7 @@ def synthetic_batch(objective: Objective, micro_batch: int, seq_len: int, answer
     g = torch.Generator().manual_seed(seed)
     rows = []
     low = min(1000, max(objective.tokenizer.vocab_size - 1, 2))
-    per_row = 4 if packed else 1
+    per_row = 4 if packed and not objective.packs_examples else 1  # an encoder packs its micro-batch's examples
     for k in range(micro_batch * per_row):
         n = seq_len // per_row - (8 if k == micro_batch * per_row - 1 and micro_batch * per_row > 1 else 0)
         ids = torch.randint(1, low, (n,), generator=g).tolist()

@@ -78,6 +78,14 @@ def make_train_loader(train, objective: Objective, model: torch.nn.Module,
     tc, d = recipe.train, recipe.data
     packing = objective.use_packing(d.packing, model)
     augmenter = objective.token_augmenter(d.augment, tc.seed)
+    if packing and objective.packs_examples:
+        # micro_batch_size examples as unpacked, laid end to end: no padding is left for length grouping to save,
+        # so group_by_length auto only shuffles (as the Trainer's default sampler); true still groups.
+        collate = partial(objective.collate_packed, capacity=d.max_length, augment=augmenter)
+        window = LengthGroupedBatches.window_for(d.group_by_length, 0)
+        log.info("packing: each micro-batch's examples laid end to end in rows (no padding between them)")
+        return make_loader(train, tc.micro_batch_size, collate, True, tc.seed, window, tc.max_tokens_per_batch), \
+            True, augmenter
     if packing:
         rows = tc.rows_per_packed_batch(d.max_length)
         loader = make_packed_loader(train, d.max_length, rows, objective.collate_packed, tc.seed)
@@ -98,11 +106,12 @@ def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes:
     packing = session.objective.use_packing(recipe.data.packing, session.model)
     # What make_train_loader batches in an epoch: the examples, or about the rows they fill (first-fit packing
     # fills rows to within a few percent).
-    units = max(1, math.ceil(stats["tokens"] / max_length)) if packing else stats["examples"]
+    rows = packing and not session.objective.packs_examples
+    units = max(1, math.ceil(stats["tokens"] / max_length)) if rows else stats["examples"]
     batch_auto = given.train.micro_batch_size == "auto" and given.train.global_batch_size is None
     parameters = session.model.get_nb_trainable_parameters()[1]  # peft counts 4-bit weights at their real size
     recipe, rules = resolve_training(recipe, DataFacts(stats["examples"], units, processes, batch_auto, parameters))
-    longest = max_length if packing else stats["max_tokens"]
+    longest = max_length if rows else stats["max_tokens"]
     return resolve_trim(recipe, device, session.loaded.source, longest), rules
 
 

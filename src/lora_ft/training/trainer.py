@@ -190,7 +190,8 @@ class Trainer:
                      "global_batch": tc.global_batch(world), "grad_accum": tc.grad_accum,
                      "total_steps": self.total_steps, "packing": self.packing, "data": s.data.stats,
                      "generation": self.generated.settings() if self.generated is not None else None}
-        unit = f"rows of up to {self.recipe.data.max_length} tokens" if self.packing else "examples"
+        rows = self.packing and not self.objective.packs_examples
+        unit = f"rows of up to {self.recipe.data.max_length} tokens" if rows else "examples"
         log.info("global batch %d %s = micro_batch_size %d × grad_accum %d × %d process(es); %d optimizer steps",
                  self.info["global_batch"], unit, tc.micro_batch_size, tc.grad_accum, world, self.total_steps)
         if self.accelerator.is_main_process:
