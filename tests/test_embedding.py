@@ -241,3 +241,24 @@ def test_the_merged_folder_loads_in_sentence_transformers_and_embeds_as_the_adap
     assert torch.allclose(ours, theirs, atol=1e-5)
     base = SentenceTransformer(str(run.source()), device="cpu").encode(texts, convert_to_tensor=True)
     assert not torch.allclose(base, theirs, atol=1e-3)  # the adapter changed the embeddings: not a no-op merge
+
+
+def test_predict_gives_pair_similarities_and_retrieval_metrics_and_a_merged_folder_the_embeddings(embedding_run,
+                                                                                                  tmp_path):
+    from lora_ft.shipping.infer import load_for_inference, predict_file
+    from lora_ft.shipping.merge import merge_run
+
+    rows = pair_rows(12, 4)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    summary = predict_file(load_for_inference(embedding_run), str(pairs), tmp_path / "p.jsonl")
+    scored = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["anchor"] for r in scored] == [r["anchor"] for r in rows]
+    assert all(-1 <= r["similarity"] <= 1 for r in scored) and summary["mrr"] > 0.5
+    if not (embedding_run / "merged").is_dir():
+        merge_run(embedding_run, device="cpu")
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": r["anchor"]} for r in rows])
+    predict_file(load_for_inference(embedding_run / "merged"), str(texts), tmp_path / "e.jsonl")
+    ours = torch.tensor([json.loads(x)["embedding"] for x in (tmp_path / "e.jsonl").read_text().splitlines()])
+    theirs = SentenceTransformer(str(embedding_run / "merged"), device="cpu").encode([r["anchor"] for r in rows],
+                                                                                     convert_to_tensor=True)
+    assert torch.allclose(ours, theirs, atol=1e-5)

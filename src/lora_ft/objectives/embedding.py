@@ -109,6 +109,8 @@ class Embedding(Objective):
     length, a cue unrelated to meaning."""
     formats = ("pairs", "scored_pairs")
     compared = "sentence embeddings"
+    sequences_per_example = 2
+    """Anchor and positive (hard negatives add a third, which the planner does not count)."""
     selected_by = ("mrr", "loss")
     fidelity_measure = "cosine_distance_mean"
 

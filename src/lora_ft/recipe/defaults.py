@@ -52,11 +52,12 @@ AUTO_WARMUP = {"classification": 0.06, "sft": 0.03, "preference": 0.03, "embeddi
 """``warmup: auto``, a fraction of the steps. Classification 0.06 (RoBERTa's GLUE setting, the ``Trainer``
 comparison's); SFT and preference 0.03 (QLoRA's); embedding 0.1 (sentence-transformers' LoRA example)."""
 
-AUTO_EPOCHS = {"classification": 3.0, "sft": 3.0, "preference": 1.0, "embedding": 3.0}
+AUTO_EPOCHS = {"classification": 3.0, "sft": 3.0, "preference": 1.0, "embedding": 1.0}
 """``epochs: auto`` for data sets up to ``AUTO_EPOCH_EXAMPLES / epochs`` examples. Classification and SFT: 3, as
 transformers' ``Trainer`` and TRL default to; with validation data the best adapter is kept and early stopping ends
 a run that stops improving, so a third pass costs time, not quality. Preference: 1 (the quickstart's DPO run reached
-reward accuracy 0.81 in one). Embedding: 3, as the ``SentenceTransformerTrainer`` defaults to."""
+reward accuracy 0.81 in one). Embedding: 1, as sentence-transformers' LoRA example trains: the base of an
+embedding run is usually an embedding model already, which the adapter adjusts (the quickstart: see the README)."""
 
 AUTO_MIN_STEPS = {"classification": 300, "sft": 100}
 """The fewest optimizer steps a run of ``auto`` values gets: a new head and its adapters need a few hundred updates
