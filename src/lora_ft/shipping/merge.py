@@ -293,7 +293,8 @@ def _merge(run: Run, dtype: str, base: str, out: Path, force: bool, examples: in
     if not passed and not force:
         report_path = _record(run, f"{effective_base}-{dtype}", entry)
         hint = ", or merge with the default --base dequantized" if run.quantized and base == "original" else ""
-        why = (f"{measure} {metrics[measure]:.3g} > {limit:g} ({limit_key}) on {metrics['positions']} positions"
+        label = "mean KL" if measure == "kl_mean" else measure
+        why = (f"{label} {metrics[measure]:.3g} > {limit:g} ({limit_key}) on {metrics['positions']} positions"
                if metrics[measure] > limit else stops["stops_problem"])
         raise FidelityError(f"the merged model does not reproduce the adapter model: {why}; nothing saved (report "
                             f"in {report_path}). Pass --force to save it anyway{hint}")
