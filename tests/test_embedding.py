@@ -268,3 +268,20 @@ def test_predict_gives_pair_similarities_and_retrieval_metrics_and_a_merged_fold
     theirs = SentenceTransformer(str(embedding_run / "merged"), device="cpu").encode([r["anchor"] for r in rows],
                                                                                      convert_to_tensor=True)
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_the_hub_folder_of_a_merged_embedding_run_is_tagged_for_sentence_similarity(embedding_run):
+    from huggingface_hub import ModelCard
+
+    from lora_ft.shipping.hub import build_hub_folder
+    from lora_ft.shipping.merge import merge_run
+
+    if not (embedding_run / "merged").is_dir():
+        merge_run(embedding_run, device="cpu")
+    folder = build_hub_folder(embedding_run, "someone/tiny-embedder", merged=True, base_model="someone/tiny-bert")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.pipeline_tag == "sentence-similarity" and card.data.library_name == "sentence-transformers"
+    assert "sentence-transformers" in card.data.tags
+    assert 'SentenceTransformer("someone/tiny-embedder")' in card.text and "mean cosine distance" in card.text
+    assert json.loads((folder / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"] is True
+    assert SentenceTransformer(str(folder), device="cpu").encode(["the cow"]).shape == (1, 64)
