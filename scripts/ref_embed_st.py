@@ -4,8 +4,8 @@ Trains a LoRA adapter on all-MiniLM-L6-v2 with ``SentenceTransformerTrainer`` at
 documents for adapters (``examples/sentence_transformer/training/peft/training_gooaq_lora.py``: LoRA r 64, alpha
 128, dropout 0.1 on peft's default targets for BERT (query, value), ``MultipleNegativesRankingLoss`` (its cached
 variant there, the same loss), 1 epoch, lr 2e-5, warmup ratio 0.1, the no-duplicates batch sampler), with the
-trainer's own defaults elsewhere (linear schedule, no weight decay) and batch 32, lora_ft's ``auto`` batch (the example's 1024 is for
-its 1M pairs; here it would be the whole training split in one step). Every such setting is a flag, so the same
+trainer's own defaults elsewhere (linear schedule, no weight decay) and batch 32, lora_ft's ``auto`` batch (the
+example's 1024 is for its 1M pairs; here it would be the whole training split in one step). Every such setting is a flag, so the same
 script also runs at lora_ft's settings. The test split is scored exactly as lora_ft scores it
 (``objectives.embedding.Embedding.summarize``: queries = anchors, corpus = the split's positives), before and after.
 
