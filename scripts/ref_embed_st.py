@@ -5,8 +5,8 @@ documents for adapters (``examples/sentence_transformer/training/peft/training_g
 128, dropout 0.1 on peft's default targets for BERT (query, value), ``MultipleNegativesRankingLoss`` (its cached
 variant there, the same loss), 1 epoch, lr 2e-5, warmup ratio 0.1, the no-duplicates batch sampler), with the
 trainer's own defaults elsewhere (linear schedule, no weight decay) and batch 32, lora_ft's ``auto`` batch (the
-example's 1024 is for its 1M pairs; here it would be the whole training split in one step). Every such setting is a flag, so the same
-script also runs at lora_ft's settings. The test split is scored exactly as lora_ft scores it
+example's 1024 is for its 1M pairs; here it would be the whole training split in one step). Every such setting is
+a flag, so the same script also runs at lora_ft's settings. The test split is scored exactly as lora_ft scores it
 (``objectives.embedding.Embedding.summarize``: queries = anchors, corpus = the split's positives), before and after.
 
     python scripts/ref_embed_st.py --seeds 0 1 2 --out ref_embed.json [--lr 2e-4 --r 16 --alpha 32 --targets all]
