@@ -8,6 +8,9 @@ Three datasets are written as JSON Lines (UTF-8, one object per line):
 * ``data/docstring_prefs``: preference pairs from the same examples: the
   real summary is chosen, the real summary of another function of the same
   split (of the same package where there is one) is rejected.
+* ``data/docstring_pairs``: sentence-embedding pairs from the same examples:
+  the summary (``anchor``, the query) and the function's code
+  (``positive``, the passage it should retrieve).
 * ``data/fortunes``: text classification of Debian ``fortunes`` cookies
   (``/usr/share/games/fortunes``; install the ``fortunes`` and
   ``fortunes-min`` packages first).
@@ -15,7 +18,7 @@ Three datasets are written as JSON Lines (UTF-8, one object per line):
 The output is deterministic for a given Python version and fortunes package
 version.  Usage::
 
-    python scripts/build_example_data.py [--out-dir data] [--seed 0] [--only docstrings preferences ...]
+    python scripts/build_example_data.py [--out-dir data] [--seed 0] [--only docstrings preferences pairs ...]
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from pathlib import Path
 LOG = logging.getLogger("build_example_data")
 
 SPLITS = ("train", "validation", "test")
-DATASETS = ("docstrings", "preferences", "fortunes", "reference")
+DATASETS = ("docstrings", "preferences", "pairs", "fortunes", "reference")
 MAX_DATASET_BYTES = 2 * 1024 * 1024
 
 # --- docstrings -------------------------------------------------------------
@@ -242,6 +245,25 @@ def build_preferences(docstrings: dict[str, list[dict]], seed: int) -> dict[str,
     return result
 
 
+CODE = re.compile(r"```python\n(.*)\n```\Z", re.S)
+
+
+def build_pairs(docstrings: dict[str, list[dict]]) -> dict[str, list[dict[str, object]]]:
+    """Embedding pairs in sentence-transformers' column names from the docstring splits: the summary is the
+    ``anchor`` (a query), the function's code (the prompt's code block) its ``positive``. The splits keep the
+    docstrings' split by module, so no module, summary or function is in two splits."""
+    result = {}
+    for split in SPLITS:
+        pairs = []
+        for rec in docstrings[split]:
+            code = CODE.search(rec["messages"][0]["content"])
+            if code is None:
+                raise SystemExit(f"docstrings/{split}: no code block in the prompt of {rec['source']}")
+            pairs.append({"anchor": rec["messages"][1]["content"], "positive": code.group(1), "source": rec["source"]})
+        result[split] = pairs
+    return result
+
+
 # --- fortunes ---------------------------------------------------------------
 
 
@@ -383,12 +405,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    if {"docstrings", "preferences"} & set(args.only):
+    if {"docstrings", "preferences", "pairs"} & set(args.only):
         docstrings = build_docstrings(args.seed)
         if "docstrings" in args.only:
             write_dataset(args.out_dir, "docstrings", docstrings)
         if "preferences" in args.only:
             write_dataset(args.out_dir, "docstring_prefs", build_preferences(docstrings, args.seed))
+        if "pairs" in args.only:
+            write_dataset(args.out_dir, "docstring_pairs", build_pairs(docstrings))
     if "fortunes" in args.only:
         write_dataset(args.out_dir, "fortunes", build_fortunes(args.seed, args.categories))
     if "reference" in args.only:

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..errors import UsageError
-from ..modeling.adapters import linear_modules, resolve_targets
+from ..modeling.adapters import linear_modules, resolve_targets, unused_modules
 from ..modeling.loading import auto_class, load_config, new_head_modules, remote_code, resolve_source
 from ..objectives.causal_lm import PACKING_MODELS
 from ..objectives.chunked_loss import PLAIN_HEAD_MODELS
@@ -177,9 +177,10 @@ def _model_shape(source: str, task: str, lora_targets: tuple[str, ...] | str, qu
                 quantizable.add(name)
     head_params = sum(p.numel() for h in heads_new for p in model.get_submodule(h).parameters())
     requested = "auto" if lora_targets == "auto" else list(lora_targets)
-    targets = resolve_targets(model, requested, heads_new)
+    skipped = heads_new + unused_modules(model, task)  # as attach_adapters skips them
+    targets = resolve_targets(model, requested, skipped)
     dims = {n: (i, o) for n, i, o, _ in linear}
-    lora_modules = tuple((n, *dims[n]) for n in linear_modules(model, heads_new)
+    lora_modules = tuple((n, *dims[n]) for n in linear_modules(model, skipped)
                          if n in dims and any(n == t or n.endswith("." + t) for t in targets))
 
     n_layers = int(_cfg(config, "num_hidden_layers", "n_layer", "num_layers"))
@@ -259,7 +260,9 @@ def setting_for(recipe: Recipe, device: str, bf16_supported: bool = True) -> Set
                    compute=recipe.model.resolved_compute_dtype(cuda, bf16_supported),
                    gradient_checkpointing=cuda if gc == "auto" else bool(gc), r=recipe.lora.r,
                    lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora,
-                   sequences=2 if recipe.objective.paired else 1, packed=packs(recipe))
+                   # an embedding pair's anchor and positive are both held for the backward, as a preference pair
+                   sequences=2 if recipe.objective.paired or recipe.model.task == "embedding" else 1,
+                   packed=packs(recipe))
 
 
 def packs(recipe: Recipe) -> bool:

@@ -15,7 +15,14 @@ from .lora_dropout import fuse_lora_dropout
 
 log = logging.getLogger(__name__)
 
-TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "sequence_classification": TaskType.SEQ_CLS}
+TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "sequence_classification": TaskType.SEQ_CLS,
+              "embedding": TaskType.FEATURE_EXTRACTION}
+
+
+def unused_modules(model: PreTrainedModel, task: str) -> list[str]:
+    """Modules whose output the task never reads, kept free of LoRA: an encoder's pooler under ``embedding`` (the
+    embedding pools the token states), whose adapter would get no gradient and make DDP wait for one forever."""
+    return [n for n, _ in model.named_modules() if task == "embedding" and n.rsplit(".", 1)[-1] == "pooler"]
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
@@ -80,7 +87,7 @@ def attach_adapters(
     model: PreTrainedModel, cfg: LoraConfigSection, task: str, heads: list[str], gradient_checkpointing: bool
 ) -> PeftModel:
     """Freeze the base, prepare k-bit layers for training, inject LoRA; heads train in full."""
-    targets = resolve_targets(model, cfg.target_modules, heads)
+    targets = resolve_targets(model, cfg.target_modules, heads + unused_modules(model, task))
     model = _prepare_base(model, gradient_checkpointing)
     peft_model = get_peft_model(model, lora_config(cfg, task, targets, heads))
     return _ready(peft_model, targets)

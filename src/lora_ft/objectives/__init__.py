@@ -7,15 +7,19 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from ..modeling.loading import resolve_source
+from ..modeling.pooling import read_pooling
 from ..recipe import Recipe
 from .base import Batch, GenerationExample, Objective
 from .causal_lm import CausalLM
 from .classification import SequenceClassification
+from .embedding import Embedding
 from .preference import Preference
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "causal_lm": CausalLM,
     "sequence_classification": SequenceClassification,
+    "embedding": Embedding,
 }
 
 
@@ -25,8 +29,11 @@ def objective_for(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Objecti
     o = recipe.objective
     if o.paired:
         return Preference(recipe.data, tokenizer, o, o.precomputes_reference(recipe.lora), bool(recipe.lora.init_from))
+    if recipe.model.task == "embedding":
+        m = recipe.model
+        return Embedding(recipe.data, tokenizer, read_pooling(resolve_source(m.name), m.revision))
     return OBJECTIVES[recipe.model.task](recipe.data, tokenizer)
 
 
-__all__ = ["OBJECTIVES", "Batch", "CausalLM", "GenerationExample", "Objective", "Preference", "SequenceClassification",
-           "objective_for"]
+__all__ = ["OBJECTIVES", "Batch", "CausalLM", "Embedding", "GenerationExample", "Objective", "Preference",
+           "SequenceClassification", "objective_for"]

@@ -42,6 +42,8 @@ class Objective(ABC):
     """The ``data.format`` values this objective reads."""
     compared: ClassVar[str]
     """What ``label_logits`` returns, in words (the merge report's ``compared``)."""
+    fidelity_measure: ClassVar[str] = "kl_mean"
+    """The merge report's figure that must stay under the merge's limit (``compare_outputs``; None there: KL)."""
     sequences_per_example: ClassVar[int] = 1
     """Sequences one example puts through the model (preference pairs: 2); the planner counts with it."""
     packs_examples: ClassVar[bool] = False
@@ -192,6 +194,17 @@ class Objective(ABC):
         """The best adapter's score in words, for the log (``best``: a ``training.guards.BestAdapter``)."""
         key = best.score or [best.loss]
         return ", ".join(f"{m} {v if m == 'loss' else -v:.4f}" for m, v in zip(self.selected_by, key, strict=False))
+
+    def compare_outputs(self, ref: list[tuple[torch.Tensor, torch.Tensor]],
+                        new: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float] | None:
+        """The merge's own comparison of ``label_logits`` before and after, with ``fidelity_measure`` among its
+        figures; None: the merge compares them as distributions (KL divergence)."""
+        return None
+
+    def write_model_files(self, model: torch.nn.Module, folder: Path) -> None:
+        """Files a merged model folder needs beside transformers' own so that its users' library rebuilds what was
+        trained (an embedding model's sentence-transformers pipeline); nothing by default."""
+        return None
 
     @abstractmethod
     def label_logits(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ class ModelConfig(_Section):
 
     name: str = "example:smollm2-135m-instruct"
     """Hub id, local folder, path to a ``.gguf`` file, or ``example:NAME``."""
-    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    task: Literal["causal_lm", "sequence_classification", "embedding"] = "causal_lm"
     quant: Literal["none", "int8", "nf4", "fp4"] = "none"
     double_quant: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -125,7 +125,7 @@ class DataConfig(_Section):
     """Fraction of ``train`` carved out (with ``train.seed``) when no ``validation`` file is given."""
     test: str | None = None
     format: Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text", "classification",
-                    "preference"] = "auto"
+                    "preference", "pairs", "scored_pairs"] = "auto"
     messages_column: str = "messages"
     conversations_column: str = "conversations"
     """``sharegpt``: the column of ``{from, value}`` turns (roles human/gpt/system; user/assistant too)."""
@@ -139,6 +139,13 @@ class DataConfig(_Section):
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    anchor_column: str = "anchor"
+    """``model.task: embedding``: the query (sentence-transformers' column names, as the next three)."""
+    positive_column: str = "positive"
+    negative_column: str = "negative"
+    """Hard negatives (optional: the column may be absent)."""
+    score_column: str = "score"
+    """Scored pairs: the target cosine similarity of anchor and positive (its presence selects ``scored_pairs``)."""
     system_prompt: str | None = None
     max_length: int = Field(512, gt=1)
     train_on_prompt: bool = False
@@ -231,6 +238,9 @@ class Recipe(_Section):
             raise ValueError("data.format 'classification' needs model.task: sequence_classification")
         if self.model.task == "sequence_classification" and d.format not in ("auto", "classification"):
             raise ValueError(f"model.task sequence_classification cannot train on data.format '{d.format}'")
+        if (d.format in ("pairs", "scored_pairs")) != (self.model.task == "embedding") and d.format != "auto":
+            raise ValueError(f"data.format '{d.format}' and model.task {self.model.task} do not go together: pairs and "
+                             "scored_pairs train model.task: embedding, which trains on nothing else")
         if self.freeze.strategy == "head_first" and self.model.task != "sequence_classification":
             raise ValueError("freeze.strategy head_first needs a new task head: model.task sequence_classification")
         if self.forgetting.enabled and self.model.task != "causal_lm":

@@ -28,7 +28,8 @@ EXAMPLE_BASES: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
     "minilm-l6": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
 }
-PIPELINE_TAGS = {"causal_lm": "text-generation", "sequence_classification": "text-classification"}
+PIPELINE_TAGS = {"causal_lm": "text-generation", "sequence_classification": "text-classification",
+                 "embedding": "sentence-similarity"}
 # llama.cpp names its files after the quantization type: SmolLM2-135M-Instruct.Q4_1.gguf, model-q8_0.gguf.
 GGUF_QUANT = re.compile(r"[.\-_](I?Q\d+(?:_[0-9A-Z]+)*|BF16|F16|F32)\.gguf$", re.IGNORECASE)
 TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
@@ -240,7 +241,14 @@ def _measurements(run: Run, merge_entry: dict[str, Any] | None) -> list[str]:
         lines += ["## Results", "",
                   f"Measured by lora_ft on the run's held-out splits; *before* is {start}.", "",
                   results_table(run.folder.read_json(RESULTS)), ""]
-    if merge_entry:
+    if merge_entry and merge_entry.get("fidelity_measure", "kl_mean") != "kl_mean":
+        e = merge_entry  # embeddings: compared by cosine (merge.COSINE_LIMITS)
+        lines += ["## Merge fidelity", "",
+                  f"Merged into the {e['base']} base weights in {e['dtype']}; compared with the adapter model on the "
+                  f"{e['positions']} {e['compared']} of {e['examples']} {e['data']} examples:", "",
+                  "| mean cosine distance | min cosine | max abs component diff |", "|---|---|---|",
+                  f"| {e['cosine_distance_mean']:.3g} | {e['cosine_min']:.6f} | {e['max_abs_diff']:.3g} |", ""]
+    elif merge_entry:
         e = merge_entry
         lines += ["## Merge fidelity", "",
                   f"Merged into the {e['base']} base weights in {e['dtype']}; compared with the adapter model on "
@@ -293,10 +301,12 @@ def build_card(run: Run, repo_id: str, merged: bool, base_id: str | None, licens
                merge_entry: dict[str, Any] | None) -> ModelCard:
     """The card of what ``hub.build_hub_folder`` uploads: the adapter (``merged=False``) or the merged model."""
     r, quant = run.recipe, run.recipe.model.quant
+    embedding = r.model.task == "embedding"
     tags = ["lora_ft", "lora", PIPELINE_TAGS[r.model.task]] + (["qlora"] if quant != "none" else []) \
-        + (["dora"] if r.lora.use_dora else [])
+        + (["dora"] if r.lora.use_dora else []) + (["sentence-transformers", "feature-extraction"] if embedding else [])
+    library = ("sentence-transformers" if embedding else "transformers") if merged else "peft"
     data = ModelCardData(
-        base_model=base_id, library_name="transformers" if merged else "peft",
+        base_model=base_id, library_name=library,
         pipeline_tag=PIPELINE_TAGS[r.model.task], tags=tags, datasets=_hub_datasets(run), license=license,
         # A merged LoRA is a fine-tune of the base (the Hub's "merge" means merging several models).
         **({"base_model_relation": "finetune"} if merged and base_id else {}),
@@ -319,6 +329,8 @@ def build_card(run: Run, repo_id: str, merged: bool, base_id: str | None, licens
 def _usage(task: str, repo_id: str, merged: bool, base_id: str | None, info: dict[str, Any],
            bnb: str | None = None, compute_dtype: str = "fp32") -> list[str]:
     """The card's code snippet; ``bnb`` (``bnb_config_source``) loads a quantized run's base as training did."""
+    if task == "embedding":
+        return _embedding_usage(repo_id, merged, base_id)
     causal = task == "causal_lm"
     auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
     chat = ['messages = [{"role": "user", "content": "Hello!"}]',
@@ -353,6 +365,16 @@ def _usage(task: str, repo_id: str, merged: bool, base_id: str | None, info: dic
             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
 
 
+
+
+def _embedding_usage(repo_id: str, merged: bool, base_id: str | None) -> list[str]:
+    """Sentence-transformers opens a merged embedding folder (its modules.json) and, with peft installed, an
+    adapter repo on top of its base."""
+    load = [f'model = SentenceTransformer("{repo_id}")'] if merged else [
+        f'model = SentenceTransformer("{base_id or "BASE_MODEL"}")', f'model.load_adapter("{repo_id}")']
+    return ["from sentence_transformers import SentenceTransformer", "", *load,
+            'embeddings = model.encode(["How do I sort a list?", "sorted(xs) returns a new sorted list"])',
+            "print(model.similarity(embeddings[0:1], embeddings[1:]))"]
 
 
 # -------------------------------------------------------------------------------------------------- GGUF

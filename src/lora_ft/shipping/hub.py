@@ -160,6 +160,8 @@ def build_hub_folder(run_dir: str | Path, repo_id: str, merged: bool = False, ba
         for f in files:
             if f.is_file() and f.name not in SKIP_FILES:
                 _place(f, tmp / f.name)
+            elif f.is_dir() and merged:  # an embedding model's sentence-transformers modules (1_Pooling/, ...)
+                shutil.copytree(f, tmp / f.name)
         if gguf_entry:  # written for this file: the Modelfile beside the export may name a later one
             write_modelfile(run, files[0].name, tmp)
         elif not merged:

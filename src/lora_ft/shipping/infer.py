@@ -17,6 +17,7 @@ from typing import IO, Any
 import torch
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -28,7 +29,10 @@ from ..data.cells import Where, check_columns
 from ..data.reading import read_split
 from ..errors import RunError, UsageError, first_line
 from ..modeling.loading import check_folder, remote_code
+from ..modeling.pooling import Pooling, read_pooling
+from ..recipe import DataConfig
 from ..run import RUN_CONFIG, default_device, load_adapter_model, load_run_tokenizer, merged_folder, open_run
+from .embed import predict_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,10 @@ class InferenceModel:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    pooling: Pooling | None = None
+    """An embedding model's pooling (``predict`` embeds, see ``embed.py``); None for the others."""
+    data: DataConfig | None = None
+    """The run's data section (an embedding run's pair columns); None for a bare folder."""
 
 
 def load_for_inference(path: str | Path, merged: bool = False, device: torch.device | str | None = None
@@ -54,7 +62,9 @@ def load_for_inference(path: str | Path, merged: bool = False, device: torch.dev
         run = open_run(path)
         data = run.recipe.data
         cols = dict(max_length=data.max_length, text_column=data.text_column,
-                    text_pair_column=data.text_pair_column, label_column=data.label_column)
+                    text_pair_column=data.text_pair_column, label_column=data.label_column, data=data)
+        if run.recipe.model.task == "embedding":
+            cols["pooling"] = read_pooling(run.source(), run.recipe.model.revision)
         if not merged:
             tok = load_run_tokenizer(run)
             return InferenceModel(load_adapter_model(run, device, tok), tok, run.causal, **cols)
@@ -85,8 +95,11 @@ def _load_plain(folder: Path, device: torch.device, cols: dict[str, Any], trust:
         raise RunError(f"{folder}: cannot open the model without running its own code ({first_line(e)}); open it "
                        "through its run (lora-ft chat RUN_DIR --merged), whose recipe sets model.trust_remote_code"
                        ) from None
-    causal = not any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    if (folder / "modules.json").is_file():  # a sentence-transformers folder (a merged embedding run)
+        cols = {**cols, "pooling": read_pooling(str(folder))}
+    causal = not any(a.endswith("ForSequenceClassification") for a in config.architectures or []) \
+        and "pooling" not in cols
+    cls = AutoModel if "pooling" in cols else AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     model = cls.from_pretrained(folder, dtype="auto", **remote_code(trust, folder)).to(device).eval()
     return InferenceModel(model, AutoTokenizer.from_pretrained(folder, **remote_code(trust, folder)), causal, **cols)
 
@@ -168,6 +181,8 @@ def chat(im: InferenceModel, stdin: IO[str], stdout: IO[str], system: str | None
 def predict_file(im: InferenceModel, data_file: str, out: str | Path, batch_size: int = 32) -> dict[str, Any]:
     """Classify every row of ``data_file``; write it to ``out`` (jsonl) with ``prediction`` (the label name)
     and ``probabilities`` (label name → probability). Returns a summary (with accuracy when labels are given)."""
+    if im.pooling is not None:
+        return predict_embeddings(im, data_file, out, batch_size)
     if im.causal:
         raise UsageError("this run is a causal LM: use 'lora-ft generate' or 'lora-ft chat'")
     ds = read_split(data_file, "predict", "--data")
