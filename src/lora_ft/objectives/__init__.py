@@ -11,11 +11,14 @@ from ..recipe import Recipe
 from .base import Batch, GenerationExample, Objective
 from .causal_lm import CausalLM
 from .classification import SequenceClassification
+from .kto import KTO
 from .preference import Preference
+from .reward import RewardModel
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "causal_lm": CausalLM,
     "sequence_classification": SequenceClassification,
+    "reward": RewardModel,
 }
 
 
@@ -25,8 +28,10 @@ def objective_for(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Objecti
     o = recipe.objective
     if o.paired:
         return Preference(recipe.data, tokenizer, o, o.precomputes_reference(recipe.lora), bool(recipe.lora.init_from))
+    if o.type == "kto":
+        return KTO(recipe.data, tokenizer, o)
     return OBJECTIVES[recipe.model.task](recipe.data, tokenizer)
 
 
-__all__ = ["OBJECTIVES", "Batch", "CausalLM", "GenerationExample", "Objective", "Preference", "SequenceClassification",
-           "objective_for"]
+__all__ = ["KTO", "OBJECTIVES", "Batch", "CausalLM", "GenerationExample", "Objective", "Preference", "RewardModel",
+           "SequenceClassification", "objective_for"]
