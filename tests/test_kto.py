@@ -26,7 +26,7 @@ from transformers import LlamaForCausalLM
 from lora_ft.data.chat import IGNORE
 from lora_ft.errors import DataError, RecipeError
 from lora_ft.objectives.kto import kto_losses
-from lora_ft.recipe import load_recipe
+from lora_ft.recipe import Recipe, load_recipe
 from lora_ft.shipping.merge import merge_run
 from lora_ft.training.trainer import train
 
@@ -181,6 +181,7 @@ def test_reference_is_the_base_model_with_the_adapter_switched_off(tiny_llama):
     ("objective: {type: dpo, desirable_weight: 2}\n", "apply to kto, not dpo"),
     ("objective: {type: kto}\ndata: {packing: true}\n", "do not apply to objective.type kto"),
     ("objective: {type: kto, undesirable_weight: 0}\n", "undesirable_weight"),
+    ("objective: {type: kto}\neval: {generate: true}\n", "KTO rows hold no reference answers"),
 ])
 def test_kto_recipe_rules_name_the_field_and_the_fix(tmp_path, text, needle):
     (tmp_path / "r.yaml").write_text(text)
@@ -257,3 +258,22 @@ def test_kto_on_two_processes_matches_one_process_accumulating_the_same_global_b
             assert b["examples"] == a["examples"] and b["kl"] == pytest.approx(a["kl"], abs=1e-5)
             assert b["reward_margin"] == pytest.approx(a["reward_margin"], abs=1e-5)
     assert one[-1]["loss"] < one[0]["loss"]  # it learned
+
+
+def test_the_planner_counts_one_sequence_per_row_in_the_step_and_the_kl_sequences_at_evaluation(tiny_llama):
+    """The KL and reference passes run without gradients before the policy's: the step holds what an SFT step of
+    the same rows holds; evaluation scores both sequences of a row, as a DPO evaluation both sides of a pair."""
+    from lora_ft.memory.estimate import estimate
+    from lora_ft.memory.report import plan_report
+    from lora_ft.memory.shape import model_shape, setting_for
+
+    def planned(objective):
+        recipe = Recipe.model_validate({"model": {"name": str(tiny_llama)}, "objective": objective,
+                                        "data": {"packing": False}})
+        return estimate(model_shape(recipe), setting_for(recipe, "cpu"), 4, 64, answer_fraction=0.5)
+
+    kto, sft, dpo = planned({"type": "kto"}), planned({"type": "sft"}), planned({"type": "dpo"})
+    assert kto.step_peak == sft.step_peak and kto.eval_peak == dpo.eval_peak > sft.eval_peak
+    recipe = Recipe.model_validate({"model": {"name": str(tiny_llama)}, "objective": {"type": "kto"}})
+    text = plan_report(recipe, "cpu", 8 * 2**30, seq_len=64, micro_batch=4)
+    assert "micro-batch 4 rows (+ 1 mismatched KL sequence each, without gradients) × sequence 64" in text

@@ -6,6 +6,7 @@ never quantized), and whole runs: training, selection by reward accuracy, resume
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 
 import pytest
 import torch
@@ -256,3 +257,14 @@ def test_reward_model_on_two_processes_matches_one_process(tiny_llama, tmp_path)
             assert (b["reward_accuracy"], b["examples"]) == (a["reward_accuracy"], a["examples"])
             assert b["reward_margin"] == pytest.approx(a["reward_margin"], abs=1e-5)
     assert one[-1]["loss"] < one[0]["loss"]  # it learned
+
+
+def test_the_planner_counts_both_sides_of_a_pair_and_the_head(tiny_llama):
+    from lora_ft.memory.estimate import estimate
+    from lora_ft.memory.shape import model_shape, setting_for
+
+    recipe = Recipe.model_validate({"model": {"name": str(tiny_llama)}, "objective": {"type": "reward"}})
+    shape, s = model_shape(recipe), setting_for(recipe, "cpu")
+    assert shape.task == "reward" and shape.head_params == 64 and s.sequences == 2  # score: hidden 64 → 1
+    # 4 pairs are 8 sequences with gradients.
+    assert estimate(shape, s, 4, 64).step_peak == estimate(shape, replace(s, sequences=1), 8, 64).step_peak

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from ..data.cells import Where, text_problem
-from ..data.chat import IGNORE, prompt_text, render_prompt
+from ..data.chat import IGNORE, prompt_text
 from ..data.preference import encode_answer, read_answer, read_prompt
 from ..errors import DataError, RecipeError
 from ..recipe import AugmentConfig, DataConfig, ObjectiveConfig
@@ -131,12 +131,15 @@ class KTO(CausalLM):
     def encode(self, row: dict[str, Any], fmt: str) -> dict[str, Any]:
         """The row's sequence, and its prompt and answer tokens apart: the KL sequences join one row's prompt to
         another's answer."""
-        out: dict[str, Any] = super().encode(row, fmt)
         full = self.encode_full(row, fmt)
+        n = self.cfg.max_length
+        out: dict[str, Any] = {k: v[:n] for k, v in full.items()}
+        out["truncated"] = len(full["input_ids"]) > n
+        out["usable"] = any(t != IGNORE for t in out["labels"][1:])  # position 0 predicts nothing
         labelled = [i for i, t in enumerate(full["labels"]) if t != IGNORE]
         start, end = (labelled[0], labelled[-1] + 1) if labelled else (len(full["labels"]), len(full["labels"]))
         out["prompt_ids"], out["answer_ids"] = full["input_ids"][:start], full["input_ids"][start:end]
-        out["desirable"] = self._read(row)[2]
+        out["desirable"] = read_label(row[self.cfg.label_column], self.cfg.label_column)
         return out
 
     def collate(self, rows: list[dict[str, Any]], augment: Callable[[dict], dict] | None = None) -> Batch:
@@ -164,10 +167,9 @@ class KTO(CausalLM):
         return f"{prompt_text(prompt)}\ncompletion ({'desirable' if label else 'undesirable'}): {completion}"
 
     def generation_example(self, row: dict[str, Any], fmt: str) -> GenerationExample | None:
-        """A desirable row's prompt, with its completion as the reference (an undesirable one has none)."""
-        prompt, completion, label = self._read(row)
-        return GenerationExample(render_prompt(self.tokenizer, prompt), prompt_text(prompt), completion) \
-            if label else None
+        """None: half the rows' completions are what not to answer, so the rows hold no reference answers to
+        compare generations with (``eval.generate: auto`` stays off; ``true`` is refused by the recipe)."""
+        return None
 
     def describe(self, row: dict[str, Any], fmt: str) -> str:
         label = "desirable" if self._read(row)[2] else "undesirable"

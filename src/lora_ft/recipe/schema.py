@@ -338,6 +338,9 @@ class Recipe(_Section):
             return
         if self.model.task != "causal_lm":
             raise ValueError("objective.type kto tunes a language model: it needs model.task causal_lm")
+        if self.eval.generate is True:
+            raise ValueError("eval.generate true: KTO rows hold no reference answers (half the completions are what "
+                             "not to answer); set eval.generate: auto or false")
         if self.lora.init_from or self.lora.init in FULL_PRECISION_INITS:
             # The reference is the model with the adapter switched off: a starting adapter or a rewritten base would
             # need a reference computed before training, which the batch-dependent KL estimate cannot use.
