@@ -277,3 +277,21 @@ def test_the_planner_counts_one_sequence_per_row_in_the_step_and_the_kl_sequence
     recipe = Recipe.model_validate({"model": {"name": str(tiny_llama)}, "objective": {"type": "kto"}})
     text = plan_report(recipe, "cpu", 8 * 2**30, seq_len=64, micro_batch=4)
     assert "micro-batch 4 rows (+ 1 mismatched KL sequence each, without gradients) × sequence 64" in text
+
+
+def test_validate_reads_kto_rows_as_the_objective_does(tiny_llama, tmp_path, capsys):
+    """``lora-ft validate`` checks the rows with the recipe's objective (conversational prompts are not text cells
+    of a prompt/completion SFT set), and names a bad label."""
+    from lora_ft.cli import main
+
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "completion": r["completion"],
+             "label": r["label"]} for r in kto_rows(6, 1)]
+    recipe = make_recipe(tiny_llama, {"train": write_jsonl(tmp_path / "train.jsonl", rows)}, tmp_path / "run",
+                         objective={"type": "kto"})
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.dump())
+    assert main(["validate", str(path)]) == 0
+    rows[4]["label"] = "yes"
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    assert main(["validate", str(path)]) != 0
+    assert "train.jsonl row 5: data.label: a KTO label is true (desirable) or false" in capsys.readouterr().err

@@ -359,6 +359,9 @@ def load_model(
         config.label2id = {str(n): int(i) for i, n in id2label.items()}
     elif cfg.task == "reward":  # one scalar per sequence: what AutoModelForSequenceClassification(num_labels=1) is
         config.num_labels, config.id2label, config.label2id = 1, {0: "reward"}, {"reward": 0}
+        # The head reads each sequence's last token that is not the config's pad token: batches are padded with
+        # the tokenizer's, so the two must agree (the merged folder keeps it).
+        config.pad_token_id = tokenizer.pad_token_id
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     # fetch: the weights file is resolved here, then found in the cache by from_pretrained (no second download).

@@ -13,7 +13,9 @@ TRL rotates within each ``per_device_train_batch_size`` block of the dataset in 
 sequential sampling); lora_ft rotates within the micro-batch it draws, so the mismatched completions are always
 the completions of the same batch, as the KTO paper asks, under any sampler. TRL also averages z over the processes
 (``gather_for_metrics``); lora_ft keeps each micro-batch's own, so 2 processes give what 1 process accumulating 2
-micro-batches gives (on one process without accumulation both are the same number).
+micro-batches gives (on one process without accumulation both are the same number). Evaluation splits are
+rotated once as a whole (``prepare``) and scored with the KL estimate of the whole split, so their metrics depend on
+no batching or process count.
 
 **The reference** is the base model: the same weights with the adapter switched off (``preference.reference_logps``),
 as for DPO. Log-probs come from ``preference.sequence_logps`` (the chunked head on the answer positions only, never
@@ -143,18 +145,20 @@ class KTO(CausalLM):
         return out
 
     def collate(self, rows: list[dict[str, Any]], augment: Callable[[dict], dict] | None = None) -> Batch:
-        """The rows' sequences, and in ``kl_*`` each row's prompt with the previous row's answer (TRL's rotation),
-        both left-padded; ``desirable`` the labels. Single sequences (the forgetting guard's general text) are
-        collated as supervised fine-tuning collates them."""
+        """The rows' sequences, and in ``kl_*`` each row's prompt with the previous row's answer (TRL's rotation;
+        an evaluation split's rows carry theirs, ``prepare``), both left-padded; ``desirable`` the labels. Single
+        sequences (the forgetting guard's general text) are collated as supervised fine-tuning collates them."""
         if "desirable" not in rows[0]:
             return super().collate(rows)
         pad, n = self.tokenizer.pad_token_id, self.cfg.max_length
         batch = pad_left([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], pad)
         batch["completion"] = batch["labels"] != IGNORE
+        others = [r["kl_answer_ids"] for r in rows] if "kl_answer_ids" in rows[0] else \
+            [o["answer_ids"] for o in rows[-1:] + rows[:-1]]
         mismatched = []
-        for r, other in zip(rows, rows[-1:] + rows[:-1], strict=True):
-            ids = (r["prompt_ids"] + other["answer_ids"])[:n]
-            labels = ([IGNORE] * len(r["prompt_ids"]) + other["answer_ids"])[:n]
+        for r, answer in zip(rows, others, strict=True):
+            ids = (r["prompt_ids"] + answer)[:n]
+            labels = ([IGNORE] * len(r["prompt_ids"]) + answer)[:n]
             mismatched.append({"input_ids": ids, "labels": labels})
         kl = pad_left(mismatched, pad)
         kl["completion"] = kl["labels"] != IGNORE
@@ -210,30 +214,42 @@ class KTO(CausalLM):
         return kto_losses(logratio, kl, batch["desirable"], self.beta, self.weights).sum()
 
     # -------------------------------------------------------------------------------------- evaluation
+    def prepare(self, model: torch.nn.Module, accelerator, splits: dict[str, datasets.Dataset], batch_size: int,
+                cache=None) -> dict[str, datasets.Dataset]:
+        """Evaluation splits get their mismatched completions once, rotated by one over the whole split (TRL's
+        rotation, in one block): a row's KL term then depends on no batching, and the split's metrics are the
+        same on any number of processes and with any evaluation batch."""
+        out = {}
+        for name, ds in splits.items():
+            if name != "train" and len(ds) and "answer_ids" in ds.column_names:
+                answers = ds["answer_ids"]
+                ds = ds.add_column("kl_answer_ids", answers[-1:] + answers[:-1])
+            out[name] = ds
+        return out
+
     def eval_step(self, model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         logratio, kl_terms, logps = self.scores(model, batch)
-        kl = kl_terms.mean().clamp(min=0)
-        losses = kto_losses(logratio, kl, batch["desirable"], self.beta, self.weights)
-        return {"loss": losses.float(), "kl_term": kl_terms, "reward": (self.beta * logratio).float(),
-                "logp": logps.float(), "desirable": batch["desirable"]}
+        return {"logratio": logratio.float(), "kl_term": kl_terms, "logp": logps.float(),
+                "desirable": batch["desirable"]}
 
     def summarize(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Mean loss (as training normalises it); the KL estimate over the split; mean implicit reward β·r of the
-        desirable and the undesirable rows and their margin; the share of rows whose reward has the label's sign
-        (``reward_accuracy``: 0.5 before training, when every reward is 0)."""
+        """The loss with the KL estimate of the whole split (its rows' mismatched pairs, clamped at 0); that
+        estimate; mean implicit reward β·r of the desirable and the undesirable rows and their margin; the share of
+        rows whose reward has the label's sign (``reward_accuracy``: 0.5 before training, when every reward is 0)."""
         v = {k: t.double() for k, t in values.items()}
         good = values["desirable"].bool()
-        reward = v["reward"]
+        kl = v["kl_term"].mean().clamp(min=0) if len(v["kl_term"]) else v["kl_term"].new_zeros(())
+        losses = kto_losses(v["logratio"], kl, good, self.beta, self.weights)
+        reward = self.beta * v["logratio"]
 
         def mean(x: torch.Tensor) -> float:
             return x.mean().item() if len(x) else 0.0
 
         right = torch.where(good, reward > TIE, reward < -TIE).double() + 0.5 * (reward.abs() <= TIE).double()
         chosen, rejected = mean(reward[good]), mean(reward[~good])
-        return {"loss": mean(v["loss"]), "examples": len(reward), "kl": max(mean(v["kl_term"]), 0.0),
-                "reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": chosen - rejected,
-                "reward_accuracy": mean(right), "logp_chosen": mean(v["logp"][good]),
-                "logp_rejected": mean(v["logp"][~good])}
+        return {"loss": mean(losses), "examples": len(reward), "kl": kl.item(), "reward_chosen": chosen,
+                "reward_rejected": rejected, "reward_margin": chosen - rejected, "reward_accuracy": mean(right),
+                "logp_chosen": mean(v["logp"][good]), "logp_rejected": mean(v["logp"][~good])}
 
     @torch.no_grad()
     def label_logits(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
