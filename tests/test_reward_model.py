@@ -78,7 +78,7 @@ def test_reward_loss_and_every_lora_and_head_gradient_equal_trl_reward_trainer(t
     rows = rows_with(margins)
     batch = obj.collate([obj.encode(r, "preference") for r in rows])
     ours, heads = reward_policy(tiny_llama)
-    assert heads == ["score"]
+    assert heads == ["score"], heads
     loss = (obj.loss(ours, batch) / obj.items(batch)).sum()
     loss.backward()
     theirs_model, _ = reward_policy(tiny_llama)
@@ -129,7 +129,8 @@ def test_the_head_is_new_full_precision_and_trained_in_full_under_nf4(tiny_llama
     from lora_ft.modeling.loading import load_config
 
     config = load_config(str(tiny_llama), ModelConfig(name=str(tiny_llama)))
-    assert new_head_modules(config, "reward", str(tiny_llama))[0] == ["score"]
+    assert new_head_modules(config, "reward", str(tiny_llama))[0] == ["score"], new_head_modules(config, "reward",
+                                                                                                str(tiny_llama))
     model, heads = reward_policy(tiny_llama, quant="nf4")
     score = model.base_model.model.score
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and "score" in n}
