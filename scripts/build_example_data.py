@@ -11,6 +11,9 @@ Three datasets are written as JSON Lines (UTF-8, one object per line):
 * ``data/docstring_pairs``: sentence-embedding pairs from the same examples:
   the summary (``anchor``, the query) and the function's code
   (``positive``, the passage it should retrieve).
+* ``data/docstring_kto``: the same pairs unpaired for KTO: one row per pair,
+  its chosen summary (``label: true``) or its rejected one (``label: false``),
+  half and half (seeded).
 * ``data/fortunes``: text classification of Debian ``fortunes`` cookies
   (``/usr/share/games/fortunes``; install the ``fortunes`` and
   ``fortunes-min`` packages first).
@@ -40,7 +43,7 @@ from pathlib import Path
 LOG = logging.getLogger("build_example_data")
 
 SPLITS = ("train", "validation", "test")
-DATASETS = ("docstrings", "preferences", "pairs", "fortunes", "reference")
+DATASETS = ("docstrings", "preferences", "pairs", "kto", "fortunes", "reference")
 MAX_DATASET_BYTES = 2 * 1024 * 1024
 
 # --- docstrings -------------------------------------------------------------
@@ -264,6 +267,29 @@ def build_pairs(docstrings: dict[str, list[dict]]) -> dict[str, list[dict[str, o
     return result
 
 
+def build_kto(prefs: dict[str, list[dict]], seed: int) -> dict[str, list[dict[str, object]]]:
+    """Unpaired feedback for KTO from the preference pairs: each pair gives one row, its prompt with the chosen
+    summary (``label: true``) or the rejected one (``label: false``), half of each split's rows each way (a seeded
+    permutation), so a prompt is rated once, as thumbs up/down data is collected."""
+    rng = random.Random(f"kto-{seed}")
+    result = {}
+    for split in SPLITS:
+        pairs = prefs[split]
+        order = list(range(len(pairs)))
+        rng.shuffle(order)
+        desirable = set(order[: len(pairs) // 2])
+        result[split] = [{"prompt": p["prompt"], "completion": p["chosen"] if i in desirable else p["rejected"],
+                          "label": i in desirable, "source": p["source"]} for i, p in enumerate(pairs)]
+    return result
+
+
+def read_dataset(out_dir: Path, name: str) -> dict[str, list[dict]]:
+    """A dataset's committed splits (the KTO rows are derived from the committed pairs unless those are rebuilt:
+    rebuilding the docstrings needs the same CPython version)."""
+    return {s: [json.loads(line) for line in (out_dir / name / f"{s}.jsonl").read_text("utf-8").splitlines()]
+            for s in SPLITS}
+
+
 # --- fortunes ---------------------------------------------------------------
 
 
@@ -405,14 +431,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    prefs = None
     if {"docstrings", "preferences", "pairs"} & set(args.only):
         docstrings = build_docstrings(args.seed)
         if "docstrings" in args.only:
             write_dataset(args.out_dir, "docstrings", docstrings)
         if "preferences" in args.only:
-            write_dataset(args.out_dir, "docstring_prefs", build_preferences(docstrings, args.seed))
+            prefs = build_preferences(docstrings, args.seed)
+            write_dataset(args.out_dir, "docstring_prefs", prefs)
         if "pairs" in args.only:
             write_dataset(args.out_dir, "docstring_pairs", build_pairs(docstrings))
+    if "kto" in args.only:
+        write_dataset(args.out_dir, "docstring_kto",
+                      build_kto(prefs or read_dataset(args.out_dir, "docstring_prefs"), args.seed))
     if "fortunes" in args.only:
         write_dataset(args.out_dir, "fortunes", build_fortunes(args.seed, args.categories))
     if "reference" in args.only:

@@ -280,7 +280,7 @@ def test_objective_type_gets_did_you_mean_and_each_type_its_default_beta(tmp_pat
     ("objective: {type: ipo}\ndata: {augment: {neftune_alpha: 5}}\n", "apply to objective sft, not ipo"),
     ("objective: {type: simpo}\ndata: {packing: true}\n", "data.packing true: objective.type simpo scores"),
     ("objective: {type: dpo}\ntrain: {max_tokens_per_batch: 4096}\n", "does not count the two sequences"),
-    ("objective: {type: KTO}\n", r"objective.type: kto \(unpaired .*\) is not supported: use dpo, ipo, simpo or orpo"),
+    ("objective: {type: KTO}\ndata: {format: preference}\n", "kto reads its own columns: data.format auto, not"),
 ])
 def test_objective_rules_name_the_fields_and_the_fix(tmp_path, text, needle):
     with pytest.raises(RecipeError, match=needle):

@@ -62,14 +62,28 @@ def _answer(value: Any, column: str, at: int = 0) -> str:
                       f"([{{'role': 'assistant', 'content': ...}}]), got {str(value)[:80]!r}")
 
 
+def read_prompt(row: dict[str, Any], cfg: DataConfig, system: bool = True) -> list[Message]:
+    """A row's explicit prompt as messages: a message list, or a string as one user message; with ``system``,
+    ``data.system_prompt`` put first when the prompt has no system message (KTO's rows read it so)."""
+    raw = row[cfg.prompt_column]
+    prompt = _messages(raw, cfg.prompt_column) if _is_messages(raw) else [{"role": "user", "content": str(raw)}]
+    if system and cfg.system_prompt and (not prompt or prompt[0]["role"] != "system"):
+        prompt = [{"role": "system", "content": cfg.system_prompt}, *prompt]
+    return prompt
+
+
+def read_answer(value: Any, column: str) -> str:
+    """A completion cell: a string, or TRL's conversational one-assistant-message list."""
+    return _answer(value, column)
+
+
 def read_pair(row: dict[str, Any], cfg: DataConfig) -> Pair:
     """The pair of a data row, in either of TRL's layouts; ``data.system_prompt`` is put first when the prompt
     has no system message."""
     chosen, rejected = row[cfg.chosen_column], row[cfg.rejected_column]
     if cfg.prompt_column in row and row[cfg.prompt_column] is not None:
-        raw = row[cfg.prompt_column]
-        prompt = _messages(raw, cfg.prompt_column) if _is_messages(raw) else [{"role": "user", "content": str(raw)}]
-        pair = Pair(prompt, _answer(chosen, cfg.chosen_column), _answer(rejected, cfg.rejected_column))
+        pair = Pair(read_prompt(row, cfg, system=False), read_answer(chosen, cfg.chosen_column),
+                    read_answer(rejected, cfg.rejected_column))
     else:  # implicit prompt: two whole conversations that differ in their last (assistant) message
         if not (_is_messages(chosen) and _is_messages(rejected) and chosen and rejected):
             raise RecipeError(f"data: without a '{cfg.prompt_column}' column, '{cfg.chosen_column}' and "

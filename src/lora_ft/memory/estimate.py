@@ -228,7 +228,8 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
     rows.append(Row("backward working set *" + (" (recomputed layer)" if recompute else ""), recompute + work,
                     work_note))
     # Evaluation (before training and periodically) is a peak of its own: 2 × micro-batch, no saved activations.
-    evaluation, eval_note = _eval_bytes(shape, s, EVAL_BATCH_FACTOR * b, L, keep)
+    # KTO scores a mismatched sequence per row without gradients: evaluation's batch holds both.
+    evaluation, eval_note = _eval_bytes(shape, s, EVAL_BATCH_FACTOR * micro_batch * (s.sequences + s.scored), L, keep)
     rows.append(Row("evaluation step *", evaluation, eval_note))
     step_peak, eval_peak = static + acts + transient, static + evaluation
     return Estimate(micro_batch, L, keep, rows, step_peak, eval_peak, overhead_bytes(s, max(step_peak, eval_peak)),

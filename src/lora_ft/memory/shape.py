@@ -163,6 +163,8 @@ def _model_shape(source: str, task: str, lora_targets: tuple[str, ...] | str, qu
                  trust_remote_code: bool, revision: str | None) -> ModelShape:
     config = load_config(source, ModelConfig(name=source, task=task, quant=quant, trust_remote_code=trust_remote_code,
                                              revision=revision))
+    if task == "reward":  # the head is one scalar (classifiers are planned with the config's labels)
+        config.num_labels = 1
     heads_new, keep_full = new_head_modules(config, task, source, revision, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = auto_class(task).from_config(config, **remote_code(trust_remote_code, source))
@@ -238,7 +240,11 @@ class Setting:
     lora_dropout: float
     use_dora: bool
     sequences: int = 1
-    """Sequences per example: 2 for a preference objective (chosen and rejected in one batch)."""
+    """Sequences per example with gradients: 2 for a preference objective and a reward model (chosen and
+    rejected in one batch)."""
+    scored: int = 0
+    """Sequences per example scored without gradients besides those: KTO's mismatched KL sequence (its passes, like
+    the reference's, come before the policy's and hold no activations; evaluation scores both sequences of a row)."""
     packed: bool = False  # training rows of packed examples: an attention mask even for one row
 
     @property
@@ -261,14 +267,14 @@ def setting_for(recipe: Recipe, device: str, bf16_supported: bool = True) -> Set
                    gradient_checkpointing=cuda if gc == "auto" else bool(gc), r=recipe.lora.r,
                    lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora,
                    # an embedding pair's anchor and positive are both held for the backward, as a preference pair
-                   sequences=2 if recipe.objective.paired or recipe.model.task == "embedding" else 1,
-                   packed=packs(recipe))
+                   sequences=2 if recipe.objective.paired or recipe.model.task in ("embedding", "reward") else 1,
+                   scored=1 if recipe.objective.type == "kto" else 0, packed=packs(recipe))
 
 
 def packs(recipe: Recipe) -> bool:
     """Whether training will pack (``data.packing``; as ``CausalLM.use_packing`` decides it for the default
     attention implementation, from the config alone). Preference pairs are never packed (``Preference.cannot_pack``)."""
-    if recipe.data.packing is False or recipe.model.task != "causal_lm" or recipe.objective.paired:
+    if recipe.data.packing is False or recipe.model.task != "causal_lm" or recipe.objective.type not in ("auto", "sft"):
         return False
     return recipe.data.packing is True or _model_type(recipe) in PACKING_MODELS
 

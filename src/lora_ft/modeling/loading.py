@@ -226,7 +226,10 @@ def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
-                "embedding": AutoModel}
+                "embedding": AutoModel, "reward": AutoModelForSequenceClassification}
+"""``reward``: a decoder with a new one-label head (``score``), as TRL's ``RewardTrainer`` builds its model."""
+HEAD_TASKS = ("sequence_classification", "reward")
+"""Tasks whose head is new: created by the auto class, kept unquantized and trained in full with the adapter."""
 
 
 def auto_class(task: str) -> type:
@@ -300,7 +303,7 @@ def new_head_modules(config, task: str, source: str, revision: str | None = None
         else:
             keys = [f"{name}.{p}" for p in params]
             is_new = not any(k in stored or k.removeprefix(prefix + ".") in stored for k in keys)
-        if is_new and task == "sequence_classification":
+        if is_new and task in HEAD_TASKS:
             heads.append(name)
     # Keep the top-most names only ("classifier", not "classifier.dense" as well).
     top = [h for h in heads if not any(h.startswith(o + ".") for o in heads if o != h)]
@@ -373,6 +376,11 @@ def load_model(
         config.num_labels = len(id2label)
         config.id2label = {int(i): str(n) for i, n in id2label.items()}
         config.label2id = {str(n): int(i) for i, n in id2label.items()}
+    elif cfg.task == "reward":  # one scalar per sequence: what AutoModelForSequenceClassification(num_labels=1) is
+        config.num_labels, config.id2label, config.label2id = 1, {0: "reward"}, {"reward": 0}
+        # The head reads each sequence's last token that is not the config's pad token: batches are padded with
+        # the tokenizer's, so the two must agree (the merged folder keeps it).
+        config.pad_token_id = tokenizer.pad_token_id
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     # fetch: the weights file is resolved here, then found in the cache by from_pretrained (no second download).

@@ -14,12 +14,15 @@ from .base import Batch, GenerationExample, Objective
 from .causal_lm import CausalLM
 from .classification import SequenceClassification
 from .embedding import Embedding
+from .kto import KTO
 from .preference import Preference
+from .reward import RewardModel
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "causal_lm": CausalLM,
     "sequence_classification": SequenceClassification,
     "embedding": Embedding,
+    "reward": RewardModel,
 }
 
 
@@ -29,11 +32,14 @@ def objective_for(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Objecti
     o = recipe.objective
     if o.paired:
         return Preference(recipe.data, tokenizer, o, o.precomputes_reference(recipe.lora), bool(recipe.lora.init_from))
+    if o.type == "kto":
+        return KTO(recipe.data, tokenizer, o)
     if recipe.model.task == "embedding":
         m = recipe.model
         return Embedding(recipe.data, tokenizer, read_pooling(resolve_source(m.name), m.revision))
     return OBJECTIVES[recipe.model.task](recipe.data, tokenizer)
 
 
-__all__ = ["OBJECTIVES", "Batch", "CausalLM", "Embedding", "GenerationExample", "Objective", "Preference",
+__all__ = ["KTO", "OBJECTIVES", "Batch", "CausalLM", "Embedding", "GenerationExample", "Objective", "Preference",
+           "RewardModel",
            "SequenceClassification", "objective_for"]

@@ -93,8 +93,10 @@ def objective_kind(recipe: Recipe) -> str:
     """``classification``, ``sft`` or ``preference``: what the rules are chosen by."""
     kind = recipe.objective.type
     if kind == "auto":
-        return {"sequence_classification": "classification", "embedding": "embedding"}.get(recipe.model.task, "sft")
-    return "preference" if kind in PREFERENCE_OBJECTIVES else kind
+        kind = {"sequence_classification": "classification", "embedding": "embedding",
+                "reward": "reward"}.get(recipe.model.task, "sft")
+    # KTO and reward models train on preference data, at the preference objectives' batch, rate and epochs.
+    return "preference" if kind in (*PREFERENCE_OBJECTIVES, "kto", "reward") else kind
 
 
 def reference_batch(recipe: Recipe) -> int:

@@ -16,19 +16,26 @@ PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
 """``objective.type`` values that train on preference pairs (``{prompt, chosen, rejected}``)."""
 REFERENCE_OBJECTIVES = ("dpo", "ipo")
 """Those that compare with a reference model (SimPO and ORPO are reference-free)."""
-OBJECTIVE_TYPES = ("auto", "sft", "classification", *PREFERENCE_OBJECTIVES)
-_DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0}
+OBJECTIVE_TYPES = ("auto", "sft", "classification", *PREFERENCE_OBJECTIVES, "kto", "reward")
+"""``kto``: unpaired ``{prompt, completion, label}`` rows (``objectives/kto.py``); ``reward``: a scalar head on a
+decoder trained on pairs (``objectives/reward.py``, ``model.task: reward``)."""
+_DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
 
 
 class ObjectiveConfig(Section):
     """The training signal. ``auto``: the model task's own (``sft`` for causal_lm, ``classification`` for
-    sequence_classification); ``dpo``, ``ipo``, ``simpo`` or ``orpo``: preference tuning of a causal LM on
-    ``{prompt, chosen, rejected}`` pairs (``objectives/preference.py``)."""
+    sequence_classification, ``reward`` for reward); ``dpo``, ``ipo``, ``simpo`` or ``orpo``: preference tuning of a
+    causal LM on ``{prompt, chosen, rejected}`` pairs (``objectives/preference.py``); ``kto`` on unpaired
+    ``{prompt, completion, label}`` rows; ``reward``: a reward model on pairs."""
 
     type: str = "auto"
     beta: float | None = Field(None, gt=0)
-    """The loss's temperature (ORPO: the weight λ of the odds-ratio term). Default: 0.1 for dpo, ipo and orpo
+    """The loss's temperature (ORPO: the weight λ of the odds-ratio term). Default: 0.1 for dpo, ipo, orpo and kto
     (TRL's), 2.0 for simpo (the SimPO paper's)."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """kto: weight of the losses of desirable (``label: true``) rows (TRL's ``desirable_weight``)."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """kto: weight of the losses of undesirable (``label: false``) rows (TRL's ``undesirable_weight``)."""
     simpo_gamma: float = Field(0.5, ge=0)
     """SimPO's target reward margin γ (TRL's ``simpo_gamma``)."""
     cpo_alpha: float = Field(0.0, ge=0)
@@ -42,9 +49,6 @@ class ObjectiveConfig(Section):
     @classmethod
     def _known_type(cls, v: str) -> str:
         name = v.strip().lower()
-        if name == "kto":  # named in requests as DPO's relative; its data is another shape
-            raise ValueError("kto (unpaired {prompt, completion, label} rows) is not supported: use dpo, ipo, simpo "
-                             "or orpo on {prompt, chosen, rejected} pairs")
         if name not in OBJECTIVE_TYPES:
             raise ValueError(f"unknown objective '{v}'{did_you_mean(name, list(OBJECTIVE_TYPES))}")
         return name

@@ -27,7 +27,9 @@ class ModelConfig(_Section):
 
     name: str = "example:smollm2-135m-instruct"
     """Hub id, local folder, path to a ``.gguf`` file, or ``example:NAME``."""
-    task: Literal["causal_lm", "sequence_classification", "embedding"] = "causal_lm"
+    task: Literal["causal_lm", "sequence_classification", "embedding", "reward"] = "causal_lm"
+    """``reward``: a causal decoder with a new scalar head (``AutoModelForSequenceClassification``, one label), a
+    reward model trained on preference pairs; ``objective.type: reward`` sets it."""
     quant: Literal["none", "int8", "nf4", "fp4"] = "none"
     double_quant: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -218,6 +220,17 @@ class Recipe(_Section):
                              "into the current directory)")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _reward_task(cls, data: Any) -> Any:
+        """``objective.type: reward`` alone is enough: it trains ``model.task: reward`` unless the task is given."""
+        objective, model = (data.get(k) if isinstance(data, dict) else None for k in ("objective", "model"))
+        kind = objective.get("type") if isinstance(objective, dict) else None
+        given = isinstance(model, dict) and "task" in model
+        if isinstance(kind, str) and kind.strip().lower() == "reward" and not given:
+            data = {**data, "model": {**(model if isinstance(model, dict) else {}), "task": "reward"}}
+        return data
+
     @field_validator("lora")
     @classmethod
     def _init_fits_quant(cls, lora: LoraConfigSection, info: ValidationInfo) -> LoraConfigSection:
@@ -279,9 +292,16 @@ class Recipe(_Section):
     def _objective_fits(self) -> None:
         """The objective's rules: which task and data it trains on, and what preference tuning cannot combine with."""
         o, task, d = self.objective, self.model.task, self.data
-        own = {"sft": "causal_lm", "classification": "sequence_classification"}
+        own = {"sft": "causal_lm", "classification": "sequence_classification", "reward": "reward"}
         if o.type in own and task != own[o.type]:
             raise ValueError(f"objective.type {o.type} needs model.task {own[o.type]}")
+        if task == "reward" and o.type not in ("auto", "reward"):
+            raise ValueError(f"model.task reward trains a reward model (objective.type reward), not {o.type}")
+        if o.type in ("kto", "reward"):
+            self._unpaired_or_reward_fits()
+            return
+        if (o.desirable_weight, o.undesirable_weight) != (1.0, 1.0):
+            raise ValueError(f"objective.desirable_weight and undesirable_weight apply to kto, not {o.type}")
         if d.format == "preference" and not o.paired:
             raise ValueError(f"data.format preference needs a preference objective: objective.type "
                              f"{', '.join(PREFERENCE_OBJECTIVES)}")
@@ -314,6 +334,32 @@ class Recipe(_Section):
                              "adapter, whose log-probs are computed before training; remove the setting")
         if (o.simpo_gamma != 0.5 or o.cpo_alpha) and o.type != "simpo":
             raise ValueError(f"objective.simpo_gamma and objective.cpo_alpha apply to simpo, not {o.type}")
+
+    def _unpaired_or_reward_fits(self) -> None:
+        """KTO (``objectives/kto.py``) and reward models (``objectives/reward.py``): what their data and batches
+        cannot combine with."""
+        o, d = self.objective, self.data
+        if d.format not in ("auto", "preference" if o.type == "reward" else "auto"):
+            raise ValueError(f"objective.type {o.type} reads its own columns: data.format auto, not '{d.format}'")
+        if d.packing is True or self.train.max_tokens_per_batch or d.train_on_prompt or d.augment.neftune_alpha:
+            raise ValueError(f"data.packing, train.max_tokens_per_batch, data.train_on_prompt and "
+                             f"data.augment.neftune_alpha do not apply to objective.type {o.type}: remove them")
+        if o.precompute_reference not in ("auto", False) or (o.simpo_gamma != 0.5 or o.cpo_alpha):
+            raise ValueError(f"objective.precompute_reference, simpo_gamma and cpo_alpha do not apply to {o.type}")
+        if o.type == "reward":
+            if o.beta is not None or (o.desirable_weight, o.undesirable_weight) != (1.0, 1.0):
+                raise ValueError("objective.beta and the kto weights do not apply to a reward model: remove them")
+            return
+        if self.model.task != "causal_lm":
+            raise ValueError("objective.type kto tunes a language model: it needs model.task causal_lm")
+        if self.eval.generate is True:
+            raise ValueError("eval.generate true: KTO rows hold no reference answers (half the completions are what "
+                             "not to answer); set eval.generate: auto or false")
+        if self.lora.init_from or self.lora.init in FULL_PRECISION_INITS:
+            # The reference is the model with the adapter switched off: a starting adapter or a rewritten base would
+            # need a reference computed before training, which the batch-dependent KL estimate cannot use.
+            raise ValueError("objective.type kto compares with the base model (the adapter switched off): "
+                             "lora.init_from and lora.init pissa/olora are not supported with it")
 
     @property
     def validates(self) -> bool:

@@ -29,7 +29,8 @@ EXAMPLE_BASES: dict[str, tuple[str, str]] = {
     "minilm-l6": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
 }
 PIPELINE_TAGS = {"causal_lm": "text-generation", "sequence_classification": "text-classification",
-                 "embedding": "sentence-similarity"}
+                 "embedding": "sentence-similarity",
+                 "reward": "text-classification"}  # a one-label sequence classifier, as TRL's reward models
 # llama.cpp names its files after the quantization type: SmolLM2-135M-Instruct.Q4_1.gguf, model-q8_0.gguf.
 GGUF_QUANT = re.compile(r"[.\-_](I?Q\d+(?:_[0-9A-Z]+)*|BF16|F16|F32)\.gguf$", re.IGNORECASE)
 TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
@@ -282,7 +283,11 @@ def _training(run: Run) -> list[str]:
     r, info, quant = run.recipe, run.info, run.recipe.model.quant
     o = r.objective
     objective = [f"- objective: {o.type} (beta {o.resolved_beta:g}) on preference pairs; reward accuracy counts the "
-                 "held-out pairs whose chosen answer gets the higher implicit reward"] if o.paired else []
+                 "held-out pairs whose chosen answer gets the higher implicit reward"] if o.paired else \
+        [f"- objective: kto (beta {o.resolved_beta:g}, weights {o.desirable_weight:g}/{o.undesirable_weight:g}) on "
+         "unpaired feedback"] if o.type == "kto" else \
+        ["- objective: reward model (Bradley-Terry on preference pairs); reward accuracy counts the held-out pairs "
+         "whose chosen answer scores higher"] if r.model.task == "reward" else []
     return ["## Training", "", *objective,
             f"- LoRA r={r.lora.r}, alpha={r.lora.alpha:g}, dropout={r.lora.dropout:g}"
             f"{', rsLoRA' if r.lora.use_rslora else ''} on {', '.join(info.get('targets') or ['auto'])}",
@@ -338,7 +343,10 @@ def _usage(task: str, repo_id: str, merged: bool, base_id: str | None, info: dic
             "return_dict=True)",
             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=128)[0], skip_special_tokens=True))"]
     if merged:
-        classify = ['print(model(**tokenizer("some text", return_tensors="pt")).logits.softmax(-1))']
+        classify = ['print(model(**tokenizer("some text", return_tensors="pt")).logits.softmax(-1))'] \
+            if task != "reward" else ['text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}, '
+                                      '{"role": "assistant", "content": "Hi!"}], tokenize=False)',
+                                      'print(model(**tokenizer(text, return_tensors="pt")).logits[0, 0])  # the reward']
         return [f"from transformers import {auto}, AutoTokenizer", "",
                 f'model = {auto}.from_pretrained("{repo_id}")',
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', *(chat if causal else classify)]
@@ -355,7 +363,7 @@ def _usage(task: str, repo_id: str, merged: bool, base_id: str | None, info: dic
                 f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}"{load_args})'
                 + ("" if base_id else f"  # base: {base}"),
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', *chat]
-    labels = {int(k): v for k, v in (info.get("id2label") or {}).items()}
+    labels = {int(k): v for k, v in (info.get("id2label") or ({0: "reward"} if task == "reward" else {})).items()}
     return [*torch_import, "from peft import PeftModel",
             f"from transformers import {auto}, AutoTokenizer{bnb_import}", "", *setup,
             f"id2label = {labels!r}",

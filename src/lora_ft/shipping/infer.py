@@ -1,4 +1,5 @@
-"""Quick inference on a run: ``lora-ft chat`` / ``generate`` (causal LMs) and ``predict`` (classifiers).
+"""Quick inference on a run: ``lora-ft chat`` / ``generate`` (causal LMs) and ``predict`` (classifiers; reward models
+score ``{prompt, completion}`` rows, or both sides of ``{prompt, chosen, rejected}`` pairs).
 
 Each works with the adapter model (the base loaded as training loaded it, plus the adapter: exactly what was
 evaluated) or with the merged model (``--merged``: ``RUN_DIR/merged`` or the latest passing ``merge --out DIR``,
@@ -26,6 +27,7 @@ from transformers import (
 )
 
 from ..data.cells import Where, check_columns
+from ..data.preference import encode_answer, read_answer, read_prompt
 from ..data.reading import read_split
 from ..errors import RunError, UsageError, first_line
 from ..modeling.loading import check_folder, remote_code
@@ -51,7 +53,13 @@ class InferenceModel:
     pooling: Pooling | None = None
     """An embedding model's pooling (``predict`` embeds, see ``embed.py``); None for the others."""
     data: DataConfig | None = None
-    """The run's data section (an embedding run's pair columns); None for a bare folder."""
+    """The run's data section (an embedding run's pair columns, a reward model's prompt and completion columns);
+    None for a bare folder."""
+
+    @property
+    def reward(self) -> bool:
+        """A reward model: one scalar per sequence (``model.task: reward``, or a merged one-label model)."""
+        return not self.causal and getattr(self.model.config, "num_labels", 0) == 1
 
 
 def load_for_inference(path: str | Path, merged: bool = False, device: torch.device | str | None = None
@@ -186,25 +194,33 @@ def predict_file(im: InferenceModel, data_file: str, out: str | Path, batch_size
     if im.causal:
         raise UsageError("this run is a causal LM: use 'lora-ft generate' or 'lora-ft chat'")
     ds = read_split(data_file, "predict", "--data")
+    if im.reward:
+        return {**_write_rows(out, lambda f: score_rows(im, ds, data_file, batch_size, f)), "predictions": str(out)}
     need = [c for c in (im.text_column, im.text_pair_column) if c]
     missing = [c for c in need if c not in ds.column_names]
     if missing:
         raise UsageError(f"--data {data_file}: column(s) {missing} not found; columns present: {ds.column_names}")
     check_columns(ds, {c: "text" for c in need}, Where("--data", data_file))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")  # renamed into place at the end: never a half-written file
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            n, correct, labelled = _predict_rows(im, ds, need, batch_size, f)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    n, correct, labelled = _write_rows(out, lambda f: _predict_rows(im, ds, need, batch_size, f))
     summary: dict[str, Any] = {"examples": n, "predictions": str(out)}
     if labelled:
         summary.update(labelled=labelled, accuracy=correct / labelled)
     return summary
+
+
+def _write_rows(out: str | Path, write):
+    """``write(f)`` into a file renamed to ``out`` at the end (never a half-written file); returns its result."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            result = write(f)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return result
 
 
 def _predict_rows(im: InferenceModel, ds, need: list[str], batch_size: int, f: IO[str]) -> tuple[int, int, int]:
@@ -231,3 +247,43 @@ def _predict_rows(im: InferenceModel, ds, need: list[str], batch_size: int, f: I
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
             n += 1
     return n, correct, labelled
+
+
+# --------------------------------------------------------------------------------------- reward models
+def _conversations(im: InferenceModel, row: dict[str, Any], sides: list[str]) -> list[list[int]]:
+    """The tokens of prompt + each side's answer, rendered as training rendered them (``encode_answer``)."""
+    cfg = im.data or DataConfig()
+    prompt = read_prompt(row, cfg)
+    return [encode_answer(im.tokenizer, prompt, read_answer(row[c], c))["input_ids"] for c in sides]
+
+
+@torch.no_grad()
+def score_rows(im: InferenceModel, ds, data_file: str, batch_size: int, f: IO[str]) -> dict[str, Any]:
+    """Write each row of ``ds`` with its ``reward`` (``{prompt, completion}`` rows) or ``reward_chosen`` and
+    ``reward_rejected`` (``{prompt, chosen, rejected}`` pairs) to ``f``; returns the summary (mean reward, or the
+    pairs' reward accuracy)."""
+    cfg = im.data or DataConfig()
+    paired = cfg.chosen_column in ds.column_names and cfg.rejected_column in ds.column_names
+    sides = [cfg.chosen_column, cfg.rejected_column] if paired else [cfg.completion_column]
+    missing = [c for c in (cfg.prompt_column, *sides) if c not in ds.column_names]
+    if missing:
+        raise UsageError(f"--data {data_file}: a reward model scores {cfg.prompt_column!r} with "
+                         f"{cfg.completion_column!r} (or {cfg.chosen_column!r} and {cfg.rejected_column!r}); "
+                         f"column(s) {missing} not found; columns present: {ds.column_names}")
+    device, pad = next(im.model.parameters()).device, im.tokenizer.pad_token_id
+    names = ["reward_chosen", "reward_rejected"] if paired else ["reward"]
+    total, wins, n = 0.0, 0, 0
+    for start in range(0, len(ds), batch_size):
+        rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+        seqs = [ids for r in rows for ids in _conversations(im, r, sides)]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        scores = im.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().view(len(rows), -1).cpu()
+        for row, score in zip(rows, scores.tolist(), strict=True):
+            row.update({k: round(v, 6) for k, v in zip(names, score, strict=True)})
+            total, wins, n = total + score[0], wins + (paired and score[0] > score[1]), n + 1
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    out: dict[str, Any] = {"examples": n}
+    out.update({"reward_accuracy": wins / max(n, 1)} if paired else {"mean_reward": total / max(n, 1)})
+    return out

@@ -69,7 +69,8 @@ def _judge_export(run: Run, data_file: str, model: torch.nn.Module,
     cfg = run.recipe.data.model_copy(update={"validation": None, "test": None, "max_eval_examples": None})
     data = prepare_data(cfg, objective, run.recipe.train.seed, False, {"eval": data_file}, run.id2label)
     metrics: dict[str, float] = {}
-    if not run.recipe.objective.paired:  # preference metrics need the reference model, which an export lacks
+    # Preference and KTO metrics need the reference model (the adapter switched off), which an export lacks.
+    if not (run.recipe.objective.paired or run.recipe.objective.type == "kto"):
         accelerator = Accelerator(cpu=model.device.type == "cpu")  # its loader puts batches on the model's device
         loader = accelerator.prepare(make_loader(data.splits["eval"], run.recipe.train.eval_batch_size,
                                                  objective.collate, False, 0))
