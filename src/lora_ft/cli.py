@@ -144,7 +144,7 @@ def _export_parsers(sub) -> None:
                    "recipe named a local folder")
     for name, help_ in (("chat", "chat with a causal LM run (streaming, chat template)"),
                         ("generate", "generate replies to prompts with a causal LM run"),
-                        ("predict", "classify a data file with a classifier run (embedding: embed; reward model: score)")):
+                        ("predict", "classify a data file with a classifier run (embed; reward models: score)")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("run_dir", type=arg.path, help="a run's output_dir, or a merged model folder")
         p.add_argument("--merged", action="store_true", help="use the merged model instead of the adapter: "
