@@ -17,7 +17,7 @@ from .data.reading import is_local, local_problem, read_split
 from .errors import RecipeError
 from .modeling.examples import home
 from .modeling.loading import load_config, max_length_problem
-from .objectives import OBJECTIVES
+from .objectives import task_objective
 from .recipe import Recipe, looks_local
 from .run import RunFolder
 
@@ -38,7 +38,7 @@ def preflight(recipe: Recipe) -> tuple[list[str], list[str]]:
 
 def _data(recipe: Recipe, notes: list[str]) -> list[str]:
     d, problems = recipe.data, []
-    objective = OBJECTIVES[recipe.model.task](d, None)  # formats, columns and cells need no tokenizer
+    objective = task_objective(recipe)(d, None)  # formats, columns and cells need no tokenizer
     if not d.train:
         problems.append("data.train: no training data given")
     splits = {}

@@ -15,7 +15,8 @@ from .lora_dropout import fuse_lora_dropout
 
 log = logging.getLogger(__name__)
 
-TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "sequence_classification": TaskType.SEQ_CLS}
+TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "sequence_classification": TaskType.SEQ_CLS,
+              "regression": TaskType.SEQ_CLS, "token_classification": TaskType.TOKEN_CLS}
 
 
 def _is_linear(module: torch.nn.Module) -> bool:

@@ -16,6 +16,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedModel,
@@ -222,7 +223,9 @@ def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
+                "regression": AutoModelForSequenceClassification,
+                "token_classification": AutoModelForTokenClassification}
 
 
 def auto_class(task: str) -> type:
@@ -296,7 +299,7 @@ def new_head_modules(config, task: str, source: str, revision: str | None = None
         else:
             keys = [f"{name}.{p}" for p in params]
             is_new = not any(k in stored or k.removeprefix(prefix + ".") in stored for k in keys)
-        if is_new and task == "sequence_classification":
+        if is_new and task != "causal_lm":
             heads.append(name)
     # Keep the top-most names only ("classifier", not "classifier.dense" as well).
     top = [h for h in heads if not any(h.startswith(o + ".") for o in heads if o != h)]
@@ -347,12 +350,14 @@ def load_model(
     tokenizer = tokenizer or load_tokenizer(source, cfg)
     config = load_config(source, cfg)
     kwargs = dict(revision=cfg.revision, **remote_code(cfg.trust_remote_code, source))
-    if cfg.task == "sequence_classification":
+    if cfg.task != "causal_lm":  # a new head: as many outputs as labels (regression: one, named by its column)
         if not id2label:
-            raise RecipeError("sequence_classification needs labels; none were found in the training data")
+            raise RecipeError(f"{cfg.task} needs labels; none were found in the training data")
         config.num_labels = len(id2label)
         config.id2label = {int(i): str(n) for i, n in id2label.items()}
         config.label2id = {str(n): int(i) for i, n in id2label.items()}
+        if cfg.task == "regression":
+            config.problem_type = "regression"
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
     # fetch: the weights file is resolved here, then found in the cache by from_pretrained (no second download).

@@ -189,6 +189,25 @@ class Objective(ABC):
         key = best.score or [best.loss]
         return ", ".join(f"{m} {v if m == 'loss' else -v:.4f}" for m, v in zip(self.selected_by, key, strict=False))
 
+    def begin_split(self, name: str) -> None:
+        """Called by the evaluation before each split's batches are summarized: an objective that calibrates on
+        validation (multi-label thresholds) learns there and applies what it learned to every other split."""
+        return None
+
+    def learned(self) -> dict[str, Any]:
+        """What the objective learned from validation beyond the adapter (multi-label thresholds): kept in
+        ``run_info.json`` under ``objective`` and given back to ``restore`` by every command that loads the run."""
+        return {}
+
+    def restore(self, learned: dict[str, Any]) -> None:
+        """Take back what ``learned`` returned when the run trained."""
+        return None
+
+    def configure(self, config: Any) -> None:
+        """Write into a model's config what a model saved alone needs to predict as this objective does (its
+        ``problem_type``, thresholds): the merged folder's ``config.json``."""
+        return None
+
     @abstractmethod
     def label_logits(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, targets) of every position that carries a label: what a merged model must reproduce."""

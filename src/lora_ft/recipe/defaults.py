@@ -90,7 +90,8 @@ def objective_kind(recipe: Recipe) -> str:
     """``classification``, ``sft`` or ``preference``: what the rules are chosen by."""
     kind = recipe.objective.type
     if kind == "auto":
-        return "classification" if recipe.model.task == "sequence_classification" else "sft"
+        # Every task with a new head on an encoder (tags, several labels, scores) trains like a classifier.
+        return "sft" if recipe.model.task == "causal_lm" else "classification"
     return "preference" if kind in PREFERENCE_OBJECTIVES else kind
 
 

@@ -28,7 +28,8 @@ EXAMPLE_BASES: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
     "minilm-l6": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
 }
-PIPELINE_TAGS = {"causal_lm": "text-generation", "sequence_classification": "text-classification"}
+PIPELINE_TAGS = {"causal_lm": "text-generation", "sequence_classification": "text-classification",
+                 "token_classification": "token-classification", "regression": "text-classification"}
 # llama.cpp names its files after the quantization type: SmolLM2-135M-Instruct.Q4_1.gguf, model-q8_0.gguf.
 GGUF_QUANT = re.compile(r"[.\-_](I?Q\d+(?:_[0-9A-Z]+)*|BF16|F16|F32)\.gguf$", re.IGNORECASE)
 TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
@@ -320,7 +321,8 @@ def _usage(task: str, repo_id: str, merged: bool, base_id: str | None, info: dic
            bnb: str | None = None, compute_dtype: str = "fp32") -> list[str]:
     """The card's code snippet; ``bnb`` (``bnb_config_source``) loads a quantized run's base as training did."""
     causal = task == "causal_lm"
-    auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+    auto = "AutoModelForCausalLM" if causal else "AutoModelForTokenClassification" \
+        if task == "token_classification" else "AutoModelForSequenceClassification"
     chat = ['messages = [{"role": "user", "content": "Hello!"}]',
             "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', "
             "return_dict=True)",

@@ -19,6 +19,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     PreTrainedTokenizerBase,
     TextStreamer,
@@ -28,7 +29,9 @@ from ..data.cells import Where, check_columns
 from ..data.reading import read_split
 from ..errors import RunError, UsageError, first_line
 from ..modeling.loading import check_folder, remote_code
+from ..objectives import objective_for
 from ..run import RUN_CONFIG, default_device, load_adapter_model, load_run_tokenizer, merged_folder, open_run
+from .predict_tasks import check_task_columns, predict_rows, task_kind
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class InferenceModel:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    tokens_column: str = "tokens"
 
 
 def load_for_inference(path: str | Path, merged: bool = False, device: torch.device | str | None = None
@@ -54,10 +58,16 @@ def load_for_inference(path: str | Path, merged: bool = False, device: torch.dev
         run = open_run(path)
         data = run.recipe.data
         cols = dict(max_length=data.max_length, text_column=data.text_column,
-                    text_pair_column=data.text_pair_column, label_column=data.label_column)
+                    text_pair_column=data.text_pair_column, label_column=data.label_column,
+                    tokens_column=data.tokens_column)
         if not merged:
             tok = load_run_tokenizer(run)
-            return InferenceModel(load_adapter_model(run, device, tok), tok, run.causal, **cols)
+            model = load_adapter_model(run, device, tok)
+            if not run.causal:  # what the merge writes into config.json: problem type, thresholds
+                objective = objective_for(run.recipe, tok)
+                objective.restore(run.info.get("objective") or {})
+                objective.configure(model.config)
+            return InferenceModel(model, tok, run.causal, **cols)
         folder = written_merge(run)
         check_folder(folder, "the run's merged model", f"merge again (lora-ft merge {path})", RunError)
         return _load_plain(folder, device, cols, run.recipe.model.trust_remote_code)
@@ -85,8 +95,10 @@ def _load_plain(folder: Path, device: torch.device, cols: dict[str, Any], trust:
         raise RunError(f"{folder}: cannot open the model without running its own code ({first_line(e)}); open it "
                        "through its run (lora-ft chat RUN_DIR --merged), whose recipe sets model.trust_remote_code"
                        ) from None
-    causal = not any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    heads = ("ForSequenceClassification", "ForTokenClassification")
+    causal = not any(a.endswith(heads) for a in config.architectures or [])
+    cls = AutoModelForCausalLM if causal else AutoModelForTokenClassification if task_kind(config) == "tokens" \
+        else AutoModelForSequenceClassification
     model = cls.from_pretrained(folder, dtype="auto", **remote_code(trust, folder)).to(device).eval()
     return InferenceModel(model, AutoTokenizer.from_pretrained(folder, **remote_code(trust, folder)), causal, **cols)
 
@@ -164,6 +176,24 @@ def chat(im: InferenceModel, stdin: IO[str], stdout: IO[str], system: str | None
 
 
 # --------------------------------------------------------------------------------------- classification
+def _write_rows(rows, out: str | Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """``rows`` as JSON lines in ``out``, renamed into place at the end; returns ``summary`` with the counts."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    n = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                n += 1
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {**summary, "examples": n, "predictions": str(out)}
+
+
 @torch.no_grad()
 def predict_file(im: InferenceModel, data_file: str, out: str | Path, batch_size: int = 32) -> dict[str, Any]:
     """Classify every row of ``data_file``; write it to ``out`` (jsonl) with ``prediction`` (the label name)
@@ -171,6 +201,10 @@ def predict_file(im: InferenceModel, data_file: str, out: str | Path, batch_size
     if im.causal:
         raise UsageError("this run is a causal LM: use 'lora-ft generate' or 'lora-ft chat'")
     ds = read_split(data_file, "predict", "--data")
+    kind = task_kind(im.model.config)
+    if kind is not None:  # tags, several labels, scores (predict_tasks)
+        check_task_columns(ds, kind, im, data_file, im.tokens_column)
+        return _write_rows(predict_rows(im, ds, kind, batch_size, im.tokens_column), out, {"task": kind})
     need = [c for c in (im.text_column, im.text_pair_column) if c]
     missing = [c for c in need if c not in ds.column_names]
     if missing:
