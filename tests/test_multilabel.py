@@ -77,7 +77,9 @@ def test_thresholds_chosen_on_validation_change_the_test_predictions(tmp_path):
 def test_summarize_equals_scikit_learn_called_directly():
     rng = np.random.default_rng(0)
     truth = (rng.random((50, 4)) < 0.4).astype(int)
+    truth[:, 3] = 0  # label d never occurs (and is never predicted below): it has no F1, it is not a 0
     probs = np.clip(truth * 0.5 + rng.random((50, 4)) * 0.6, 0, 1)
+    probs[:, 3] *= 0.5  # below the 0.5 that a label without positives keeps
     cut = best_thresholds(probs, truth)
     objective = MultiLabel(DataConfig(), build_bert_tokenizer())
     objective.label2id = {n: i for i, n in enumerate("abcd")}
@@ -86,8 +88,9 @@ def test_summarize_equals_scikit_learn_called_directly():
     got = objective.summarize({"loss": torch.full((50,), 0.25), "probability": torch.tensor(probs),
                                "label": torch.tensor(truth)})
     predicted = probs >= cut
+    assert not predicted[:, 3].any()
     assert got == pytest.approx({"loss": 0.25, "examples": 50, "micro_f1": f1_score(truth, predicted, average="micro"),
-                                 "macro_f1": f1_score(truth, predicted, average="macro"),
+                                 "macro_f1": f1_score(truth[:, :3], predicted[:, :3], average="macro"),
                                  "subset_accuracy": accuracy_score(truth, predicted),
                                  "micro_f1_at_half": f1_score(truth, probs >= 0.5, average="micro")})
     assert not np.allclose(cut, 0.5)  # the thresholds in use are not the default
@@ -109,7 +112,9 @@ def topics_run(tiny_bert, tmp_path_factory):
 def test_a_tiny_multi_label_run_saves_its_thresholds_and_predict_applies_them(topics_run, tmp_path):
     results = json.loads((topics_run / "eval_results.json").read_text())
     assert set(results["after"]["test"]) >= {"micro_f1", "macro_f1", "subset_accuracy", "loss"}
-    assert results["after"]["test"]["micro_f1"] > results["before"]["test"]["micro_f1"] + 0.2
+    before, after = results["before"]["test"], results["after"]["test"]
+    # Thresholds tuned on validation already give the untrained head "every label" (micro-F1 about 0.67 here).
+    assert after["loss"] < before["loss"] and after["micro_f1"] > before["micro_f1"] + 0.05
     info = json.loads((topics_run / "run_info.json").read_text())
     assert info["format"] == "multilabel" and info["id2label"] == {"0": "animals", "1": "money", "2": "weather"}
     thresholds = info["objective"]["thresholds"]

@@ -1,7 +1,7 @@
 """Which kind of sequence-level labels a data set holds: single classes, several labels, or scores.
 
 ``model.task: sequence_classification`` trains all three; ``data.format`` says which, and under ``auto`` the label
-column decides: a list (or a JSON list in a CSV cell) in any row means multi-label data; numbers, at least one of
+column decides: a list (or a JSON list in a CSV cell) in every row means multi-label data; numbers, at least one of
 them with a fraction (0.5, 3.7), mean scores. Integer labels stay classes (0/1/2 are class ids far more often
 than scores): give ``data.format: regression`` or ``model.task: regression`` to learn them as numbers.
 """
@@ -9,6 +9,7 @@ than scores): give ``data.format: regression`` or ``model.task: regression`` to 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from ..data.cells import as_list
@@ -27,12 +28,13 @@ def _fraction(value: Any) -> bool | None:
         number = float(value) if isinstance(value, int | float | str) else None
     except ValueError:
         return None
-    return None if number is None else not number.is_integer()
+    return None if number is None or not math.isfinite(number) else not number.is_integer()
 
 
 def labels_kind(values: list[Any]) -> str:
     """``multilabel``, ``regression`` or ``classification`` for the values of a label column."""
-    if any(isinstance(v, list | tuple) or (isinstance(v, str) and as_list(v) is not None) for v in values):
+    lists = [isinstance(v, list | tuple) or (isinstance(v, str) and as_list(v) is not None) for v in values]
+    if lists and all(lists):  # some lists among single labels: the cell check names the first odd row
         return "multilabel"
     fractions = [_fraction(v) for v in values]
     if fractions and all(f is not None for f in fractions) and any(fractions):

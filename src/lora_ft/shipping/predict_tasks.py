@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ..data.cells import Where, as_list, check_columns
-from ..errors import UsageError
+from ..data.cells import Where, as_list, check_columns, text_problem, words_problem
+from ..errors import DataError, UsageError
 from ..objectives.token_classification import split_words
 
 
@@ -98,11 +98,17 @@ def sequence_rows(im, rows: list[dict[str, Any]], kind: str) -> Iterator[dict[st
 
 
 def check_task_columns(ds, kind: str, im, data_file: str, tokens_column: str) -> None:
-    """The columns ``predict`` reads for ``kind``: words or text for tags, the text column(s) otherwise."""
+    """The columns ``predict`` reads for ``kind``: each row's words or text for tags, the text column(s) otherwise."""
+    where = Where("--data", data_file)
+    if kind == "tokens" and tokens_column in ds.column_names:  # per row: its words, else its text
+        texts = ds[im.text_column] if im.text_column in ds.column_names else [None] * len(ds)
+        for i, (words, text) in enumerate(zip(ds[tokens_column], texts, strict=True)):
+            column, problem = (tokens_column, words_problem(words)) if words is not None else \
+                (im.text_column, text_problem(text) if text is not None else "is missing, and so are the words")
+            if problem:
+                raise DataError(f"{where.cell(i, column)} {problem}")
+        return
     if kind == "tokens":
-        if tokens_column in ds.column_names:
-            check_columns(ds, {tokens_column: "words"}, Where("--data", data_file))
-            return
         need = [im.text_column]
     else:
         need = [c for c in (im.text_column, im.text_pair_column) if c]
@@ -110,7 +116,7 @@ def check_task_columns(ds, kind: str, im, data_file: str, tokens_column: str) ->
     if missing:
         raise UsageError(f"--data {data_file}: column(s) {missing} not found; columns present: {ds.column_names}"
                          + (f" (or give words in '{tokens_column}')" if kind == "tokens" else ""))
-    check_columns(ds, {c: "text" for c in need}, Where("--data", data_file))
+    check_columns(ds, {c: "text" for c in need}, where)
 
 
 @torch.no_grad()
