@@ -13,7 +13,8 @@ the modules named query, key, value and dense (the suffixes lora_ft's ``target_m
 the new head trained in full (peft's ``modules_to_save`` for the task type); ``TrainingArguments``:
 batch 16, 3 epochs, lr 5e-4, warmup over 0.06 of the steps (``warmup_steps=0.06``: transformers 5 reads a
 fraction below 1 as a ratio), its defaults otherwise (AdamW, linear decay, weight decay 0, clipping at 1.0),
-evaluation on the validation split at every epoch and the best epoch's model kept (``load_best_model_at_end``, by the task's headline metric: entity F1, micro-F1, Spearman); max length 128;
+evaluation on the validation split at every epoch and the best epoch's model kept (``load_best_model_at_end``,
+by the task's headline metric: entity F1, micro-F1, Spearman); max length 128;
 dynamic padding (``DataCollatorForTokenClassification`` / ``DataCollatorWithPadding``). Token labels: the first
 sub-word of a word (the rest -100), as transformers' token-classification example. Multi-label decisions at 0.5, as a
 plain script makes them (``micro_f1_tuned``: with per-label thresholds chosen on validation, as lora_ft does).
