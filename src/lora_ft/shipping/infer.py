@@ -201,7 +201,7 @@ def predict_file(im: InferenceModel, data_file: str, out: str | Path, batch_size
     if im.causal:
         raise UsageError("this run is a causal LM: use 'lora-ft generate' or 'lora-ft chat'")
     ds = read_split(data_file, "predict", "--data")
-    kind = task_kind(im.model.config)
+    kind = task_kind(im.model.config, im.model)
     if kind is not None:  # tags, several labels, scores (predict_tasks)
         check_task_columns(ds, kind, im, data_file, im.tokens_column)
         return _write_rows(predict_rows(im, ds, kind, batch_size, im.tokens_column), out, {"task": kind})

@@ -19,9 +19,12 @@ from ..errors import DataError, UsageError
 from ..objectives.token_classification import split_words
 
 
-def task_kind(config: Any) -> str | None:
-    """``tokens``, ``multilabel`` or ``regression`` for a model config; None for single-label classification."""
-    if any(a.endswith("ForTokenClassification") for a in getattr(config, "architectures", None) or []):
+def task_kind(config: Any, model: torch.nn.Module | None = None) -> str | None:
+    """``tokens``, ``multilabel`` or ``regression`` for a model config (and the model, whose class says more than
+    an adapter model's config: that is the base checkpoint's); None for single-label classification."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = [type(base).__name__] if base is not None else getattr(config, "architectures", None) or []
+    if any(a.endswith("ForTokenClassification") for a in names):
         return "tokens"
     return {"multi_label_classification": "multilabel", "regression": "regression"}.get(
         getattr(config, "problem_type", None))
