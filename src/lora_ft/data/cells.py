@@ -12,6 +12,9 @@ Accepted on purpose:
   serialized conversation or record, not text (the ``messages`` format reads conversations);
 - ``optional_text`` (alpaca's ``input``): also null or empty, meaning no input;
 - ``label`` cells: strings, integers, booleans (classes "True"/"False") and finite numbers;
+- ``labels`` (multi-label): a list of labels, ``[]`` for none, or that list as JSON text (CSV); ``number``
+  (regression): a finite number or its text; ``words`` (token classification's words and tags): a non-empty list
+  of non-blank strings; ``spans``: a list of ``{start, end, label}`` with ``0 <= start < end``;
 - ``conversation`` cells: a list of messages, or that list as a JSON string (how CSV files hold it); a message's
   content may be a list of text parts (the OpenAI/transformers layout), read as their joined text, while an image
   or audio part is refused by its type; see ``chat.parse_conversation``.
