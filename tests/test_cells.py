@@ -34,10 +34,11 @@ LABEL = "every example needs a label"
 NOT_LABEL = {
     "null": (None, f"is empty; {LABEL}"),
     "empty string": ("", f"is empty; {LABEL}"),
-    "list": (["a", "b"], "is a list: give one label per example (multi-label classification is not supported)"),
+    "list": (["a", "b"], "is a list: several labels per example are multi-label data (set data.format multilabel, "
+                         "or auto)"),
     "object": ({"a": 1}, "is an object, not a label"),
-    "JSON string of a list": ('["a", "b"]', "holds a JSON list: give one label per example (multi-label "
-                                            "classification is not supported)"),
+    "JSON string of a list": ('["a", "b"]', "holds a JSON list: several labels per example are multi-label data "
+                                            "(set data.format multilabel, or auto)"),
 }
 NOT_CONVERSATION = {
     "null": (None, "is null; every example needs a conversation"),

@@ -12,6 +12,9 @@ Accepted on purpose:
   serialized conversation or record, not text (the ``messages`` format reads conversations);
 - ``optional_text`` (alpaca's ``input``): also null or empty, meaning no input;
 - ``label`` cells: strings, integers, booleans (classes "True"/"False") and finite numbers;
+- ``labels`` (multi-label): a list of labels, ``[]`` for none, or that list as JSON text (CSV); ``number``
+  (regression): a finite number or its text; ``words`` (token classification's words and tags): a non-empty list
+  of non-blank strings; ``spans``: a list of ``{start, end, label}`` with ``0 <= start < end``;
 - ``conversation`` cells: a list of messages, or that list as a JSON string (how CSV files hold it); a message's
   content may be a list of text parts (the OpenAI/transformers layout), read as their joined text, while an image
   or audio part is refused by its type; see ``chat.parse_conversation``.
@@ -87,11 +90,61 @@ def label_problem(value: Any) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return "is empty (NaN); every example needs a label"
     if isinstance(value, str) and _json_list(value) is not None:
-        return "holds a JSON list: give one label per example (multi-label classification is not supported)"
+        return ("holds a JSON list: several labels per example are multi-label data (set data.format multilabel, "
+                "or auto)")
     if isinstance(value, list | tuple):
-        return "is a list: give one label per example (multi-label classification is not supported)"
+        return "is a list: several labels per example are multi-label data (set data.format multilabel, or auto)"
     if isinstance(value, dict):
         return "is an object, not a label"
+    return None
+
+
+def as_list(value: Any) -> list | None:
+    """A list cell, or a string holding a JSON list (how CSV files hold one); None for anything else."""
+    if isinstance(value, list | tuple):
+        return list(value)
+    return _json_list(value) if isinstance(value, str) else None
+
+
+def labels_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be the label set of a multi-label example (an empty list is: no label applies)."""
+    items = as_list(value)
+    if items is None:
+        return f"is {_kind_of(value)}, not a list of labels (multi-label data: a JSON list per example, [] for none)"
+    bad = next((x for x in items if label_problem(x) is not None), None)
+    return None if bad is None else f"holds {_kind_of(bad)} {bad!r} among its labels: {label_problem(bad)}"
+
+
+def number_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a regression target (numbers, and numbers' text as CSV cells hold them)."""
+    try:
+        number = float(value) if isinstance(value, int | float | str) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number):
+        return f"is {_kind_of(value) if not isinstance(value, str) else repr(value)}, not a finite number"
+    return None
+
+
+def words_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be an example's words or tags (a non-empty list of non-blank strings)."""
+    items = as_list(value)
+    if not items:
+        return "is empty" if items == [] else f"is {_kind_of(value)}, not a list of words"
+    bad = next((x for x in items if not isinstance(x, str) or not x.strip()), None)
+    return None if bad is None else f"holds {_kind_of(bad) if not isinstance(bad, str) else 'a blank string'}, " \
+                                    "not a word"
+
+
+def spans_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be an example's entity spans (a list of ``{start, end, label}``; [] for none)."""
+    items = as_list(value)
+    if items is None:
+        return f"is {_kind_of(value)}, not a list of {{start, end, label}} spans"
+    for x in items:
+        if not (isinstance(x, dict) and isinstance(x.get("start"), int) and isinstance(x.get("end"), int)
+                and isinstance(x.get("label"), str) and x["label"].strip() and 0 <= x["start"] < x["end"]):
+            return f"holds {x!r}, not a span {{start, end, label}} with 0 <= start < end"
     return None
 
 
@@ -108,6 +161,10 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "optional_text": lambda v: text_problem(v, optional=True),
     "label": label_problem,
     "conversation": conversation_problem,
+    "labels": labels_problem,
+    "number": number_problem,
+    "words": words_problem,
+    "spans": spans_problem,
 }
 """Kind of cell → the check of one value."""
 

@@ -16,7 +16,8 @@ from .lora_dropout import fuse_lora_dropout
 log = logging.getLogger(__name__)
 
 TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "sequence_classification": TaskType.SEQ_CLS,
-              "embedding": TaskType.FEATURE_EXTRACTION, "reward": TaskType.SEQ_CLS}
+              "embedding": TaskType.FEATURE_EXTRACTION, "reward": TaskType.SEQ_CLS,
+              "regression": TaskType.SEQ_CLS, "token_classification": TaskType.TOKEN_CLS}
 
 
 def unused_modules(model: PreTrainedModel, task: str) -> list[str]:

@@ -17,6 +17,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedModel,
@@ -226,9 +227,13 @@ def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
-                "embedding": AutoModel, "reward": AutoModelForSequenceClassification}
+                "embedding": AutoModel, "reward": AutoModelForSequenceClassification,
+                "regression": AutoModelForSequenceClassification,
+                "token_classification": AutoModelForTokenClassification}
 """``reward``: a decoder with a new one-label head (``score``), as TRL's ``RewardTrainer`` builds its model."""
-HEAD_TASKS = ("sequence_classification", "reward")
+LABEL_TASKS = ("sequence_classification", "regression", "token_classification")
+"""Tasks whose new head has one output per label of the training data (regression: one, named by its column)."""
+HEAD_TASKS = (*LABEL_TASKS, "reward")
 """Tasks whose head is new: created by the auto class, kept unquantized and trained in full with the adapter."""
 
 
@@ -370,12 +375,14 @@ def load_model(
     tokenizer = tokenizer or load_tokenizer(source, cfg)
     config = load_config(source, cfg)
     kwargs = dict(revision=cfg.revision, **remote_code(cfg.trust_remote_code, source))
-    if cfg.task == "sequence_classification":
+    if cfg.task in LABEL_TASKS:  # a new head: as many outputs as labels (regression: one, named by its column)
         if not id2label:
-            raise RecipeError("sequence_classification needs labels; none were found in the training data")
+            raise RecipeError(f"{cfg.task} needs labels; none were found in the training data")
         config.num_labels = len(id2label)
         config.id2label = {int(i): str(n) for i, n in id2label.items()}
         config.label2id = {str(n): int(i) for i, n in id2label.items()}
+        if cfg.task == "regression":
+            config.problem_type = "regression"
     elif cfg.task == "reward":  # one scalar per sequence: what AutoModelForSequenceClassification(num_labels=1) is
         config.num_labels, config.id2label, config.label2id = 1, {0: "reward"}, {"reward": 0}
         # The head reads each sequence's last token that is not the config's pad token: batches are padded with

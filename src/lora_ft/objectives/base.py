@@ -204,6 +204,24 @@ class Objective(ABC):
     def write_model_files(self, model: torch.nn.Module, folder: Path) -> None:
         """Files a merged model folder needs beside transformers' own so that its users' library rebuilds what was
         trained (an embedding model's sentence-transformers pipeline); nothing by default."""
+
+    def begin_split(self, name: str) -> None:
+        """Called by the evaluation before each split's batches are summarized: an objective that calibrates on
+        validation (multi-label thresholds) learns there and applies what it learned to every other split."""
+        return None
+
+    def learned(self) -> dict[str, Any]:
+        """What the objective learned from validation beyond the adapter (multi-label thresholds): kept in
+        ``run_info.json`` under ``objective`` and given back to ``restore`` by every command that loads the run."""
+        return {}
+
+    def restore(self, learned: dict[str, Any]) -> None:
+        """Take back what ``learned`` returned when the run trained."""
+        return None
+
+    def configure(self, config: Any) -> None:
+        """Write into a model's config what a model saved alone needs to predict as this objective does (its
+        ``problem_type``, thresholds): the merged folder's ``config.json``."""
         return None
 
     @abstractmethod

@@ -93,8 +93,10 @@ def objective_kind(recipe: Recipe) -> str:
     """``classification``, ``sft`` or ``preference``: what the rules are chosen by."""
     kind = recipe.objective.type
     if kind == "auto":
-        kind = {"sequence_classification": "classification", "embedding": "embedding",
-                "reward": "reward"}.get(recipe.model.task, "sft")
+        # Every task with a new head on an encoder (tags, several labels, scores) trains like a classifier;
+        # embeddings have their own rules; reward models train on preference data.
+        kind = {"causal_lm": "sft", "embedding": "embedding", "reward": "reward"}.get(recipe.model.task,
+                                                                                     "classification")
     # KTO and reward models train on preference data, at the preference objectives' batch, rate and epochs.
     return "preference" if kind in (*PREFERENCE_OBJECTIVES, "kto", "reward") else kind
 

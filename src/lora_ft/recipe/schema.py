@@ -22,14 +22,22 @@ from .section import Section as _Section
 from .train import TrainConfig
 
 
+LABEL_HEAD_TASKS = ("sequence_classification", "token_classification", "regression")
+"""``model.task`` values that put a new head with one output per label on an encoder (``freeze.strategy: head_first``
+trains it first)."""
+
+
 class ModelConfig(_Section):
     """Which pre-trained model to load and how."""
 
     name: str = "example:smollm2-135m-instruct"
     """Hub id, local folder, path to a ``.gguf`` file, or ``example:NAME``."""
-    task: Literal["causal_lm", "sequence_classification", "embedding", "reward"] = "causal_lm"
-    """``reward``: a causal decoder with a new scalar head (``AutoModelForSequenceClassification``, one label), a
-    reward model trained on preference pairs; ``objective.type: reward`` sets it."""
+    task: Literal["causal_lm", "sequence_classification", "token_classification", "regression", "embedding",
+                  "reward"] = "causal_lm"
+    """``sequence_classification`` also trains multi-label data (a list of labels per example) and, where every label
+    is a number with a fraction, regression (``data.format`` says which; ``auto`` detects it). ``reward``: a causal
+    decoder with a new scalar head (``AutoModelForSequenceClassification``, one label), a reward model trained on
+    preference pairs; ``objective.type: reward`` sets it."""
     quant: Literal["none", "int8", "nf4", "fp4"] = "none"
     double_quant: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -127,7 +135,7 @@ class DataConfig(_Section):
     """Fraction of ``train`` carved out (with ``train.seed``) when no ``validation`` file is given."""
     test: str | None = None
     format: Literal["auto", "messages", "sharegpt", "prompt_completion", "alpaca", "text", "classification",
-                    "preference", "pairs", "scored_pairs"] = "auto"
+                    "multilabel", "regression", "tokens", "spans", "preference", "pairs", "scored_pairs"] = "auto"
     messages_column: str = "messages"
     conversations_column: str = "conversations"
     """``sharegpt``: the column of ``{from, value}`` turns (roles human/gpt/system; user/assistant too)."""
@@ -148,6 +156,15 @@ class DataConfig(_Section):
     """Hard negatives (optional: the column may be absent)."""
     score_column: str = "score"
     """Scored pairs: the target cosine similarity of anchor and positive (its presence selects ``scored_pairs``)."""
+    tokens_column: str = "tokens"
+    """Token classification: the column of words (the CoNLL layout as JSON), with ``tags_column`` beside it."""
+    tags_column: str = "tags"
+    """Token classification: one BIO/IOB2 tag per word (``B-PER``, ``I-PER``, ``O``)."""
+    spans_column: str = "spans"
+    """Token classification, ``spans`` format: ``{start, end, label}`` character spans of ``text_column``."""
+    label_all_tokens: bool = False
+    """Token classification: label every sub-word token of a word (the rest of a ``B-`` word as ``I-``) instead of
+    its first one only (the rest ignored, as transformers' token-classification example does by default)."""
     system_prompt: str | None = None
     max_length: int = Field(512, gt=1)
     train_on_prompt: bool = False
@@ -247,15 +264,18 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         d = self.data
-        if d.format == "classification" and self.model.task != "sequence_classification":
-            raise ValueError("data.format 'classification' needs model.task: sequence_classification")
-        if self.model.task == "sequence_classification" and d.format not in ("auto", "classification"):
-            raise ValueError(f"model.task sequence_classification cannot train on data.format '{d.format}'")
-        if (d.format in ("pairs", "scored_pairs")) != (self.model.task == "embedding") and d.format != "auto":
-            raise ValueError(f"data.format '{d.format}' and model.task {self.model.task} do not go together: pairs and "
-                             "scored_pairs train model.task: embedding, which trains on nothing else")
-        if self.freeze.strategy == "head_first" and self.model.task != "sequence_classification":
-            raise ValueError("freeze.strategy head_first needs a new task head: model.task sequence_classification")
+        own = {"classification": "sequence_classification", "multilabel": "sequence_classification",
+               "regression": "sequence_classification or regression", "tokens": "token_classification",
+               "spans": "token_classification", "pairs": "embedding", "scored_pairs": "embedding"}
+        if d.format in own and self.model.task not in own[d.format].split(" or "):
+            raise ValueError(f"data.format '{d.format}' needs model.task: {own[d.format]}")
+        encoder = {t for ts in own.values() for t in ts.split(" or ")}
+        if self.model.task in encoder and d.format not in ("auto", *(f for f, t in own.items()
+                                                                     if self.model.task in t.split(" or "))):
+            raise ValueError(f"model.task {self.model.task} cannot train on data.format '{d.format}'")
+        if self.freeze.strategy == "head_first" and self.model.task not in LABEL_HEAD_TASKS:
+            raise ValueError("freeze.strategy head_first needs a new task head: an encoder model.task "
+                             "(sequence_classification, token_classification, regression)")
         if self.forgetting.enabled and self.model.task != "causal_lm":
             raise ValueError("forgetting.enabled measures language-model perplexity: it needs model.task causal_lm")
         if self.forgetting.enabled and self.lora.init in FULL_PRECISION_INITS:

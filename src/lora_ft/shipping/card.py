@@ -30,7 +30,8 @@ EXAMPLE_BASES: dict[str, tuple[str, str]] = {
 }
 PIPELINE_TAGS = {"causal_lm": "text-generation", "sequence_classification": "text-classification",
                  "embedding": "sentence-similarity",
-                 "reward": "text-classification"}  # a one-label sequence classifier, as TRL's reward models
+                 "reward": "text-classification",  # a one-label sequence classifier, as TRL's reward models
+                 "token_classification": "token-classification", "regression": "text-classification"}
 # llama.cpp names its files after the quantization type: SmolLM2-135M-Instruct.Q4_1.gguf, model-q8_0.gguf.
 GGUF_QUANT = re.compile(r"[.\-_](I?Q\d+(?:_[0-9A-Z]+)*|BF16|F16|F32)\.gguf$", re.IGNORECASE)
 TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
@@ -337,7 +338,8 @@ def _usage(task: str, repo_id: str, merged: bool, base_id: str | None, info: dic
     if task == "embedding":
         return _embedding_usage(repo_id, merged, base_id)
     causal = task == "causal_lm"
-    auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+    auto = "AutoModelForCausalLM" if causal else "AutoModelForTokenClassification" \
+        if task == "token_classification" else "AutoModelForSequenceClassification"
     chat = ['messages = [{"role": "user", "content": "Hello!"}]',
             "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', "
             "return_dict=True)",

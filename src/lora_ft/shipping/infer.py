@@ -21,6 +21,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     PreTrainedTokenizerBase,
     TextStreamer,
@@ -32,9 +33,11 @@ from ..data.reading import read_split
 from ..errors import RunError, UsageError, first_line
 from ..modeling.loading import check_folder, remote_code
 from ..modeling.pooling import Pooling, read_pooling
+from ..objectives import objective_for
 from ..recipe import DataConfig
 from ..run import RUN_CONFIG, default_device, load_adapter_model, load_run_tokenizer, merged_folder, open_run
 from .embed import predict_embeddings
+from .predict_tasks import check_task_columns, predict_rows, task_kind
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class InferenceModel:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    tokens_column: str = "tokens"
     pooling: Pooling | None = None
     """An embedding model's pooling (``predict`` embeds, see ``embed.py``); None for the others."""
     data: DataConfig | None = None
@@ -58,8 +62,11 @@ class InferenceModel:
 
     @property
     def reward(self) -> bool:
-        """A reward model: one scalar per sequence (``model.task: reward``, or a merged one-label model)."""
-        return not self.causal and getattr(self.model.config, "num_labels", 0) == 1
+        """A reward model: one scalar per sequence (``model.task: reward``, or a merged one-label model that is not a
+        regression: that one's config says ``problem_type: regression``)."""
+        config = self.model.config
+        return not self.causal and getattr(config, "num_labels", 0) == 1 and \
+            getattr(config, "problem_type", None) != "regression"
 
 
 def load_for_inference(path: str | Path, merged: bool = False, device: torch.device | str | None = None
@@ -70,12 +77,18 @@ def load_for_inference(path: str | Path, merged: bool = False, device: torch.dev
         run = open_run(path)
         data = run.recipe.data
         cols = dict(max_length=data.max_length, text_column=data.text_column,
-                    text_pair_column=data.text_pair_column, label_column=data.label_column, data=data)
+                    text_pair_column=data.text_pair_column, label_column=data.label_column,
+                    tokens_column=data.tokens_column, data=data)
         if run.recipe.model.task == "embedding":
             cols["pooling"] = read_pooling(run.source(), run.recipe.model.revision)
         if not merged:
             tok = load_run_tokenizer(run)
-            return InferenceModel(load_adapter_model(run, device, tok), tok, run.causal, **cols)
+            model = load_adapter_model(run, device, tok)
+            if not run.causal:  # what the merge writes into config.json: problem type, thresholds
+                objective = objective_for(run.recipe, tok)
+                objective.restore(run.info.get("objective") or {})
+                objective.configure(model.config)
+            return InferenceModel(model, tok, run.causal, **cols)
         folder = written_merge(run)
         check_folder(folder, "the run's merged model", f"merge again (lora-ft merge {path})", RunError)
         return _load_plain(folder, device, cols, run.recipe.model.trust_remote_code)
@@ -105,9 +118,10 @@ def _load_plain(folder: Path, device: torch.device, cols: dict[str, Any], trust:
                        ) from None
     if (folder / "modules.json").is_file():  # a sentence-transformers folder (a merged embedding run)
         cols = {**cols, "pooling": read_pooling(str(folder))}
-    causal = not any(a.endswith("ForSequenceClassification") for a in config.architectures or []) \
-        and "pooling" not in cols
-    cls = AutoModel if "pooling" in cols else AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    heads = ("ForSequenceClassification", "ForTokenClassification")
+    causal = not any(a.endswith(heads) for a in config.architectures or []) and "pooling" not in cols
+    cls = AutoModel if "pooling" in cols else AutoModelForCausalLM if causal \
+        else AutoModelForTokenClassification if task_kind(config) == "tokens" else AutoModelForSequenceClassification
     model = cls.from_pretrained(folder, dtype="auto", **remote_code(trust, folder)).to(device).eval()
     return InferenceModel(model, AutoTokenizer.from_pretrained(folder, **remote_code(trust, folder)), causal, **cols)
 
@@ -185,6 +199,18 @@ def chat(im: InferenceModel, stdin: IO[str], stdout: IO[str], system: str | None
 
 
 # --------------------------------------------------------------------------------------- classification
+def _write_json_rows(rows, out: str | Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """``rows`` as JSON lines in ``out`` (through ``_write_rows``); returns ``summary`` with the counts."""
+    def write(f: IO[str]) -> int:
+        n = 0
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            n += 1
+        return n
+
+    return {**summary, "examples": _write_rows(out, write), "predictions": str(out)}
+
+
 @torch.no_grad()
 def predict_file(im: InferenceModel, data_file: str, out: str | Path, batch_size: int = 32) -> dict[str, Any]:
     """Classify every row of ``data_file``; write it to ``out`` (jsonl) with ``prediction`` (the label name)
@@ -194,6 +220,10 @@ def predict_file(im: InferenceModel, data_file: str, out: str | Path, batch_size
     if im.causal:
         raise UsageError("this run is a causal LM: use 'lora-ft generate' or 'lora-ft chat'")
     ds = read_split(data_file, "predict", "--data")
+    kind = task_kind(im.model.config, im.model)
+    if kind is not None:  # tags, several labels, scores (predict_tasks)
+        check_task_columns(ds, kind, im, data_file, im.tokens_column)
+        return _write_json_rows(predict_rows(im, ds, kind, batch_size, im.tokens_column), out, {"task": kind})
     if im.reward:
         return {**_write_rows(out, lambda f: score_rows(im, ds, data_file, batch_size, f)), "predictions": str(out)}
     need = [c for c in (im.text_column, im.text_pair_column) if c]

@@ -260,6 +260,7 @@ def _merge(run: Run, dtype: str, base: str, out: Path, force: bool, examples: in
 
     tokenizer = load_run_tokenizer(run)
     objective = objective_for(run.recipe, tokenizer)
+    objective.restore(run.info.get("objective") or {})
     held = fidelity_loader(run, objective, examples, data_file, tokenizer)
     loader, split, n_examples = held.loader, held.split, held.examples
     adapter_model = load_adapter_model(run, device, tokenizer)
@@ -300,6 +301,7 @@ def _merge(run: Run, dtype: str, base: str, out: Path, force: bool, examples: in
                             f"in {report_path}). Pass --force to save it anyway{hint}")
     if not passed:
         log.warning("saving a merge above the fidelity limit because --force was given")
+    objective.configure(merged.config)  # problem type, thresholds: what a plain load needs to predict alike
     save_merged(merged, tokenizer, out, max_shard_size, {"run_dir": str(run.dir.resolve()), "base": effective_base,
                                                           "dtype": dtype, "written": entry["written"]}, objective)
     _record(run, f"{effective_base}-{dtype}", entry)  # after the save: the report never names a merge not saved

@@ -37,8 +37,12 @@ def evaluate_loader(model: torch.nn.Module, loader, objective: Objective, accele
 
 def evaluate_all(model: torch.nn.Module, loaders: dict, objective: Objective,
                  accelerator: Accelerator) -> dict[str, dict[str, float]]:
-    """``evaluate_loader`` for every split, by name."""
-    return {name: evaluate_loader(model, loader, objective, accelerator) for name, loader in loaders.items()}
+    """``evaluate_loader`` for every split, by name, in order (validation first: see ``Objective.begin_split``)."""
+    results = {}
+    for name, loader in loaders.items():
+        objective.begin_split(name)
+        results[name] = evaluate_loader(model, loader, objective, accelerator)
+    return results
 
 
 def evaluate_run(run_dir: str | Path, data_file: str | None = None, split: str = "eval",
@@ -62,6 +66,8 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, split: str =
     start = run.start_adapter  # lora.init_from: the model training started from is the reference
     s = setup(recipe, accelerator, compute, str(start or run.adapter_dir), {split: data_file}, run.id2label)
     s.data.splits = s.objective.prepare(s.model, accelerator, s.data.splits, train.eval_batch_size)
+    s.objective.restore(run.info.get("objective") or {})  # e.g. the thresholds chosen on validation
+    s.objective.begin_split(split)
     if start is not None:  # then the trained adapter's weights
         set_peft_model_state_dict(s.model, load_peft_weights(str(run.adapter_dir)))
     loader = accelerator.prepare(make_loader(s.data.splits[split], train.eval_batch_size, s.objective.collate,

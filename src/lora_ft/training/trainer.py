@@ -457,6 +457,7 @@ class Trainer:
                 results["forgetting"] = {"before": st.forgetting.before, "after": self.forgetting.measure(
                     self.model, acc, st.forgetting.before)}
         self.info.update(best_step=best.step or st.step, steps_done=st.step, stopped=self.state.stopped,
+                         objective=self.objective.learned(),
                          generation=self.generated.settings() if self.generated is not None else None)
         # Once, at the end: the planner's prediction for this run beside what it really took.
         self.info["memory"] = peak_memory(self.recipe, acc.device, self.session.loaded.source,
