@@ -204,6 +204,7 @@ class Objective(ABC):
     def write_model_files(self, model: torch.nn.Module, folder: Path) -> None:
         """Files a merged model folder needs beside transformers' own so that its users' library rebuilds what was
         trained (an embedding model's sentence-transformers pipeline); nothing by default."""
+        return None
 
     def begin_split(self, name: str) -> None:
         """Called by the evaluation before each split's batches are summarized: an objective that calibrates on

@@ -21,7 +21,6 @@ from .objective import PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, ObjectiveCon
 from .section import Section as _Section
 from .train import TrainConfig
 
-
 LABEL_HEAD_TASKS = ("sequence_classification", "token_classification", "regression")
 """``model.task`` values that put a new head with one output per label on an encoder (``freeze.strategy: head_first``
 trains it first)."""
