@@ -78,6 +78,11 @@ class Objective(ABC):
         has no labels."""
         return None
 
+    def data_identity(self) -> dict[str, Any]:
+        """What decides how this objective tokenizes an example besides the data config, the format and the
+        tokenizer (part of the data cache's key, ``data.cache``): nothing here."""
+        return {}
+
     @abstractmethod
     def encode(self, row: dict[str, Any], fmt: str) -> dict[str, Any]:
         """One example tokenized: its model inputs and labels, plus ``truncated`` (it was longer than

@@ -10,7 +10,7 @@ values are resolved by the rules in ``defaults.py``. This package imports nothin
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
@@ -155,8 +155,10 @@ class DataConfig(_Section):
     is not. A packed micro-batch is ``train.micro_batch_size`` rows of ``max_length`` tokens (or
     ``train.max_tokens_per_batch``), so one step sees more examples than unpacked. Evaluation is never packed."""
     augment: AugmentConfig = AugmentConfig()
-    max_eval_examples: int | None = Field(None, gt=0)
-    """Evaluate on at most this many examples per split (the first ones, so runs stay comparable)."""
+    max_eval_examples: Annotated[int, Field(gt=0)] | Literal["auto"] | None = "auto"
+    """Evaluate on at most this many examples per split (the first ones, so runs stay comparable). ``auto``: splits
+    of more than 1,000 examples are evaluated on 1,000 spread evenly over them (logged; ``data.prepare``), smaller
+    ones whole; null: always whole."""
 
 
 class FreezeConfig(_Section):
