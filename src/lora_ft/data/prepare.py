@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -258,6 +260,20 @@ def _encoder(objective: Objective, fmt: str):
     return encode
 
 
+@contextmanager
+def _progress_bar(show: bool):
+    """datasets' progress bar for one long map, even where the CLI turned the library's bars off (they would
+    clutter every small step; minutes of tokenizing deserve one)."""
+    was = datasets.is_progress_bar_enabled()
+    if show and not was:
+        datasets.enable_progress_bars()
+    try:
+        yield
+    finally:
+        if show and not was:
+            datasets.disable_progress_bars()
+
+
 def _answer_tokens(labels: list[int]) -> int:
     return len(labels) - next((k for k, v in enumerate(labels) if v != IGNORE), len(labels))
 
@@ -266,11 +282,15 @@ def _tokenize(ds: datasets.Dataset, name: str, fmt: str, objective: Objective,
               folder) -> tuple[datasets.Dataset, dict[str, int]]:
     """Tokenize into ``folder`` (the data cache's new entry) on ``workers`` processes; the statistics from the
     written columns."""
-    procs = workers(len(ds))
-    enc = ds.map(_encoder(objective, fmt), batched=True, batch_size=ENCODE_BATCH, with_indices=True,
-                 num_proc=procs if procs > 1 else None, remove_columns=ds.column_names,
-                 cache_file_name=str(folder / "encoded.arrow"), load_from_cache_file=False,
-                 new_fingerprint=folder.name, desc=f"tokenizing {name} ({procs} process{'es' * (procs > 1)})")
+    procs, t0 = workers(len(ds)), time.perf_counter()
+    log.info("data.%s: tokenizing %d examples on %d process(es)", name, len(ds), procs)
+    with _progress_bar(len(ds) >= PARALLEL_FROM):
+        enc = ds.map(_encoder(objective, fmt), batched=True, batch_size=ENCODE_BATCH, with_indices=True,
+                     num_proc=procs if procs > 1 else None, remove_columns=ds.column_names,
+                     cache_file_name=str(folder / "encoded.arrow"), load_from_cache_file=False,
+                     new_fingerprint=folder.name, desc=f"tokenizing {name} ({procs} process{'es' * (procs > 1)})")
+    log.info("data.%s: tokenized in %.1f s (%.0f examples/s)", name, time.perf_counter() - t0,
+             len(ds) / max(time.perf_counter() - t0, 1e-9))
     usable, lengths = column(enc, "usable").astype(bool), column(enc, "length")
     if not usable.any():
         raise RecipeError(f"data.{name}: every example lost its answer to truncation at data.max_length="
