@@ -8,6 +8,7 @@ from conftest import build_bert_tokenizer, chat_rows, labelled_text, prepare, wr
 from lora_ft.data import cache
 from lora_ft.data import prepare as prep
 from lora_ft.errors import RecipeError
+from lora_ft.memory.launch import answer_tokens_of
 from lora_ft.recipe import DataConfig
 
 
@@ -95,3 +96,14 @@ def test_tokenizing_on_two_processes_gives_what_one_process_gives(tmp_path, tok,
     one, two = out[1].splits["train"], out[2].splits["train"]
     assert two["input_ids"] == one["input_ids"] and two["labels"] == one["labels"] and two["idx"] == one["idx"]
     assert out[2].stats == out[1].stats and out[1].stats["train"]["dropped"] == 1
+
+
+def test_the_longest_answer_stretch_is_read_from_its_column_as_the_labels_say(tmp_path, tok):
+    """The planner's ``answer_tokens_of``: from the ``answer_tokens`` column the preparation wrote, equal to counting
+    from each example's first label to its end."""
+    rows = chat_rows(9, 2) + [{"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "word " * 30}]}]
+    data = prepare(DataConfig(train=str(write_jsonl(tmp_path / "t.jsonl", rows)), max_length=64), "causal_lm", tok)
+    train = data.splits["train"]
+    counted = max(len(r["labels"]) - next(k for k, v in enumerate(r["labels"]) if v != -100) for r in train)
+    assert answer_tokens_of(train) == counted == data.stats["train"]["answer_tokens"] > 30

@@ -244,13 +244,13 @@ def _arrow_column(values: list) -> pa.Array:
 
 
 def _encoder(objective: Objective, fmt: str):
-    """The batched tokenizing function: the objective's ``encode`` per example, plus ``length`` (tokens after
+    """The batched tokenizing function: the objective's ``encode_batch``, plus ``length`` (tokens after
     truncation, what the samplers sort and pack by), ``answer_tokens`` (from the first label to the end: what
     ``logits_to_keep`` covers; causal labels only) and ``idx`` (the example's row: augmentation seeds by it)."""
     def encode(batch: dict[str, list], indices: list[int]) -> pa.Table:
         names = list(batch)
-        out = [objective.encode(dict(zip(names, values, strict=True)), fmt) for values in zip(*batch.values(),
-                                                                                               strict=True)]
+        out = objective.encode_batch([dict(zip(names, values, strict=True))
+                                      for values in zip(*batch.values(), strict=True)], fmt)
         cols = {k: _arrow_column([o[k] for o in out]) for k in out[0]}
         cols["length"] = pa.array([len(o["input_ids"]) for o in out], pa.int32())
         if isinstance(out[0].get("labels"), list):

@@ -88,6 +88,10 @@ class Objective(ABC):
         """One example tokenized: its model inputs and labels, plus ``truncated`` (it was longer than
         ``max_length``) and ``usable`` (it still carries a training signal after truncation)."""
 
+    def encode_batch(self, rows: list[dict[str, Any]], fmt: str) -> list[dict[str, Any]]:
+        """``encode`` of each row (an objective may tokenize the batch at once: the same values, faster)."""
+        return [self.encode(row, fmt) for row in rows]
+
     @abstractmethod
     def collate(self, rows: list[dict[str, Any]], augment: Callable[[dict], dict] | None = None) -> Batch:
         """Pad tokenized examples into one batch; ``augment`` (training only) transforms each example first."""
