@@ -101,19 +101,19 @@ def test_a_failed_preparation_leaves_no_entry_and_the_next_one_succeeds(chat_fil
     cfg = DataConfig(train=str(chat_file), max_length=64)
     monkeypatch.setattr(prep, "ENCODE_BATCH", 4)  # the kill comes after a batch was written
     calls = []
-    original = CausalLM.encode
+    original = CausalLM.encode_batch
 
-    def killed_at_the_sixth_example(self, row, fmt):
+    def killed_in_the_second_batch(self, rows, fmt):
         calls.append(1)
-        if len(calls) == 6:
+        if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, row, fmt)
+        return original(self, rows, fmt)
 
-    monkeypatch.setattr(CausalLM, "encode", killed_at_the_sixth_example)
+    monkeypatch.setattr(CausalLM, "encode_batch", killed_in_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, "causal_lm", _tok())
     assert [p.name for p in own_cache.iterdir()] == ["checked"]  # no entry, no temporary folder left
-    monkeypatch.setattr(CausalLM, "encode", original)
+    monkeypatch.setattr(CausalLM, "encode_batch", original)
     assert prepare(cfg, "causal_lm", _tok()).stats["train"]["examples"] == 12
 
 
@@ -129,3 +129,20 @@ def test_checked_cells_are_not_checked_again_and_a_bad_file_is_never_marked(tmp_
         with pytest.raises(DataError, match="row 4, column 'messages' is null"):
             prepare(DataConfig(train=str(bad), max_length=64), "causal_lm", _tok())
     assert checks == [str(good), str(bad), str(bad)]
+
+
+def test_an_entry_another_process_committed_first_is_kept_and_used(chat_file, own_cache, monkeypatch):
+    """Every rank of a multi-process run prepares its data: the one that commits second uses the first one's entry."""
+    cfg = DataConfig(train=str(chat_file), max_length=64)
+    first = prepare(cfg, "causal_lm", _tok())
+    (entry,) = [p.parent for p in own_cache.glob("*/meta.json")]
+    calls, real = [], cache.load_entry
+
+    def the_first_look_misses(key):  # as it did for every rank: none had committed when they looked
+        calls.append(key)
+        return None if len(calls) == 1 else real(key)
+
+    monkeypatch.setattr(cache, "load_entry", the_first_look_misses)
+    second = prepare(cfg, "causal_lm", _tok())
+    assert second.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]
+    assert [p.parent for p in own_cache.glob("*/meta.json")] == [entry] and not list(own_cache.glob(".*.tmp"))

@@ -167,8 +167,7 @@ def write_entry(key: str, build, facts: dict[str, Any]) -> tuple[datasets.Datase
         files = {f.name: f.stat().st_size for f in tmp.iterdir() if f.suffix == ".arrow"}
         meta = {"key": key, "version": VERSION, "rows": len(ds), "files": files, "stats": stats, "made_of": facts}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)  # a damaged entry of the same key (load_entry deleted it already)
-        tmp.rename(folder)  # the commit point
+        _commit(tmp, key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -177,3 +176,18 @@ def write_entry(key: str, build, facts: dict[str, Any]) -> tuple[datasets.Datase
     if loaded is None:  # written and damaged at once: a disk problem, reported by load_entry; still usable now
         raise OSError(f"the data cache {folder} could not be read back")
     return loaded
+
+
+def _commit(tmp: Path, key: str) -> None:
+    """Rename the written entry into place; where another process (a rank of the same run, a sweep's parallel
+    trial) committed the same key first, keep its entry and drop ours: the two hold the same examples."""
+    folder = entry_path(key)
+    if folder.is_dir() and load_entry(key) is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    try:
+        tmp.rename(folder)  # the commit point
+    except OSError:  # committed by another process between the check and the rename
+        if load_entry(key) is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -234,7 +234,14 @@ def _conversation_candidates(values: pa.ChunkedArray) -> np.ndarray | None:
     kinds = {name: t.value_type.field(name).type for name in (role, content)}
     if not all(pa.types.is_string(k) or pa.types.is_large_string(k) for k in kinds.values()):
         return None
-    lists = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+    # Chunk by chunk: one copy of the whole column (combine_chunks) would be the file's size again in memory.
+    if values.num_chunks == 0:
+        return np.zeros(0, dtype=bool)
+    return np.concatenate([_conversation_chunk(chunk, role, content) for chunk in values.chunks])
+
+
+def _conversation_chunk(lists: pa.Array, role: str, content: str) -> np.ndarray:
+    """``_conversation_candidates`` of one Arrow chunk of the column."""
     n = len(lists)
     lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
     lengths = np.nan_to_num(np.asarray(lengths, dtype=float), nan=0).astype(np.int64)  # a null list: no messages
