@@ -126,6 +126,14 @@ def trackio_dir(tmp_path_factory) -> Path:
     os.environ["TRACKIO_DIR"] = str(path)
     return path
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_dir(tmp_path_factory) -> Path:
+    """The data cache (``lora_ft.data.cache``) of the tests' runs: pytest's temporary folder, not ~/.cache."""
+    path = tmp_path_factory.mktemp("data-cache")
+    os.environ["LORA_FT_DATA_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer random Llama (causal LM) with a ChatML template, saved as a local model folder."""

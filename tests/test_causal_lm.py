@@ -107,3 +107,20 @@ def test_packing_is_refused_where_it_would_not_be_exact(tok):
         objective.use_packing(True, gpt2)
     llama.get_base_model().config._attn_implementation = "flex_attention"
     assert "does not read packed position ids" in objective.cannot_pack(llama)
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_encoding_a_batch_gives_what_encoding_each_row_gives(tok, train_on_prompt):
+    """Multi-turn answers, a system prompt, truncation and an example that loses its answer to it: the batched
+    tokenizer call and the numpy answer mask give the row-by-row values."""
+    rows = chat_rows(5, 9) + [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What does the cow say?"},
+                      {"role": "assistant", "content": "moo"}, {"role": "user", "content": "And the dog?"},
+                      {"role": "assistant", "content": "woof"}]},
+        {"messages": [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "ok"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat " * 30}]}]
+    objective = CausalLM(DataConfig(max_length=40, train_on_prompt=train_on_prompt), tok)
+    one_by_one = [objective.encode(r, "messages") for r in rows]
+    assert objective.encode_batch(rows, "messages") == one_by_one
+    assert [e["truncated"] for e in one_by_one][-2:] == [True, True]
+    assert one_by_one[-2]["usable"] is train_on_prompt and (IGNORE in one_by_one[5]["labels"]) is not train_on_prompt

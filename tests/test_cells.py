@@ -9,13 +9,17 @@ import csv
 import json
 import math
 
+import datasets
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import classification_rows, labelled_text, prepare, write_jsonl
 
 from lora_ft.cli import main
+from lora_ft.data.cells import BLANK, Where, candidates, check_column, check_columns, conversation_problem
+from lora_ft.errors import DataError
 from lora_ft.recipe import DataConfig
 
 TEXT = "every example needs this text"
@@ -302,3 +306,45 @@ def test_data_that_cannot_train_the_task_is_refused(case, models, tmp_path, caps
     if model == "llama":
         recipe = _recipe(tmp_path, models, model, {"format": "text"}, tmp_path / "d.jsonl")
         assert main(["validate", str(recipe)]) == 0
+
+
+def test_the_vectorised_blank_rule_knows_every_character_python_strips():
+    spaces = [c for c in map(chr, range(0x110000)) if c.isspace()]
+    others = ["\u200b", "\ufeff", "a", "\u00ad", "\x00"]  # zero-width space, BOM, soft hyphen: not white space
+    assert pc.match_substring_regex(pa.array(spaces + ["".join(spaces)]), BLANK).to_pylist() == [True] * 30
+    assert pc.match_substring_regex(pa.array(others), BLANK).to_pylist() == [False] * 5
+
+
+MESSAGES = [
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+    None,
+    [],
+    [{"role": "user", "content": "hi"}, {"role": None, "content": "yo"}],
+    [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\u3000\x1c "}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}],
+    [{"role": "assistant", "content": "first"}, {"role": "user", "content": "then"}],
+    [{"role": "user", "content": "hi"}, None, {"role": "assistant", "content": "yo"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+     {"role": "assistant", "content": "yo"}],
+    [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}],
+]
+
+
+@pytest.mark.parametrize("layout", ["role", "from"])
+def test_the_vectorised_rules_pick_every_row_the_row_by_row_check_refuses(layout):
+    """The candidates are a superset of the bad rows (they may not miss one), and the error is the row-by-row one."""
+    rename = {"role": "from", "content": "value", "assistant": "gpt", "user": "human"}
+    rows = [m if m is None or layout == "role" else
+            [x if x is None else {rename[k]: rename.get(v, v) for k, v in x.items()} for x in m] for m in MESSAGES]
+    ds = datasets.Dataset.from_dict({"messages": rows * 50})
+    picked = candidates(ds.with_format("arrow")["messages"], "conversation")
+    refused = [conversation_problem(v) is not None for v in ds["messages"]]
+    assert picked is not None and refused.count(True) == 450
+    assert all(picked[i] for i, bad in enumerate(refused) if bad)
+    where = Where("data.train", "f.jsonl")
+    with pytest.raises(DataError) as vectorised:
+        check_columns(ds, {"messages": "conversation"}, where)
+    with pytest.raises(DataError) as row_by_row:
+        check_column(ds["messages"], "conversation", where, "messages")
+    assert str(vectorised.value) == str(row_by_row.value) and "(449 more row(s) like it)" in str(vectorised.value)

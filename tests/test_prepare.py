@@ -1,9 +1,14 @@
 """Preparing task data through the objective: formats, columns, truncation, labels, carved validation."""
 
+import logging
+
 import pytest
 from conftest import build_bert_tokenizer, chat_rows, labelled_text, prepare, write_jsonl
 
+from lora_ft.data import cache
+from lora_ft.data import prepare as prep
 from lora_ft.errors import RecipeError
+from lora_ft.memory.launch import answer_tokens_of
 from lora_ft.recipe import DataConfig
 
 
@@ -57,3 +62,48 @@ def test_validation_split_is_carved_with_the_seed(tmp_path, tok):
     b = prepare(DataConfig(train=str(p), validation_split=0.2), "causal_lm", tok, 7)
     assert len(a.splits["validation"]) == 10 and len(a.splits["train"]) == 40
     assert a.splits["validation"]["input_ids"] == b.splits["validation"]["input_ids"]
+
+
+def test_max_eval_examples_auto_spreads_the_cap_over_a_large_split_and_keeps_a_small_one_whole(tmp_path, tok,
+                                                                                                 monkeypatch, caplog):
+    monkeypatch.setattr(prep, "AUTO_EVAL_EXAMPLES", 4)
+    rows = chat_rows(7, 3)
+    train, val = write_jsonl(tmp_path / "t.jsonl", chat_rows(6, 1)), write_jsonl(tmp_path / "v.jsonl", rows)
+    small = write_jsonl(tmp_path / "s.jsonl", rows[:4])
+    cfg = DataConfig(train=str(train), validation=str(val), max_length=64)
+    with caplog.at_level(logging.INFO, logger="lora_ft"):
+        data = prepare(cfg, "causal_lm", tok)
+    assert data.raw["validation"]["messages"] == [rows[i]["messages"] for i in (0, 2, 4, 6)]  # first, evenly, last
+    assert len(data.splits["validation"]) == 4 and len(data.splits["train"]) == 6
+    assert any("evaluating on 4 of its 7 examples" in r.message for r in caplog.records)
+    assert len(prepare(cfg.model_copy(update={"validation": str(small)}), "causal_lm", tok).splits["validation"]) == 4
+    assert prepare(cfg.model_copy(update={"max_eval_examples": 2}), "causal_lm", tok).raw["validation"][
+        "messages"] == [r["messages"] for r in rows[:2]]
+    assert len(prepare(cfg.model_copy(update={"max_eval_examples": None}), "causal_lm", tok).splits["validation"]) == 7
+
+
+def test_tokenizing_on_two_processes_gives_what_one_process_gives(tmp_path, tok, monkeypatch):
+    rows = chat_rows(40, 4) + [{"messages": [{"role": "user", "content": "word " * 80},
+                                             {"role": "assistant", "content": "ok"}]}]
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "t.jsonl", rows)), max_length=40)
+    monkeypatch.setattr(prep, "ENCODE_BATCH", 8)
+    out = {}
+    for n in (1, 2):
+        monkeypatch.setenv("LORA_FT_DATA_WORKERS", str(n))
+        monkeypatch.setenv(cache.ENV, str(tmp_path / f"cache-{n}"))
+        out[n] = prepare(cfg, "causal_lm", tok)
+    assert len(list((tmp_path / "cache-2").glob("*/encoded_0000[01]_of_00002.arrow"))) == 2  # two workers wrote
+    one, two = out[1].splits["train"], out[2].splits["train"]
+    assert two["input_ids"] == one["input_ids"] and two["labels"] == one["labels"] and two["idx"] == one["idx"]
+    assert out[2].stats == out[1].stats and out[1].stats["train"]["dropped"] == 1
+
+
+def test_the_longest_answer_stretch_is_read_from_its_column_as_the_labels_say(tmp_path, tok):
+    """The planner's ``answer_tokens_of``: from the ``answer_tokens`` column the preparation wrote, equal to counting
+    from each example's first label to its end."""
+    rows = chat_rows(9, 2) + [{"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "word " * 30}]}]
+    data = prepare(DataConfig(train=str(write_jsonl(tmp_path / "t.jsonl", rows)), max_length=64), "causal_lm", tok)
+    train = data.splits["train"]
+    counted = max(len(r["labels"]) - next(k for k, v in enumerate(r["labels"]) if v != -100) for r in train)
+    assert answer_tokens_of(train) == counted == data.stats["train"]["answer_tokens"] > 30

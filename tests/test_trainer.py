@@ -93,6 +93,12 @@ def test_validation_runs_every_eval_every_steps_and_at_the_end(chat_run):
     assert [r["step"] for r in rows if r.get("split") == "test"] == [0, 30]
 
 
+def test_every_evaluation_row_says_how_long_it_took(chat_run):
+    recipe, _, _ = chat_run
+    rows = [r for r in _rows(recipe.output_dir) if r.get("split") in ("validation", "test")]
+    assert len(rows) == 6 and all(r["eval_seconds"] > 0 for r in rows)  # the before, periodic and final passes
+
+
 def test_gradients_are_clipped_every_step_with_max_grad_norm(chat_run):
     recipe, _, clips = chat_run
     assert clips == [0.5] * 30

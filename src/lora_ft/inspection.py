@@ -3,22 +3,33 @@
 Split sizes, token lengths and truncation at ``max_length``, label balance, exact and near duplicates,
 train/validation/test overlap (leakage), and one rendered example with its loss mask. Needs only the
 tokenizer, never the model weights.
+
+At scale: each example's full length and the hashes of its text and normalised text are columns written by one
+batched map on every core and kept in the data cache (``data.cache``), beside the training preparation's entries, so
+a second ``inspect`` of the same file reads them back; the counts are numpy over those columns. The cells are
+checked once per file (the same marker ``train`` and ``validate`` use).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
-import statistics
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
+from .data import cache
 from .data.cells import Where
+from .data.prepare import ENCODE_BATCH, NOT_TOKENIZING, Origin, check_split, column, workers
 from .data.reading import read_split
 from .modeling.loading import load_tokenizer, resolve_source
 from .objectives import objective_for
 from .recipe import Recipe
 
 _WORDS = re.compile(r"\w+")
+log = logging.getLogger(__name__)
 
 
 def normalise(text: str) -> str:
@@ -26,10 +37,44 @@ def normalise(text: str) -> str:
     return " ".join(_WORDS.findall(text.lower()))
 
 
-def _percentiles(values: list[int]) -> dict[str, int]:
-    s = sorted(values)
-    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
-    return {"min": s[0], "median": int(statistics.median(s)), "p90": pick(0.9), "p99": pick(0.99), "max": s[-1]}
+def _percentiles(values: np.ndarray) -> dict[str, int]:
+    s = np.sort(values)
+    pick = lambda q: int(s[min(len(s) - 1, int(q * len(s)))])  # noqa: E731
+    return {"min": int(s[0]), "median": int(np.median(s)), "p90": pick(0.9), "p99": pick(0.99), "max": int(s[-1])}
+
+
+def _hash(text: str) -> int:
+    """A stable 63-bit hash (Python's ``hash`` of a string differs between processes)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _measured(objective, fmt: str):
+    def measure(batch: dict[str, list]) -> dict[str, list]:
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        texts = [objective.example_text(r, fmt) for r in rows]
+        return {"full_length": [objective.length(r, fmt) for r in rows], "text": [_hash(t) for t in texts],
+                "words": [_hash(normalise(t)) for t in texts]}
+    return measure
+
+
+def _measure(ds, name: str, fmt: str, objective, origin: Origin):
+    """Each example's untruncated length and its text's and normalised text's hashes, from the data cache when it
+    holds them for this file, tokenizer and settings (else computed on every core into it)."""
+    facts = {"inspect": 1, "file": origin.identity(ds), "format": fmt, "objective": type(objective).__qualname__,
+             "data": objective.cfg.model_dump(mode="json", exclude=NOT_TOKENIZING | {"max_length"}),
+             "tokenizer": cache.tokenizer_identity(objective.tokenizer), "code": cache.code_identity(objective)}
+    key = cache.digest(facts)
+    hit = cache.load_entry(key)
+    if hit is not None:
+        return hit[0]
+
+    def build(folder):
+        procs = workers(len(ds))
+        out = ds.map(_measured(objective, fmt), batched=True, batch_size=ENCODE_BATCH, remove_columns=ds.column_names,
+                     num_proc=procs if procs > 1 else None, cache_file_name=str(folder / "inspected.arrow"),
+                     load_from_cache_file=False, new_fingerprint=folder.name, desc=f"measuring {name}")
+        return out, {}
+    return cache.write_entry(key, build, {**facts, "source": origin.spec})[0]
 
 
 def inspect_recipe(recipe: Recipe) -> dict[str, Any]:
@@ -38,22 +83,21 @@ def inspect_recipe(recipe: Recipe) -> dict[str, Any]:
     objective = objective_for(recipe, load_tokenizer(resolve_source(recipe.model.name), recipe.model))
     specs = {name: getattr(d, name) for name in ("train", "validation", "test") if getattr(d, name)}
     report: dict[str, Any] = {"splits": {}, "problems": []}
-    keys: dict[str, list[str]] = {}
+    keys: dict[str, np.ndarray] = {}
     sample = None
     for name, spec in specs.items():
         ds = read_split(spec, name)
         fmt = objective.detect_format(ds.column_names, name)
-        objective.check_rows(ds, fmt, Where(f"data.{name}", spec))
-        texts = [objective.example_text(row, fmt) for row in ds]
-        lengths = [objective.length(row, fmt) for row in ds]
+        origin = Origin(spec, f"data.{name}")
+        check_split(objective, ds, fmt, Where(f"data.{name}", spec), origin)
+        measured = _measure(ds, name, fmt, objective, origin)
+        lengths, texts, norm = (column(measured, c) for c in ("full_length", "text", "words"))
         if sample is None:
             sample = objective.describe(ds[0], fmt)
-        too_long = sum(n > d.max_length for n in lengths)
-        norm = [normalise(t) for t in texts]
+        too_long = int((lengths > d.max_length).sum())
+        exact, words = len(texts) - len(np.unique(texts)), len(norm) - len(np.unique(norm))
         split = {"examples": len(ds), "format": fmt, "tokens": _percentiles(lengths),
-                 "truncated_at_max_length": too_long,
-                 "exact_duplicates": len(texts) - len(set(texts)),
-                 "near_duplicates": (len(texts) - len(set(norm))) - (len(texts) - len(set(texts)))}
+                 "truncated_at_max_length": too_long, "exact_duplicates": exact, "near_duplicates": words - exact}
         if objective.label_column():
             split["labels"] = dict(sorted(Counter(str(v) for v in ds[objective.label_column()]).items()))
             counts = list(split["labels"].values())
@@ -69,10 +113,9 @@ def inspect_recipe(recipe: Recipe) -> dict[str, Any]:
                                       "(same words ignoring case and punctuation)")
         report["splits"][name] = split
         keys[name] = norm
-    train_keys = set(keys.get("train", []))
     for name in ("validation", "test"):
-        if name in keys and train_keys:
-            leaked = sum(k in train_keys for k in keys[name])
+        if name in keys and "train" in keys:
+            leaked = int(np.isin(keys[name], keys["train"]).sum())
             report["splits"][name]["in_train"] = leaked
             if leaked:
                 report["problems"].append(f"{leaked} {name} examples also occur in train")

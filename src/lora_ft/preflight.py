@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from .data.cells import Where
+from .data.prepare import Origin, check_split
 from .data.reading import is_local, local_problem, read_split
 from .errors import RecipeError
 from .modeling.examples import home
@@ -56,7 +57,9 @@ def _data(recipe: Recipe, notes: list[str]) -> list[str]:
             continue
         try:
             ds = read_split(spec, name)
-            objective.check_rows(ds, objective.detect_format(ds.column_names, name), Where(f"data.{name}", spec))
+            # Once per file content: a file checked before (by validate, inspect or train) is not checked again.
+            check_split(objective, ds, objective.detect_format(ds.column_names, name), Where(f"data.{name}", spec),
+                        Origin(spec, f"data.{name}"))
             splits[name] = ds
         except RecipeError as e:
             problems.append(str(e))

@@ -8,8 +8,20 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+import numpy as np
+import pyarrow as pa
+
 GROUPED_WINDOW = 64
 """Batches per length-sorted window when grouping by length (as transformers' ``group_by_length``)."""
+
+
+def lengths_of(ds) -> list[int]:
+    """Tokens of every example of a tokenized split: its ``length`` column (``data.prepare`` writes it; read as one
+    Arrow column), else counted from ``input_ids``."""
+    if "length" in ds.column_names:
+        values = ds.with_format("arrow")["length"]
+        return (values.to_numpy() if isinstance(values, pa.ChunkedArray) else np.asarray(values)).tolist()
+    return [len(x) for x in ds["input_ids"]]
 
 
 class LengthGroupedBatches:

@@ -18,18 +18,28 @@ Accepted on purpose:
 - ``conversation`` cells: a list of messages, or that list as a JSON string (how CSV files hold it); a message's
   content may be a list of text parts (the OpenAI/transformers layout), read as their joined text, while an image
   or audio part is refused by its type; see ``chat.parse_conversation``.
+
+At scale (a million rows) the rules run on the Arrow columns first (``candidates``: pyarrow compute over whole
+columns): they pick every row that *may* be bad, a superset, and the Python check of one value above decides and
+words the message for those rows only. A column of a type the vectorised rules do not cover is checked row by row,
+a slice of Arrow at a time, never as one Python list of the whole column.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from ..errors import DataError
-from .chat import parse_conversation
+from .chat import ROLES, parse_conversation
 
 
 @dataclass(frozen=True)
@@ -169,12 +179,29 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
 """Kind of cell → the check of one value."""
 
 
-def check_column(values: Iterable[Any], kind: str, where: Where, column: str) -> None:
-    """Raise one DataError for the first cell of ``values`` that is not a ``kind`` cell (and count the others)."""
+PYTHON_WHITESPACE = (r"\t\n\x{b}\x{c}\r\x{1c}-\x{1f} \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}"
+                     r"\x{202f}\x{205f}\x{3000}")
+"""Every character ``str.isspace`` (hence ``str.strip``) treats as white space, as an RE2 class body: pyarrow's own
+trim knows fewer, and a blank cell it missed would slip past the vectorised rules (``tests/test_cells.py`` compares
+the class with Python's)."""
+BLANK = f"^[{PYTHON_WHITESPACE}]*$"
+LIST_TEXT = f"^[{PYTHON_WHITESPACE}]*\\["
+"""A string that may hold a JSON list (``_json_list`` strips, then looks for ``[``)."""
+SLICE = 20_000
+"""Rows turned into Python values at a time where a column is checked row by row."""
+
+
+def check_column(values: Iterable[Any], kind: str, where: Where, column: str, rows: Iterable[int] | None = None,
+                 bad: int = 0) -> None:
+    """Raise one DataError for the first cell of ``values`` that is not a ``kind`` cell (and count the others).
+
+    Args:
+        rows: the row number of each value (default 0, 1, ...): the candidates the vectorised rules picked.
+        bad: bad rows already counted elsewhere (an earlier slice's).
+    """
     check = CHECKS[kind]
     first: tuple[int, str] | None = None
-    bad = 0
-    for i, value in enumerate(values):
+    for i, value in zip(rows if rows is not None else itertools.count(), values, strict=False):
         problem = check(value)
         if problem is not None:
             bad += 1
@@ -185,7 +212,108 @@ def check_column(values: Iterable[Any], kind: str, where: Where, column: str) ->
 
 
 def check_columns(ds, columns: dict[str, str], where: Where) -> None:
-    """``check_column`` for every column → kind of ``columns`` that ``ds`` holds."""
+    """``check_column`` for every column → kind of ``columns`` that ``ds`` holds: the vectorised rules pick the
+    candidate rows of each column (all rows where they do not apply), Python checks those."""
+    table = ds.with_format("arrow")  # an indices mapping (a selection) applied, still Arrow
     for column, kind in columns.items():
-        if column in ds.column_names:
-            check_column(ds[column], kind, where, column)
+        if column not in ds.column_names:
+            continue
+        values = table[column]
+        values = values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values])
+        # A column whose cells differ in type is stored as JSON text (datasets' Json feature): decoded by datasets.
+        mask = None if _holds_json(ds.features[column]) else candidates(values, kind)
+        if mask is None:
+            _check_all(ds.select_columns([column]), kind, where, column)
+            continue
+        rows = np.flatnonzero(mask)
+        if len(rows):
+            check_column(values.take(pa.array(rows)).to_pylist(), kind, where, column, rows.tolist())
+
+
+def _holds_json(feature: Any) -> bool:
+    if type(feature).__name__ == "Json":
+        return True
+    if isinstance(feature, dict):
+        return any(_holds_json(f) for f in feature.values())
+    inner = getattr(feature, "feature", None)  # List / LargeList / Sequence
+    return inner is not None and _holds_json(inner)
+
+
+def _check_all(ds, kind: str, where: Where, column: str) -> None:
+    """Row by row as datasets decodes them, a slice at a time; the message counts the bad rows of every slice."""
+    check, bad, first = CHECKS[kind], 0, None
+    for start, batch in zip(range(0, len(ds), SLICE), ds.iter(batch_size=SLICE), strict=False):
+        for i, value in enumerate(batch[column], start):
+            problem = check(value)
+            if problem is not None:
+                bad += 1
+                first = first or (i, problem)
+    if first is not None:
+        more = f" ({bad - 1} more row(s) like it)" if bad > 1 else ""
+        raise DataError(f"{where.cell(first[0], column)} {first[1]}{more}")
+
+
+def _mask(array) -> np.ndarray:
+    """A boolean Arrow array as numpy, null counting as a candidate."""
+    return np.asarray(pc.fill_null(array, True).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def candidates(values: pa.ChunkedArray, kind: str) -> np.ndarray | None:
+    """Rows of a column that may not be ``kind`` cells (a superset of the bad ones: the Python check decides),
+    or None where no vectorised rule covers the column's type."""
+    t = values.type
+    if pa.types.is_null(t):
+        return np.ones(len(values), dtype=bool)
+    if kind == "conversation":
+        return _conversation_candidates(values)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return _mask(pc.or_kleene(pc.match_substring_regex(values, BLANK), pc.match_substring_regex(values, LIST_TEXT)))
+    if pa.types.is_integer(t):
+        return _mask(pc.is_null(values))
+    if pa.types.is_floating(t):
+        return _mask(pc.or_kleene(pc.is_null(values), pc.invert(pc.is_finite(values))))
+    if pa.types.is_boolean(t):
+        return _mask(pc.is_null(values)) if kind == "label" else np.ones(len(values), dtype=bool)
+    return None
+
+
+def _conversation_candidates(values: pa.ChunkedArray) -> np.ndarray | None:
+    """Lists of ``{role, content}`` (or ShareGPT ``{from, value}``) structs with text contents: a row is a candidate
+    when it is null or empty, a message is null or has a role outside ``ROLES`` or a null or blank content, or no
+    assistant answers after the first turn. Other layouts (contents as lists of parts, JSON strings): None."""
+    t = values.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+        return None
+    names = [t.value_type.field(i).name for i in range(t.value_type.num_fields)]
+    role, content = ("role", "content") if "role" in names else ("from", "value")
+    if role not in names or content not in names:
+        return None
+    kinds = {name: t.value_type.field(name).type for name in (role, content)}
+    if not all(pa.types.is_string(k) or pa.types.is_large_string(k) for k in kinds.values()):
+        return None
+    # Chunk by chunk: one copy of the whole column (combine_chunks) would be the file's size again in memory.
+    if values.num_chunks == 0:
+        return np.zeros(0, dtype=bool)
+    return np.concatenate([_conversation_chunk(chunk, role, content) for chunk in values.chunks])
+
+
+def _conversation_chunk(lists: pa.Array, role: str, content: str) -> np.ndarray:
+    """``_conversation_candidates`` of one Arrow chunk of the column."""
+    n = len(lists)
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    lengths = np.nan_to_num(np.asarray(lengths, dtype=float), nan=0).astype(np.int64)  # a null list: no messages
+    bad = lengths == 0
+    flat = lists.flatten()
+    parent = np.asarray(pc.list_parent_indices(lists).to_numpy(zero_copy_only=False), dtype=np.int64)
+    roles, texts = flat.field(role), flat.field(content)
+    message_bad = _mask(pc.or_kleene(pc.or_kleene(flat.is_null(), pc.invert(pc.is_in(roles, pa.array(list(ROLES))))),
+                                     pc.match_substring_regex(texts, BLANK)))
+    bad[parent[message_bad]] = True
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    position = np.arange(len(flat)) - starts[parent]
+    answers = pc.and_kleene(pc.is_in(roles, pa.array([r for r, to in ROLES.items() if to == "assistant"])),
+                            pc.is_valid(flat))
+    answers = np.asarray(pc.fill_null(answers, False).to_numpy(zero_copy_only=False), dtype=bool)
+    answered = np.zeros(n, dtype=bool)
+    answered[parent[answers & (position >= 1)]] = True
+    return bad | ~answered

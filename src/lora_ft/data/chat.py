@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import RecipeError
@@ -136,7 +137,8 @@ def assistant_char_spans(tok: PreTrainedTokenizerBase, messages: list[dict[str, 
         if message["role"] != "assistant" or i == 0:
             continue
         before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        # The last answer's prefix is the whole conversation: rendered once (a third of the rendering of a pair).
+        upto = full if i == len(messages) - 1 else tok.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (full.startswith(upto) and upto.startswith(before)):
             continue  # templates that rewrite earlier turns: only prefix-stable answers get loss
         end = len(upto)
@@ -151,11 +153,22 @@ def assistant_char_spans(tok: PreTrainedTokenizerBase, messages: list[dict[str, 
 def encode_chat(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], train_on_prompt: bool) -> dict:
     text, spans = assistant_char_spans(tok, messages)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        t if train_on_prompt or any(s <= start < e for s, e in spans) else IGNORE
-        for t, (start, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-    ]
-    return {"input_ids": enc["input_ids"], "labels": labels}
+    return {"input_ids": enc["input_ids"],
+            "labels": answer_labels(enc["input_ids"], enc["offset_mapping"], spans, train_on_prompt)}
+
+
+def answer_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+                  train_on_prompt: bool) -> list[int]:
+    """The token ids whose first character lies in an answer span, ``IGNORE`` elsewhere (every id with
+    ``train_on_prompt``). Numpy over the offsets: a Python test of every token against every span was a fifth of
+    the time of tokenizing a chat example."""
+    if train_on_prompt:
+        return list(ids)
+    starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(offsets))
+    inside = np.zeros(len(ids), dtype=bool)
+    for s, e in spans:
+        inside |= (starts >= s) & (starts < e)
+    return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
 
 
 def render_prompt(tok: PreTrainedTokenizerBase, prompt: list[dict[str, str]]) -> list[int]:

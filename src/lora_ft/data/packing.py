@@ -105,4 +105,6 @@ class PackedBatches:
         return iter(self.batches())
 
     def __len__(self) -> int:
+        if self._cache and self._cache[0] == self.epoch:  # no copies: counted again at every epoch's start
+            return len(self._cache[1])
         return len(self.batches())

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from ..data.prepare import prepare_data
+from ..data.prepare import column, prepare_data
 from ..errors import LoraFtError, RecipeError, UsageError, first_line
 from ..modeling.loading import check_max_length, load_config, load_tokenizer, resolve_source
 from ..objectives import objective_for
@@ -137,6 +137,8 @@ def answer_tokens_of(dataset) -> int | None:
     covers in the worst batch), from tokenized causal LM data."""
     if "labels" not in dataset.column_names or not len(dataset):
         return None
+    if "answer_tokens" in dataset.column_names:  # written by data.prepare for every example: one Arrow column
+        return int(column(dataset, "answer_tokens").max())
     longest = 0
     for labels in dataset["labels"]:
         if not isinstance(labels, list):

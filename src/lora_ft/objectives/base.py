@@ -84,10 +84,19 @@ class Objective(ABC):
         has no labels."""
         return None
 
+    def data_identity(self) -> dict[str, Any]:
+        """What decides how this objective tokenizes an example besides the data config, the format and the
+        tokenizer (part of the data cache's key, ``data.cache``): nothing here."""
+        return {}
+
     @abstractmethod
     def encode(self, row: dict[str, Any], fmt: str) -> dict[str, Any]:
         """One example tokenized: its model inputs and labels, plus ``truncated`` (it was longer than
         ``max_length``) and ``usable`` (it still carries a training signal after truncation)."""
+
+    def encode_batch(self, rows: list[dict[str, Any]], fmt: str) -> list[dict[str, Any]]:
+        """``encode`` of each row (an objective may tokenize the batch at once: the same values, faster)."""
+        return [self.encode(row, fmt) for row in rows]
 
     @abstractmethod
     def collate(self, rows: list[dict[str, Any]], augment: Callable[[dict], dict] | None = None) -> Batch:

@@ -124,6 +124,10 @@ class SequenceClassification(Objective):
                                   f"(known: {sorted(self.label2id)[:20]})")
         return id2label
 
+    def data_identity(self) -> dict[str, Any]:
+        """The label set: a label's id is what ``encode`` writes."""
+        return {"label2id": self.label2id}
+
     def _texts(self, row: dict[str, Any]) -> list[str]:
         return [str(row[c]) for c in (self.cfg.text_column, self.cfg.text_pair_column) if c]
 

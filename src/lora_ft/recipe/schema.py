@@ -10,7 +10,7 @@ values are resolved by the rules in ``defaults.py``. This package imports nothin
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
@@ -184,8 +184,10 @@ class DataConfig(_Section):
     ELECTRA, DeBERTa-v2, ModernBERT): the same ``micro_batch_size`` examples as unpadded, only laid end to end
     (and, under ``group_by_length: auto``, shuffled without length grouping). Evaluation is never packed."""
     augment: AugmentConfig = AugmentConfig()
-    max_eval_examples: int | None = Field(None, gt=0)
-    """Evaluate on at most this many examples per split (the first ones, so runs stay comparable)."""
+    max_eval_examples: Annotated[int, Field(gt=0)] | Literal["auto"] | None = "auto"
+    """Evaluate on at most this many examples per split (the first ones, so runs stay comparable). ``auto``: splits
+    of more than 1,000 examples are evaluated on 1,000 spread evenly over them (logged; ``data.prepare``), smaller
+    ones whole; null: always whole."""
 
 
 class FreezeConfig(_Section):

@@ -19,7 +19,7 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 
 from ..data.augment import Augmenter
-from ..data.batching import LengthGroupedBatches
+from ..data.batching import LengthGroupedBatches, lengths_of
 from ..data.packing import PackedBatches
 from ..data.prepare import TaskData, prepare_data
 from ..errors import RunError
@@ -59,14 +59,14 @@ def make_loader(ds, batch_size: int, collate: Callable[[list[dict]], dict], shuf
                 window: int = 0, max_tokens: int | None = None) -> DataLoader:
     """Length-grouped batches of ``ds`` padded by ``collate``; ``window``: batches per length-sorted window when
     shuffling (0: shuffle only); ``max_tokens``: a cap on a padded batch's tokens."""
-    sampler = LengthGroupedBatches([len(x) for x in ds["input_ids"]], batch_size, shuffle, seed, window, max_tokens)
+    sampler = LengthGroupedBatches(lengths_of(ds), batch_size, shuffle, seed, window, max_tokens)
     return _loader(ds, sampler, collate, seed)
 
 
 def make_packed_loader(ds, capacity: int, rows: int, collate: Callable[[list[dict], int], dict],
                        seed: int) -> DataLoader:
     """Training batches of ``rows`` rows of whole examples packed to ``capacity`` tokens (``data.packing``)."""
-    sampler = PackedBatches([len(x) for x in ds["input_ids"]], capacity, rows, seed)
+    sampler = PackedBatches(lengths_of(ds), capacity, rows, seed)
     return _loader(ds, sampler, partial(collate, capacity=capacity), seed)
 
 

@@ -32,7 +32,7 @@ from ..scoring.suite import GenerationSuite
 from . import checkpoint as ckpt
 from .cpu_memory import release_freed_memory
 from .distributed import adapter_snapshot, restore_adapter, save_adapter, scale_to_processes
-from .evaluation import evaluate_all
+from .evaluation import evaluate_loader
 from .freezing import FreezeSchedule
 from .generated import GeneratedEvaluation, check_selectable
 from .guards import ForgettingGuard
@@ -74,6 +74,7 @@ class Trainer:
         self.started = False  # this run wrote run_config.yaml
         self.final_weights: dict[str, torch.Tensor] | None = None  # the last step's, while the best are evaluated
         self.generated: GeneratedEvaluation | None = None  # eval: answers generated and scored (scoring/suite.py)
+        self.eval_seconds: dict[str, float] = {}  # each split's last evaluation took: logged and in metrics.jsonl
 
     def run(self) -> dict[str, Any]:
         """The whole run; returns ``eval_results`` (also written to ``output_dir``).
@@ -229,8 +230,18 @@ class Trainer:
 
     # ================================================================================================ evaluate
     def evaluate(self, names: list[str] | None = None) -> dict[str, dict[str, float]]:
-        loaders = self.eval_loaders if names is None else {n: self.eval_loaders[n] for n in names}
-        return evaluate_all(self.model, loaders, self.objective, self.accelerator)
+        """The objective's metrics of each split (all by default); each split's time goes to ``eval_seconds``."""
+        out = {}
+        for name in self.eval_loaders if names is None else names:
+            t0 = time.perf_counter()
+            out[name] = evaluate_loader(self.model, self.eval_loaders[name], self.objective, self.accelerator)
+            self.eval_seconds[name] = round(time.perf_counter() - t0, 3)
+        return out
+
+    def _took(self, split: str) -> dict[str, float]:
+        """``eval_seconds``: how long the split's latest evaluation took (the loss pass; generation is timed apart),
+        for its row of ``metrics.jsonl``."""
+        return {"eval_seconds": self.eval_seconds[split]} if split in self.eval_seconds else {}
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return adapter_snapshot(self.accelerator, self.unwrapped)
@@ -241,7 +252,7 @@ class Trainer:
         st = self.state
         if st.before is None:
             st.before = self.evaluate()
-            log.info("before training: %s", st.before)
+            log.info("before training: %s (evaluated in %s s)", st.before, self.eval_seconds)
         if self.generated is not None:
             self.generated.before(self.model, st, fresh=self.resume_from is None)
         check_selectable(self.recipe.eval.select_by, st.before)
@@ -251,7 +262,7 @@ class Trainer:
             extra = {"forgetting": st.forgetting.before} if st.forgetting.before else {}
             for split, metrics in {**st.before, **extra}.items():
                 if self.accelerator.is_main_process:
-                    self.folder.log({"step": 0, "split": split, **metrics})
+                    self.folder.log({"step": 0, "split": split, **metrics, **self._took(split)})
                 self.accelerator.log({f"{split}/{k}": v for k, v in metrics.items()}, step=0)
 
     def evaluate_and_track(self) -> bool:
@@ -262,14 +273,15 @@ class Trainer:
         if self.generated is not None and self.recipe.eval.every_eval:
             val.update(self.generated.run(self.model, st.step))
         self.last_validation = (st.step, val)
-        row = {**val, **st.watch.on_evaluation(val["loss"], st.step, tc.early_stopping_patience)}
+        row = {**val, **self._took("validation"),
+               **st.watch.on_evaluation(val["loss"], st.step, tc.early_stopping_patience)}
         if main:
             self.folder.log({"step": st.step, "split": "validation", **row})
         self.accelerator.log({f"validation/{k}": v for k, v in row.items()}, step=st.step)
         st.best.consider(val["loss"], st.step, self.snapshot, self.objective.selection_key(val),
                          self.objective.selection_noise(val))
-        log.info("step %d: validation %s (best %s at step %d)", st.step, val, self.objective.describe_best(st.best),
-                 st.best.step)
+        log.info("step %d: validation %s in %.1f s (best %s at step %d)", st.step, val,
+                 self.eval_seconds["validation"], self.objective.describe_best(st.best), st.best.step)
         if self.forgetting is not None:
             forgot = self.forgetting.measure(self.model, self.accelerator, st.forgetting.before)
             if main:
@@ -490,7 +502,8 @@ class Trainer:
         final = {**after, **({"forgetting": results["forgetting"]["after"]} if "forgetting" in results else {})}
         for split, metrics in final.items():
             if split != "validation" or restored:  # else already logged at this step
-                self.folder.log({"step": self.state.step, "split": split, "final": True, **metrics})
+                self.folder.log({"step": self.state.step, "split": split, "final": True, **metrics,
+                                 **self._took(split)})
         self.folder.write_json(RESULTS, results)
         self.folder.write_json(RUN_INFO, self.info)
         plot_curves(self.folder.metrics, self.folder / CURVES)
