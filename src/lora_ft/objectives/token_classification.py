@@ -154,6 +154,10 @@ class TokenClassification(Objective):
                                   f"(known: {sorted(self.label2id)[:20]})")
         return id2label
 
+    def data_identity(self) -> dict[str, Any]:
+        """The tag set: a tag's id is what ``encode`` writes (part of the data cache's key)."""
+        return {"label2id": self.label2id}
+
     def _inside(self) -> dict[int, int]:
         return {i: self.label2id["I-" + n[2:]] for n, i in self.label2id.items()
                 if n.startswith("B-") and "I-" + n[2:] in self.label2id}
