@@ -246,16 +246,6 @@ def test_init_problems_are_reported_with_the_other_problems(tmp_path, capsys):
     assert err.startswith("lora-ft: error: ") and "lora.init: 'eva' needs" in err and err.count("\n") == 1
 
 
-# ------------------------------------------------------------------------------------------ compute dtype
-def test_auto_compute_dtype_is_bf16_only_on_gpus_that_support_it():
-    auto, fp16 = ModelConfig(), ModelConfig(compute_dtype="fp16")
-    assert auto.resolved_compute_dtype(cuda=True, bf16_supported=True) == "bf16"
-    assert auto.resolved_compute_dtype(cuda=True, bf16_supported=False) == "fp32"
-    assert auto.resolved_compute_dtype(cuda=False, bf16_supported=True) == "fp32"
-    assert auto.resolved_compute_dtype(cuda=False, bf16_supported=False) == "fp32"
-    assert fp16.resolved_compute_dtype(cuda=False, bf16_supported=False) == "fp16"  # explicit wins
-
-
 # ------------------------------------------------------------------------------------------------ objective
 def test_objective_type_gets_did_you_mean_and_each_type_its_default_beta(tmp_path):
     with pytest.raises(RecipeError, match=r"objective.type: unknown objective 'dop' \(did you mean 'dpo'\?\)"):

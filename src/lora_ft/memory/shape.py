@@ -19,6 +19,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from ..errors import UsageError
 from ..modeling.adapters import linear_modules, resolve_targets
 from ..modeling.loading import auto_class, load_config, new_head_modules, remote_code, resolve_source
+from ..modeling.precision import resolve_compute_dtype
 from ..objectives.causal_lm import PACKING_MODELS
 from ..objectives.chunked_loss import PLAIN_HEAD_MODELS
 from ..recipe import ModelConfig, Recipe
@@ -255,8 +256,11 @@ def setting_for(recipe: Recipe, device: str, bf16_supported: bool = True) -> Set
     the GPU it runs on."""
     cuda = device == "cuda"
     gc = recipe.train.gradient_checkpointing
+    # A GPU plan may be made on a machine without one: its bf16 support is the caller's assumption, not measured.
+    compute = ("bf16" if bf16_supported else "fp32") if cuda and recipe.model.compute_dtype == "auto" else \
+        resolve_compute_dtype(recipe.model, cuda).dtype
     return Setting(device="cuda" if cuda else "cpu", quant=recipe.model.quant, double_quant=recipe.model.double_quant,
-                   compute=recipe.model.resolved_compute_dtype(cuda, bf16_supported),
+                   compute=compute,
                    gradient_checkpointing=cuda if gc == "auto" else bool(gc), r=recipe.lora.r,
                    lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora,
                    sequences=2 if recipe.objective.paired else 1, packed=packs(recipe))

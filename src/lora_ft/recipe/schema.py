@@ -31,14 +31,11 @@ class ModelConfig(_Section):
     quant: Literal["none", "int8", "nf4", "fp4"] = "none"
     double_quant: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 (autocast) on GPUs that support it and on CPUs with native bf16 units whose bf16 GEMM is
+    measured clearly faster than fp32, else fp32 (``modeling.precision``); ``run_config.yaml`` records the choice
+    and why. Set fp32 for bit-for-bit comparisons."""
     trust_remote_code: bool = False
     revision: str | None = None
-
-    def resolved_compute_dtype(self, cuda: bool, bf16_supported: bool) -> str:
-        """``auto`` → bf16 on GPUs that support it, else fp32 (fp16 training needs loss scaling care)."""
-        if self.compute_dtype != "auto":
-            return self.compute_dtype
-        return "bf16" if cuda and bf16_supported else "fp32"
 
 
 LORA_INITS = ("gaussian", "pissa", "olora")

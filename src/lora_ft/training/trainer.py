@@ -41,7 +41,16 @@ from .neftune import activate_neftune
 from .param_groups import make_optimizer
 from .report import final_metrics, peak_memory, plot_curves, tracker_config, tracker_run
 from .resume import abandon_after, check_recipe_fits, keep_new_hyperparameters, start_point
-from .session import Session, lock_run, make_accelerator, make_loader, make_train_loader, resolve_for_data, setup
+from .session import (
+    Session,
+    lock_run,
+    make_accelerator,
+    make_loader,
+    make_train_loader,
+    resolve_dtype,
+    resolve_for_data,
+    setup,
+)
 from .signals import Interrupted, Signals, requested
 from .state import LoopState
 from .throughput import ThroughputMeter
@@ -114,6 +123,7 @@ class Trainer:
         for warning in warnings:
             log.warning(warning)
         self.folder.check_location(self.recipe)
+        self.recipe, dtype_rule = resolve_dtype(self.recipe)  # before check_recipe_fits compares it
         self.accelerator, compute = make_accelerator(self.recipe)
         # Before anything reads or writes the folder: a second run refuses at once.
         self.lock = lock_run(self.folder, self.accelerator)
@@ -137,6 +147,7 @@ class Trainer:
         # epochs, learning rates, warmup, patience, trimming auto: by objective and data (recipe.defaults).
         self.recipe, self.rules = resolve_for_data(self.recipe, self.given, s, self.accelerator.num_processes,
                                                    self.accelerator.device.type)
+        self.rules.update(dtype_rule)
         if "train.micro_batch_size" in self.rules:  # a smaller batch (the step rule): DeepSpeed must be told it
             self.recipe = scale_to_processes(self.recipe, self.accelerator, self.resume)
         self.tc = self.recipe.train
