@@ -59,7 +59,8 @@ def one_thread():
 
 
 def recipe_for(folder, task="causal_lm", quant="none", **sections) -> Recipe:
-    tree = {"model": {"name": str(folder), "task": task, "quant": quant}, "lora": {"r": 16}}
+    # fp32 unless a case sets bf16: compute_dtype auto would be bf16 on CPUs with bf16 units, fp32 elsewhere
+    tree = {"model": {"name": str(folder), "task": task, "quant": quant, "compute_dtype": "fp32"}, "lora": {"r": 16}}
     for section, values in sections.items():
         tree.setdefault(section, {}).update(values)
     return Recipe.model_validate(tree)
@@ -104,7 +105,8 @@ def test_7b_weights_are_counted_from_the_config_alone(tmp_path):
     assert rows["base weights, nf4"] == pytest.approx(linear / 2 + blocks + 4 * blocks / 256, rel=1e-3)
     assert rows["base weights, fp32"] == pytest.approx(4 * (shape.total_params - linear))
     lora = 32 * 16 * (4 * 8192 + 3 * (4096 + 11008))
-    assert rows["LoRA weights + grads + AdamW"] == 16 * lora
+    tensors = 2 * 32 * 7  # A and B of 7 modules a layer: AdamW's 0-d fp32 step each
+    assert rows["LoRA weights + grads + AdamW"] == 16 * lora + 4 * tensors
 
 
 # ---------------------------------------------------------------------------------------------- vs measurement

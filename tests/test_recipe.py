@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lora_ft.errors import RecipeError
-from lora_ft.recipe import ModelConfig, Recipe, load_recipe, parse_overrides
+from lora_ft.recipe import Recipe, load_recipe, parse_overrides
 
 
 def write(tmp_path, text, name="r.yaml"):

@@ -7,6 +7,7 @@ module. ``estimate.py`` turns a shape and a setting into bytes.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -97,6 +98,7 @@ class ModelShape:
     layer_targets: tuple[Target, ...]  # those of them that carry LoRA
     notes: tuple[str, ...] = ()
     chunked_loss: bool = False  # causal LM whose loss goes through ``chunked_loss`` (no full logits)
+    head_shapes: tuple[tuple[int, ...], ...] = ()  # the new heads' parameters (their optimizer state's shapes)
 
     @property
     def q_dim(self) -> int:
@@ -176,7 +178,8 @@ def _model_shape(source: str, task: str, lora_targets: tuple[str, ...] | str, qu
             linear.append((name, int(fan_in), int(fan_out), module.bias is not None))
             if quant != "none" and should_convert_module(name, skip):
                 quantizable.add(name)
-    head_params = sum(p.numel() for h in heads_new for p in model.get_submodule(h).parameters())
+    head_shapes = tuple(tuple(p.shape) for h in heads_new for p in model.get_submodule(h).parameters())
+    head_params = sum(math.prod(s) for s in head_shapes)
     requested = "auto" if lora_targets == "auto" else list(lora_targets)
     targets = resolve_targets(model, requested, heads_new)
     dims = {n: (i, o) for n, i, o, _ in linear}
@@ -212,7 +215,7 @@ def _model_shape(source: str, task: str, lora_targets: tuple[str, ...] | str, qu
         total_params=sum(p.numel() for p in model.parameters()), linear=tuple(linear),
         quantizable=frozenset(quantizable), head_params=int(head_params), lora_modules=lora_modules,
         layer_linear=tuple(layer_linear), layer_targets=tuple(layer_targets), notes=tuple(notes),
-        chunked_loss=task == "causal_lm" and model_type in PLAIN_HEAD_MODELS)
+        chunked_loss=task == "causal_lm" and model_type in PLAIN_HEAD_MODELS, head_shapes=head_shapes)
 
 
 def model_shape(recipe: Recipe, source: str | None = None) -> ModelShape:
@@ -238,6 +241,7 @@ class Setting:
     lora_dropout: float
     use_dora: bool
     sequences: int = 1
+    optimizer: str = "adamw"  # train.optimizer: its state per trained tensor (optimizer_state.py)
     """Sequences per example: 2 for a preference objective (chosen and rejected in one batch)."""
     packed: bool = False  # training rows of packed examples: an attention mask even for one row
 
@@ -263,7 +267,8 @@ def setting_for(recipe: Recipe, device: str, bf16_supported: bool = True) -> Set
                    compute=compute,
                    gradient_checkpointing=cuda if gc == "auto" else bool(gc), r=recipe.lora.r,
                    lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora,
-                   sequences=2 if recipe.objective.paired else 1, packed=packs(recipe))
+                   sequences=2 if recipe.objective.paired else 1, packed=packs(recipe),
+                   optimizer=recipe.train.optimizer)
 
 
 def packs(recipe: Recipe) -> bool:

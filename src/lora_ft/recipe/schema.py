@@ -69,6 +69,9 @@ class LoraConfigSection(_Section):
     """Start from a trained adapter instead of a fresh one: a run's ``output_dir`` or an adapter folder (e.g. an
     SFT run before preference tuning). Its shape (r, alpha, dropout, targets, DoRA, rsLoRA) is the adapter's; a
     preference objective's reference is then that starting adapter (see ``ObjectiveConfig``)."""
+    plus_lr_ratio: float | None = Field(None, ge=1)
+    """LoRA+ (peft's ``create_loraplus_optimizer``): the B matrices (and vectors such as biases) train at ``lr`` ×
+    this, the A matrices at ``lr``; the paper's 16 is a common start. None: one rate."""
     init: bool | str = True
     """peft's ``init_lora_weights``: true (B = 0, the adapter starts as a no-op), false (random, for
     debugging), ``gaussian``, or ``pissa`` / ``olora`` (start from the base weights' principal directions;
@@ -235,6 +238,13 @@ class Recipe(_Section):
         if d.packing is True and self.model.task != "causal_lm":
             raise ValueError("data.packing true lays examples of a causal LM end to end: it needs model.task "
                              "causal_lm (set data.packing: auto or false)")
+        t = self.train
+        if self.lora.plus_lr_ratio is not None and (t.lr_layer_decay is not None
+                                                    or t.head_lr not in ("auto", None, t.lr)):
+            # peft's LoRA+ builds its own groups (A at lr, B at lr × ratio): no place for per-layer or head rates
+            # (a head rate equal to lr is what `auto` resolves to, as run_config.yaml records it).
+            raise ValueError("lora.plus_lr_ratio (LoRA+) sets its own parameter groups: remove train.lr_layer_decay "
+                             "and train.head_lr, or lora.plus_lr_ratio")
         if d.validation and d.validation_split:
             raise ValueError("give data.validation or data.validation_split, not both")
         self._objective_fits()

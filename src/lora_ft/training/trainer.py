@@ -169,7 +169,7 @@ class Trainer:
         eval_loaders = {n: make_loader(ds, tc.eval_batch_size, self.objective.collate, False, tc.seed,
                                        max_tokens=tc.eval_max_tokens)
                         for n, ds in s.data.splits.items() if n != "train"}
-        optimizer = make_optimizer(s.model, tc, heads, acc.distributed_type)
+        optimizer = make_optimizer(s.model, tc, heads, acc.distributed_type, self.recipe.lora.plus_lr_ratio)
         self.model, self.optimizer, self.train_loader = acc.prepare(s.model, optimizer, train_loader)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP2 replaced them with shards
         self.eval_loaders = {n: acc.prepare(v) for n, v in eval_loaders.items()}
