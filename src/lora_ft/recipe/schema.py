@@ -38,17 +38,20 @@ class ModelConfig(_Section):
     revision: str | None = None
 
 
-LORA_INITS = ("gaussian", "pissa", "olora")
+LORA_INITS = ("gaussian", "pissa", "olora", "loftq")
 """``lora.init`` names (besides true/false) that lora_ft supports end to end: they need no data pass, and
 ``PeftModel.from_pretrained`` on the original base reproduces the trained model (peft re-runs the
-deterministic SVD/QR on load, then loads the trained factors)."""
+deterministic SVD/QR on load, then loads the trained factors; LoftQ leaves the quantized base as it is)."""
 FULL_PRECISION_INITS = ("pissa", "olora")
 """Inits that rewrite the base weights (W - BA): they need model.quant none."""
+AWAY_FROM_BASE_INITS = (*FULL_PRECISION_INITS, "loftq")
+"""Inits whose starting model differs from the base with the adapter switched off (what the forgetting guard and
+a preference objective's reference compare with): PiSSA/OLoRA rewrote the base; LoftQ's adapter starts at the
+NF4 base's quantization error (B ≠ 0), so the adapter-off model is the quantized base, not the starting one."""
 _REFUSED_INITS = {
     "eva": "needs a pass over the training data (peft's initialize_lora_eva_weights) that lora_ft does not run",
     "corda": "needs peft's preprocess_corda pass over the training data, which lora_ft does not run",
     "lora_ga": "needs gradients from a pass over the training data, which lora_ft does not run",
-    "loftq": "quantizes the base itself and needs a loftq_config (for QLoRA set model.quant: nf4 with lora.init: true)",
 }
 
 
@@ -75,7 +78,10 @@ class LoraConfigSection(_Section):
     init: bool | str = True
     """peft's ``init_lora_weights``: true (B = 0, the adapter starts as a no-op), false (random, for
     debugging), ``gaussian``, or ``pissa`` / ``olora`` (start from the base weights' principal directions;
-    model.quant none only). Data-driven inits (``eva``, ``corda``) and ``pissa_niter_N`` are refused."""
+    model.quant none only), or ``loftq`` (model.quant nf4 only: peft's ``replace_lora_weights_loftq`` starts A and B
+    at the rank-r SVD of the base's NF4 quantization error, so the starting model is closer to the full-precision
+    one; on a CUDA/XPU device, where peft 0.21 computes it). Data-driven inits (``eva``, ``corda``) and
+    ``pissa_niter_N`` are refused."""
 
     @field_validator("target_modules")
     @classmethod
@@ -218,6 +224,9 @@ class Recipe(_Section):
         if isinstance(model, ModelConfig) and model.quant != "none" and lora.init in FULL_PRECISION_INITS:
             raise ValueError(f"lora.init: '{lora.init}' rewrites the base weights, which needs them in full "
                              f"precision, not model.quant {model.quant}: set model.quant: none, or lora.init: true")
+        if isinstance(model, ModelConfig) and lora.init == "loftq" and model.quant != "nf4":
+            raise ValueError(f"lora.init: 'loftq' starts the adapter at the NF4 quantization error of the base, not "
+                             f"model.quant {model.quant}: set model.quant: nf4, or lora.init: true")
         return lora
 
     @model_validator(mode="after")
@@ -231,10 +240,10 @@ class Recipe(_Section):
             raise ValueError("freeze.strategy head_first needs a new task head: model.task sequence_classification")
         if self.forgetting.enabled and self.model.task != "causal_lm":
             raise ValueError("forgetting.enabled measures language-model perplexity: it needs model.task causal_lm")
-        if self.forgetting.enabled and self.lora.init in FULL_PRECISION_INITS:
-            # The guard's "base" is the model with the adapter switched off, which these inits have rewritten.
+        if self.forgetting.enabled and self.lora.init in AWAY_FROM_BASE_INITS:
+            # The guard's "base" is the model with the adapter switched off, which is not where these inits start.
             raise ValueError(f"forgetting.enabled compares with the base model, which lora.init '{self.lora.init}' "
-                             "rewrites: use lora.init: true, or turn the guard off")
+                             "does not start from: use lora.init: true, or turn the guard off")
         if d.packing is True and self.model.task != "causal_lm":
             raise ValueError("data.packing true lays examples of a causal LM end to end: it needs model.task "
                              "causal_lm (set data.packing: auto or false)")
@@ -298,10 +307,10 @@ class Recipe(_Section):
         if d.train_on_prompt or d.augment.neftune_alpha:
             raise ValueError("data.train_on_prompt and data.augment.neftune_alpha apply to objective sft, not "
                              f"{o.type}")
-        if o.type in REFERENCE_OBJECTIVES and self.lora.init in FULL_PRECISION_INITS and not self.lora.init_from:
+        if o.type in REFERENCE_OBJECTIVES and self.lora.init in AWAY_FROM_BASE_INITS and not self.lora.init_from:
             # The reference is the model with the adapter switched off, which these inits have rewritten.
             raise ValueError(f"objective.type {o.type} compares with the base model, which lora.init "
-                             f"'{self.lora.init}' rewrites: use lora.init: true")
+                             f"'{self.lora.init}' does not start from: use lora.init: true")
         if o.type in REFERENCE_OBJECTIVES and self.lora.init_from and o.precompute_reference is False:
             raise ValueError("objective.precompute_reference false: with lora.init_from the reference is the starting "
                              "adapter, whose log-probs are computed before training; remove the setting")
