@@ -316,7 +316,7 @@ def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     packed, every position may carry a label and even one row has a mask."""
     def est(quant="none", gc=False, device="cuda", b=4, frac=1.0, packing=False):
         recipe = recipe_for(small_llama, quant=quant, train={"gradient_checkpointing": gc},
-                            data={"packing": packing})
+                            data={"packing": packing}, model={"compute_dtype": "auto"})  # a GPU plan: bf16
         return estimate(model_shape(recipe), setting_for(recipe, device), b, 256, frac)
 
     assert est(gc=True).peak < est().peak
@@ -330,7 +330,7 @@ def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     # chunked: one chunk (fp32 + 16-bit logits) and two hidden-size vectors per position, not three full copies
     assert shape.chunked_loss and positions < chunked_loss.chunk_rows(shape.vocab)
     assert logits == pytest.approx(6 * positions * shape.vocab + 2 * 4 * positions * shape.hidden + head16)
-    unpacked = recipe_for(small_llama, data={"packing": False})
+    unpacked = recipe_for(small_llama, data={"packing": False}, model={"compute_dtype": "auto"})
     s_cuda = setting_for(unpacked, "cuda")
     assert _loss_bytes(shape, s_cuda, 4, 128, chunked=False)[0] == 3 * 4 * positions * shape.vocab + head16
     assert not layer_terms(shape, setting_for(unpacked, "cpu"), 1).per_token_seq  # no mask to save
