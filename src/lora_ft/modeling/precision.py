@@ -6,7 +6,7 @@ it, and CPUs with bf16 matrix units (x86 AVX512-BF16 or AMX, Arm's BF16 extensio
 1.73× (issue 13); on AVX2-only CPUs oneDNN emulates bf16 and it is many times slower than fp32. A flag alone is
 not trusted (a hypervisor may report flags the library does not use, a torch build may lack the kernels), so a CPU
 with the flags must also pass a measured check: a bf16 GEMM at least ``MIN_BF16_SPEEDUP`` × as fast as the fp32
-one, about 30 ms at the run's thread count. The result is kept for the process (training and the planner ask
+one, about 30 ms of CPU time on one thread. The result is kept for the process (training and the planner ask
 once), not on disk: the check is cheap and a stored answer would go stale with a new torch or oneDNN.
 """
 
@@ -60,17 +60,29 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
 
 
 def gemm_seconds(repeats: int = CHECK_REPEATS, n: int = CHECK_SIZE) -> tuple[float, float]:
-    """Best seconds of an ``n``² matmul in (fp32, bf16) on the CPU at the current thread count."""
-    g = torch.Generator().manual_seed(0)  # a private generator: the global one drives dropout
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    pairs = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
-    best = dict.fromkeys(pairs, float("inf"))
-    for rep in range(repeats + 1):
-        for dtype, (x, y) in pairs.items():
-            t0 = time.perf_counter()
-            torch.mm(x, y)
-            if rep:  # the first of each is a warm-up (oneDNN primitive creation)
-                best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    """Best CPU seconds of an ``n``² matmul in (fp32, bf16) on one CPU thread.
+
+    CPU time (``time.process_time``) on one thread, not wall time: on a busy machine a product of a few ms is often
+    preempted, and wall time measured anything from 0.10× to 27× on this project's CPU under a load of 30 on 2 cores
+    (within one hour of its benchmarks); with two threads even CPU time varied 0.34-2.72× (the OpenMP threads
+    spin while they wait for each other). One thread's CPU time measured 1.98-2.01× in four checks under that
+    load. bf16 units are per core, so one core's ratio is the machine's.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)  # a private generator: the global one drives dropout
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        pairs = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
+        best = dict.fromkeys(pairs, float("inf"))
+        for rep in range(repeats + 1):
+            for dtype, (x, y) in pairs.items():
+                t0 = time.process_time()
+                torch.mm(x, y)
+                if rep:  # the first of each is a warm-up (oneDNN primitive creation)
+                    best[dtype] = min(best[dtype], time.process_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
     return best[torch.float32], best[torch.bfloat16]
 
 
@@ -98,8 +110,8 @@ def choose_compute_dtype(cuda: bool, cuda_bf16: bool, flags: frozenset[str],
 
 
 @cache
-def _machine_choice(cuda: bool, threads: int) -> DtypeChoice:
-    """``choose_compute_dtype`` for this machine's device and thread count, measured once per process."""
+def _machine_choice(cuda: bool) -> DtypeChoice:
+    """``choose_compute_dtype`` for this machine's device, measured once per process."""
     choice = choose_compute_dtype(cuda, cuda and torch.cuda.is_bf16_supported(), cpu_flags(), gemm_seconds)
     log.info("model.compute_dtype auto: %s (%s)", choice.dtype, choice.reason)
     return choice
@@ -115,4 +127,4 @@ def resolve_compute_dtype(cfg: ModelConfig, cuda: bool | None = None) -> DtypeCh
     if cfg.compute_dtype != "auto":
         return DtypeChoice(cfg.compute_dtype, "recipe")
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    return _machine_choice(cuda, 1 if cuda else torch.get_num_threads())
+    return _machine_choice(cuda)
