@@ -177,7 +177,9 @@ def make_recipe(model_dir: Path, splits: dict[str, Path], out: Path, **sections)
 
     # eval.generate off unless a test turns it on: the generation evaluation costs 2-4 s per tiny run (before and
     # after), and the tests of generation (test_generated.py, test_judge.py, test_stops.py, DDP, resume) turn it on.
-    tree = {"model": {"name": str(model_dir)}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    # compute_dtype fp32: the tests compare runs and models to 1e-5, which bf16 autocast (auto's choice on CPUs
+    # with bf16 units) does not keep; test_precision.py tests the auto rule.
+    tree = {"model": {"name": str(model_dir), "compute_dtype": "fp32"}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
             "eval": {"generate": False},
             "data": {**{k: str(v) for k, v in splits.items()}, "max_length": 128},  # the tiny models' positions
             "train": {"max_steps": 30, "micro_batch_size": 8, "lr": 1e-2, "warmup": 0, "log_every": 1},

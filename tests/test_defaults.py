@@ -162,3 +162,13 @@ def test_sft_on_a_small_model_gets_the_small_model_rate_and_larger_or_unknown_on
     assert resolved.train.lr == lr and ("under" in rules["train.lr"]) == (lr == SMALL_SFT_LR)
     cls, _ = resolve_training(_recipe("sequence_classification"), DataFacts(500, 500, parameters=parameters))
     assert cls.train.lr == AUTO_LR["classification"]  # the size rule is SFT's only
+
+
+def test_the_compute_dtype_auto_chose_is_recorded_with_its_reason_and_other_model_keys_are_not():
+    given = _recipe()
+    resolved = given.model_copy(update={"model": given.model.model_copy(update={"compute_dtype": "bf16"})})
+    reason = "CPU with avx512_bf16, bf16 GEMM 2.10× fp32 (≥ 1.3× needed)"
+    record = sources(given, resolved, {"model.compute_dtype": reason})
+    assert record["model.compute_dtype"] == {"value": "bf16", "source": f"auto: {reason}"}
+    assert not [k for k in record if k.startswith("model.") and k != "model.compute_dtype"]
+    assert "model.compute_dtype" not in sources(given, given, {})  # no rule ran: nothing to record

@@ -59,7 +59,8 @@ def one_thread():
 
 
 def recipe_for(folder, task="causal_lm", quant="none", **sections) -> Recipe:
-    tree = {"model": {"name": str(folder), "task": task, "quant": quant}, "lora": {"r": 16}}
+    # fp32 unless a case sets bf16: compute_dtype auto would be bf16 on CPUs with bf16 units, fp32 elsewhere
+    tree = {"model": {"name": str(folder), "task": task, "quant": quant, "compute_dtype": "fp32"}, "lora": {"r": 16}}
     for section, values in sections.items():
         tree.setdefault(section, {}).update(values)
     return Recipe.model_validate(tree)
@@ -104,7 +105,8 @@ def test_7b_weights_are_counted_from_the_config_alone(tmp_path):
     assert rows["base weights, nf4"] == pytest.approx(linear / 2 + blocks + 4 * blocks / 256, rel=1e-3)
     assert rows["base weights, fp32"] == pytest.approx(4 * (shape.total_params - linear))
     lora = 32 * 16 * (4 * 8192 + 3 * (4096 + 11008))
-    assert rows["LoRA weights + grads + AdamW"] == 16 * lora
+    tensors = 2 * 32 * 7  # A and B of 7 modules a layer: AdamW's 0-d fp32 step each
+    assert rows["LoRA weights + grads + AdamW"] == 16 * lora + 4 * tensors
 
 
 # ---------------------------------------------------------------------------------------------- vs measurement
@@ -330,7 +332,7 @@ def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     packed, every position may carry a label and even one row has a mask."""
     def est(quant="none", gc=False, device="cuda", b=4, frac=1.0, packing=False):
         recipe = recipe_for(small_llama, quant=quant, train={"gradient_checkpointing": gc},
-                            data={"packing": packing})
+                            data={"packing": packing}, model={"compute_dtype": "auto"})  # a GPU plan: bf16
         return estimate(model_shape(recipe), setting_for(recipe, device), b, 256, frac)
 
     assert est(gc=True).peak < est().peak
@@ -344,7 +346,7 @@ def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     # chunked: one chunk (fp32 + 16-bit logits) and two hidden-size vectors per position, not three full copies
     assert shape.chunked_loss and positions < chunked_loss.chunk_rows(shape.vocab)
     assert logits == pytest.approx(6 * positions * shape.vocab + 2 * 4 * positions * shape.hidden + head16)
-    unpacked = recipe_for(small_llama, data={"packing": False})
+    unpacked = recipe_for(small_llama, data={"packing": False}, model={"compute_dtype": "auto"})
     s_cuda = setting_for(unpacked, "cuda")
     assert _loss_bytes(shape, s_cuda, 4, 128, chunked=False)[0] == 3 * 4 * positions * shape.vocab + head16
     assert not layer_terms(shape, setting_for(unpacked, "cpu"), 1).per_token_seq  # no mask to save

@@ -49,3 +49,52 @@ def test_adamw_is_fused_for_one_process_or_ddp_and_steps_the_same_as_torchs_defa
     assert any(not torch.equal(a, s) for a, s in zip(after["made"], start, strict=True))
     for a, b in zip(after["made"], after["reference"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+LRS = {"lion_8bit": 1e-3, "sgd": 5e-2}  # Lion's sign updates want a smaller rate, plain SGD a larger one
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit",
+                                  "adafactor", "sgd"])
+def test_every_optimizer_trains_a_tiny_classifier_its_loss_falls(tiny_bert, name):
+    from lora_ft.modeling.adapters import attach_adapters
+    from lora_ft.modeling.loading import load_model
+    from lora_ft.recipe import LoraConfigSection, ModelConfig
+
+    torch.manual_seed(0)
+    loaded = load_model(ModelConfig(name=str(tiny_bert), task="sequence_classification"), "fp32",
+                        id2label={0: "a", 1: "b"})
+    # r=64: the 64→64 layers' A matrices reach bitsandbytes' 8-bit state (4,096 values), not only its fp32 fallback
+    model = attach_adapters(loaded.model, LoraConfigSection(r=64, dropout=0.0), "sequence_classification",
+                            loaded.head_modules, False)
+    opt = make_optimizer(model, TrainConfig(optimizer=name, lr=LRS.get(name, 1e-2), head_lr=None), loaded.head_modules,
+                         DistributedType.NO)
+    g = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(5, 200, (8, 12), generator=g), torch.tensor([0, 1] * 4)
+    losses = []
+    for _ in range(12):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_sgd_is_fused_like_adamw_where_the_device_allows(bert_lora):
+    model, heads = bert_lora
+    opt = make_optimizer(model, TrainConfig(optimizer="sgd", lr=1e-2, head_lr=None), heads, DistributedType.NO)
+    assert isinstance(opt, torch.optim.SGD) and all(g["fused"] and g["momentum"] == 0.9 for g in opt.param_groups)
+
+
+def test_lora_plus_trains_the_b_matrices_at_the_ratio_times_the_rate_of_the_a_matrices(bert_lora):
+    model, heads = bert_lora
+    opt = make_optimizer(model, TrainConfig(lr=1e-3, head_lr=None, weight_decay=0.01), heads, DistributedType.NO,
+                         plus_lr_ratio=16)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    a = [lr_of[id(p)] for n, p in named.items() if "lora_A" in n]
+    b = [lr_of[id(p)] for n, p in named.items() if "lora_B" in n]
+    assert a and b and set(a) == {1e-3} and b == pytest.approx([16e-3] * len(b))
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in named.values())
+    assert {g["weight_decay"] for g in opt.param_groups if g["params"] and g["lr"] == 1e-3} == {0.01}

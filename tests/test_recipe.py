@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lora_ft.errors import RecipeError
-from lora_ft.recipe import ModelConfig, Recipe, load_recipe, parse_overrides
+from lora_ft.recipe import Recipe, load_recipe, parse_overrides
 
 
 def write(tmp_path, text, name="r.yaml"):
@@ -197,16 +197,16 @@ def test_forgetting_guard_refuses_inits_that_rewrite_the_base(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ lora.init
 @pytest.mark.parametrize(("given", "expected"), [("true", True), ("false", False), ("gaussian", "gaussian"),
-                                                 ("pissa", "pissa"), ("OLoRA", "olora")])
+                                                 ("pissa", "pissa"), ("OLoRA", "olora"), ("loftq", "loftq")])
 def test_supported_lora_inits_load(tmp_path, given, expected):
-    assert load_recipe(write(tmp_path, f"lora: {{init: {given}}}\n")).lora.init == expected
+    quant = "nf4" if given == "loftq" else "none"
+    assert load_recipe(write(tmp_path, f"model: {{quant: {quant}}}\nlora: {{init: {given}}}\n")).lora.init == expected
 
 
 @pytest.mark.parametrize(("given", "needle"), [
     ("pisa", "lora.init: unknown init 'pisa' (did you mean 'pissa'?)"),
     ("eva", "lora.init: 'eva' needs a pass over the training data"),
     ("corda", "lora.init: 'corda' needs peft's preprocess_corda pass"),
-    ("loftq", "lora.init: 'loftq' quantizes the base itself"),
     ("pissa_niter_4", "lora.init: 'pissa_niter_4' re-runs a randomized SVD when the adapter is loaded, so the "
                       "saved adapter would not reload faithfully: use 'pissa'"),
 ])
@@ -215,8 +215,8 @@ def test_unsupported_lora_inits_are_refused_with_the_fix(tmp_path, given, needle
         load_recipe(write(tmp_path, f"lora: {{init: {given}}}\n"))
     msg = str(e.value)
     assert needle in msg and "1 problem(s)" in msg and "\n" not in msg
-    if given in ("eva", "corda", "loftq"):
-        assert msg.endswith("use one of true, false, gaussian, pissa, olora")
+    if given in ("eva", "corda"):
+        assert msg.endswith("use one of true, false, gaussian, pissa, olora, loftq")
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -228,6 +228,33 @@ def test_weight_rewriting_inits_need_an_unquantized_base(tmp_path, init, quant):
            f"{quant}: set model.quant: none, or lora.init: true" in str(e.value)
     ok = load_recipe(write(tmp_path, f"model: {{quant: {quant}}}\nlora: {{init: gaussian}}\n"))
     assert (ok.model.quant, ok.lora.init) == (quant, "gaussian")
+
+
+@pytest.mark.parametrize("quant", ["none", "fp4", "int8"])
+def test_loftq_needs_an_nf4_base(tmp_path, quant):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, f"model: {{quant: {quant}}}\nlora: {{init: loftq}}\n"))
+    assert "lora.init: 'loftq' starts the adapter at the NF4 quantization error of the base, not model.quant " \
+           f"{quant}: set model.quant: nf4, or lora.init: true" in str(e.value)
+
+
+@pytest.mark.parametrize("extra", ["forgetting: {enabled: true}", "objective: {type: dpo}\ndata: {format: preference}"])
+def test_loftq_is_refused_where_the_base_with_the_adapter_off_is_the_reference(tmp_path, extra):
+    # LoftQ's adapter starts non-zero: the adapter-off model is the NF4 base, not the model training starts from.
+    with pytest.raises(RecipeError, match="which lora.init 'loftq' does not start from: use lora.init: true"):
+        load_recipe(write(tmp_path, f"model: {{quant: nf4}}\nlora: {{init: loftq}}\n{extra}\n"))
+
+
+def test_lora_plus_is_refused_with_layer_decay_or_a_head_rate_of_its_own(tmp_path):
+    for train in ("{lr_layer_decay: 0.9}", "{lr: 1e-4, head_lr: 1e-3}"):
+        with pytest.raises(RecipeError) as e:
+            load_recipe(write(tmp_path, f"lora: {{plus_lr_ratio: 16}}\ntrain: {train}\n"))
+        assert "lora.plus_lr_ratio (LoRA+) sets its own parameter groups" in str(e.value)
+    # a head rate equal to lr is what `auto` resolves to: the run_config.yaml of a LoRA+ run loads again
+    resolved = load_recipe(write(tmp_path, "lora: {plus_lr_ratio: 16}\ntrain: {lr: 1e-4, head_lr: 1e-4}\n"))
+    assert resolved.lora.plus_lr_ratio == 16
+    with pytest.raises(RecipeError, match="lora.plus_lr_ratio: Input should be greater than or equal to 1"):
+        load_recipe(write(tmp_path, "lora: {plus_lr_ratio: 0.5}\n"))
 
 
 def test_init_problems_are_reported_with_the_other_problems(tmp_path, capsys):
@@ -244,16 +271,6 @@ def test_init_problems_are_reported_with_the_other_problems(tmp_path, capsys):
     assert main(["validate", str(p)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lora-ft: error: ") and "lora.init: 'eva' needs" in err and err.count("\n") == 1
-
-
-# ------------------------------------------------------------------------------------------ compute dtype
-def test_auto_compute_dtype_is_bf16_only_on_gpus_that_support_it():
-    auto, fp16 = ModelConfig(), ModelConfig(compute_dtype="fp16")
-    assert auto.resolved_compute_dtype(cuda=True, bf16_supported=True) == "bf16"
-    assert auto.resolved_compute_dtype(cuda=True, bf16_supported=False) == "fp32"
-    assert auto.resolved_compute_dtype(cuda=False, bf16_supported=True) == "fp32"
-    assert auto.resolved_compute_dtype(cuda=False, bf16_supported=False) == "fp32"
-    assert fp16.resolved_compute_dtype(cuda=False, bf16_supported=False) == "fp16"  # explicit wins
 
 
 # ------------------------------------------------------------------------------------------------ objective

@@ -311,6 +311,14 @@ def test_a_minimal_recipe_resolves_every_auto_value_and_run_config_records_each_
         assert value == getattr(saved.train, key) and source.startswith("auto: ")
         assert any(line.startswith(f"#   train.{key} ") and line.rstrip().endswith(source)
                    for line in text.splitlines())
+    # model.compute_dtype auto: this machine's choice, its reason beside it, and what the run computed in
+    from lora_ft.modeling.precision import resolve_compute_dtype
+
+    choice = resolve_compute_dtype(given.model, cuda=False)
+    assert saved.model.compute_dtype == info["compute_dtype"] == choice.dtype
+    assert info["resolved"]["model.compute_dtype"]["source"] == f"auto: {choice.reason}"
+    assert any(line.startswith("#   model.compute_dtype ") and line.rstrip().endswith(choice.reason)
+               for line in text.splitlines())
     # ... and they are what the run did: 120 examples in batches of 16 are 8 steps an epoch, so the classifier's
     # minimum steps lower the batch to one example (360 steps in the 3 epochs); the peak learning rate is the
     # classification rate; 4 evaluations (fewer if early stopping ended the run).

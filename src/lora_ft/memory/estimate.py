@@ -8,8 +8,9 @@ module, and the rules lora_ft applies when it really loads the model decide what
   absmax per block of 64 (fp32, or 8-bit with a second fp32 level per 256 blocks under double quantization);
   int8 stores 1 byte plus one fp32 scale per output row. Everything else (embeddings, norms, biases, the output
   head) is fp32: unquantized models load in fp32, and ``prepare_model_for_kbit_training`` casts the rest to fp32.
-- **trainable**: LoRA A/B in fp32 with a gradient and AdamW's two moments (16 bytes per parameter); new task
-  heads the same, plus the frozen original that peft's ``modules_to_save`` keeps.
+- **trainable**: LoRA A/B in fp32 with a gradient and the optimizer's state (``optimizer_state.py``: AdamW's two
+  fp32 moments, 16 bytes per parameter in all); new task heads the same, plus the frozen original that peft's
+  ``modules_to_save`` keeps.
 - **activations**: what autograd saves per token and layer, listed tensor by tensor in ``activations.py`` (read
   from the transformers, peft and bitsandbytes code paths and checked against
   ``torch.autograd.graph.saved_tensors_hooks``), plus the attention terms that grow with the sequence length.
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from ..objectives.chunked_loss import chunk_rows
 from ..recipe.train import EVAL_BATCH_FACTOR
 from .activations import layer_terms
+from .optimizer_state import OPTIMIZER_LABELS, state_bytes
 from .shape import (
     BLOCK_4BIT,
     BLOCK_NESTED,
@@ -88,10 +90,16 @@ def static_rows(shape: ModelShape, s: Setting) -> list[Row]:
     rows.append(Row("base weights, fp32" + (" (not quantized)" if s.quant != "none" else ""), 4 * full,
                     f"{full / 1e6:,.1f}M params: embeddings, norms, biases, output head"
                     if s.quant != "none" else f"{full / 1e6:,.1f}M params"))
-    rows.append(Row("LoRA weights + grads + AdamW", 16 * lora,
-                    f"{lora / 1e6:,.2f}M params × (4 + 4 + 8 B), {len(shape.lora_modules)} modules"))
+    # Optimizer state by tensor (8-bit state and Adafactor's factored moments depend on each tensor's shape).
+    lora_shapes = [t for _, i, o in shape.lora_modules for t in ((s.r, i), (o, s.r), *([(o,)] if s.use_dora else []))]
+    lora_state = state_bytes(s.optimizer, lora_shapes)
+    opt = OPTIMIZER_LABELS[s.optimizer]
+    rows.append(Row(f"LoRA weights + grads + {opt}", 8 * lora + lora_state,
+                    f"{lora / 1e6:,.2f}M params × (4 + 4 B) + {fmt_size(lora_state)} {opt} state, "
+                    f"{len(shape.lora_modules)} modules"))
     if shape.head_params:
-        rows.append(Row("new task head (trained copy + grads + AdamW)", 16 * shape.head_params,
+        head_state = state_bytes(s.optimizer, lora_shapes + list(shape.head_shapes)) - lora_state
+        rows.append(Row(f"new task head (trained copy + grads + {opt})", 8 * shape.head_params + head_state,
                         f"{shape.head_params / 1e3:,.1f}K params (modules_to_save)"))
     return rows
 

@@ -7,6 +7,7 @@ module. ``estimate.py`` turns a shape and a setting into bytes.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +20,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from ..errors import UsageError
 from ..modeling.adapters import linear_modules, resolve_targets, unused_modules
 from ..modeling.loading import auto_class, load_config, new_head_modules, remote_code, resolve_source
+from ..modeling.precision import resolve_compute_dtype
 from ..objectives.causal_lm import PACKING_MODELS
 from ..objectives.chunked_loss import PLAIN_HEAD_MODELS
 from ..recipe import ModelConfig, Recipe
@@ -96,6 +98,7 @@ class ModelShape:
     layer_targets: tuple[Target, ...]  # those of them that carry LoRA
     notes: tuple[str, ...] = ()
     chunked_loss: bool = False  # causal LM whose loss goes through ``chunked_loss`` (no full logits)
+    head_shapes: tuple[tuple[int, ...], ...] = ()  # the new heads' parameters (their optimizer state's shapes)
 
     @property
     def q_dim(self) -> int:
@@ -177,7 +180,8 @@ def _model_shape(source: str, task: str, lora_targets: tuple[str, ...] | str, qu
             linear.append((name, int(fan_in), int(fan_out), module.bias is not None))
             if quant != "none" and should_convert_module(name, skip):
                 quantizable.add(name)
-    head_params = sum(p.numel() for h in heads_new for p in model.get_submodule(h).parameters())
+    head_shapes = tuple(tuple(p.shape) for h in heads_new for p in model.get_submodule(h).parameters())
+    head_params = sum(math.prod(s) for s in head_shapes)
     requested = "auto" if lora_targets == "auto" else list(lora_targets)
     skipped = heads_new + unused_modules(model, task)  # as attach_adapters skips them
     targets = resolve_targets(model, requested, skipped)
@@ -214,7 +218,7 @@ def _model_shape(source: str, task: str, lora_targets: tuple[str, ...] | str, qu
         total_params=sum(p.numel() for p in model.parameters()), linear=tuple(linear),
         quantizable=frozenset(quantizable), head_params=int(head_params), lora_modules=lora_modules,
         layer_linear=tuple(layer_linear), layer_targets=tuple(layer_targets), notes=tuple(notes),
-        chunked_loss=task == "causal_lm" and model_type in PLAIN_HEAD_MODELS)
+        chunked_loss=task == "causal_lm" and model_type in PLAIN_HEAD_MODELS, head_shapes=head_shapes)
 
 
 def model_shape(recipe: Recipe, source: str | None = None) -> ModelShape:
@@ -245,6 +249,7 @@ class Setting:
     scored: int = 0
     """Sequences per example scored without gradients besides those: KTO's mismatched KL sequence (its passes, like
     the reference's, come before the policy's and hold no activations; evaluation scores both sequences of a row)."""
+    optimizer: str = "adamw"  # train.optimizer: its state per trained tensor (optimizer_state.py)
     packed: bool = False  # training rows of packed examples: an attention mask even for one row
 
     @property
@@ -262,13 +267,17 @@ def setting_for(recipe: Recipe, device: str, bf16_supported: bool = True) -> Set
     the GPU it runs on."""
     cuda = device == "cuda"
     gc = recipe.train.gradient_checkpointing
+    # A GPU plan may be made on a machine without one: its bf16 support is the caller's assumption, not measured.
+    compute = ("bf16" if bf16_supported else "fp32") if cuda and recipe.model.compute_dtype == "auto" else \
+        resolve_compute_dtype(recipe.model, cuda).dtype
     return Setting(device="cuda" if cuda else "cpu", quant=recipe.model.quant, double_quant=recipe.model.double_quant,
-                   compute=recipe.model.resolved_compute_dtype(cuda, bf16_supported),
+                   compute=compute,
                    gradient_checkpointing=cuda if gc == "auto" else bool(gc), r=recipe.lora.r,
                    lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora,
                    # an embedding pair's anchor and positive are both held for the backward, as a preference pair
                    sequences=2 if recipe.objective.paired or recipe.model.task in ("embedding", "reward") else 1,
-                   scored=1 if recipe.objective.type == "kto" else 0, packed=packs(recipe))
+                   scored=1 if recipe.objective.type == "kto" else 0, packed=packs(recipe),
+                   optimizer=recipe.train.optimizer)
 
 
 def packs(recipe: Recipe) -> bool:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peft import (
+    LoraConfig,
+    PeftModel,
+    TaskType,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+    replace_lora_weights_loftq,
+)
 from transformers import PreTrainedModel
 
 from ..errors import RecipeError
@@ -78,19 +86,45 @@ def lora_config(cfg: LoraConfigSection, task: str, targets: list[str], heads: li
         target_modules=targets,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
-        init_lora_weights=cfg.init,
+        init_lora_weights=True if cfg.init == "loftq" else cfg.init,  # LoftQ replaces QLoRA's init afterwards
         modules_to_save=list(heads) or None,  # a copy: peft extends this list in place
         task_type=TASK_TYPES[task],
     )
 
 
+LOFTQ_DEVICES = ("cuda", "xpu")
+"""Where peft 0.21 computes LoftQ (``peft.utils.loftq_utils`` moves each weight to ``cuda`` or ``xpu`` for the SVD)."""
+
+
+def check_init_fits_device(cfg: LoraConfigSection, device: str) -> None:
+    """Refuse, before the model loads, an init that cannot run on ``device`` (``lora.init: loftq`` on a CPU)."""
+    if cfg.init == "loftq" and device not in LOFTQ_DEVICES:
+        raise RecipeError(f"lora.init: loftq: peft computes LoftQ on a CUDA or XPU device and this run trains on the "
+                          f"{device}: use lora.init: true (QLoRA's init), or train on a GPU")
+
+
 def attach_adapters(
-    model: PreTrainedModel, cfg: LoraConfigSection, task: str, heads: list[str], gradient_checkpointing: bool
+    model: PreTrainedModel, cfg: LoraConfigSection, task: str, heads: list[str], gradient_checkpointing: bool,
+    source: str | None = None,
 ) -> PeftModel:
-    """Freeze the base, prepare k-bit layers for training, inject LoRA; heads train in full."""
+    """Freeze the base, prepare k-bit layers for training, inject LoRA; heads train in full.
+
+    Args:
+        model: the loaded base model.
+        cfg: the recipe's ``lora`` section.
+        task: the recipe's ``model.task``.
+        heads: new task heads (trained in full).
+        gradient_checkpointing: recompute each layer in backward.
+        source: the base model's folder or Hub id, whose safetensors weights ``lora.init: loftq`` reads.
+    """
     targets = resolve_targets(model, cfg.target_modules, heads + unused_modules(model, task))
     model = _prepare_base(model, gradient_checkpointing)
     peft_model = get_peft_model(model, lora_config(cfg, task, targets, heads))
+    if cfg.init == "loftq":
+        # peft's documented LoftQ for a bitsandbytes-NF4 base: A, B ← the rank-r SVD of W − dequant(NF4(W)), with W
+        # read from the safetensors files (a local folder is passed; a Hub id is found in the cache).
+        folder = source if source is not None and Path(source).is_dir() else None
+        replace_lora_weights_loftq(peft_model, model_path=folder)
     return _ready(peft_model, targets)
 
 

@@ -222,7 +222,8 @@ def _given_keys(recipe: Recipe) -> set[str]:
 
 
 def sources(given: Recipe, resolved: Recipe, rules: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Dotted key → ``{"value", "source"}`` for ``RECORDED`` keys and every ``train`` key ``given`` left ``auto``.
+    """Dotted key → ``{"value", "source"}`` for ``RECORDED`` keys, every ``train`` key ``given`` left ``auto``, and
+    the keys of other sections that ``rules`` resolved (``model.compute_dtype``).
 
     Args:
         given: the recipe as its author wrote it (before anything was resolved).
@@ -234,7 +235,7 @@ def sources(given: Recipe, resolved: Recipe, rules: dict[str, str]) -> dict[str,
         _given_keys(given)
     out: dict[str, dict[str, Any]] = {}
     for key in sorted(after, key=lambda k: (k not in RECORDED, RECORDED.index(k) if k in RECORDED else 0, k)):
-        if not key.startswith("train."):  # other sections' auto values are resolved where they act, not here
+        if not key.startswith("train.") and key not in rules:  # other sections': recorded where a rule is given
             continue
         if before.get(key) == "auto" or key in rules:  # rules: also what a rule changed along (the batch's parts)
             rule = rules.get(key, "the memory planner for this device (lora-ft plan)")

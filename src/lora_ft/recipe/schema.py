@@ -40,27 +40,27 @@ class ModelConfig(_Section):
     quant: Literal["none", "int8", "nf4", "fp4"] = "none"
     double_quant: bool = True
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 (autocast) on GPUs that support it and on CPUs with native bf16 units whose bf16 GEMM is
+    measured clearly faster than fp32, else fp32 (``modeling.precision``); ``run_config.yaml`` records the choice
+    and why. Set fp32 for bit-for-bit comparisons."""
     trust_remote_code: bool = False
     revision: str | None = None
 
-    def resolved_compute_dtype(self, cuda: bool, bf16_supported: bool) -> str:
-        """``auto`` → bf16 on GPUs that support it, else fp32 (fp16 training needs loss scaling care)."""
-        if self.compute_dtype != "auto":
-            return self.compute_dtype
-        return "bf16" if cuda and bf16_supported else "fp32"
 
-
-LORA_INITS = ("gaussian", "pissa", "olora")
+LORA_INITS = ("gaussian", "pissa", "olora", "loftq")
 """``lora.init`` names (besides true/false) that lora_ft supports end to end: they need no data pass, and
 ``PeftModel.from_pretrained`` on the original base reproduces the trained model (peft re-runs the
-deterministic SVD/QR on load, then loads the trained factors)."""
+deterministic SVD/QR on load, then loads the trained factors; LoftQ leaves the quantized base as it is)."""
 FULL_PRECISION_INITS = ("pissa", "olora")
 """Inits that rewrite the base weights (W - BA): they need model.quant none."""
+AWAY_FROM_BASE_INITS = (*FULL_PRECISION_INITS, "loftq")
+"""Inits whose starting model differs from the base with the adapter switched off (what the forgetting guard and
+a preference objective's reference compare with): PiSSA/OLoRA rewrote the base; LoftQ's adapter starts at the
+NF4 base's quantization error (B ≠ 0), so the adapter-off model is the quantized base, not the starting one."""
 _REFUSED_INITS = {
     "eva": "needs a pass over the training data (peft's initialize_lora_eva_weights) that lora_ft does not run",
     "corda": "needs peft's preprocess_corda pass over the training data, which lora_ft does not run",
     "lora_ga": "needs gradients from a pass over the training data, which lora_ft does not run",
-    "loftq": "quantizes the base itself and needs a loftq_config (for QLoRA set model.quant: nf4 with lora.init: true)",
 }
 
 
@@ -81,10 +81,16 @@ class LoraConfigSection(_Section):
     """Start from a trained adapter instead of a fresh one: a run's ``output_dir`` or an adapter folder (e.g. an
     SFT run before preference tuning). Its shape (r, alpha, dropout, targets, DoRA, rsLoRA) is the adapter's; a
     preference objective's reference is then that starting adapter (see ``ObjectiveConfig``)."""
+    plus_lr_ratio: float | None = Field(None, ge=1)
+    """LoRA+ (peft's ``create_loraplus_optimizer``): the B matrices (and vectors such as biases) train at ``lr`` ×
+    this, the A matrices at ``lr``; the paper's 16 is a common start. None: one rate."""
     init: bool | str = True
     """peft's ``init_lora_weights``: true (B = 0, the adapter starts as a no-op), false (random, for
     debugging), ``gaussian``, or ``pissa`` / ``olora`` (start from the base weights' principal directions;
-    model.quant none only). Data-driven inits (``eva``, ``corda``) and ``pissa_niter_N`` are refused."""
+    model.quant none only), or ``loftq`` (model.quant nf4 only: peft's ``replace_lora_weights_loftq`` starts A and B
+    at the rank-r SVD of the base's NF4 quantization error, so the starting model is closer to the full-precision
+    one; on a CUDA/XPU device, where peft 0.21 computes it). Data-driven inits (``eva``, ``corda``) and
+    ``pissa_niter_N`` are refused."""
 
     @field_validator("target_modules")
     @classmethod
@@ -260,6 +266,9 @@ class Recipe(_Section):
         if isinstance(model, ModelConfig) and model.quant != "none" and lora.init in FULL_PRECISION_INITS:
             raise ValueError(f"lora.init: '{lora.init}' rewrites the base weights, which needs them in full "
                              f"precision, not model.quant {model.quant}: set model.quant: none, or lora.init: true")
+        if isinstance(model, ModelConfig) and lora.init == "loftq" and model.quant != "nf4":
+            raise ValueError(f"lora.init: 'loftq' starts the adapter at the NF4 quantization error of the base, not "
+                             f"model.quant {model.quant}: set model.quant: nf4, or lora.init: true")
         return lora
 
     @model_validator(mode="after")
@@ -279,13 +288,20 @@ class Recipe(_Section):
                              "(sequence_classification, token_classification, regression)")
         if self.forgetting.enabled and self.model.task != "causal_lm":
             raise ValueError("forgetting.enabled measures language-model perplexity: it needs model.task causal_lm")
-        if self.forgetting.enabled and self.lora.init in FULL_PRECISION_INITS:
-            # The guard's "base" is the model with the adapter switched off, which these inits have rewritten.
+        if self.forgetting.enabled and self.lora.init in AWAY_FROM_BASE_INITS:
+            # The guard's "base" is the model with the adapter switched off, which is not where these inits start.
             raise ValueError(f"forgetting.enabled compares with the base model, which lora.init '{self.lora.init}' "
-                             "rewrites: use lora.init: true, or turn the guard off")
+                             "does not start from: use lora.init: true, or turn the guard off")
         if d.packing is True and self.model.task not in ("causal_lm", "sequence_classification"):
             raise ValueError("data.packing true lays examples end to end for model.task causal_lm or "
                              "sequence_classification (set data.packing: auto or false)")
+        t = self.train
+        if self.lora.plus_lr_ratio is not None and (t.lr_layer_decay is not None
+                                                    or t.head_lr not in ("auto", None, t.lr)):
+            # peft's LoRA+ builds its own groups (A at lr, B at lr × ratio): no place for per-layer or head rates
+            # (a head rate equal to lr is what `auto` resolves to, as run_config.yaml records it).
+            raise ValueError("lora.plus_lr_ratio (LoRA+) sets its own parameter groups: remove train.lr_layer_decay "
+                             "and train.head_lr, or lora.plus_lr_ratio")
         if d.validation and d.validation_split:
             raise ValueError("give data.validation or data.validation_split, not both")
         self._objective_fits()
@@ -346,10 +362,10 @@ class Recipe(_Section):
         if d.train_on_prompt or d.augment.neftune_alpha:
             raise ValueError("data.train_on_prompt and data.augment.neftune_alpha apply to objective sft, not "
                              f"{o.type}")
-        if o.type in REFERENCE_OBJECTIVES and self.lora.init in FULL_PRECISION_INITS and not self.lora.init_from:
+        if o.type in REFERENCE_OBJECTIVES and self.lora.init in AWAY_FROM_BASE_INITS and not self.lora.init_from:
             # The reference is the model with the adapter switched off, which these inits have rewritten.
             raise ValueError(f"objective.type {o.type} compares with the base model, which lora.init "
-                             f"'{self.lora.init}' rewrites: use lora.init: true")
+                             f"'{self.lora.init}' does not start from: use lora.init: true")
         if o.type in REFERENCE_OBJECTIVES and self.lora.init_from and o.precompute_reference is False:
             raise ValueError("objective.precompute_reference false: with lora.init_from the reference is the starting "
                              "adapter, whose log-probs are computed before training; remove the setting")

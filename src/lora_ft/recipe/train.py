@@ -66,6 +66,13 @@ class TrainConfig(_Section):
     """Layer-wise learning rates: layer l of L (1 = lowest) trains at ``lr · decay^(L−l)``."""
     head_lr: float | Auto | None = "auto"
     """Learning rate of a new task head (None: ``lr``). ``auto``: ``lr`` × ``defaults.HEAD_LR_FACTOR``."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "adafactor",
+                       "sgd"] = "adamw"
+    """torch's AdamW (fused where the device allows), bitsandbytes' 8-bit AdamW (moments in 8 bits: a quarter of
+    AdamW's state), its paged variants (state in CUDA unified memory, moved to the host under memory pressure; on
+    a CPU the same as unpaged), 8-bit Lion (one moment; use a 3-10× smaller ``lr``), transformers' Adafactor
+    (factored second moment, as the ``Trainer``'s ``adafactor``), or SGD with momentum 0.9. The planner counts
+    each one's state (``memory.optimizer_state``)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW's decoupled decay: 0, as transformers' and TRL's defaults (LoRA factors start at or near zero)."""
     max_grad_norm: float | None = Field(1.0, gt=0)

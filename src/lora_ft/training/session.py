@@ -25,8 +25,9 @@ from ..data.prepare import TaskData, prepare_data
 from ..errors import RunError
 from ..lock import RunLock
 from ..memory.launch import resolve_trim
-from ..modeling.adapters import attach_adapters, attach_start_adapter, load_adapter
+from ..modeling.adapters import attach_adapters, attach_start_adapter, check_init_fits_device, load_adapter
 from ..modeling.loading import LoadedModel, check_max_length, load_config, load_model, load_tokenizer, resolve_source
+from ..modeling.precision import resolve_compute_dtype
 from ..objectives import Objective, objective_for
 from ..recipe import Recipe
 from ..recipe.defaults import DataFacts, resolve_training
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def make_accelerator(recipe: Recipe) -> tuple[Accelerator, str]:
     cuda = torch.cuda.is_available()
-    compute = recipe.model.resolved_compute_dtype(cuda, cuda and torch.cuda.is_bf16_supported())
+    compute = resolve_compute_dtype(recipe.model, cuda).dtype
     precision = {"bf16": "bf16", "fp16": "fp16"}.get(compute, "no")
     # On a machine without GPUs, accelerate forms a (gloo) process group only when told it runs on the CPU:
     # otherwise every process that torchrun / `accelerate launch --multi_gpu` starts trains alone, and all of
@@ -53,6 +54,16 @@ def make_accelerator(recipe: Recipe) -> tuple[Accelerator, str]:
         # Every process runs the same code: without this each message would appear once per process.
         logging.getLogger("lora_ft").setLevel(logging.WARNING)
     return accelerator, compute
+
+
+def resolve_dtype(recipe: Recipe) -> tuple[Recipe, dict[str, str]]:
+    """``model.compute_dtype: auto`` → this machine's choice (``modeling.precision``), and the reason for the record
+    in ``run_config.yaml``; a given dtype is kept as it is."""
+    if recipe.model.compute_dtype != "auto":
+        return recipe, {}
+    choice = resolve_compute_dtype(recipe.model, torch.cuda.is_available())
+    model = recipe.model.model_copy(update={"compute_dtype": choice.dtype})
+    return recipe.model_copy(update={"model": model}), {"model.compute_dtype": choice.reason}
 
 
 def make_loader(ds, batch_size: int, collate: Callable[[list[dict]], dict], shuffle: bool, seed: int,
@@ -182,6 +193,8 @@ def build_model(recipe: Recipe, accelerator: Accelerator, compute: str, source: 
     trained ones in ``adapter_dir``, or trainable from ``lora.init_from``): exactly what ``setup`` trains, also for
     the planner's measurements."""
     cfg = recipe.model
+    if adapter_dir is None and not recipe.lora.init_from:
+        check_init_fits_device(recipe.lora, accelerator.device.type)  # before minutes of loading
     device = accelerator.device if accelerator.device.type != "cuda" else accelerator.local_process_index
     loaded = load_model(cfg.model_copy(update={"name": source}), compute, device, id2label, tokenizer)
     if adapter_dir is not None:
@@ -190,4 +203,4 @@ def build_model(recipe: Recipe, accelerator: Accelerator, compute: str, source: 
     gc = torch.cuda.is_available() if gc == "auto" else gc
     if recipe.lora.init_from:  # continue from a trained adapter (run.adopt_start_adapter resolved the folder)
         return loaded, attach_start_adapter(loaded.model, recipe.lora.init_from, gc)
-    return loaded, attach_adapters(loaded.model, recipe.lora, cfg.task, loaded.head_modules, gc)
+    return loaded, attach_adapters(loaded.model, recipe.lora, cfg.task, loaded.head_modules, gc, loaded.source)

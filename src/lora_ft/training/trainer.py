@@ -41,7 +41,16 @@ from .neftune import activate_neftune
 from .param_groups import make_optimizer
 from .report import final_metrics, peak_memory, plot_curves, tracker_config, tracker_run
 from .resume import abandon_after, check_recipe_fits, keep_new_hyperparameters, start_point
-from .session import Session, lock_run, make_accelerator, make_loader, make_train_loader, resolve_for_data, setup
+from .session import (
+    Session,
+    lock_run,
+    make_accelerator,
+    make_loader,
+    make_train_loader,
+    resolve_dtype,
+    resolve_for_data,
+    setup,
+)
 from .signals import Interrupted, Signals, requested
 from .state import LoopState
 from .throughput import ThroughputMeter
@@ -115,6 +124,7 @@ class Trainer:
         for warning in warnings:
             log.warning(warning)
         self.folder.check_location(self.recipe)
+        self.recipe, dtype_rule = resolve_dtype(self.recipe)  # before check_recipe_fits compares it
         self.accelerator, compute = make_accelerator(self.recipe)
         # Before anything reads or writes the folder: a second run refuses at once.
         self.lock = lock_run(self.folder, self.accelerator)
@@ -138,6 +148,7 @@ class Trainer:
         # epochs, learning rates, warmup, patience, trimming auto: by objective and data (recipe.defaults).
         self.recipe, self.rules = resolve_for_data(self.recipe, self.given, s, self.accelerator.num_processes,
                                                    self.accelerator.device.type)
+        self.rules.update(dtype_rule)
         if "train.micro_batch_size" in self.rules:  # a smaller batch (the step rule): DeepSpeed must be told it
             self.recipe = scale_to_processes(self.recipe, self.accelerator, self.resume)
         self.tc = self.recipe.train
@@ -159,7 +170,7 @@ class Trainer:
         eval_loaders = {n: make_loader(ds, tc.eval_batch_size, self.objective.collate, False, tc.seed,
                                        max_tokens=tc.eval_max_tokens)
                         for n, ds in s.data.splits.items() if n != "train"}
-        optimizer = make_optimizer(s.model, tc, heads, acc.distributed_type)
+        optimizer = make_optimizer(s.model, tc, heads, acc.distributed_type, self.recipe.lora.plus_lr_ratio)
         self.model, self.optimizer, self.train_loader = acc.prepare(s.model, optimizer, train_loader)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP2 replaced them with shards
         self.eval_loaders = {n: acc.prepare(v) for n, v in eval_loaders.items()}
