@@ -236,8 +236,9 @@ class CausalLM(Objective):
         tokenizer wrapper was a third of tokenizing a 150-token example one by one (``scripts/make_big_chat.py``
         data, SmolLM2 tokenizer)."""
         tok, cfg = self.tokenizer, self.cfg
-        if fmt == "text" or not tok.chat_template:
-            return [self.encode(r, fmt) for r in rows]
+        own = type(self).encode is CausalLM.encode and type(self).encode_full is CausalLM.encode_full
+        if fmt == "text" or not tok.chat_template or not own:  # a subclass (preference, KTO) encodes its own way
+            return super().encode_batch(rows, fmt)
         rendered = [assistant_char_spans(tok, to_messages(r, fmt, cfg)) for r in rows]
         enc = tok([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
         return [self._cut({"input_ids": ids, "labels": answer_labels(ids, offsets, spans, cfg.train_on_prompt)})
