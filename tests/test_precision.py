@@ -81,3 +81,23 @@ def test_the_gemm_check_costs_well_under_a_second_of_cpu_and_leaves_the_thread_c
         assert torch.get_num_threads() == 2  # measured on one thread, then the run's count is back
     finally:
         torch.set_num_threads(threads)
+
+
+def test_launched_processes_use_the_choice_the_launching_process_measured(monkeypatch):
+    """``--num-processes N`` measures once and hands the choice down: every process then trains in the same dtype,
+    whatever its own measurement on a busy machine would say."""
+    from lora_ft.cli import _dtype_for_processes
+    from lora_ft.modeling import precision
+
+    precision._machine_choice.cache_clear()
+    mine = resolve_compute_dtype(ModelConfig(compute_dtype="auto"), cuda=False)
+    env = _dtype_for_processes()
+    assert env[precision.INHERITED_CHOICE].startswith(f"{mine.dtype}:")
+    other = "fp32" if mine.dtype == "bf16" else "bf16"  # a child that would have measured otherwise
+    monkeypatch.setenv(precision.INHERITED_CHOICE, f"{other}:CPU with the launcher's measurement")
+    precision._machine_choice.cache_clear()
+    try:
+        child = resolve_compute_dtype(ModelConfig(compute_dtype="auto"), cuda=False)
+        assert child.dtype == other and "launching process" in child.reason
+    finally:
+        precision._machine_choice.cache_clear()

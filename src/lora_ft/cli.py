@@ -320,6 +320,19 @@ def _plan(recipe, args) -> str:
     return plan_report(recipe, device, memory, args.answer_fraction, args.seq_len, args.micro_batch)
 
 
+def _dtype_for_processes() -> dict[str, str]:
+    """On a CPU, ``compute_dtype: auto`` measured once here for every process to use (``INHERITED_CHOICE``)."""
+    import torch  # heavy: only the commands that train need it
+
+    from .modeling.precision import INHERITED_CHOICE, resolve_compute_dtype
+    from .recipe import ModelConfig
+
+    if torch.cuda.is_available():
+        return {}
+    choice = resolve_compute_dtype(ModelConfig(compute_dtype="auto"), cuda=False)
+    return {INHERITED_CHOICE: f"{choice.dtype}:{choice.reason}"}
+
+
 def _launch(argv: list[str], n: int) -> int:
     """``train ... --num-processes N``: run the same argv under ``accelerate launch`` as N processes.
 
@@ -333,7 +346,7 @@ def _launch(argv: list[str], n: int) -> int:
            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "lora_ft", *argv, "--num-processes", "1"]
     log.info("launching %d processes: %s", n, " ".join(cmd))
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env={**os.environ, **_dtype_for_processes()})
     # SIGTERM (a job scheduler) goes on to the launcher, which passes it to the processes; Ctrl-C reaches them
     # from the terminal directly. Either way the processes save a checkpoint first, so wait for them: they
     # print what was kept and how to continue, and their exit status is this command's.

@@ -13,6 +13,7 @@ once), not on disk: the check is cheap and a stored answer would go stale with a
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ timing noise on a shared machine (measured here: 2.07-2.17× at 256²-768²), so
 on par does not trade exactness for nothing."""
 CHECK_SIZE = 512
 """Side of the square matrices of the check: past the small-matrix overheads, ~3 ms per fp32 product on 1 core."""
+INHERITED_CHOICE = "LORA_FT_AUTO_COMPUTE_DTYPE"
+"""Environment variable through which ``lora-ft train --num-processes N`` hands the choice it measured once to the
+processes it launches (``dtype:reason``): processes that measured for themselves could disagree on a loaded
+machine, and DDP then averages gradients of differently rounded steps."""
 CHECK_REPEATS = 5
 """Timed products per dtype (after one warm-up), interleaved so that a burst of load hits both; the best counts."""
 
@@ -111,7 +116,12 @@ def choose_compute_dtype(cuda: bool, cuda_bf16: bool, flags: frozenset[str],
 
 @cache
 def _machine_choice(cuda: bool) -> DtypeChoice:
-    """``choose_compute_dtype`` for this machine's device, measured once per process."""
+    """``choose_compute_dtype`` for this machine's device, measured once per process, or on a CPU the choice the
+    launching process measured (``INHERITED_CHOICE``)."""
+    inherited = os.environ.get(INHERITED_CHOICE, "")
+    if not cuda and inherited.partition(":")[0] in ("bf16", "fp32"):
+        dtype, _, reason = inherited.partition(":")
+        return DtypeChoice(dtype, f"{reason} (measured by the launching process)")
     choice = choose_compute_dtype(cuda, cuda and torch.cuda.is_bf16_supported(), cpu_flags(), gemm_seconds)
     log.info("model.compute_dtype auto: %s (%s)", choice.dtype, choice.reason)
     return choice
