@@ -237,7 +237,9 @@ class Setting:
     lora_dropout: float
     use_dora: bool
     sequences: int = 1
-    """Sequences per example: 2 for a preference objective (chosen and rejected in one batch)."""
+    """Sequences per example: 2 for a preference objective (chosen and rejected in one batch), the group for GRPO."""
+    generated: int = 0
+    """Tokens generated after each prompt before the step (GRPO's ``max_new_tokens``); 0: none."""
     packed: bool = False  # training rows of packed examples: an attention mask even for one row
 
     @property
@@ -259,13 +261,20 @@ def setting_for(recipe: Recipe, device: str, bf16_supported: bool = True) -> Set
                    compute=recipe.model.resolved_compute_dtype(cuda, bf16_supported),
                    gradient_checkpointing=cuda if gc == "auto" else bool(gc), r=recipe.lora.r,
                    lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora,
-                   sequences=2 if recipe.objective.paired else 1, packed=packs(recipe))
+                   sequences=sequences_per_example(recipe), packed=packs(recipe),
+                   generated=recipe.objective.max_new_tokens if recipe.objective.type == "grpo" else 0)
+
+
+def sequences_per_example(recipe: Recipe) -> int:
+    """Sequences an example puts through the model: a pair's two, GRPO's group of completions, else one."""
+    o = recipe.objective
+    return 2 if o.paired else o.num_generations if o.type == "grpo" else 1
 
 
 def packs(recipe: Recipe) -> bool:
     """Whether training will pack (``data.packing``; as ``CausalLM.use_packing`` decides it for the default
     attention implementation, from the config alone). Preference pairs are never packed (``Preference.cannot_pack``)."""
-    if recipe.data.packing is False or recipe.model.task != "causal_lm" or recipe.objective.paired:
+    if recipe.data.packing is False or recipe.model.task != "causal_lm" or sequences_per_example(recipe) > 1:
         return False
     return recipe.data.packing is True or _model_type(recipe) in PACKING_MODELS
 
