@@ -318,3 +318,10 @@ def test_the_plan_counts_a_grpo_step_as_group_times_prompts_sequences_and_their_
     prefill = 16 * 768 * (2 * 4 * 2048 + 2 * 5632 * 2)  # one layer's fp32 residual stream and 16-bit MLP, no grads
     assert rows["generation (KV cache) *"] == cache + prefill + 16 * 32000 * 4 * 2  # + the last position's logits
     assert ours.step_peak >= ours.rows[0].bytes + rows["generation (KV cache) *"]
+
+
+def test_data_without_the_column_a_reward_compares_with_is_one_line_naming_it(tiny_llama, tmp_path):
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", [{"prompt": "What does the cow say?", "sound": "moo"}])}
+    with pytest.raises(RecipeError, match=r"data.train: column\(s\) \['answer'\] not found; columns present: "
+                                          r"\['prompt', 'sound'\]"):
+        train(make_recipe(tiny_llama, data, tmp_path / "x", objective={"type": "grpo", "rewards": ["exact_match"]}))

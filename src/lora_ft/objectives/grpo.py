@@ -143,7 +143,9 @@ class GRPO(CausalLM):
 
     # ------------------------------------------------------------------------------------------- data
     def detect_format(self, columns: list[str], split: str) -> str:
-        self.need_columns(columns, split, self.cfg.prompt_column)
+        """``prompts``: the prompt column and every reference column a built-in reward compares with."""
+        compared = [s.column for s in self.specs if s.name in ("exact_match", "numeric_match")]
+        self.need_columns(columns, split, self.cfg.prompt_column, *compared)
         return "prompts"
 
     def check_rows(self, ds: datasets.Dataset, fmt: str, where: Where) -> None:
