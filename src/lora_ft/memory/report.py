@@ -36,7 +36,8 @@ def plan_report(recipe: Recipe, device: str, memory: int | None, answer_fraction
         f"micro-batch {mb}" + (f" prompts (× {s.sequences} completions of up to {s.generated} tokens)" if s.generated
                                else f" pairs (× {s.sequences} sequences)" if s.sequences > 1 else "")
         + f" × sequence {seq}"
-        + (f"; logits for the last {e.keep} positions ({answer_fraction:.0%} of the sequence, --answer-fraction)"
+        + (f"; logits for the last {e.keep} positions (the completions)" if s.generated else
+           f"; logits for the last {e.keep} positions ({answer_fraction:.0%} of the sequence, --answer-fraction)"
            if shape.task == "causal_lm" else ""),
         "",
     ]
