@@ -120,9 +120,10 @@ class ObjectiveConfig(Section):
 
     @property
     def grpo_settings(self) -> set[str]:
-        """The GRPO-only settings the recipe gave."""
-        return self.model_fields_set & {"rewards", "num_generations", "max_new_tokens", "temperature", "top_p",
-                                        "epsilon", "loss_type"}
+        """The GRPO-only settings that differ from their defaults (a dumped recipe repeats every default)."""
+        fields = type(self).model_fields
+        return {k for k in ("rewards", "num_generations", "max_new_tokens", "temperature", "top_p", "epsilon",
+                            "loss_type") if getattr(self, k) != fields[k].get_default(call_default_factory=True)}
 
     @property
     def resolved_beta(self) -> float:
