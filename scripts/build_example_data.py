@@ -43,7 +43,7 @@ from pathlib import Path
 LOG = logging.getLogger("build_example_data")
 
 SPLITS = ("train", "validation", "test")
-DATASETS = ("docstrings", "preferences", "pairs", "kto", "fortunes", "reference")
+DATASETS = ("docstrings", "preferences", "pairs", "kto", "fortunes", "reference", "arithmetic")
 MAX_DATASET_BYTES = 2 * 1024 * 1024
 
 # --- docstrings -------------------------------------------------------------
@@ -420,6 +420,28 @@ def build_reference_text(seed: int, n: int = 128) -> list[dict[str, object]]:
     return [{"text": t} for t in texts[:n]]
 
 
+ARITHMETIC_TEMPLATES = ("What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} + {b}.")
+"""How the arithmetic prompts ask; the answer is always the sum (``answer``, an integer)."""
+
+
+def build_arithmetic(seed: int) -> dict[str, list[dict[str, object]]]:
+    """Small additions for GRPO with a checkable answer (``numeric_match``): the 144 pairs a + b (1-12 each) split
+    80 / 32 / 32 so no held-out pair was trained on, each pair asked in every ``ARITHMETIC_TEMPLATES`` way in
+    train and in one (seeded) way in validation and test."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(1, 13) for b in range(1, 13)]
+    rng.shuffle(pairs)
+    held = {"validation": pairs[80:112], "test": pairs[112:]}
+    splits: dict[str, list[dict[str, object]]] = {
+        "train": [{"prompt": t.format(a=a, b=b), "answer": a + b} for a, b in pairs[:80]
+                  for t in ARITHMETIC_TEMPLATES]}
+    rng.shuffle(splits["train"])
+    for name, chosen in held.items():
+        splits[name] = [{"prompt": rng.choice(ARITHMETIC_TEMPLATES).format(a=a, b=b), "answer": a + b}
+                        for a, b in chosen]
+    return splits
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments and rebuild the datasets."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -446,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
                       build_kto(prefs or read_dataset(args.out_dir, "docstring_prefs"), args.seed))
     if "fortunes" in args.only:
         write_dataset(args.out_dir, "fortunes", build_fortunes(args.seed, args.categories))
+    if "arithmetic" in args.only:
+        write_dataset(args.out_dir, "arithmetic", build_arithmetic(args.seed))
     if "reference" in args.only:
         REFERENCE_OUT.parent.mkdir(parents=True, exist_ok=True)
         LOG.info("reference text: %d bytes -> %s", write_jsonl(REFERENCE_OUT, build_reference_text(args.seed)),

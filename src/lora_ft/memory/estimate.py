@@ -162,6 +162,17 @@ def _eval_bytes(shape: ModelShape, s: Setting, batch: int, seq: int, keep: int) 
     return max(logits, layer), f"micro-batch {batch}, no gradients: " + ("logits" if logits >= layer else "one layer")
 
 
+def _generation_bytes(shape: ModelShape, s: Setting, sequences: int, length: int) -> tuple[float, str]:
+    """GRPO's rollouts: transformers' ``generate`` with the KV cache for all ``sequences`` (group × prompts) up to
+    ``length`` tokens (K and V of every layer, in the compute dtype), plus one position's fp32 logits per sequence
+    and the prompt's prefill of one layer without gradients."""
+    cache = 2 * shape.layers * sequences * length * shape.kv_dim * s.act
+    logits = sequences * shape.vocab * 4 * 2  # the last position's logits and the sampling's softmax
+    prefill = sequences * length * (2 * 4 * shape.hidden + 2 * shape.intermediate * s.act)
+    return cache + logits + prefill, (f"{sequences} sequences × {length} tokens × {shape.layers} layers × K,V "
+                                      f"({shape.kv_dim} each), no gradients")
+
+
 # ---------------------------------------------------------------------------------------------- the plan
 @dataclass
 class Estimate:
@@ -200,9 +211,11 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
     start of a step, when no activations are held) costs what an evaluation step of the same batch does, and the
     evaluation step is twice that batch: it never sets the peak.
     """
-    b, L = micro_batch * s.sequences, seq_len
+    b, L = micro_batch * s.sequences, seq_len + s.generated
     tokens = b * L
     keep = min(L, answer_tokens + 1) if answer_tokens else max(1, math.ceil(answer_fraction * L))
+    if s.generated:  # GRPO: the loss is on the sampled completions, after prompts of up to seq_len tokens
+        keep = s.generated + 1
     if s.packed:  # a packed row holds many answers: plan for labels on every position
         keep = L
     rows = static_rows(shape, s)
@@ -240,6 +253,10 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
     evaluation, eval_note = _eval_bytes(shape, s, EVAL_BATCH_FACTOR * micro_batch * (s.sequences + s.scored), L, keep)
     rows.append(Row("evaluation step *", evaluation, eval_note))
     step_peak, eval_peak = static + acts + transient, static + evaluation
+    if s.generated:  # before the forward and backward, nothing else held: a peak of its own
+        generation, generation_note = _generation_bytes(shape, s, b, L)
+        rows.append(Row("generation (KV cache) *", generation, generation_note))
+        step_peak = max(step_peak, static + generation)
     return Estimate(micro_batch, L, keep, rows, step_peak, eval_peak, overhead_bytes(s, max(step_peak, eval_peak)),
                     per_token_layer)
 

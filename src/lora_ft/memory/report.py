@@ -33,10 +33,12 @@ def plan_report(recipe: Recipe, device: str, memory: int | None, answer_fraction
         f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}",
         f"quant {quant}; LoRA r={s.r} on {len(shape.layer_targets)} modules per layer; {s.device}, compute "
         f"{s.compute}, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}",
-        f"micro-batch {mb}" + (f" pairs (× {s.sequences} sequences)" if s.sequences > 1 else "")
+        f"micro-batch {mb}" + (f" prompts (× {s.sequences} completions of up to {s.generated} tokens)" if s.generated
+                               else f" pairs (× {s.sequences} sequences)" if s.sequences > 1 else "")
         + (f" rows (+ {s.scored} mismatched KL sequence each, without gradients)" if s.scored else "")
         + f" × sequence {seq}"
-        + (f"; logits for the last {e.keep} positions ({answer_fraction:.0%} of the sequence, --answer-fraction)"
+        + (f"; logits for the last {e.keep} positions (the completions)" if s.generated else
+           f"; logits for the last {e.keep} positions ({answer_fraction:.0%} of the sequence, --answer-fraction)"
            if shape.task == "causal_lm" else ""),
         "",
     ]

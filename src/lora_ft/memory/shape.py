@@ -245,11 +245,13 @@ class Setting:
     use_dora: bool
     sequences: int = 1
     """Sequences per example with gradients: 2 for a preference objective and a reward model (chosen and
-    rejected in one batch)."""
+    rejected in one batch), the group for GRPO."""
     scored: int = 0
     """Sequences per example scored without gradients besides those: KTO's mismatched KL sequence (its passes, like
     the reference's, come before the policy's and hold no activations; evaluation scores both sequences of a row)."""
     optimizer: str = "adamw"  # train.optimizer: its state per trained tensor (optimizer_state.py)
+    generated: int = 0
+    """Tokens generated after each prompt before the step (GRPO's ``max_new_tokens``); 0: none."""
     packed: bool = False  # training rows of packed examples: an attention mask even for one row
 
     @property
@@ -274,10 +276,18 @@ def setting_for(recipe: Recipe, device: str, bf16_supported: bool = True) -> Set
                    compute=compute,
                    gradient_checkpointing=cuda if gc == "auto" else bool(gc), r=recipe.lora.r,
                    lora_dropout=recipe.lora.dropout, use_dora=recipe.lora.use_dora,
-                   # an embedding pair's anchor and positive are both held for the backward, as a preference pair
-                   sequences=2 if recipe.objective.paired or recipe.model.task in ("embedding", "reward") else 1,
-                   scored=1 if recipe.objective.type == "kto" else 0, packed=packs(recipe),
-                   optimizer=recipe.train.optimizer)
+                   sequences=sequences_per_example(recipe), scored=1 if recipe.objective.type == "kto" else 0,
+                   packed=packs(recipe), optimizer=recipe.train.optimizer,
+                   generated=recipe.objective.max_new_tokens if recipe.objective.type == "grpo" else 0)
+
+
+def sequences_per_example(recipe: Recipe) -> int:
+    """Sequences an example puts through the model: a pair's two (preference, reward model; an embedding pair's
+    anchor and positive are both held for the backward), GRPO's group of completions, else one."""
+    o = recipe.objective
+    if o.paired or recipe.model.task in ("embedding", "reward"):
+        return 2
+    return o.num_generations if o.type == "grpo" else 1
 
 
 def packs(recipe: Recipe) -> bool:

@@ -15,6 +15,7 @@ from .causal_lm import CausalLM
 from .classification import SequenceClassification
 from .detect import sequence_format
 from .embedding import Embedding
+from .grpo import GRPO
 from .kto import KTO
 from .multilabel import MultiLabel
 from .preference import Preference
@@ -45,6 +46,8 @@ def objective_for(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Objecti
     """The recipe's objective, bound to its data config and the model's tokenizer: ``objective.type``'s, else the
     model task's own (``OBJECTIVES``; for sequence classification, by the data's labels)."""
     o = recipe.objective
+    if o.type == "grpo":
+        return GRPO(recipe.data, tokenizer, o, recipe.train.seed)
     if o.paired:
         return Preference(recipe.data, tokenizer, o, o.precomputes_reference(recipe.lora), bool(recipe.lora.init_from))
     if o.type == "kto":
@@ -57,6 +60,6 @@ def objective_for(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Objecti
     return task_objective(recipe)(recipe.data, tokenizer)
 
 
-__all__ = ["KTO", "OBJECTIVES", "Batch", "CausalLM", "Embedding", "GenerationExample", "MultiLabel", "Objective",
-           "Preference", "Regression", "RewardModel", "SequenceClassification", "TokenClassification",
+__all__ = ["GRPO", "KTO", "OBJECTIVES", "Batch", "CausalLM", "Embedding", "GenerationExample", "MultiLabel",
+           "Objective", "Preference", "Regression", "RewardModel", "SequenceClassification", "TokenClassification",
            "objective_for", "task_objective"]

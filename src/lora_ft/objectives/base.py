@@ -159,6 +159,12 @@ class Objective(ABC):
         return why is None
 
     # ------------------------------------------------------------------------------------ optimisation
+    def rollout(self, model: torch.nn.Module, batch: Batch, step: int) -> Batch:
+        """A training micro-batch as the loss takes it, called by the trainer before the step's ``items`` are
+        counted: what an online objective generates from the current model first (GRPO's sampled completions and
+        their rewards); ``step``: the optimizer steps done, for reproducible sampling. Others return ``batch``."""
+        return batch
+
     def tokens(self, batch: Batch) -> torch.Tensor:
         """Real (non-padding) tokens of a batch, for the throughput log."""
         return batch["attention_mask"].sum()

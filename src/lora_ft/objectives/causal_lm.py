@@ -53,25 +53,33 @@ def _kept(batch: Batch) -> tuple[dict[str, Any], int, torch.Tensor]:
     return inputs, keep, labels[:, labels.shape[1] - keep + 1 :]
 
 
-def token_losses(model: torch.nn.Module, batch: Batch, chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(model: torch.nn.Module, batch: Batch, chunked: bool = True,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position next-token losses of the kept positions (0 where no label) and their targets; for a packed
     batch (``pack``), the losses and targets of the labelled positions only, flat.
 
     ``chunked``: through ``chunked_loss`` where the model allows it (no full-vocabulary logits; same values).
+    ``temperature``: the losses of logits / temperature (a sampling policy's log-probs, as TRL's GRPO scores them);
+    left-padded batches only. The chunked head then takes hidden / temperature, the same logits for a head without
+    a bias (with one, the full logits are computed).
     """
     if "logits_to_keep" not in batch:
         return _packed_token_losses(model, batch, chunked)
     inputs, keep, target = _kept(batch)
     head = output_head(model) if chunked else None
+    if head is not None and temperature != 1.0 and head.bias is not None:
+        head = None
     # use_cache=False: training and scoring never generate, and a KV cache copies K/V in every layer.
     kwargs = {"logits_to_keep": keep} if supports_logits_to_keep(model) else {}
     if head is not None:
         with head_inputs(head) as captured:
             model(**inputs, **kwargs, use_cache=False)
         # Without logits_to_keep the head saw every position: the same slice as the logits below.
-        return chunked_token_losses(head, captured[0].hidden[:, -keep:][:, :-1], target,
-                                    captured[0].autocast), target
+        hidden = captured[0].hidden[:, -keep:][:, :-1]
+        hidden = hidden if temperature == 1.0 else hidden / temperature
+        return chunked_token_losses(head, hidden, target, captured[0].autocast), target
     logits = model(**inputs, **kwargs, use_cache=False).logits[:, -keep:][:, :-1].float()
+    logits = logits if temperature == 1.0 else logits / temperature
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                              ignore_index=IGNORE, reduction="none").view(target.shape)
     return losses, target

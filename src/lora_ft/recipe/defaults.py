@@ -23,21 +23,23 @@ from .schema import Recipe
 from .train import TrainConfig
 
 # ----------------------------------------------------------------------------------------------------- the rules
-REFERENCE_BATCH = {"classification": 16, "sft": 4, "preference": 4, "embedding": 32}
+REFERENCE_BATCH = {"classification": 16, "sft": 4, "preference": 4, "embedding": 32, "grpo": 2}
 """Examples per optimizer step and process for ``micro_batch_size: auto`` (packed rows for SFT). Classification: 16,
 the ``Trainer`` + peft setting that issue 16's 12-way task measured against (micro-batch 4 took 1,254 steps where 314
 would do, 993 s vs ≈630 s, and under-trained at the same epochs). SFT and preference: 4, unchanged: a packed SFT
 row of ``max_length`` tokens holds several conversations, and the minimal chat recipe already matched TRL there.
 Embedding: 32, because the batch is also the number of in-batch negatives of the ranking loss (sentence-transformers'
-own examples use 32-128 pairs, and more where memory allows)."""
+own examples use 32-128 pairs, and more where memory allows). GRPO: 2 prompts, each with
+``objective.num_generations`` sampled completions (16 sequences at the default 8)."""
 
-AUTO_LR = {"classification": 5e-4, "sft": 2e-4, "preference": 2e-4, "embedding": 2e-4}
+AUTO_LR = {"classification": 5e-4, "sft": 2e-4, "preference": 2e-4, "embedding": 2e-4, "grpo": 5e-5}
 """``lr: auto``. Classification 5e-4 (was 2e-4, which under-trained a new head and its adapters: issue 16's task
 was still rising at the last epoch). Measured with ``AUTO_MIN_STEPS`` on the held-out tasks (test accuracy, lr 5e-4
 vs 1e-3): man-section 0.62 vs 0.67, license-clause 0.60 vs 0.54, man-pair 0.81 vs 0.50 (1e-3 collapsed to one
 class; so did 2e-3 and 4e-3 in three epochs). 1e-3 helps one task and ruins another, so it is not the default.
 SFT 2e-4 (TRL's documented LoRA rate, QLoRA's for 7-13B models; ``SMALL_SFT_LR`` for small models); preference
-2e-4. Embedding 2e-4: see the embedding quickstart's measurements in the README."""
+2e-4. Embedding 2e-4: see the embedding quickstart's measurements in the README. GRPO 5e-5: ten times TRL's full
+fine-tuning rate (1e-6), the factor TRL's LoRA guide gives for SFT; the quickstart's higher rate is measured there."""
 
 SMALL_MODEL = 1_000_000_000
 """Below this many parameters an SFT run's ``lr: auto`` is ``SMALL_SFT_LR``: the QLoRA paper's 2e-4 is for 7-13B
@@ -48,11 +50,12 @@ SMALL_SFT_LR = 4e-4
 HEAD_LR_FACTOR = 1.0
 """``head_lr: auto`` is ``lr`` × this (as ``Trainer`` + peft train the head, at one rate)."""
 
-AUTO_WARMUP = {"classification": 0.06, "sft": 0.03, "preference": 0.03, "embedding": 0.1}
+AUTO_WARMUP = {"classification": 0.06, "sft": 0.03, "preference": 0.03, "embedding": 0.1, "grpo": 0.0}
 """``warmup: auto``, a fraction of the steps. Classification 0.06 (RoBERTa's GLUE setting, the ``Trainer``
-comparison's); SFT and preference 0.03 (QLoRA's); embedding 0.1 (sentence-transformers' LoRA example)."""
+comparison's); SFT and preference 0.03 (QLoRA's); embedding 0.1 (sentence-transformers' LoRA example); GRPO none
+(TRL's GRPOConfig)."""
 
-AUTO_EPOCHS = {"classification": 3.0, "sft": 3.0, "preference": 1.0, "embedding": 1.0}
+AUTO_EPOCHS = {"classification": 3.0, "sft": 3.0, "preference": 1.0, "embedding": 1.0, "grpo": 1.0}
 """``epochs: auto`` for data sets up to ``AUTO_EPOCH_EXAMPLES / epochs`` examples. Classification and SFT: 3, as
 transformers' ``Trainer`` and TRL default to; with validation data the best adapter is kept and early stopping ends
 a run that stops improving, so a third pass costs time, not quality. Preference: 1 (the quickstart's DPO run reached

@@ -334,11 +334,13 @@ class Recipe(_Section):
             raise ValueError(f"objective.type {o.type} needs model.task {own[o.type]}")
         if task == "reward" and o.type not in ("auto", "reward"):
             raise ValueError(f"model.task reward trains a reward model (objective.type reward), not {o.type}")
+        if o.type not in ("kto", "reward") and (o.desirable_weight, o.undesirable_weight) != (1.0, 1.0):
+            raise ValueError(f"objective.desirable_weight and undesirable_weight apply to kto, not {o.type}")
+        if o.type == "grpo" or o.grpo_settings:
+            return self._grpo_fits()
         if o.type in ("kto", "reward"):
             self._unpaired_or_reward_fits()
             return
-        if (o.desirable_weight, o.undesirable_weight) != (1.0, 1.0):
-            raise ValueError(f"objective.desirable_weight and undesirable_weight apply to kto, not {o.type}")
         if d.format == "preference" and not o.paired:
             raise ValueError(f"data.format preference needs a preference objective: objective.type "
                              f"{', '.join(PREFERENCE_OBJECTIVES)}")
@@ -397,6 +399,27 @@ class Recipe(_Section):
             # need a reference computed before training, which the batch-dependent KL estimate cannot use.
             raise ValueError("objective.type kto compares with the base model (the adapter switched off): "
                              "lora.init_from and lora.init pissa/olora are not supported with it")
+    def _grpo_fits(self) -> None:
+        """GRPO's rules: a causal LM, prompts read as they are (``data.format`` auto), at least one reward."""
+        o, d = self.objective, self.data
+        if o.type != "grpo":
+            raise ValueError(f"objective.{sorted(o.grpo_settings)[0]} applies to objective.type grpo, not {o.type}")
+        if self.model.task != "causal_lm":
+            raise ValueError("objective.type grpo samples completions from a language model: it needs model.task "
+                             "causal_lm")
+        if not o.rewards:
+            raise ValueError("objective.type grpo needs objective.rewards: e.g. [numeric_match] (the last number of a "
+                             "completion against the 'answer' column)")
+        if d.format != "auto" or d.packing is True or d.train_on_prompt or d.augment.neftune_alpha:
+            raise ValueError("objective.type grpo reads a 'prompt' column (text or messages) and the reference "
+                             "columns its rewards read: leave data.format auto, and data.packing, "
+                             "data.train_on_prompt and data.augment.neftune_alpha unset")
+        if self.train.max_tokens_per_batch:
+            raise ValueError("train.max_tokens_per_batch counts prompts, not the completions GRPO samples: remove it "
+                             "and bound memory with train.micro_batch_size and objective.num_generations")
+        if o.precompute_reference != "auto":
+            raise ValueError("objective.precompute_reference applies to dpo and ipo, not grpo (its reference "
+                             "log-probs are of completions sampled during training)")
 
     @property
     def validates(self) -> bool:

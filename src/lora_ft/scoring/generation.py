@@ -37,6 +37,8 @@ class Answer:
     """Tokens generated, up to and including the first end-of-turn token."""
     stopped: bool
     """An end-of-turn token came before ``max_new_tokens`` ran out."""
+    ids: tuple[int, ...] = ()
+    """The ``tokens`` generated, as ids (what an online objective trains on)."""
 
 
 def own_stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -72,7 +74,8 @@ def _answers(out: torch.Tensor, stops: list[int], tokenizer: PreTrainedTokenizer
     for row in out:
         ended = torch.isin(row, stop).nonzero()
         n = int(ended[0]) + 1 if len(ended) else len(row)  # generate pads a finished row after its EOS
-        answers.append(Answer(tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n, bool(len(ended))))
+        answers.append(Answer(tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n, bool(len(ended)),
+                              tuple(row[:n].tolist())))
     return answers
 
 

@@ -28,6 +28,7 @@ from ..memory.launch import resolve_for_launch
 from ..recipe import Recipe
 from ..recipe.defaults import resolve_cadence, sources
 from ..run import CURVES, OBJECTIVE_CACHE, RESULTS, RUN_INFO, RunFolder, adopt_start_adapter
+from ..scoring.rewards import check_rewards
 from ..scoring.suite import GenerationSuite
 from . import checkpoint as ckpt
 from .cpu_memory import release_freed_memory
@@ -119,6 +120,7 @@ class Trainer:
         """
         errors, warnings = self.recipe.inert_settings()
         errors += GenerationSuite.check(self.recipe)  # metric names and functions, before any model loads
+        errors += check_rewards(self.recipe.objective.rewards)  # GRPO's reward functions, likewise
         if errors:
             raise RecipeError(f"{len(errors)} problem(s): " + "; ".join(errors))
         for warning in warnings:
@@ -328,6 +330,8 @@ class Trainer:
         is divided by the global count (token-weighted, however the batch is split over steps and processes).
         """
         acc = self.accelerator
+        # An online objective (GRPO) samples from the current model first: its items are known only after that.
+        batches = [self.objective.rollout(self.model, b, self.state.step) for b in batches]
         # An objective with several loss terms (ORPO: pairs and NLL tokens) returns one count and one sum per term.
         local = torch.stack([self.objective.items(b) for b in batches]).sum(0)
         n_items = acc.reduce(local, "sum").clamp(min=1)
