@@ -148,6 +148,10 @@ class GRPO(CausalLM):
         self.need_columns(columns, split, self.cfg.prompt_column, *compared)
         return "prompts"
 
+    def columns(self, fmt: str) -> dict[str, str]:
+        """The prompt column, whose cells ``check_rows`` checks (the reference columns are the rewards' to read)."""
+        return {self.cfg.prompt_column: "prompt"}
+
     def check_rows(self, ds: datasets.Dataset, fmt: str, where: Where) -> None:
         """Every prompt cell is text or a message list: one DataError naming the first that is not."""
         for i, value in enumerate(ds[self.cfg.prompt_column]):
