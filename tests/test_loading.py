@@ -443,18 +443,9 @@ def test_a_model_that_fails_to_load_for_another_reason_keeps_the_old_message(tmp
 
 
 def _net_allocation_peak(fn) -> int:
-    """Peak of the net CPU tensor allocations while ``fn`` runs, from the profiler's allocator events."""
-    from torch.profiler import ProfilerActivity, profile
+    from lora_ft.training.measure import cpu_allocation_peak
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-                     and e.device_type() == torch.autograd.DeviceType.CPU), key=lambda e: e.start_ns())
-    net = top = 0
-    for e in events:
-        net += e.nbytes()
-        top = max(top, net)
-    return top
+    return cpu_allocation_peak(fn)
 
 
 def test_an_nf4_load_of_a_sharded_bf16_checkpoint_holds_one_tensor_beside_the_quantized_model(tmp_path):

@@ -191,21 +191,33 @@ SLICE = 20_000
 """Rows turned into Python values at a time where a column is checked row by row."""
 
 
-def check_column(values: Iterable[Any], kind: str, where: Where, column: str, rows: Iterable[int] | None = None,
-                 bad: int = 0) -> None:
+def check_column(values: Iterable[Any], kind: str, where: Where, column: str, rows: Iterable[int] | None = None
+                 ) -> None:
     """Raise one DataError for the first cell of ``values`` that is not a ``kind`` cell (and count the others).
 
     Args:
         rows: the row number of each value (default 0, 1, ...): the candidates the vectorised rules picked.
-        bad: bad rows already counted elsewhere (an earlier slice's).
     """
-    check = CHECKS[kind]
-    first: tuple[int, str] | None = None
+    _raise_first(_scan(values, rows, CHECKS[kind]), where, column)
+
+
+Found = tuple[int, tuple[int, str] | None]
+"""Bad rows counted so far, and the first bad row with its problem (None: none yet)."""
+
+
+def _scan(values: Iterable[Any], rows: Iterable[int] | None, check, found: Found = (0, None)) -> Found:
+    """``found`` updated with ``values`` (row numbers ``rows``, default 0, 1, ...)."""
+    bad, first = found
     for i, value in zip(rows if rows is not None else itertools.count(), values, strict=False):
         problem = check(value)
         if problem is not None:
             bad += 1
             first = first or (i, problem)
+    return bad, first
+
+
+def _raise_first(found: Found, where: Where, column: str) -> None:
+    bad, first = found
     if first is not None:
         more = f" ({bad - 1} more row(s) like it)" if bad > 1 else ""
         raise DataError(f"{where.cell(first[0], column)} {first[1]}{more}")
@@ -241,16 +253,10 @@ def _holds_json(feature: Any) -> bool:
 
 def _check_all(ds, kind: str, where: Where, column: str) -> None:
     """Row by row as datasets decodes them, a slice at a time; the message counts the bad rows of every slice."""
-    check, bad, first = CHECKS[kind], 0, None
+    found: Found = (0, None)
     for start, batch in zip(range(0, len(ds), SLICE), ds.iter(batch_size=SLICE), strict=False):
-        for i, value in enumerate(batch[column], start):
-            problem = check(value)
-            if problem is not None:
-                bad += 1
-                first = first or (i, problem)
-    if first is not None:
-        more = f" ({bad - 1} more row(s) like it)" if bad > 1 else ""
-        raise DataError(f"{where.cell(first[0], column)} {first[1]}{more}")
+        found = _scan(batch[column], itertools.count(start), CHECKS[kind], found)
+    _raise_first(found, where, column)
 
 
 def _mask(array) -> np.ndarray:

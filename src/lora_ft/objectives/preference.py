@@ -151,6 +151,19 @@ def reference_logps(model: torch.nn.Module, batch: Batch, adapter: bool = False)
         peft.train(was_training)
 
 
+def check_pair(row: dict[str, Any], i: int, cfg: DataConfig, where: Where) -> None:
+    """Row ``i`` read as a pair (``read_pair``'s layouts) with two non-empty answers, else one DataError naming the
+    file and row (preference objectives and reward models read the same pairs)."""
+    try:
+        pair = read_pair(row, cfg)
+    except RecipeError as e:
+        raise DataError(f"{where.field}: {where.source} row {i + 1}: {e}") from None
+    for side in ("chosen", "rejected"):
+        problem = text_problem(getattr(pair, side))
+        if problem is not None:
+            raise DataError(f"{where.cell(i, getattr(cfg, f'{side}_column'))} {problem}")
+
+
 class Preference(CausalLM):
     """One of ``PREFERENCE_OBJECTIVES`` on preference pairs.
 
@@ -187,14 +200,7 @@ class Preference(CausalLM):
         """Every row read as a pair before tokenizing: one DataError naming the file and row of the first that is
         not one (``read_pair``'s layouts), or whose answer is empty."""
         for i, row in enumerate(ds):
-            try:
-                pair = read_pair(row, self.cfg)
-            except RecipeError as e:
-                raise DataError(f"{where.field}: {where.source} row {i + 1}: {e}") from None
-            for side in ("chosen", "rejected"):
-                problem = text_problem(getattr(pair, side))
-                if problem is not None:
-                    raise DataError(f"{where.cell(i, getattr(self.cfg, f'{side}_column'))} {problem}")
+            check_pair(row, i, self.cfg, where)
 
     def encode_full(self, row: dict[str, Any], fmt: str) -> dict[str, list[int]]:
         """Both sides of a pair (``fmt`` ``chosen`` or ``rejected``: that side alone, for ``describe``)."""

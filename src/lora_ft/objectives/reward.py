@@ -27,13 +27,13 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from ..data.cells import Where, text_problem
+from ..data.cells import Where
 from ..data.chat import prompt_text, render_prompt
 from ..data.preference import encode_answer, pair_text, read_pair
 from ..errors import DataError, RecipeError
 from .base import Batch, GenerationExample, Objective
 from .classification import pad_right
-from .preference import TIE
+from .preference import TIE, check_pair
 
 MARGIN_COLUMN = "margin"
 """TRL's optional column: how much more the chosen answer must score (a float per pair)."""
@@ -69,14 +69,7 @@ class RewardModel(Objective):
         """Every row read as a pair (and its margin a number) before tokenizing: one DataError naming the file and
         row of the first that is not."""
         for i, row in enumerate(ds):
-            try:
-                pair = read_pair(row, self.cfg)
-            except RecipeError as e:
-                raise DataError(f"{where.field}: {where.source} row {i + 1}: {e}") from None
-            for side in ("chosen", "rejected"):
-                problem = text_problem(getattr(pair, side))
-                if problem is not None:
-                    raise DataError(f"{where.cell(i, getattr(self.cfg, f'{side}_column'))} {problem}")
+            check_pair(row, i, self.cfg, where)
             margin = row.get(MARGIN_COLUMN)
             if MARGIN_COLUMN in row and not (isinstance(margin, int | float) and not isinstance(margin, bool)):
                 raise DataError(f"{where.cell(i, MARGIN_COLUMN)} is {margin!r}: a margin is a number (how much more "

@@ -153,12 +153,19 @@ def _measure(recipe: Recipe, micro_batch: int, seq_len: int, answer_fraction: fl
         torch.cuda.synchronize()
         return {"held": held, "step": torch.cuda.max_memory_allocated() - before,
                 "peak": float(torch.cuda.max_memory_allocated())}
+    top = cpu_allocation_peak(lambda: step(batch, evaluation))
+    return {"held": held, "step": top, "peak": float(held + top)}
+
+
+def cpu_allocation_peak(fn) -> int:
+    """Peak of the net CPU tensor allocations while ``fn`` runs, from the profiler's allocator events (bytes above
+    what was allocated when it started)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(batch, evaluation)
+        fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
                      and e.device_type() == torch.autograd.DeviceType.CPU), key=lambda e: e.start_ns())
     net = top = 0
     for e in events:
         net += e.nbytes()
         top = max(top, net)
-    return {"held": held, "step": top, "peak": float(held + top)}
+    return top
