@@ -159,3 +159,26 @@ def test_entities_are_read_from_iob2_tags_with_their_character_offsets():
     assert entities(words, ["B-PER", "B-PER", "O", "O", "O", "O", "O"], None, None) == [
         {"label": "PER", "first_word": 0, "last_word": 0, "text": "Ada"},
         {"label": "PER", "first_word": 1, "last_word": 1, "text": "Lovelace"}]
+
+
+def test_validation_is_tokenized_again_when_the_training_tags_renumber_its_labels(tmp_path, monkeypatch):
+    """A tag's id comes from the training split's tag set: a new training tag that sorts first renumbers the
+    unchanged validation file's labels, so its cached tokenization must not be reused (the tag set is in the key)."""
+    from lora_ft.data import cache
+    from lora_ft.data import prepare as prep
+
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "cache"))
+    seen, real = [], prep._tokenize
+    monkeypatch.setattr(prep, "_tokenize", lambda ds, name, *a, **k: seen.append(name) or real(ds, name, *a, **k))
+    val = write_jsonl(tmp_path / "val.jsonl", ner_rows(6, 1))
+    train = ner_rows(12, 0)
+    labels = []
+    for extra in ([], [{"tokens": ["aardvark"], "tags": ["B-AAA"]}]):
+        cfg = DataConfig(train=str(write_jsonl(tmp_path / "train.jsonl", train + extra)), validation=str(val))
+        data = prepare(cfg, "token_classification", build_bert_tokenizer())
+        labels.append((data.id2label, data.splits["validation"]["labels"]))
+    assert seen == ["train", "validation", "train", "validation"]
+    (names_a, ids_a), (names_b, ids_b) = labels
+    assert ids_a != ids_b  # renumbered ...
+    as_tags = [[[n[i] for i in row if i >= 0] for row in ids] for n, ids in ((names_a, ids_a), (names_b, ids_b))]
+    assert as_tags[0] == as_tags[1]  # ... to the same tags
