@@ -4,7 +4,7 @@ damaged entry is rebuilt with a message, never used; a failed build leaves no en
 import logging
 
 import pytest
-from conftest import build_chat_tokenizer, chat_rows, prepare, write_jsonl
+from conftest import build_bert_tokenizer, build_chat_tokenizer, chat_rows, classification_rows, prepare, write_jsonl
 
 from lora_ft.data import cache
 from lora_ft.data import prepare as prep
@@ -146,3 +146,14 @@ def test_an_entry_another_process_committed_first_is_kept_and_used(chat_file, ow
     second = prepare(cfg, "causal_lm", _tok())
     assert second.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]
     assert [p.parent for p in own_cache.glob("*/meta.json")] == [entry] and not list(own_cache.glob(".*.tmp"))
+
+
+def test_a_truncating_tokenizer_reuses_every_split_on_the_next_start(tmp_path, own_cache, tokenizations):
+    """A classifier's tokenizer truncates: the call leaves truncation set on the fast tokenizer, which is not a rule
+    of how it tokenizes, so the split tokenized after it must still find its entry on the next start."""
+    tok = build_bert_tokenizer()  # one tokenizer: a trained WordPiece differs per build
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "train.jsonl", classification_rows(12, 0))),
+                     validation=str(write_jsonl(tmp_path / "val.jsonl", classification_rows(6, 1))), max_length=32)
+    prepare(cfg, "sequence_classification", tok)
+    prepare(cfg, "sequence_classification", tok)
+    assert tokenizations == ["train", "validation"]

@@ -79,7 +79,15 @@ def tokenizer_identity(tok) -> str:
     """The tokenizer as it tokenizes: its serialized rules and vocabulary (fast tokenizers), special tokens, padding
     side and chat template; not where its files are."""
     backend = getattr(tok, "backend_tokenizer", None)
-    rules = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    if backend is not None:
+        # A call with truncation/padding leaves them set on the backend until the next call: per-call state, not a
+        # rule (a classifier's tokenizer serialized differently after its first split, and no key ever matched).
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        rules = json.dumps(state, sort_keys=True)
+    else:
+        rules = json.dumps(tok.get_vocab(), sort_keys=True)
     return digest({"class": type(tok).__name__, "rules": hashlib.sha256(rules.encode()).hexdigest(),
                    "special": [str(t) for t in tok.all_special_tokens], "pad": tok.pad_token_id,
                    "eos": tok.eos_token_id, "bos": tok.bos_token_id, "side": tok.padding_side,
