@@ -330,3 +330,18 @@ def test_a_minimal_recipe_resolves_every_auto_value_and_run_config_records_each_
                    and not r.get("final")]
     assert evaluations == [90, 180, 270, 360][:len(evaluations)] and (len(evaluations) == AUTO_EVALUATIONS
                                                                     or info["stopped"])
+
+
+def test_runs_of_different_dtypes_train_one_after_the_other_in_one_process(tiny_llama, chat_data, tmp_path):
+    """accelerate keeps one state per process and refuses another mixed precision ("restart your runtime"): a
+    notebook that trains in fp32 and then in bf16 (what compute_dtype auto picks on a bf16 CPU) trains both."""
+    losses = {}
+    for dtype in ("fp32", "bf16", "fp32"):
+        out = tmp_path / f"{dtype}-{len(losses)}"
+        train(make_recipe(tiny_llama, {"train": chat_data["train"]}, out, model={"compute_dtype": dtype},
+                          train={"max_steps": 2, "micro_batch_size": 2}))
+        losses[out.name] = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                            if "split" not in r and "loss" in r]
+    first, bf16, again = losses.values()
+    assert first == again and len(first) == 2  # fp32 after bf16 is fp32 again: the state was not left in bf16
+    assert bf16 != first and all(math.isfinite(x) for x in bf16)

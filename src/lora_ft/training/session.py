@@ -14,6 +14,7 @@ from functools import partial
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 from peft import PeftModel
 from torch.utils.data import DataLoader
@@ -48,12 +49,24 @@ def make_accelerator(recipe: Recipe) -> tuple[Accelerator, str]:
     # gradient_accumulation_steps stays 1: the loop accumulates itself, with token-weighted normalisation.
     # A freezing schedule leaves some adapters without gradients for a while; DDP must be told to expect that.
     ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if recipe.freeze.strategy != "none" else []
+    _fresh_state_for(precision)
     accelerator = Accelerator(mixed_precision=precision, log_with=available_trackers(recipe.train.trackers) or None,
                               project_dir=recipe.output_dir, cpu=cpu, kwargs_handlers=ddp)
     if not accelerator.is_main_process:
         # Every process runs the same code: without this each message would appear once per process.
         logging.getLogger("lora_ft").setLevel(logging.WARNING)
     return accelerator, compute
+
+
+def _fresh_state_for(precision: str) -> None:
+    """A run after another in the same single process (a notebook, the Python API, a test session) may train in
+    another dtype (``compute_dtype: auto`` is bf16 on some machines, a recipe may pin fp32): accelerate keeps one
+    state per process and refuses the change ("restart your runtime"), so that state is started afresh. Never in a
+    launched multi-process run, whose processes share the state of their process group."""
+    state = AcceleratorState._shared_state
+    launched = torch.distributed.is_available() and torch.distributed.is_torchelastic_launched()
+    if state and not launched and state.get("_mixed_precision") not in (None, precision):
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def resolve_dtype(recipe: Recipe) -> tuple[Recipe, dict[str, str]]:
