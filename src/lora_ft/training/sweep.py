@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 def _resolved_at_launch(key: str, recipe: Recipe) -> bool:
     """Whether a trial's saved value of ``key`` was decided by the launch, not by the recipe: ``auto`` values of the
     ``train`` section (``recipe.defaults``, the memory planner), and the batch arithmetic they (or
-    ``global_batch_size``) derive."""
+    ``global_batch_size``) derive, and an ``auto`` compute dtype (this machine's choice, ``modeling.precision``)."""
     tc = recipe.train
+    if key == "model.compute_dtype":
+        return recipe.model.compute_dtype == "auto"
     section, _, name = key.partition(".")
     if section == "train" and getattr(tc, name, None) == "auto":
         return True
