@@ -221,6 +221,24 @@ def prepare(cfg, task: str, tok, seed: int = 0, **kwargs):
     return prepare_data(cfg, OBJECTIVES[task](cfg, tok), seed, **kwargs)
 
 
+def resume_losses(recipe, tmp_path: Path, step: int) -> tuple[dict[int, float], dict[int, float]]:
+    """``recipe``'s run continued in a fresh folder from its checkpoint at ``step``: the training losses by step of
+    the uninterrupted run and of the resumed one."""
+    import shutil
+
+    from lora_ft.training.trainer import train
+
+    name = f"step-{step:08d}"
+    (tmp_path / "part" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(Path(recipe.output_dir) / "checkpoints" / name, tmp_path / "part" / "checkpoints" / name)
+    train(recipe.model_copy(update={"output_dir": str(tmp_path / "part")}), resume="latest")
+
+    def losses(out) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in metrics_rows(out) if "split" not in r}
+
+    return losses(recipe.output_dir), losses(tmp_path / "part")
+
+
 def metrics_rows(out: Path) -> list[dict]:
     """The rows of a run's ``metrics.jsonl``."""
     return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]

@@ -2,14 +2,12 @@
 (tokenized and collated by TRL itself), the KL estimate from mismatched pairs, the reference (the adapter switched
 off), and whole runs: training, evaluation, resume, merge."""
 
-import json
 import random
-import shutil
 import tempfile
 
 import pytest
 import torch
-from conftest import ANIMALS, make_recipe, write_jsonl
+from conftest import ANIMALS, make_recipe, resume_losses, write_jsonl
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from test_preference import (
     TOL,
@@ -217,14 +215,7 @@ def test_kto_run_raises_the_desirable_rows_reward_over_the_undesirable(kto_run):
 
 def test_kto_resume_reproduces_the_uninterrupted_losses(kto_run, tmp_path):
     recipe, _ = kto_run
-    (tmp_path / "part" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(f"{recipe.output_dir}/checkpoints/step-00000006", tmp_path / "part/checkpoints/step-00000006")
-    train(recipe.model_copy(update={"output_dir": str(tmp_path / "part")}), resume="latest")
-
-    def losses(out):
-        return {r["step"]: r["loss"] for r in map(json.loads, open(f"{out}/metrics.jsonl")) if "split" not in r}
-
-    full, part = losses(recipe.output_dir), losses(tmp_path / "part")
+    full, part = resume_losses(recipe, tmp_path, 6)
     assert sorted(part) == list(range(7, 13))
     assert max(abs(full[s] - part[s]) for s in part) < 1e-6
 

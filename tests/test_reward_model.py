@@ -4,13 +4,12 @@ never quantized), and whole runs: training, selection by reward accuracy, resume
 ``AutoModelForSequenceClassification`` loads, scoring with ``predict``."""
 
 import json
-import shutil
 import tempfile
 from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_recipe, metrics_rows, write_jsonl
+from conftest import make_recipe, metrics_rows, resume_losses, write_jsonl
 from datasets import Dataset
 from test_preference import (
     ROWS,
@@ -189,14 +188,7 @@ def test_reward_run_learns_to_rank_held_out_pairs_and_selects_by_reward_accuracy
 
 def test_reward_resume_reproduces_the_uninterrupted_losses(reward_run, tmp_path):
     recipe, _, _ = reward_run
-    (tmp_path / "part" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(f"{recipe.output_dir}/checkpoints/step-00000006", tmp_path / "part/checkpoints/step-00000006")
-    train(recipe.model_copy(update={"output_dir": str(tmp_path / "part")}), resume="latest")
-
-    def losses(out):
-        return {r["step"]: r["loss"] for r in map(json.loads, open(f"{out}/metrics.jsonl")) if "split" not in r}
-
-    full, part = losses(recipe.output_dir), losses(tmp_path / "part")
+    full, part = resume_losses(recipe, tmp_path, 6)
     assert sorted(part) == list(range(7, 13))
     assert max(abs(full[s] - part[s]) for s in part) < 1e-6
 
