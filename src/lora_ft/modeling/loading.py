@@ -1,4 +1,8 @@
-"""Loading the base model and its tokenizer: source resolution, quantization, task heads, pad token."""
+"""Loading the base model and its tokenizer: source resolution, quantization, task heads, pad token.
+
+(About 470 lines: every way a load can fail is turned into one line here, next to the load it guards; reading a
+checkpoint tensor by tensor is in ``lazy_weights.py``, the examples and GGUF conversion in ``examples.py``.)
+"""
 
 from __future__ import annotations
 
@@ -363,6 +367,26 @@ class LoadedModel:
     compute_dtype: torch.dtype
 
 
+def _configure_head(config, task: str, id2label: dict[int, str] | None, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The model config for ``task``'s head: one output per label (``LABEL_TASKS``; regression: one, named by its
+    column), or the reward model's one scalar; the pad token the batches are padded with."""
+    if task in LABEL_TASKS:
+        if not id2label:
+            raise RecipeError(f"{task} needs labels; none were found in the training data")
+        config.num_labels = len(id2label)
+        config.id2label = {int(i): str(n) for i, n in id2label.items()}
+        config.label2id = {str(n): int(i) for i, n in id2label.items()}
+        if task == "regression":
+            config.problem_type = "regression"
+    elif task == "reward":  # one scalar per sequence: what AutoModelForSequenceClassification(num_labels=1) is
+        config.num_labels, config.id2label, config.label2id = 1, {0: "reward"}, {"reward": 0}
+        # The head reads each sequence's last token that is not the config's pad token: batches are padded with
+        # the tokenizer's, so the two must agree (the merged folder keeps it).
+        config.pad_token_id = tokenizer.pad_token_id
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+
+
 def load_model(
     cfg: ModelConfig,
     compute_dtype: str,
@@ -375,21 +399,7 @@ def load_model(
     tokenizer = tokenizer or load_tokenizer(source, cfg)
     config = load_config(source, cfg)
     kwargs = dict(revision=cfg.revision, **remote_code(cfg.trust_remote_code, source))
-    if cfg.task in LABEL_TASKS:  # a new head: as many outputs as labels (regression: one, named by its column)
-        if not id2label:
-            raise RecipeError(f"{cfg.task} needs labels; none were found in the training data")
-        config.num_labels = len(id2label)
-        config.id2label = {int(i): str(n) for i, n in id2label.items()}
-        config.label2id = {str(n): int(i) for i, n in id2label.items()}
-        if cfg.task == "regression":
-            config.problem_type = "regression"
-    elif cfg.task == "reward":  # one scalar per sequence: what AutoModelForSequenceClassification(num_labels=1) is
-        config.num_labels, config.id2label, config.label2id = 1, {0: "reward"}, {"reward": 0}
-        # The head reads each sequence's last token that is not the config's pad token: batches are padded with
-        # the tokenizer's, so the two must agree (the merged folder keeps it).
-        config.pad_token_id = tokenizer.pad_token_id
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
+    _configure_head(config, cfg.task, id2label, tokenizer)
     # fetch: the weights file is resolved here, then found in the cache by from_pretrained (no second download).
     heads, keep_full = new_head_modules(config, cfg.task, source, cfg.revision, fetch=True,
                                         trust_remote_code=cfg.trust_remote_code)
