@@ -106,6 +106,17 @@ def run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
     return r
 
 
+def on_two_processes(recipe, tmp_path: Path) -> tuple[list[dict], subprocess.CompletedProcess]:
+    """``recipe`` (its ``output_dir`` a fresh folder) trained on 2 processes through ``DRIVER``: its metrics rows
+    and the launch."""
+    (tmp_path / "driver.py").write_text(DRIVER)
+    (tmp_path / "dump").mkdir(exist_ok=True)
+    launch = run(accelerate_launch(2, str(tmp_path / "driver.py"),
+                                   str(write_recipe(recipe, tmp_path / f"{Path(recipe.output_dir).name}.yaml")),
+                                   str(tmp_path / "dump")), tmp_path)
+    return rows(Path(recipe.output_dir)), launch
+
+
 def rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -385,11 +396,8 @@ def test_preference_run_on_two_processes_matches_one_process(tiny_llama, tmp_pat
                  "checkpoint_every": 2}
     train(make_recipe(tiny_llama, data, tmp_path / "p1", objective=objective, train=train_cfg))
     recipe = make_recipe(tiny_llama, data, tmp_path / "p2", objective=objective, train=train_cfg)
-    (tmp_path / "driver.py").write_text(DRIVER)
-    (tmp_path / "dump").mkdir()
-    launch = run(accelerate_launch(2, str(tmp_path / "driver.py"), str(write_recipe(recipe, tmp_path / "p2.yaml")),
-                                   str(tmp_path / "dump")), tmp_path)
-    one, two = rows(tmp_path / "p1"), rows(tmp_path / "p2")
+    two, launch = on_two_processes(recipe, tmp_path)
+    one = rows(tmp_path / "p1")
     assert [(r["step"], r.get("split")) for r in one] == [(r["step"], r.get("split")) for r in two]
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), (a, b)

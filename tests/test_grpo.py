@@ -273,15 +273,12 @@ def test_a_grpo_run_on_two_processes_matches_one_process(grpo_run, tmp_path):
     """The 1-process run accumulates 2 micro-batches of 2 prompts per step; 2 processes take one each. Each
     micro-batch samples from the same seed (recipe seed, step, example ids) on either, so the same completions,
     advantages and updates: the same losses and evaluations."""
-    from test_distributed import DRIVER, accelerate_launch, rows, run, write_recipe
+    from test_distributed import on_two_processes, rows
 
     recipe, _ = grpo_run
     two = recipe.model_copy(update={"output_dir": str(tmp_path / "p2")})
-    (tmp_path / "driver.py").write_text(DRIVER)
-    (tmp_path / "dump").mkdir()
-    run(accelerate_launch(2, str(tmp_path / "driver.py"), str(write_recipe(two, tmp_path / "p2.yaml")),
-                          str(tmp_path / "dump")), tmp_path)
-    one, two_rows = rows(Path(recipe.output_dir)), rows(tmp_path / "p2")
+    two_rows, _ = on_two_processes(two, tmp_path)
+    one = rows(Path(recipe.output_dir))
     assert [(r["step"], r.get("split")) for r in one] == [(r["step"], r.get("split")) for r in two_rows]
     for a, b in zip(one, two_rows, strict=True):
         assert b.get("loss") == pytest.approx(a.get("loss"), abs=1e-5), (a, b)

@@ -229,7 +229,7 @@ def test_kto_run_merges_faithfully(kto_run):
 def test_kto_on_two_processes_matches_one_process_accumulating_the_same_global_batch(tiny_llama, tmp_path):
     """Each micro-batch has its own KL estimate, from its own rows: 2 processes of one micro-batch each give what 1
     process accumulating the same 2 micro-batches gives (losses and evaluations)."""
-    from test_distributed import DRIVER, accelerate_launch, rows, run, write_recipe
+    from test_distributed import on_two_processes, rows
 
     data = {"train": write_jsonl(tmp_path / "train.jsonl", kto_rows(32, 1)),
             "validation": write_jsonl(tmp_path / "validation.jsonl", kto_rows(12, 2))}
@@ -237,11 +237,8 @@ def test_kto_on_two_processes_matches_one_process_accumulating_the_same_global_b
                 "train": {"max_steps": 4, "micro_batch_size": 4, "global_batch_size": 8, "eval_every": 2}}
     train(make_recipe(tiny_llama, data, tmp_path / "p1", **sections))
     recipe = make_recipe(tiny_llama, data, tmp_path / "p2", **sections)
-    (tmp_path / "driver.py").write_text(DRIVER)
-    (tmp_path / "dump").mkdir()
-    run(accelerate_launch(2, str(tmp_path / "driver.py"), str(write_recipe(recipe, tmp_path / "p2.yaml")),
-                          str(tmp_path / "dump")), tmp_path)
-    one, two = rows(tmp_path / "p1"), rows(tmp_path / "p2")
+    two, _ = on_two_processes(recipe, tmp_path)
+    one = rows(tmp_path / "p1")
     assert [(r["step"], r.get("split")) for r in one] == [(r["step"], r.get("split")) for r in two]
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), (a, b)

@@ -229,7 +229,7 @@ def test_predict_scores_a_prompt_and_completion_with_the_reward_model(reward_run
 def test_reward_model_on_two_processes_matches_one_process(tiny_llama, tmp_path):
     """The same global batches on 2 processes as on 1 (accumulating 2 micro-batches): the same losses and
     evaluations, margins included."""
-    from test_distributed import DRIVER, accelerate_launch, rows, run, write_recipe
+    from test_distributed import on_two_processes, rows
 
     margins = [dict(r, margin=0.25 * (i % 3)) for i, r in enumerate(pref_rows(44, 1))]
     data = {"train": write_jsonl(tmp_path / "train.jsonl", margins[:32]),
@@ -238,11 +238,8 @@ def test_reward_model_on_two_processes_matches_one_process(tiny_llama, tmp_path)
                 "train": {"max_steps": 4, "micro_batch_size": 4, "global_batch_size": 8, "eval_every": 2}}
     train(make_recipe(tiny_llama, data, tmp_path / "p1", **sections))
     recipe = make_recipe(tiny_llama, data, tmp_path / "p2", **sections)
-    (tmp_path / "driver.py").write_text(DRIVER)
-    (tmp_path / "dump").mkdir()
-    run(accelerate_launch(2, str(tmp_path / "driver.py"), str(write_recipe(recipe, tmp_path / "p2.yaml")),
-                          str(tmp_path / "dump")), tmp_path)
-    one, two = rows(tmp_path / "p1"), rows(tmp_path / "p2")
+    two, _ = on_two_processes(recipe, tmp_path)
+    one = rows(tmp_path / "p1")
     assert [(r["step"], r.get("split")) for r in one] == [(r["step"], r.get("split")) for r in two]
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), (a, b)
