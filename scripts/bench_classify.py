@@ -1,22 +1,27 @@
 """Classification throughput of lora_ft against transformers' ``Trainer`` + peft, the same QLoRA job on the CPU.
 
     LORA_FT_HOME=/tmp/lfhome HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_classify.py [--epochs 2] [--keep DIR]
-        [--seeds 42 43 44] [--peers default grouped] [--lora-ft-set KEY=VALUE]...
+        [--seeds 42 43 44] [--peers default grouped grouped-bf16] [--compute-dtype auto|fp32|bf16]
+        [--lora-ft-set KEY=VALUE]...
 
 Prints one JSON line on stdout (logs go to stderr). Every side trains all-MiniLM-L6-v2 with a new 4-way classifier
-on the fortunes data (``data/fortunes``), NF4 with double quantization and fp32 compute, LoRA r=16 / alpha=32 /
+on the fortunes data (``data/fortunes``), NF4 with double quantization, LoRA r=16 / alpha=32 /
 dropout 0.1 on the same linear layers (lora_ft's ``target_modules: auto``: every backbone linear layer, not the
 new head), the new head and pooler trained in full (peft ``modules_to_save``), micro-batch 16, max length 128,
 AdamW at lr 1e-3 with a cosine schedule and 10% warmup, clipping at 1.0, seed 42, no evaluation during training.
 
-- **lora_ft**: ``lora_ft.training.trainer.train`` with its defaults otherwise (``data.packing: auto``: each
+- **lora_ft**: ``lora_ft.training.trainer.train`` with its defaults otherwise (``model.compute_dtype: auto``: bf16
+  autocast where the CPU has bf16 matrix units and its bf16 GEMM measures >= 1.3x fp32, else fp32;
+  ``--compute-dtype`` pins one; ``data.packing: auto``: each
   micro-batch's 16 examples laid end to end in unpadded rows, shuffled; fused LoRA dropout,
   ``train.trim_cpu_memory: auto``, off for this job; ``--no-trim`` forces it off; ``--lora-ft-set KEY=VALUE``
   adds a recipe override, e.g. ``data.packing=false`` for the padded, length-grouped path).
 - **Trainer** + peft, as their documentation does QLoRA classification: ``AutoModelForSequenceClassification``
   with a ``BitsAndBytesConfig``, ``prepare_model_for_kbit_training``, ``get_peft_model``, dynamic padding
   (``DataCollatorWithPadding``): ``trainer-default``, and ``trainer-grouped``
-  (``train_sampling_strategy="group_by_length"``: batches of similar length, its best setting for padding on the CPU).
+  (``train_sampling_strategy="group_by_length"``: batches of similar length, its best setting for padding on the CPU)
+  and ``trainer-grouped-bf16`` (the same with ``bf16=True``, autocast, and bf16 4-bit compute: its fast path on
+  CPUs with AVX512-BF16/AMX). The other sides compute in fp32.
 
 Each side runs in its own fresh process, one after the other. **tokens/s**: real (non-padding) tokens of the
 training examples seen ÷ the training loop's time (lora_ft's own ``tokens_per_s``; the Trainer's timed by a
@@ -63,11 +68,12 @@ def source() -> str:
     return resolve_source(MODEL)
 
 
-def recipe(out: str, epochs: float, trim: str, seed: int = SEED, extra: tuple[str, ...] = ()):
+def recipe(out: str, epochs: float, trim: str, seed: int = SEED, extra: tuple[str, ...] = (),
+           compute_dtype: str = "auto"):
     from lora_ft.recipe import load_recipe
 
     return load_recipe(RECIPE, [
-        "model.quant=nf4", "model.double_quant=true", "model.compute_dtype=fp32", f"lora.r={LORA['r']}",
+        "model.quant=nf4", "model.double_quant=true", f"model.compute_dtype={compute_dtype}", f"lora.r={LORA['r']}",
         f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}", "data.validation=null", "data.test=null",
         f"data.max_length={MAX_LENGTH}", f"train.epochs={epochs}", f"train.micro_batch_size={BATCH}",
         f"train.lr={LR}", "train.schedule=cosine", f"train.warmup={WARMUP}", "train.eval_every=null",
@@ -85,15 +91,17 @@ def child_lora_ft(spec: dict) -> dict:
     source()
     out = Path(spec["out"])
     u0 = cpu_time()
-    train(recipe(spec["out"], spec["epochs"], spec["trim"], spec["seed"], tuple(spec["set"])), overwrite=True)
+    train(recipe(spec["out"], spec["epochs"], spec["trim"], spec["seed"], tuple(spec["set"]), spec["dtype"]),
+          overwrite=True)
     u1 = cpu_time()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "tokens_per_s" in r]
     info = json.loads((out / "run_info.json").read_text())
+    config = yaml.safe_load((out / "run_config.yaml").read_text())
     return {"tokens_per_s": steps[-1]["tokens_per_s"], "steps": steps[-1]["step"], "peak_rss_mb": process_peak_mb(),
             "user_s": u1[0] - u0[0], "sys_s": u1[1] - u0[1], "head_modules": info["head_modules"],
-            "targets": info["targets"], "id2label": info["id2label"],
-            "trim": yaml.safe_load((out / "run_config.yaml").read_text())["train"]["trim_cpu_memory"]}
+            "targets": info["targets"], "id2label": info["id2label"], "compute_dtype": config["model"]["compute_dtype"],
+            "trim": config["train"]["trim_cpu_memory"]}
 
 
 def child_trainer(spec: dict) -> dict:
@@ -118,8 +126,12 @@ def child_trainer(spec: dict) -> dict:
     rows = [json.loads(line) for line in (DATA / "train.jsonl").read_text().splitlines()]
     ds = datasets.Dataset.from_list([{**tok(r["text"], truncation=True, max_length=MAX_LENGTH),
                                       "labels": label2id[r["label"]]} for r in rows])
+    # "-bf16": bf16 autocast (TrainingArguments.bf16) and bf16 4-bit compute, the Trainer's fast path on CPUs with
+    # AVX512-BF16/AMX; the weights stay fp32 as the Trainer keeps them under autocast.
+    bf16 = spec["variant"].endswith("-bf16")
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=spec["head_modules"])
+                             bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+                             llm_int8_skip_modules=spec["head_modules"])
     model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=len(id2label), id2label=id2label,
                                                                label2id=label2id, quantization_config=bnb,
                                                                dtype=torch.float32)
@@ -144,7 +156,8 @@ def child_trainer(spec: dict) -> dict:
     args = TrainingArguments(
         output_dir=spec["out"], per_device_train_batch_size=BATCH, num_train_epochs=spec["epochs"], learning_rate=LR,
         lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"],
-        train_sampling_strategy="group_by_length" if spec["variant"] == "grouped" else "random", use_cpu=True,
+        train_sampling_strategy="group_by_length" if spec["variant"].startswith("grouped") else "random",
+        use_cpu=True, bf16=bf16,
         report_to="none", save_strategy="no",
         eval_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=CountTokens(tok), callbacks=[Timer()])
@@ -178,7 +191,10 @@ def main() -> None:
     ap.add_argument("--no-trim", action="store_true",
                     help="lora_ft with train.trim_cpu_memory off (default: its auto)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[SEED])
-    ap.add_argument("--peers", nargs="+", choices=["default", "grouped"], default=["default", "grouped"])
+    ap.add_argument("--peers", nargs="+", choices=["default", "grouped", "grouped-bf16"],
+                    default=["default", "grouped", "grouped-bf16"])
+    ap.add_argument("--compute-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="lora_ft's model.compute_dtype (default: its own auto rule)")
     ap.add_argument("--lora-ft-set", action="append", default=[], metavar="KEY=VALUE")
     a = parse_or_serve(ap, CHILDREN)
     if a is None:
@@ -190,7 +206,8 @@ def main() -> None:
     res: dict[str, list[dict]] = {}
     try:
         for seed in a.seeds:
-            spec = {"epochs": a.epochs, "trim": "false" if a.no_trim else "auto", "threads": threads, "seed": seed}
+            spec = {"epochs": a.epochs, "trim": "false" if a.no_trim else "auto", "threads": threads, "seed": seed,
+                    "dtype": a.compute_dtype}
             sdir = work / f"seed{seed}"
             sdir.mkdir()
             runs = {"lora_ft": run_child("lora_ft", {**spec, "set": a.lora_ft_set, "out": str(sdir / "lora_ft")},
@@ -218,7 +235,8 @@ def summary(res: dict[str, list[dict]], a: argparse.Namespace, threads: int) -> 
     """Every side's means over the seeds (and each seed's value), the ratios and the targets."""
     out: dict = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": threads, "load_average": os.getloadavg(),
                  "versions": versions(), "epochs": a.epochs, "batch": BATCH, "seeds": a.seeds,
-                 "lora_ft_set": a.lora_ft_set, "lora_ft_trim_cpu_memory": res["lora_ft"][0]["trim"]}
+                 "lora_ft_set": a.lora_ft_set, "lora_ft_trim_cpu_memory": res["lora_ft"][0]["trim"],
+                 "lora_ft_compute_dtype": res["lora_ft"][0]["compute_dtype"]}
     for side, rs in res.items():
         out[side] = {"tokens_per_s": round(mean([r["tokens_per_s"] for r in rs]), 1),
                      "tokens_per_s_each": [round(r["tokens_per_s"], 1) for r in rs], "steps": rs[0]["steps"],

@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/reference_encoder_tasks.py TASK --seed 0 --out DIR
 
-``TASK``: ``ner`` (``data/docstring_ner``), ``traits`` (``data/docstring_traits``, multi-label) or ``overlap``
+``TASK``: ``ner`` (``data/docstring_ner``), ``tags`` (``data/debian_tags``, multi-label) or ``overlap``
 (``data/docstring_overlap``, regression on text pairs). Writes ``DIR/results.json``: the test metrics, computed by the
 same functions lora_ft reports (seqeval; scikit-learn; scipy).
 
@@ -50,7 +50,7 @@ from lora_ft.objectives.multilabel import best_thresholds, multilabel_metrics
 from lora_ft.objectives.regression import regression_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = {"ner": "docstring_ner", "traits": "docstring_traits", "overlap": "docstring_overlap"}
+DATA = {"ner": "docstring_ner", "tags": "debian_tags", "overlap": "docstring_overlap"}
 TARGETS = ["query", "key", "value", "dense"]
 BATCH, EPOCHS, LR, WARMUP, MAX_LENGTH = 16, 3, 5e-4, 0.06, 128
 log = logging.getLogger("reference_encoder_tasks")
@@ -89,7 +89,7 @@ def prepare(task: str, tok):
         ds = ds.map(encode, remove_columns=["tokens", "tags"])
         return (ds, names, AutoModelForTokenClassification, {}, DataCollatorForTokenClassification(tok),
                 lambda p: seqeval_metrics(p.predictions.argmax(-1), p.label_ids, names), "f1")
-    if task == "traits":
+    if task == "tags":
         names = sorted({x for r in ds["train"]["label"] for x in r})
 
         def encode(row):
@@ -146,7 +146,7 @@ def main() -> None:
     test = trainer.evaluate(ds["test"], metric_key_prefix="test")
     result = {"task": args.task, "seed": args.seed, "train_seconds": round(seconds, 1), "load": os.getloadavg(),
               **{k.removeprefix("test_"): v for k, v in test.items()}}
-    if args.task == "traits":  # with thresholds chosen on validation, as lora_ft decides
+    if args.task == "tags":  # with thresholds chosen on validation, as lora_ft decides
         val, tst = trainer.predict(ds["validation"]), trainer.predict(ds["test"])
         sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
         cut = best_thresholds(sig(val.predictions), val.label_ids.astype(int))

@@ -265,7 +265,8 @@ class Trainer:
         st = self.state
         if st.before is None:
             st.before = self.evaluate()
-            log.info("before training: %s (evaluated in %s s)", st.before, self.eval_seconds)
+            if st.before:  # a run without evaluation splits has nothing to report
+                log.info("before training: %s (seconds per split: %s)", st.before, self.eval_seconds)
         if self.generated is not None:
             self.generated.before(self.model, st, fresh=self.resume_from is None)
         check_selectable(self.recipe.eval.select_by, st.before)
