@@ -168,6 +168,8 @@ def test_streaming_refuses_what_needs_the_whole_split_in_one_line(tmp_path):
     assert "data.streaming true: objective.type auto on model.task sequence_classification" in msg
     assert "set data.streaming: false" in msg
     assert "data.shuffle_buffer" in _problems(tmp_path, "data: {shuffle_buffer: -1}\n")
+    (tmp_path / "t.yaml").write_text("data: {shuffle_buffer: 5}\n")
+    assert "data.shuffle_buffer orders a stream" in load_recipe(tmp_path / "t.yaml").inert_settings()[1][0]
 
 
 def test_a_bad_row_deep_in_a_stream_names_its_row(tok, tmp_path, small_windows):
@@ -197,3 +199,23 @@ def test_validate_and_inspect_read_a_bounded_prefix_of_a_stream(tiny_llama, tmp_
     recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
         update={"train": str(write_jsonl(tmp_path / "u.jsonl", rows))})})
     assert "u.jsonl row 4, column 'messages'" in " ".join(preflight(recipe)[0])
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_the_batches_one_process_accumulates(tiny_llama, chat_data, tmp_path):
+    """Under a real launch (2 CPU processes, gloo): each process keeps every other micro-batch of the stream, so a
+    step of 2 processes × 1 micro-batch sees what 1 process × 2 accumulated micro-batches sees."""
+    from test_distributed import on_two_processes
+
+    from lora_ft.training.trainer import train
+
+    sections = {"data": {"streaming": True, "shuffle_buffer": 8, "max_length": 56},
+                "train": {"max_steps": 4, "micro_batch_size": 2, "global_batch_size": 4}}
+    one = make_recipe(tiny_llama, {"train": chat_data["train"]}, tmp_path / "p1", **sections)
+    train(one)
+    rows2, _ = on_two_processes(make_recipe(tiny_llama, {"train": chat_data["train"]}, tmp_path / "p2", **sections),
+                                tmp_path)
+    loss1 = {r["step"]: r["loss"] for r in metrics_rows(tmp_path / "p1") if "split" not in r}
+    loss2 = {r["step"]: r["loss"] for r in rows2 if "split" not in r}
+    assert sorted(loss1) == sorted(loss2) == [1, 2, 3, 4]
+    assert loss2 == pytest.approx(loss1, abs=1e-6)

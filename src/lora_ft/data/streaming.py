@@ -75,7 +75,8 @@ class StreamWhere(Where):
     shuffled: bool = False
 
     def cell(self, row: int, column: str) -> str:
-        place = f"row {self.offset + row + 1} of the stream" + (" (shuffled order)" if self.shuffled else "")
+        place = f"row {self.offset + row + 1} of the stream" + (
+            " (shuffled: data.shuffle_buffer 0 numbers the file's rows)" if self.shuffled else "")
         return f"{self.field}: {self.source} {place}, column '{column}'"
 
 

@@ -462,6 +462,8 @@ class Recipe(_Section):
                               f"data: {fix}")
             if self.train.eval_every not in (None, "auto"):
                 warnings.append("train.eval_every has nothing to evaluate: the recipe has no validation data")
+        if "shuffle_buffer" in self.data.model_fields_set and not self.data.streaming:
+            warnings.append("data.shuffle_buffer orders a stream: it does nothing without data.streaming true")
         if f.enabled and f.action == "rollback" and not budgets:
             warnings.append("forgetting.action rollback acts when forgetting.max_kl or max_ppl_increase is exceeded, "
                             "and neither is set")
