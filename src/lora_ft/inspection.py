@@ -24,6 +24,7 @@ from .data import cache
 from .data.cells import Where
 from .data.prepare import ENCODE_BATCH, NOT_TOKENIZING, Origin, check_split, column, workers
 from .data.reading import read_split
+from .data.streaming import read_prefix
 from .modeling.loading import load_tokenizer, resolve_source
 from .objectives import objective_for
 from .recipe import Recipe
@@ -86,18 +87,24 @@ def inspect_recipe(recipe: Recipe) -> dict[str, Any]:
     keys: dict[str, np.ndarray] = {}
     sample = None
     for name, spec in specs.items():
-        ds = read_split(spec, name)
+        prefix = name == "train" and d.streaming  # a stream: its first rows only (bounded), not cached
+        ds = read_prefix(spec, "data.train") if prefix else read_split(spec, name)
         fmt = objective.detect_format(ds.column_names, name)
         origin = Origin(spec, f"data.{name}")
-        check_split(objective, ds, fmt, Where(f"data.{name}", spec), origin)
-        measured = _measure(ds, name, fmt, objective, origin)
+        if prefix:
+            objective.check_rows(ds, fmt, Where("data.train", spec))
+            measured = ds.map(_measured(objective, fmt), batched=True, remove_columns=ds.column_names)
+        else:
+            check_split(objective, ds, fmt, Where(f"data.{name}", spec), origin)
+            measured = _measure(ds, name, fmt, objective, origin)
         lengths, texts, norm = (column(measured, c) for c in ("full_length", "text", "words"))
         if sample is None:
             sample = objective.describe(ds[0], fmt)
         too_long = int((lengths > d.max_length).sum())
         exact, words = len(texts) - len(np.unique(texts)), len(norm) - len(np.unique(norm))
         split = {"examples": len(ds), "format": fmt, "tokens": _percentiles(lengths),
-                 "truncated_at_max_length": too_long, "exact_duplicates": exact, "near_duplicates": words - exact}
+                 "truncated_at_max_length": too_long, "exact_duplicates": exact, "near_duplicates": words - exact,
+                 **({"streaming_prefix": True} if prefix else {})}
         if objective.label_column():
             split["labels"] = dict(sorted(Counter(str(v) for v in ds[objective.label_column()]).items()))
             counts = list(split["labels"].values())
@@ -127,7 +134,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = []
     for name, s in report["splits"].items():
         t = s["tokens"]
-        lines.append(f"{name}: {s['examples']} examples ({s['format']}); tokens min {t['min']} / median "
+        read = " (the first ones only: data.streaming reads a bounded prefix)" if s.get("streaming_prefix") else ""
+        lines.append(f"{name}: {s['examples']} examples{read} ({s['format']}); tokens min {t['min']} / median "
                      f"{t['median']} / p90 {t['p90']} / p99 {t['p99']} / max {t['max']}; "
                      f"{s['truncated_at_max_length']} over max_length")
         if "labels" in s:

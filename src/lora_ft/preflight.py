@@ -15,6 +15,7 @@ from pathlib import Path
 from .data.cells import Where
 from .data.prepare import Origin, check_split
 from .data.reading import is_local, local_problem, read_split
+from .data.streaming import read_prefix
 from .errors import RecipeError
 from .modeling.examples import home
 from .modeling.loading import load_config, max_length_problem
@@ -56,6 +57,12 @@ def _data(recipe: Recipe, notes: list[str]) -> list[str]:
             problems.append(f"data.{name}: {problem}")
             continue
         try:
+            if name == "train" and d.streaming:  # a bounded prefix: the rest is checked as training reads it
+                ds = read_prefix(spec, "data.train")
+                objective.check_rows(ds, objective.detect_format(ds.column_names, name), Where("data.train", spec))
+                notes.append(f"data.train: data.streaming: checked the first {len(ds)} rows only (training checks "
+                             "the rest as it reads them)")
+                continue
             ds = read_split(spec, name)
             # Once per file content: a file checked before (by validate, inspect or train) is not checked again.
             check_split(objective, ds, objective.detect_format(ds.column_names, name), Where(f"data.{name}", spec),

@@ -29,12 +29,15 @@ class LengthGroupedBatches:
 
     Training: shuffle with (seed, epoch), sort within windows of ``window`` batches by length, shuffle the
     batches (like transformers' ``group_by_length``); ``window=0`` only shuffles. Evaluation: sorted longest
-    first. Indices, not data, so Accelerate can shard it across processes.
+    first. ``in_order``: consecutive batches of the examples in their order (what ``data.streaming`` yields for a
+    stream in the file's order, the reference its tests compare with). Indices, not data, so Accelerate can shard it
+    across processes.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0,
-                 window: int = GROUPED_WINDOW, max_tokens: int | None = None):
+                 window: int = GROUPED_WINDOW, max_tokens: int | None = None, in_order: bool = False):
         self.lengths, self.shuffle, self.seed, self.window = lengths, shuffle, seed, window
+        self.in_order = in_order
         self.size, self.max_tokens = batch_size, max_tokens
         # Accelerate evens out batches of a fixed size; under a token cap sizes vary, which it must be told.
         self.batch_size = batch_size if max_tokens is None else None
@@ -75,6 +78,8 @@ class LengthGroupedBatches:
         if self._cache and self._cache[0] == self.epoch:  # copies: accelerate may extend the last batch in place
             return [list(b) for b in self._cache[1]]
         order = list(range(len(self.lengths)))
+        if self.in_order:
+            return self._split(order)
         if not self.shuffle:
             order.sort(key=lambda i: -self.lengths[i])
             return self._split(order)

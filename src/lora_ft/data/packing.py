@@ -61,15 +61,17 @@ class PackedBatches:
         capacity: tokens per row (``data.max_length``).
         rows: rows per micro-batch.
         seed: with the epoch, decides the shuffle (the same for every process and for a resumed run).
+        in_order: pack the examples in their order, rows unshuffled: what ``data.streaming`` yields for a stream in
+            the file's order (``data.shuffle_buffer: 0``), the reference its tests compare with.
     """
 
     batch_size = None
     """Accelerate shards batches of varying size only when the sampler says it has no fixed size."""
 
-    def __init__(self, lengths: list[int], capacity: int, rows: int, seed: int = 0):
+    def __init__(self, lengths: list[int], capacity: int, rows: int, seed: int = 0, in_order: bool = False):
         if max(lengths, default=0) > capacity:
             raise ValueError(f"an example of {max(lengths)} tokens does not fit a row of {capacity}")
-        self.lengths, self.capacity, self.rows, self.seed = lengths, capacity, rows, seed
+        self.lengths, self.capacity, self.rows, self.seed, self.in_order = lengths, capacity, rows, seed, in_order
         self.epoch = 0
         self._cache: tuple[int, list[list[int]]] | None = None
 
@@ -82,12 +84,14 @@ class PackedBatches:
             return [list(b) for b in self._cache[1]]
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         order = list(range(len(self.lengths)))
-        rng.shuffle(order)
+        if not self.in_order:
+            rng.shuffle(order)
         packed: list[list[int]] = []
         for start in range(0, len(order), PACK_WINDOW):
             window = order[start : start + PACK_WINDOW]
             packed += first_fit_decreasing({i: self.lengths[i] for i in window}, self.capacity)
-        rng.shuffle(packed)
+        if not self.in_order:
+            rng.shuffle(packed)
         out = [[i for row in packed[k : k + self.rows] for i in row] for k in range(0, len(packed), self.rows)]
         self._cache = (self.epoch, out)
         return [list(b) for b in out]

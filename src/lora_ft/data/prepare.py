@@ -51,6 +51,9 @@ class TaskData:
     takes its prompts and reference answers from."""
     formats: dict[str, str] = field(default_factory=dict)
     """Each split's data format."""
+    stream: tuple[datasets.IterableDataset, str] | None = None
+    """``data.streaming``: the training split as a stream and its format (``streaming.open_train``), in place of
+    ``splits["train"]``."""
 
 
 AUTO_EVAL_EXAMPLES = 1000
@@ -62,7 +65,7 @@ PARALLEL_FROM = 20_000
 ENCODE_BATCH = 1000
 """Examples per batch of the tokenizing map (and per progress bar update)."""
 NOT_TOKENIZING = {"train", "validation", "test", "validation_split", "max_eval_examples", "group_by_length",
-                  "packing", "augment", "streaming"}
+                  "packing", "augment", "streaming", "shuffle_buffer"}
 """Data settings that do not change how an example is tokenized (the rest are part of the data cache's key)."""
 
 
@@ -193,8 +196,9 @@ def prepare_data(cfg: DataConfig, objective: Objective, seed: int, need_train: b
         extra: further splits by name, e.g. the file ``lora-ft eval --data`` scores.
         id2label: a trained classifier's label set; otherwise the objective reads it from ``train``.
     """
-    raw, formats, origins = read_checked(cfg, objective, seed, need_train, extra)
-    fmt = formats.get("train") or next(iter(formats.values()))
+    # data.streaming: the training split is read as a stream when training starts (``streaming.py``), not here.
+    raw, formats, origins = read_checked(cfg, objective, seed, need_train and not cfg.streaming, extra)
+    fmt = formats.get("train") or next(iter(formats.values()), "")
     raw = cap_evaluation(raw, cfg, origins)
     data = TaskData({}, fmt, objective.fit_labels(raw, id2label),
                     raw={n: ds for n, ds in raw.items() if n != "train"}, formats=formats)

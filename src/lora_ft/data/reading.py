@@ -59,14 +59,29 @@ def read_split(spec: str, split: str, field: str | None = None) -> datasets.Data
     return ds
 
 
-def _read_file(path: Path, spec: str, field: str) -> datasets.Dataset:
+def open_stream(spec: str, field: str = "data.train") -> datasets.IterableDataset:
+    """``read_split`` as a stream (``data.streaming``): an ``IterableDataset`` read the same way (csv cells as text),
+    whose rows are parsed only as they are iterated (a parse error then names the file when the row is reached)."""
+    if not is_local(spec):
+        try:
+            return datasets.load_dataset(spec, split="train", streaming=True)
+        except Exception as e:  # datasets raises several types for an unknown id or a missing split
+            raise RecipeError(f"{field}: '{spec}' is neither a local file nor a loadable Hub dataset "
+                              f"({first_line(e)})") from None
+    problem = local_problem(spec)
+    if problem:
+        raise RecipeError(f"{field}: {problem}")
+    return _read_file(Path(spec).expanduser(), spec, field, streaming=True)
+
+
+def _read_file(path: Path, spec: str, field: str, streaming: bool = False):
     reader = READERS[path.suffix.lower()]
     kwargs = {}
     if reader == "csv":
         kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in _csv_header(path, spec, field)}),
                   "keep_default_na": False, "na_filter": False}
     try:
-        return datasets.load_dataset(reader, data_files=str(path), split="train", **kwargs)
+        return datasets.load_dataset(reader, data_files=str(path), split="train", streaming=streaming, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several exception types
         where = _bad_json_line(path) if reader == "json" else None
         raise DataError(f"{field}: cannot parse {spec} as {reader}: {where or first_line(e.__cause__ or e)}") from None

@@ -135,7 +135,7 @@ def resolve_auto_trim(recipe: Recipe, device: str, source: str | None = None, bf
 def answer_tokens_of(dataset) -> int | None:
     """The longest stretch from the first label token to the end of an example (what ``logits_to_keep``
     covers in the worst batch), from tokenized causal LM data."""
-    if "labels" not in dataset.column_names or not len(dataset):
+    if dataset is None or "labels" not in dataset.column_names or not len(dataset):  # None: a stream
         return None
     if "answer_tokens" in dataset.column_names:  # written by data.prepare for every example: one Arrow column
         return int(column(dataset, "answer_tokens").max())
@@ -151,7 +151,7 @@ def answer_tokens_of(dataset) -> int | None:
 def answer_tokens_from_data(recipe: Recipe) -> int | None:
     """``answer_tokens_of`` the recipe's training split (tokenized as ``setup`` will, which reuses the datasets
     cache); None for classifiers. Without data the planner assumes the worst case: loss on every position."""
-    if recipe.model.task != "causal_lm" or not recipe.data.train:
+    if recipe.model.task != "causal_lm" or not recipe.data.train or recipe.data.streaming:  # a stream: not read
         return None
     tok = load_tokenizer(resolve_source(recipe.model.name), recipe.model)
     cfg = recipe.data.model_copy(update={"validation": None, "test": None, "validation_split": 0.0})

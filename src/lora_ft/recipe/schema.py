@@ -21,6 +21,7 @@ from ..errors import did_you_mean
 from .evaluation import EvalConfig
 from .objective import PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, ObjectiveConfig
 from .section import Section as _Section
+from .streaming import streaming_problems
 from .train import TrainConfig
 
 LABEL_HEAD_TASKS = ("sequence_classification", "token_classification", "regression")
@@ -196,6 +197,13 @@ class DataConfig(_Section):
     """Evaluate on at most this many examples per split (the first ones, so runs stay comparable). ``auto``: splits
     of more than 1,000 examples are evaluated on 1,000 spread evenly over them (logged; ``data.prepare``), smaller
     ones whole; null: always whole."""
+    streaming: bool = False
+    """Read ``train`` as a stream (``datasets.load_dataset(..., streaming=True)``) for files larger than memory:
+    examples are checked, tokenized and packed on the fly, never all at once (``data/streaming.py``). Needs
+    ``train.max_steps``; trains objective sft on causal LMs; validation and test stay read whole."""
+    shuffle_buffer: int = Field(10_000, ge=0)
+    """Under ``streaming``: datasets' ``shuffle(buffer_size=..., seed=train.seed)`` of the stream (a new order each
+    epoch); 0 reads the file in its order."""
 
 
 class FreezeConfig(_Section):
@@ -306,6 +314,8 @@ class Recipe(_Section):
                              "and train.head_lr, or lora.plus_lr_ratio")
         if d.validation and d.validation_split:
             raise ValueError("give data.validation or data.validation_split, not both")
+        if streaming := streaming_problems(self):
+            raise ValueError("data.streaming true: " + "; ".join(streaming))
         self._objective_fits()
         self._generation_fits()
         return self
@@ -452,6 +462,8 @@ class Recipe(_Section):
                               f"data: {fix}")
             if self.train.eval_every not in (None, "auto"):
                 warnings.append("train.eval_every has nothing to evaluate: the recipe has no validation data")
+        if "shuffle_buffer" in self.data.model_fields_set and not self.data.streaming:
+            warnings.append("data.shuffle_buffer orders a stream: it does nothing without data.streaming true")
         if f.enabled and f.action == "rollback" and not budgets:
             warnings.append("forgetting.action rollback acts when forgetting.max_kl or max_ppl_increase is exceeded, "
                             "and neither is set")

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 FIXED = ("model.name", "model.task", "model.quant", "model.double_quant", "model.revision", "model.trust_remote_code",
          "lora.")
 REPLAY = ("data.train", "data.validation_split", "data.format", "data.max_length", "data.train_on_prompt",
-          "data.system_prompt", "data.group_by_length", "data.augment.", "train.seed", "train.micro_batch_size",
+          "data.system_prompt", "data.group_by_length", "data.augment.",
+          "data.streaming", "data.shuffle_buffer", "train.seed", "train.micro_batch_size",
           "train.grad_accum", "train.global_batch_size", "freeze.", "model.compute_dtype")
 
 

@@ -23,6 +23,7 @@ from ..data.augment import Augmenter
 from ..data.batching import LengthGroupedBatches, lengths_of
 from ..data.packing import PackedBatches
 from ..data.prepare import TaskData, prepare_data
+from ..data.streaming import TrainStream, open_train
 from ..errors import RunError
 from ..lock import RunLock
 from ..memory.launch import resolve_trim
@@ -94,14 +95,18 @@ def make_packed_loader(ds, capacity: int, rows: int, collate: Callable[[list[dic
     return _loader(ds, sampler, partial(collate, capacity=capacity), seed)
 
 
-def make_train_loader(train, objective: Objective, model: torch.nn.Module,
-                      recipe: Recipe) -> tuple[DataLoader, bool, Augmenter | None]:
+def make_train_loader(train, objective: Objective, model: torch.nn.Module, recipe: Recipe, stream: tuple | None = None,
+                      accelerator: Accelerator | None = None
+                      ) -> tuple[DataLoader | TrainStream, bool, Augmenter | None]:
     """The training loader: packed rows where ``data.packing`` allows it for this model, else length-grouped
-    examples (augmented where the recipe asks). Returns (loader, packing, augmenter); the loop sets the
+    examples (augmented where the recipe asks); under ``data.streaming`` the ``stream`` (``TaskData.stream``) as a
+    ``TrainStream`` batching for ``accelerator``'s process. Returns (loader, packing, augmenter); the loop sets the
     augmenter's epoch."""
     tc, d = recipe.train, recipe.data
     packing = objective.use_packing(d.packing, model)
     augmenter = objective.token_augmenter(d.augment, tc.seed)
+    if stream is not None:
+        return make_stream_loader(stream, objective, recipe, packing, augmenter, accelerator), packing, augmenter
     if packing and objective.packs_examples:
         # micro_batch_size examples as unpacked, laid end to end: no padding is left for length grouping to save,
         # so group_by_length auto only shuffles (as the Trainer's default sampler); true still groups.
@@ -121,12 +126,32 @@ def make_train_loader(train, objective: Objective, model: torch.nn.Module,
                        window, tc.max_tokens_per_batch), False, augmenter
 
 
+def make_stream_loader(stream: tuple, objective: Objective, recipe: Recipe, packing: bool,
+                       augmenter: Augmenter | None, accelerator: Accelerator | None = None) -> TrainStream:
+    """``data.streaming``'s training batches: packed rows of ``max_length`` (``rows_per_packed_batch`` a
+    micro-batch), else ``micro_batch_size`` examples in the stream's order (see ``data.streaming``)."""
+    tc, d = recipe.train, recipe.data
+    ds, fmt = stream
+    if packing:
+        collate, capacity, batch = partial(objective.collate_packed, capacity=d.max_length), d.max_length, \
+            tc.rows_per_packed_batch(d.max_length)
+        log.info("packing (streaming): %d rows of up to %d tokens per micro-batch", batch, d.max_length)
+    else:
+        collate, capacity, batch = partial(objective.collate, augment=augmenter), None, tc.micro_batch_size
+    where = (accelerator.process_index, accelerator.num_processes, accelerator.device) if accelerator else (0, 1, None)
+    return TrainStream(ds, objective, fmt, collate, capacity, batch, tc.max_tokens_per_batch, d.shuffle_buffer,
+                       tc.seed, *where, source=d.train)
+
+
 def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes: int,
                      device: str) -> tuple[Recipe, dict[str, str]]:
     """The ``auto`` values that need the prepared data: ``recipe.defaults.resolve_training`` and
     ``memory.launch.resolve_trim`` (at the longest training sequence). ``given``: the recipe as written (whether it
     left the batch to lora_ft). Returns the recipe and the rules that resolved its values."""
-    stats, max_length = session.data.stats["train"], recipe.data.max_length  # counted once by prepare_data
+    max_length = recipe.data.max_length
+    # counted once by prepare_data; a stream (data.streaming) is not counted: train.max_steps sets the run's
+    # length, and the longest sequence is taken to be max_length.
+    stats = session.data.stats.get("train") or {"examples": 1, "tokens": 1, "max_tokens": max_length}
     packing = session.objective.use_packing(recipe.data.packing, session.model)
     # What make_train_loader batches in an epoch: the examples, or about the rows they fill (first-fit packing
     # fills rows to within a few percent).
@@ -195,6 +220,9 @@ def setup(recipe: Recipe, accelerator: Accelerator, compute: str, adapter_dir: s
     tokenizer = load_tokenizer(source, cfg)
     objective = objective_for(recipe, tokenizer)
     data = prepare_data(recipe.data, objective, recipe.train.seed, adapter_dir is None, extra_splits, id2label)
+    if recipe.data.streaming and adapter_dir is None:  # before the model: a wrong column fails at once
+        data.stream = open_train(recipe.data, objective)
+        data.format = data.formats["train"] = data.stream[1]
     loaded, model = build_model(recipe, accelerator, compute, source, tokenizer, data.id2label, adapter_dir)
     return Session(loaded, model, data, objective)
 

@@ -37,7 +37,10 @@ class LoopState:
     forgetting: ForgettingBudget = field(default_factory=ForgettingBudget)
 
     def epoch_progress(self, batches_per_epoch: int) -> float:
-        """Epochs done as a fraction (for the metrics log)."""
+        """Epochs done as a fraction (for the metrics log); whole epochs while their length is unknown (0: a stream
+        not yet read to its end)."""
+        if not batches_per_epoch:
+            return float(self.epoch)
         return round(self.epoch + self.position / max(batches_per_epoch, 1), 4)
 
     def to_checkpoint(self) -> dict[str, Any]:

@@ -166,9 +166,11 @@ class Trainer:
         """Loaders, optimizer and schedule, prepared by Accelerate; the hooks and guards the loop uses."""
         s, tc, acc = self.session, self.tc, self.accelerator
         self.objective, tok, heads = s.objective, s.loaded.tokenizer, s.loaded.head_modules
-        train_loader, self.packing, self.augmenter = make_train_loader(s.data.splits["train"], self.objective,
-                                                                       s.model, self.recipe)
-        self.sampler = train_loader.batch_sampler  # kept: the loop sets its epoch (accelerate wraps the loader)
+        train_loader, self.packing, self.augmenter = make_train_loader(s.data.splits.get("train"), self.objective,
+                                                                       s.model, self.recipe, s.data.stream, acc)
+        self.streaming = s.data.stream is not None  # a TrainStream: accelerate.prepare passes it through as it is
+        # kept: the loop sets its epoch (accelerate wraps the loader)
+        self.sampler = train_loader if self.streaming else train_loader.batch_sampler
         eval_loaders = {n: make_loader(ds, tc.eval_batch_size, self.objective.collate, False, tc.seed,
                                        max_tokens=tc.eval_max_tokens)
                         for n, ds in s.data.splits.items() if n != "train"}
@@ -237,6 +239,8 @@ class Trainer:
         self.scheduler.load_state_dict(saved["scheduler"])
         keep_new_hyperparameters(self.optimizer, self.scheduler, new_groups)  # lr, weight decay: the recipe's
         self.state = LoopState.from_checkpoint(saved)
+        if self.streaming:  # where the stream continues (data.streaming)
+            self.train_loader.restore(saved.get("stream"))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step, self.state.epoch,
                  self.state.position)
         return saved["rng"]
@@ -317,8 +321,11 @@ class Trainer:
             self.sampler.set_epoch(st.epoch)
             if self.augmenter:
                 self.augmenter.epoch = st.epoch
-            loader = self.accelerator.skip_first_batches(self.train_loader, st.position) if st.position \
-                else self.train_loader
+            if self.streaming:
+                loader = self.train_loader.from_position(st.position)
+            else:
+                loader = self.accelerator.skip_first_batches(self.train_loader, st.position) if st.position \
+                    else self.train_loader
             for batch in loader:
                 st.position += 1
                 yield batch
@@ -441,7 +448,8 @@ class Trainer:
         if not acc.is_main_process:
             return None
         saved = {**self.state.to_checkpoint(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "rng": rngs}
+                 "scheduler": self.scheduler.state_dict(), "rng": rngs,
+                 **({"stream": self.train_loader.state()} if self.streaming else {})}
         path = ckpt.save_checkpoint(self.folder.checkpoints, self.state.step, self.unwrapped, saved,
                                     self.tc.keep_checkpoints, self.recipe.dump())
         self.folder.drop_aside()  # --overwrite: the new run has saved something of its own
@@ -489,7 +497,7 @@ class Trainer:
                          generation=self.generated.settings() if self.generated is not None else None)
         # Once, at the end: the planner's prediction for this run beside what it really took.
         self.info["memory"] = peak_memory(self.recipe, acc.device, self.session.loaded.source,
-                                          self.session.data.splits["train"])
+                                          self.session.data.splits.get("train"))
         acc.log({**self.info["memory"], **final_metrics(results)}, step=st.step)
         with self.signals.phase("the final save", immediate=False):  # a signal waits until all is written
             save_adapter(acc, self.unwrapped, self.folder.adapter, self.session.loaded.tokenizer)  # every process
