@@ -393,12 +393,13 @@ def compare(a: argparse.Namespace, threads: int, shape: dict, work: Path) -> dic
     torch.set_num_threads(threads)
     global_batch = a.micro_batch * a.grad_accum
     n_train = a.steps * global_batch
-    train_rows = (DATA / "train.jsonl").read_text().splitlines()[:n_train]
+    data = Path(a.data).expanduser()
+    train_rows = (data / "train.jsonl").read_text().splitlines()[:n_train]
     if len(train_rows) < n_train:
-        raise SystemExit(f"bench_train: {n_train} training examples needed, {DATA / 'train.jsonl'} has fewer")
+        raise SystemExit(f"bench_train: {n_train} training examples needed, {data / 'train.jsonl'} has fewer")
     (work / "train.jsonl").write_text("\n".join(train_rows) + "\n")
     (work / "validation.jsonl").write_text(
-        "\n".join((DATA / "validation.jsonl").read_text().splitlines()[: a.eval_examples]) + "\n")
+        "\n".join((data / "validation.jsonl").read_text().splitlines()[: a.eval_examples]) + "\n")
     peaks = {dt: [gemm_peak_gflops(dtype=dt)] for dt in ("fp32", "bf16")}
     log.info("threads %d; GEMM peak fp32 %.1f, bf16 %.1f GFLOP/s; %d training examples, %d steps of %d; "
              "LoRA on %s", threads, peaks["fp32"][0], peaks["bf16"][0], n_train, a.steps, global_batch,
@@ -424,7 +425,8 @@ def compare(a: argparse.Namespace, threads: int, shape: dict, work: Path) -> dic
     for side, r in res.items():
         log.info("train losses %s (%d threads): %s", side, threads, r["train_losses"])
     return summarize(res, held, shape, {dt: max(p) for dt, p in peaks.items()}, peaks) | {
-        "threads": threads, "examples": n_train, "micro_batch": a.micro_batch, "max_length": a.max_length}
+        "threads": threads, "examples": n_train, "micro_batch": a.micro_batch, "max_length": a.max_length,
+        "data": a.data}
 
 
 def summarize(res: dict, held: dict, shape: dict, peak: dict[str, float], peaks: dict[str, list[float]]) -> dict:
@@ -471,6 +473,10 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--eval-examples", type=int, default=48, help="held-out examples (validation split)")
+    ap.add_argument("--data", default=str(DATA),
+                    help="a folder of chat data ({messages: [..., assistant]} rows in train.jsonl and "
+                         "validation.jsonl; default: the quickstart's), e.g. a held-out task of "
+                         "build_heldout_tasks.py (~/.cache/lora_ft/heldout/man-options)")
     ap.add_argument("--no-trim", action="store_true",
                     help="lora_ft with train.trim_cpu_memory off (default: its auto)")
     ap.add_argument("--compute-dtype", choices=["auto", "fp32", "bf16"], default="auto",
