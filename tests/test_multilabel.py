@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import FILLER, TOPICS, build_bert_tokenizer, make_recipe, write_jsonl
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import AutoModelForSequenceClassification
@@ -13,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 from lora_ft.cli import main
 from lora_ft.errors import DataError
 from lora_ft.objectives import MultiLabel, SequenceClassification, objective_for
-from lora_ft.objectives.multilabel import best_thresholds
+from lora_ft.objectives.multilabel import best_thresholds, multilabel_metrics
 from lora_ft.recipe import DataConfig, Recipe
 from lora_ft.shipping.merge import merge_run
 from lora_ft.training.trainer import train
@@ -119,6 +120,18 @@ def test_a_tiny_multi_label_run_saves_its_thresholds_and_predict_applies_them(to
     assert info["format"] == "multilabel" and info["id2label"] == {"0": "animals", "1": "money", "2": "weather"}
     thresholds = info["objective"]["thresholds"]
     assert sorted(thresholds) == ["animals", "money", "weather"]
+    # They are the ones the saved adapter's validation probabilities call for (chosen in the training loop's own
+    # evaluation, not left at their defaults): recomputed here from predict's probabilities.
+    validation = yaml.safe_load((topics_run / "run_config.yaml").read_text())["data"]["validation"]
+    val_out = tmp_path / "val.jsonl"
+    assert main(["predict", str(topics_run), "--data", validation, "--out", str(val_out)]) == 0
+    names = ["animals", "money", "weather"]
+    probs = np.array([[json.loads(x)["probabilities"][n] for n in names] for x in val_out.read_text().splitlines()])
+    truth = np.array([[n in json.loads(x)["label"] for n in names] for x in open(validation, encoding="utf-8")])
+    tuned = best_thresholds(probs, truth)
+    assert [thresholds[n] for n in names] == pytest.approx(tuned.tolist(), abs=1e-9)
+    assert results["after"]["validation"]["micro_f1"] == pytest.approx(
+        multilabel_metrics((probs >= tuned).astype(int), truth.astype(int))["micro_f1"], abs=1e-6)
 
     data = write_jsonl(tmp_path / "new.jsonl", topic_rows(12, 4))
     out = tmp_path / "p.jsonl"

@@ -251,6 +251,7 @@ class Trainer:
         out = {}
         for name in self.eval_loaders if names is None else names:
             t0 = time.perf_counter()
+            self.objective.begin_split(name)  # multi-label thresholds are chosen on validation, applied elsewhere
             out[name] = evaluate_loader(self.model, self.eval_loaders[name], self.objective, self.accelerator)
             self.eval_seconds[name] = round(time.perf_counter() - t0, 3)
         return out
