@@ -101,3 +101,77 @@ def test_the_stop_tokens_are_the_generation_configs_and_the_tokenizers_eos(model
         assert own_stop_token_ids(model, tok) == [tok.eos_token_id]
     finally:
         model.generation_config.eos_token_id = saved
+
+
+# ------------------------------------------------------------------------------ one prefill per prompt group
+def _head_logits(model, tok, prompts, repeat: int, steps: int, **sampling) -> tuple[list[torch.Tensor], list]:
+    """The LM head's last-position logits at every call (the prefill's first, then one per decoding step) and the
+    answers' ids, from ``generate_batch`` with ``repeat`` (the new path) or the prompts repeated (the old one)."""
+    seen = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda _m, _i, out: seen.append(out[:, -1].float().clone()))
+    try:
+        torch.manual_seed(3)
+        if repeat > 1:
+            answers = generate_batch(model, tok, prompts, steps, stops=[10**6], repeat=repeat, **sampling)
+        else:
+            answers = generate_batch(model, tok, [p for p in prompts for _ in range(3)], steps, stops=[10**6],
+                                     **sampling)
+    finally:
+        hook.remove()
+    return seen, [a.ids for a in answers]
+
+
+def test_a_group_prefilled_once_decodes_greedily_what_its_repeated_prompts_decode(model_and_tok):
+    model, tok = model_and_tok
+    prompts = _prompts(tok)[:3]  # different lengths: left padding in both paths
+    shared = generate_batch(model, tok, prompts, 10, stops=[10**6], repeat=3)
+    copies = generate_batch(model, tok, [p for p in prompts for _ in range(3)], 10, stops=[10**6])
+    assert [a.ids for a in shared] == [a.ids for a in copies] and len(shared) == 9
+    assert len({a.ids for a in shared}) == 3  # the copies of one prompt agree, the prompts differ
+
+
+def test_a_group_prefilled_once_samples_from_the_same_logits_as_its_repeated_prompts(model_and_tok):
+    model, tok = model_and_tok
+    prompts = _prompts(tok)[:3]
+    shared, shared_ids = _head_logits(model, tok, prompts, 3, 8, temperature=1.0, top_k=0)
+    copies, copies_ids = _head_logits(model, tok, prompts, 1, 8, temperature=1.0, top_k=0)
+    assert [len(s) for s in shared] == [3] + [9] * 8  # the prefill on the 3 prompts, then every step on 9 rows
+    assert [len(c) for c in copies] == [9] * 8
+    assert max((s - c).abs().max().item() for s, c in zip(shared[1:], copies, strict=True)) < 1e-5
+    assert shared_ids == copies_ids  # the same seed draws the same tokens from the same distributions
+    assert len(set(shared_ids[:3])) > 1  # sampled: the copies of a prompt differ
+
+
+def test_a_peft_model_under_bf16_autocast_prefills_a_group_once_with_its_adapter_on(tiny_llama):
+    from test_preference import policy
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.pad_token = tok.eos_token
+    model = policy(tiny_llama)
+    prompts = _prompts(tok)[:3]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shared, _ = _head_logits(model, tok, prompts, 3, 4, temperature=1.0, top_k=0)
+        copies, _ = _head_logits(model, tok, prompts, 1, 4, temperature=1.0, top_k=0)
+        with model.disable_adapter():
+            base, _ = _head_logits(model, tok, prompts, 3, 4, temperature=1.0, top_k=0)
+    gap = max((s - c).abs().max().item() for s, c in zip(shared[1:], copies, strict=True))
+    adapter = max((s - b).abs().max().item() for s, b in zip(shared, base, strict=True))
+    assert gap < 0.1 < adapter  # bf16 rounding apart, the adapter's logits (not the base's) in both paths
+
+
+def test_sampling_with_top_k_0_uses_the_whole_distribution_whatever_the_generation_config_says(model_and_tok):
+    model, tok = model_and_tok
+    prompts = _prompts(tok)[:2]
+    greedy = [a.ids for a in generate_batch(model, tok, prompts, 6, stops=[10**6], repeat=4)]
+    saved = model.generation_config.top_k
+    try:
+        model.generation_config.top_k = 1  # a config that keeps only the most likely token: sampling is greedy
+        torch.manual_seed(0)
+        config_s = [a.ids for a in generate_batch(model, tok, prompts, 6, 1.0, stops=[10**6], repeat=4)]
+        torch.manual_seed(0)
+        whole = [a.ids for a in generate_batch(model, tok, prompts, 6, 1.0, stops=[10**6], top_k=0, repeat=4)]
+    finally:
+        model.generation_config.top_k = saved
+    assert config_s == greedy  # top_k=None leaves the config's top-k in force (the chat/generate commands)
+    assert sum(w != g for w, g in zip(whole, greedy, strict=True)) >= 6  # top_k=0: tokens past the top 1 drawn

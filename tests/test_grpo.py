@@ -175,6 +175,19 @@ def test_rollouts_sample_the_same_completions_for_the_same_step_and_examples_and
     assert sampling_seed(0, 5, [0, 1]) != sampling_seed(0, 5, [1, 0]) != sampling_seed(1, 5, [0, 1])
 
 
+def test_rollouts_sample_from_the_whole_distribution_whatever_top_k_the_generation_config_has(tiny_llama):
+    """The loss scores log-probs of the whole distribution, so the rollouts sample from it (TRL's top_k=0), not
+    from transformers' default top 50 or a model's own top_k: here 1, which would make every completion greedy."""
+    obj = grpo_objective(tiny_llama, num_generations=4, max_new_tokens=6)
+    model = policy(tiny_llama)
+    model.get_base_model().generation_config.top_k = 1
+    rows = [{**obj.encode({"prompt": p, "answer": "moo"}, "prompts"), "idx": i} for i, p in
+            enumerate(["What does the cow say?", "The owl says what?"])]
+    out = obj.rollout(model, obj.collate(rows), step=0)
+    for group in out["input_ids"].view(2, 4, -1):
+        assert len({tuple(row.tolist()) for row in group}) > 1  # top-1 sampling would repeat the greedy one
+
+
 # ------------------------------------------------------------------------------------------ the recipe
 def recipe(**objective_options):
     return Recipe.model_validate({"model": {"name": "m"}, "objective": {"type": "grpo", **objective_options}})

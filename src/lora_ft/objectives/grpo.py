@@ -3,7 +3,9 @@
 **A step.** Each micro-batch holds prompts (``prompt`` rows, text or messages, with the reference columns the rewards
 read). Before the step's items are counted, the trainer calls ``rollout``: the current policy samples
 ``num_generations`` completions per prompt (``scoring.generation.generate_batch``: one left-padded batch with the KV
-cache, temperature and top-p), the reward functions score them (``scoring.rewards``), and each completion's
+cache, each prompt prefilled once and its cache repeated for its group; temperature and top-p, no top-k, as TRL's
+``top_k: 0``: the whole distribution the loss scores, not transformers' default top 50), the reward functions score
+them (``scoring.rewards``), and each completion's
 advantage is its summed reward minus its group's mean over the group's standard deviation (+1e-4), TRL's
 ``scale_rewards: group``. Then ``loss`` scores the completions with gradients, one forward of the
 group × prompts sequences through the chunked head (``causal_lm.token_losses`` at the sampling temperature, as TRL's
@@ -245,8 +247,10 @@ class GRPO(CausalLM):
         fork = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork):  # the global RNG (dropout) is left as it was
             torch.manual_seed(sampling_seed(self.seed, step, batch["idx"]))
-            answers = generate_batch(peft, self.tokenizer, prompts, self.max_new_tokens, self.temperature,
-                                     self.top_p)
+            # top_k=0: the whole distribution, the one the loss scores (transformers' default would keep 50; TRL's
+            # GRPOConfig.top_k is 0). repeat: the group's copies of a prompt share one prefill.
+            answers = generate_batch(peft, self.tokenizer, batch["prompt_ids"], self.max_new_tokens,
+                                     self.temperature, self.top_p, top_k=0, repeat=self.group)
         values = self.score(batch, answers, self.group)
         out = self.completions(prompts, answers, device)
         out["advantages"] = group_advantages(self.total(values), self.group).to(device)

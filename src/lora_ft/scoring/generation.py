@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import gather_object
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,27 @@ def _answers(out: torch.Tensor, stops: list[int], tokenizer: PreTrainedTokenizer
     return answers
 
 
+def _prefilled(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+               repeat: int) -> tuple[dict[str, torch.Tensor], DynamicCache]:
+    """Each prompt's keys and values computed once and repeated ``repeat`` times, with the inputs repeated alike.
+
+    The cache holds every prompt token but the last: ``generate`` runs the tokens its cache lacks, so the last
+    token's forward (and its logits, the first sampled distribution) stays ``generate``'s own.
+    """
+    mask = inputs["attention_mask"]
+    # generate's own positions for a left-padded batch (_prepare_position_ids_for_generation): pads at 0.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=inputs["input_ids"][:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+          cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(repeat)
+    return {k: v.repeat_interleave(repeat, dim=0) for k, v in inputs.items()}, cache
+
+
 @torch.no_grad()
 def generate_batch(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                   stops: list[int] | None = None) -> list[Answer]:
+                   stops: list[int] | None = None, top_k: int | None = None, repeat: int = 1) -> list[Answer]:
     """Answers to token-id prompts generated together.
 
     Args:
@@ -93,6 +110,10 @@ def generate_batch(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, p
         temperature: 0 decodes greedily.
         top_p: nucleus sampling's mass when sampling.
         stops: the token ids that end an answer (default ``stop_token_ids``).
+        top_k: when sampling, keep the k most likely tokens; 0 keeps them all; None leaves it to the model's
+            generation config (transformers' default is 50), as a plain ``generate`` would.
+        repeat: answers per prompt, returned prompt by prompt (GRPO's group). The prompts' prefill runs once, on
+            the distinct prompts, and its cache is repeated for the ``len(prompts) × repeat`` rows that decode.
     """
     was_training = model.training
     model.eval()
@@ -101,9 +122,16 @@ def generate_batch(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, p
     inputs = _left_padded(prompts, tokenizer.pad_token_id, device)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if temperature > 0 and top_k is not None:
+        sampling["top_k"] = top_k  # transformers builds no top-k warper for 0 (or None given here)
+    cache = {}
+    if repeat > 1 and inputs["input_ids"].shape[1] > 1:
+        inputs, cache["cache"] = _prefilled(model, inputs, repeat)
+    elif repeat > 1:
+        inputs = {k: v.repeat_interleave(repeat, dim=0) for k, v in inputs.items()}
     # use_cache=True: training may have turned the cache off (gradient checkpointing); decoding without it
     # recomputes every earlier position at each new token.
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stops,
+    out = model.generate(**inputs, **cache, max_new_tokens=max_new_tokens, eos_token_id=stops,
                          pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
     model.train(was_training)
     return _answers(out[:, inputs["input_ids"].shape[1]:], stops, tokenizer)
