@@ -13,6 +13,7 @@ from lora_ft.recipe.defaults import (
     AUTO_MIN_STEPS,
     AUTO_PATIENCE,
     AUTO_WARMUP,
+    HEAD_LR_FACTOR,
     REFERENCE_BATCH,
     SMALL_SFT_LR,
     DataFacts,
@@ -42,6 +43,20 @@ def test_a_minimal_classifier_gets_the_classification_rules():
     assert tc.early_stopping_patience == AUTO_PATIENCE
     assert reference_batch(resolved) == REFERENCE_BATCH["classification"] == 16
     assert set(rules) == {"train.lr", "train.head_lr", "train.warmup", "train.epochs", "train.early_stopping_patience"}
+
+
+def test_a_multi_label_head_trains_at_fifty_times_the_rate_and_a_single_label_head_at_the_rate():
+    multi, rules = resolve_training(_recipe("sequence_classification"), DataFacts(800, 800, data_format="multilabel"))
+    single, _ = resolve_training(_recipe("sequence_classification"), DataFacts(800, 800,
+                                                                                data_format="classification"))
+    assert HEAD_LR_FACTOR["multilabel"] == 50.0
+    assert multi.train.head_lr == pytest.approx(50 * AUTO_LR["classification"]) and multi.train.lr == AUTO_LR[
+        "classification"]
+    assert single.train.head_lr == single.train.lr == AUTO_LR["classification"]
+    assert rules["train.head_lr"] == "lr × 50 (multilabel head)"
+    given, _ = resolve_training(_recipe("sequence_classification", head_lr=1e-3), DataFacts(800, 800,
+                                                                                             data_format="multilabel"))
+    assert given.train.head_lr == 1e-3  # a rate the recipe names is kept
 
 
 def test_sft_and_preference_get_their_own_rates_and_epochs():

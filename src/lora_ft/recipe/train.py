@@ -65,7 +65,8 @@ class TrainConfig(_Section):
     lr_layer_decay: float | None = Field(None, gt=0, le=1)
     """Layer-wise learning rates: layer l of L (1 = lowest) trains at ``lr · decay^(L−l)``."""
     head_lr: float | Auto | None = "auto"
-    """Learning rate of a new task head (None: ``lr``). ``auto``: ``lr`` × ``defaults.HEAD_LR_FACTOR``."""
+    """Learning rate of a new task head (None: ``lr``). ``auto``: ``lr`` × ``defaults.HEAD_LR_FACTOR`` (× 50 for a
+    multi-label head, else × 1)."""
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "adafactor",
                        "sgd"] = "adamw"
     """torch's AdamW (fused where the device allows), bitsandbytes' 8-bit AdamW (moments in 8 bits: a quarter of

@@ -159,7 +159,8 @@ def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes:
     units = max(1, math.ceil(stats["tokens"] / max_length)) if rows else stats["examples"]
     batch_auto = given.train.micro_batch_size == "auto" and given.train.global_batch_size is None
     parameters = session.model.get_nb_trainable_parameters()[1]  # peft counts 4-bit weights at their real size
-    recipe, rules = resolve_training(recipe, DataFacts(stats["examples"], units, processes, batch_auto, parameters))
+    recipe, rules = resolve_training(recipe, DataFacts(stats["examples"], units, processes, batch_auto, parameters,
+                                                         session.data.format))
     longest = max_length if rows else stats["max_tokens"]
     return resolve_trim(recipe, device, session.loaded.source, longest), rules
 
