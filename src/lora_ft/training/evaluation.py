@@ -7,6 +7,7 @@ multi-process evaluation equals single-process evaluation.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,13 +36,17 @@ def evaluate_loader(model: torch.nn.Module, loader, objective: Objective, accele
     return objective.summarize({name: torch.cat(values) for name, values in parts.items()})
 
 
-def evaluate_all(model: torch.nn.Module, loaders: dict, objective: Objective,
-                 accelerator: Accelerator) -> dict[str, dict[str, float]]:
-    """``evaluate_loader`` for every split, by name, in order (validation first: see ``Objective.begin_split``)."""
+def evaluate_all(model: torch.nn.Module, loaders: dict, objective: Objective, accelerator: Accelerator,
+                 seconds: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """``evaluate_loader`` for every split, by name, in order (validation first: see ``Objective.begin_split``);
+    each split's wall time goes to ``seconds`` when given."""
     results = {}
     for name, loader in loaders.items():
+        t0 = time.perf_counter()
         objective.begin_split(name)
         results[name] = evaluate_loader(model, loader, objective, accelerator)
+        if seconds is not None:
+            seconds[name] = round(time.perf_counter() - t0, 3)
     return results
 
 

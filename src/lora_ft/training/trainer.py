@@ -33,7 +33,7 @@ from ..scoring.suite import GenerationSuite
 from . import checkpoint as ckpt
 from .cpu_memory import release_freed_memory
 from .distributed import adapter_snapshot, restore_adapter, save_adapter, scale_to_processes
-from .evaluation import evaluate_loader
+from .evaluation import evaluate_all
 from .freezing import FreezeSchedule
 from .generated import GeneratedEvaluation, check_selectable
 from .guards import ForgettingGuard
@@ -248,13 +248,8 @@ class Trainer:
     # ================================================================================================ evaluate
     def evaluate(self, names: list[str] | None = None) -> dict[str, dict[str, float]]:
         """The objective's metrics of each split (all by default); each split's time goes to ``eval_seconds``."""
-        out = {}
-        for name in self.eval_loaders if names is None else names:
-            t0 = time.perf_counter()
-            self.objective.begin_split(name)  # multi-label thresholds are chosen on validation, applied elsewhere
-            out[name] = evaluate_loader(self.model, self.eval_loaders[name], self.objective, self.accelerator)
-            self.eval_seconds[name] = round(time.perf_counter() - t0, 3)
-        return out
+        loaders = {n: self.eval_loaders[n] for n in (self.eval_loaders if names is None else names)}
+        return evaluate_all(self.model, loaders, self.objective, self.accelerator, self.eval_seconds)
 
     def _took(self, split: str) -> dict[str, float]:
         """``eval_seconds``: how long the split's latest evaluation took (the loss pass; generation is timed apart),
