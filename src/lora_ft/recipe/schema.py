@@ -6,7 +6,7 @@ unknown keys are rejected with a did-you-mean (``loading.py``) instead of being 
 of flat dict configs). Values derived from several fields (the batch arithmetic, the compute dtype) are methods
 here and in ``train.py`` (the ``train`` section), so each is computed in one place; the ``auto`` training
 values are resolved by the rules in ``defaults.py``. This package imports nothing of ours but ``errors``.
-(About 470 lines: the cross-section rules in ``Recipe`` read every section, and each task and objective adds its
+(About 490 lines: the cross-section rules in ``Recipe`` read every section, and each task and objective adds its
 own; ``objective.py``, ``train.py`` and ``evaluation.py`` already hold the sections that stand alone.)
 """
 

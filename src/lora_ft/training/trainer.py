@@ -5,7 +5,7 @@ over its items and divided by the items of the whole global batch (so 1 process 
 processes × 1 step); the best adapter is kept in memory; every piece of loop state lives in ``self.state``
 (``state.LoopState``), which is what a checkpoint saves and a resumed run restores. The loop never branches on the
 task: what differs between tasks is the objective's business, and the guards (``guards.py``) are consulted after
-each validation. (About 530 lines: the phases and the signal handling inside each belong together; what a
+each validation. (About 540 lines: the phases and the signal handling inside each belong together; what a
 signal leaves behind, and its message, are in ``interruption.py``, resuming's checks in ``resume.py``.)
 """
 
