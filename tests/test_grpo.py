@@ -19,6 +19,8 @@ from transformers import LlamaForCausalLM
 
 from lora_ft.errors import RecipeError
 from lora_ft.objectives.grpo import base_logps, group_advantages, policy_logps, sampling_seed
+from lora_ft.objectives.shared_prompt import KEY as SHARED
+from lora_ft.objectives.shared_prompt import shared_inputs
 from lora_ft.recipe import Recipe
 from lora_ft.scoring.generation import Answer
 from lora_ft.training.trainer import train
@@ -43,11 +45,15 @@ def grpo_objective(model_dir, **options):
     return objective(model_dir, "grpo", **options)
 
 
-def our_batch(obj, completions, advantages):
-    prompts = [obj.encode({"prompt": p}, "prompts")["input_ids"] for p in PROMPTS for _ in range(GROUP)]
+def our_batch(obj, completions, advantages, shared: bool = False):
+    """The batch ``rollout`` returns for these completions; ``shared``: with its one-prompt-forward inputs."""
+    distinct = [obj.encode({"prompt": p}, "prompts")["input_ids"] for p in PROMPTS]
+    prompts = [p for p in distinct for _ in range(GROUP)]
     answers = [Answer("", len(c), True, tuple(c)) for c in completions]
     batch = obj.completions(prompts, answers, torch.device("cpu"))
     batch["advantages"] = advantages
+    if shared:
+        batch[SHARED] = shared_inputs(distinct, completions, GROUP, obj.tokenizer.pad_token_id, torch.device("cpu"))
     return prompts, batch
 
 
@@ -92,17 +98,19 @@ CASES = [("dapo", 0.0), ("dapo", 0.2), ("grpo", 0.2), ("bnpo", 0.0), ("dr_grpo",
 
 
 @pytest.mark.usefixtures("trl_as_compared")
-def test_grpo_loss_and_lora_gradients_equal_trl_grpo_trainer_on_the_same_rollouts(tiny_llama):
+@pytest.mark.parametrize("shared", [False, True], ids=["every-row-whole", "one-prompt-forward-per-group"])
+def test_grpo_loss_and_lora_gradients_equal_trl_grpo_trainer_on_the_same_rollouts(tiny_llama, shared):
     """Same prompts, completions, advantages and old log-probs (perturbed from the policy's, so that the clipping
     acts), at temperature 0.7, for every loss_type, with and without the KL term; each side computes its own
-    log-probs and its own reference (the adapter switched off). One TRL trainer, its loss_type and beta switched."""
+    log-probs and its own reference (the adapter switched off). One TRL trainer, its loss_type and beta switched.
+    ``shared``: lora_ft scores the group's completions on one forward of their prompt, as its rollouts do."""
     temperature = 0.7
     obj = grpo_objective(tiny_llama, beta=0.2, temperature=temperature, epsilon=0.1)
     tok = obj.tokenizer
     completions = rollouts(tok)
     lengths = [len(c) for c in completions]
     advantages = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.5]), GROUP)
-    prompts, batch = our_batch(obj, completions, advantages)
+    prompts, batch = our_batch(obj, completions, advantages, shared)
     ours = policy(tiny_llama).train()
     with torch.no_grad():
         current, mask = policy_logps(ours, batch, temperature)
@@ -138,6 +146,47 @@ def test_grpo_loss_and_lora_gradients_equal_trl_grpo_trainer_on_the_same_rollout
         scale = max(g.abs().max().item() for g in ours_g.values())
         assert abs(loss.item() - theirs.item()) < TOL and diff < TOL and scale > 1e-3, (loss_type, beta, loss.item(),
                                                                                       theirs.item(), diff, scale)
+
+
+def test_a_group_s_prompt_runs_once_through_the_model_for_the_same_log_probs_and_gradients(tiny_llama):
+    """The shared-prompt path against every row whole: the first layer sees the 2 distinct prompts once and then
+    the 6 completions alone, and the log-probs and every LoRA gradient are the plain path's."""
+    obj = grpo_objective(tiny_llama, temperature=0.7)
+    completions = rollouts(obj.tokenizer)
+    weights = torch.randn(len(completions), max(len(c) for c in completions) + 1,
+                          generator=torch.Generator().manual_seed(5))
+    results = {}
+    for shared in (False, True):
+        _, batch = our_batch(obj, completions, None, shared)
+        model = policy(tiny_llama).train()
+        rows = []
+        hook = model.base_model.model.model.layers[0].register_forward_pre_hook(
+            lambda m, args, kwargs: rows.append(tuple(args[0].shape[:2])), with_kwargs=True)
+        logps, mask = policy_logps(model, batch, 0.7)
+        hook.remove()
+        ((logps * mask * weights[:, -logps.shape[1]:]).sum() / mask.sum()).backward()
+        results[shared] = logps.detach(), mask, grads(model), rows
+    (plain, plain_mask, plain_g, plain_rows), (ours, ours_mask, ours_g, ours_rows) = results[False], results[True]
+    prompt_width = max(len(obj.encode({"prompt": p}, "prompts")["input_ids"]) for p in PROMPTS)
+    assert plain_rows == [(6, plain_rows[0][1])] and ours_rows == [(2, prompt_width), (6, max(map(len, completions)))]
+    assert torch.equal(ours_mask, plain_mask) and plain_mask.sum() == sum(len(c) for c in completions)
+    assert (ours - plain).abs().max() < TOL and plain.abs().max() > 1
+    assert sorted(ours_g) == sorted(plain_g) and len(ours_g) == 28
+    assert max((ours_g[k] - plain_g[k]).abs().max().item() for k in ours_g) < TOL
+    assert max(g.abs().max().item() for g in plain_g.values()) > 1e-3
+
+
+def test_with_gradient_checkpointing_the_group_s_completions_are_scored_whole(tiny_llama):
+    """transformers turns the KV cache off under gradient checkpointing in training: the plain path is used."""
+    obj = grpo_objective(tiny_llama)
+    _, batch = our_batch(obj, rollouts(obj.tokenizer), None, shared=True)
+    model = policy(tiny_llama).train()
+    model.base_model.model.gradient_checkpointing_enable()
+    rows = []
+    model.base_model.model.model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(args[0].shape[0]), with_kwargs=True)
+    logps, mask = policy_logps(model, batch, 1.0)
+    assert rows[0] == 6 and mask.sum() == sum(len(c) for c in rollouts(obj.tokenizer)) and logps.requires_grad
 
 
 # ------------------------------------------------------------------------------------------ advantages

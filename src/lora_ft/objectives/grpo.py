@@ -58,6 +58,7 @@ from ..scoring.rewards import build_rewards, score
 from .base import Batch, GenerationExample
 from .causal_lm import CausalLM, pad_left, token_losses
 from .preference import peft_model_of
+from .shared_prompt import KEY as SHARED, prompt_logps, shared_inputs
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "logits_to_keep")
 STD_EPS = 1e-4
@@ -100,7 +101,12 @@ def sampling_seed(seed: int, step: int, ids: list[int]) -> int:
 
 
 def policy_logps(model: torch.nn.Module, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token log-probs of the completions at ``temperature``, completion mask), right-aligned as the batch."""
+    """(per-token log-probs of the completions at ``temperature``, completion mask), right-aligned as the batch:
+    each prompt's forward once for its group where the batch allows it (``shared_prompt``), else every row whole."""
+    if SHARED in batch:
+        logps = prompt_logps(model, peft_model_of(model), batch, temperature)
+        if logps is not None:
+            return logps, batch["labels"][:, batch["labels"].shape[1] - int(batch["logits_to_keep"]) + 1:] != IGNORE
     losses, target = token_losses(model, {k: batch[k] for k in _MODEL_KEYS}, temperature=temperature)
     return -losses, target != IGNORE
 
@@ -253,6 +259,8 @@ class GRPO(CausalLM):
                                      self.temperature, self.top_p, top_k=0, repeat=self.group)
         values = self.score(batch, answers, self.group)
         out = self.completions(prompts, answers, device)
+        out[SHARED] = shared_inputs(batch["prompt_ids"], [a.ids for a in answers], self.group,
+                                    self.tokenizer.pad_token_id, device)
         out["advantages"] = group_advantages(self.total(values), self.group).to(device)
         out["rewards"] = values.T.to(device)
         if self.beta:

@@ -1,0 +1,97 @@
+"""GRPO's completions scored with one forward of each prompt, not one per completion.
+
+Written by hand because the stack lacks it: TRL's ``GRPOTrainer`` (and lora_ft's plain path, ``token_losses`` on
+the left-padded batch) put every completion through the model together with its own copy of the prompt, so a
+group of G completions computes the prompt's layers G times in forward and in backward. On short answers the
+prompt is most of the sequence: the arithmetic quickstart's rows are ~38 prompt tokens (chat template and system
+prompt) and 16 completion tokens, so ~70% of the policy's forward and backward was the same prompt again.
+
+Here the distinct prompts run once, with gradients, filling a KV cache; the cache is repeated for the group
+(``DynamicCache.batch_repeat_interleave``, differentiable: backward sums the group's gradients into the one
+prompt forward) and the completions run on top of it. The positions, the attention mask (the prompt's left padding
+included) and so every log-prob are those of the plain path, up to float rounding; gradients are the same sum.
+One difference in kind: with LoRA dropout > 0 the group's copies of a prompt share one dropout mask instead of
+drawing one each (the prompt is one forward now); with dropout 0 (GRPO's usual setting) the paths are the same
+computation.
+
+``prompt_logps`` returns None where the path does not apply, and the caller scores the plain batch: no chunked
+head (``output_head``), gradient checkpointing on (transformers then turns the KV cache off in training), or no
+completion tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from ..data.chat import IGNORE
+from .base import Batch
+from .chunked_loss import chunked_token_losses, head_inputs, innermost, output_head
+
+KEY = "shared_prompt"
+"""The batch key that holds the inputs of this path (``shared_inputs``); a batch without it is scored plainly."""
+
+
+def shared_inputs(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], group: int, pad_id: int,
+                  device: torch.device) -> dict[str, torch.Tensor | int]:
+    """The distinct prompts left-padded, the completions (``group`` per prompt, prompt by prompt) right-padded,
+    and the completions' positions: each prompt's length onwards, as the plain left-padded batch numbers them."""
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        prompt_mask[i, width - len(p):] = 1
+    c_width = max(len(c) for c in completions)
+    ids = torch.full((len(completions), c_width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), c_width), dtype=torch.long)
+    for i, c in enumerate(completions):
+        ids[i, :len(c)] = torch.tensor(list(c), dtype=torch.long)
+        mask[i, :len(c)] = 1
+    lengths = torch.tensor([len(p) for p in prompts]).repeat_interleave(group)
+    out = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": ids, "completion_mask": mask,
+           "completion_positions": lengths[:, None] + torch.arange(c_width)[None, :]}
+    return {**{k: v.to(device) for k, v in out.items()}, "group": group}
+
+
+def prompt_logps(model: torch.nn.Module, prefix_model: torch.nn.Module, batch: Batch,
+                 temperature: float) -> torch.Tensor | None:
+    """Per-token log-probs of the completions at ``temperature``, in the layout of the plain batch's kept
+    positions (``batch["labels"]``, left-padded), or None where this path does not apply.
+
+    Args:
+        model: the model the step's forward goes through (DDP-wrapped on several processes): the completions'
+            forward, so DDP sees one forward per step.
+        prefix_model: the same model unwrapped (the PeftModel), for the prompts' forward.
+        batch: a GRPO batch with ``KEY`` (``shared_inputs``) besides its plain layout.
+        temperature: the sampling temperature (the log-probs are of logits / temperature).
+    """
+    s = batch[KEY]
+    head = output_head(model)
+    base = innermost(model)
+    if head is None or head.bias is not None or s["completion_ids"].shape[1] == 0 or getattr(
+            base, "is_gradient_checkpointing", False):
+        return None
+    group = s["group"]
+    # Pads get position 0, as pad_left and generate give them.
+    positions = (s["prompt_mask"].cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=base.config)
+    with head_inputs(head) as first:
+        prefix_model(input_ids=s["prompt_ids"], attention_mask=s["prompt_mask"], position_ids=positions, cache=cache,
+                     use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(group)
+    mask = torch.cat([s["prompt_mask"].repeat_interleave(group, dim=0), s["completion_mask"]], dim=1)
+    with head_inputs(head) as rest:
+        model(input_ids=s["completion_ids"], attention_mask=mask, position_ids=s["completion_positions"], cache=cache,
+              use_cache=True)
+    # The prompt's last position predicts the first completion token; completion token t predicts t + 1.
+    hidden = torch.cat([first[0].hidden[:, -1:].repeat_interleave(group, dim=0), rest[0].hidden[:, :-1]], dim=1)
+    target = s["completion_ids"].masked_fill(s["completion_mask"] == 0, IGNORE)
+    losses = chunked_token_losses(head, hidden / temperature if temperature != 1.0 else hidden, target,
+                                  rest[0].autocast)
+    plain = batch["labels"][:, batch["labels"].shape[1] - int(batch["logits_to_keep"]) + 1:]
+    # Both layouts list each row's completion tokens in order: move them to the plain batch's right edge.
+    return torch.zeros(plain.shape, dtype=losses.dtype, device=losses.device).masked_scatter(
+        plain != IGNORE, -losses[target != IGNORE])
