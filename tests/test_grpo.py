@@ -161,7 +161,7 @@ def test_a_group_s_prompt_runs_once_through_the_model_for_the_same_log_probs_and
         model = policy(tiny_llama).train()
         rows = []
         hook = model.base_model.model.model.layers[0].register_forward_pre_hook(
-            lambda m, args, kwargs: rows.append(tuple(args[0].shape[:2])), with_kwargs=True)
+            lambda m, args, kwargs, rows=rows: rows.append(tuple(args[0].shape[:2])), with_kwargs=True)
         logps, mask = policy_logps(model, batch, 0.7)
         hook.remove()
         ((logps * mask * weights[:, -logps.shape[1]:]).sum() / mask.sum()).backward()
@@ -377,6 +377,13 @@ def test_the_plan_counts_a_grpo_step_as_group_times_prompts_sequences_and_their_
     prefill = 16 * 768 * (2 * 4 * 2048 + 2 * 5632 * 2)  # one layer's fp32 residual stream and 16-bit MLP, no grads
     assert rows["generation (KV cache) *"] == cache + prefill + 16 * 32000 * 4 * 2  # + the last position's logits
     assert ours.step_peak >= ours.rows[0].bytes + rows["generation (KV cache) *"]
+    # Without checkpointing (the CPU's default) the loss runs each prompt once for its group (shared_prompt.py):
+    # more than the 16 completions alone, well under 16 whole sequences.
+    acts = {}
+    for name, recipe, micro, seq in (("shared", grpo, 2, 512), ("whole", sft, 16, 768), ("completions", sft, 16, 256)):
+        acts[name] = next(r.bytes for r in estimate(shape, setting_for(recipe, "cpu"), micro, seq).rows
+                          if r.label == "activations")
+    assert acts["completions"] < acts["shared"] < 0.5 * acts["whole"], acts
 
 
 def test_data_without_the_column_a_reward_compares_with_is_one_line_naming_it(tiny_llama, tmp_path):

@@ -173,6 +173,20 @@ def _generation_bytes(shape: ModelShape, s: Setting, sequences: int, length: int
                                       f"({shape.kv_dim} each), no gradients")
 
 
+def _shared_prompt_acts(shape: ModelShape, s: Setting, prompts: int, seq_len: int) -> tuple[float, str]:
+    """GRPO without checkpointing (``objectives/shared_prompt.py``): each layer saves the ``prompts`` distinct
+    prompts of ``seq_len`` tokens once, the group's completions of ``s.generated`` tokens attending over the whole
+    sequence, and the prompts' K,V repeated for the group (what the completions' attention keeps)."""
+    rows, L = prompts * s.sequences, seq_len + s.generated
+    prompt = layer_terms(shape, s, prompts).bytes(prompts * seq_len, seq_len)
+    completion = layer_terms(shape, s, rows).bytes(rows * s.generated, L)
+    kv = 2 * rows * seq_len * shape.kv_dim * s.act
+    outer = (prompts * seq_len + rows * s.generated) * 4 * shape.hidden * 2
+    return shape.layers * (prompt + completion + kv) + outer, (
+        f"{shape.layers} layers × ({prompts} prompts × {seq_len} tokens once + {rows} completions × {s.generated} "
+        f"tokens + the prompts' K,V for each completion)")
+
+
 # ---------------------------------------------------------------------------------------------- the plan
 @dataclass
 class Estimate:
@@ -232,6 +246,8 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
         acts = kept + outer
         act_note = (f"{shape.layers} layer inputs × {fmt_size(4 * shape.hidden)}/token (checkpointing); "
                     f"one layer recomputed: {fmt_size(per_token_layer)}/token")
+    elif s.generated:
+        acts, act_note = _shared_prompt_acts(shape, s, micro_batch, seq_len)
     else:
         acts = shape.layers * one_layer + outer
         act_note = f"{shape.layers} layers × {fmt_size(per_token_layer)}/token × {tokens:,} tokens"

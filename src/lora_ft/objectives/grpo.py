@@ -58,7 +58,8 @@ from ..scoring.rewards import build_rewards, score
 from .base import Batch, GenerationExample
 from .causal_lm import CausalLM, pad_left, token_losses
 from .preference import peft_model_of
-from .shared_prompt import KEY as SHARED, prompt_logps, shared_inputs
+from .shared_prompt import KEY as SHARED
+from .shared_prompt import prompt_logps, shared_inputs
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "logits_to_keep")
 STD_EPS = 1e-4
