@@ -7,10 +7,11 @@ cache, each prompt prefilled once and its cache repeated for its group; temperat
 ``top_k: 0``: the whole distribution the loss scores, not transformers' default top 50), the reward functions score
 them (``scoring.rewards``), and each completion's
 advantage is its summed reward minus its group's mean over the group's standard deviation (+1e-4), TRL's
-``scale_rewards: group``. Then ``loss`` scores the completions with gradients, one forward of the
-group × prompts sequences through the chunked head (``causal_lm.token_losses`` at the sampling temperature, as TRL's
-log-probs are of logits / temperature). So generation and training alternate inside the ordinary loop, and
-checkpoints, resume, signals, DDP and the trackers work as for every objective.
+``scale_rewards: group``. Then ``loss`` scores the completions with gradients through the chunked head at the
+sampling temperature (TRL's log-probs are of logits / temperature), each prompt run once for its group
+(``shared_prompt.py``), or, where that does not apply, the group × prompts rows whole
+(``causal_lm.token_losses``). So generation and training alternate inside the ordinary loop, and checkpoints,
+resume, signals, DDP and the trackers work as for every objective.
 
 **The loss.** Per completion token: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) with ρ = π/π_old, plus β × ρ × the k3
 estimate of KL(π‖π_ref) = exp(ref − logp) − (ref − logp) − 1 (the factor ρ, 1 in value, makes its gradient the
