@@ -21,10 +21,11 @@ Every measurement runs in a fresh process (``--one``), so that its resident memo
   (four examples, loss on every position), gradient checkpointing as ``auto`` decides it on this machine (or
   forced with ``--gc on|off``). A 16-token step creates the AdamW state, the high-water mark is reset
   (``/proc/self/clear_refs``), then ``--steps`` full steps run. Reported: tokens/s and MFU of the last step
-  (``training.throughput``: model FLOPs ÷ this machine's fp32 matmul peak with the same threads), the peak RSS
-  of the steps against the planner's training step + its CPU runtime overhead, and the largest tensor with the
-  vocabulary as its last dimension that any operator produced during the last step (a ``TorchDispatchMode``
-  sees every operator output): with the chunked loss it is one chunk of positions, never all of them.
+  (``training.throughput``: model FLOPs ÷ this machine's matmul peak in the compute dtype, bf16 where
+  ``compute_dtype: auto`` picks it, with the same threads), the peak RSS of the steps against the planner's
+  training step + its CPU runtime overhead, and the largest tensor with the vocabulary as its last dimension that
+  any operator produced during the last step (a ``TorchDispatchMode`` sees every operator output; views are
+  skipped): with the chunked loss it is one chunk of positions, never all of them.
 """
 
 from __future__ import annotations
@@ -179,20 +180,24 @@ class _LogitWatch:
     """Largest number of positions of any operator output whose last dimension is the vocabulary."""
 
     def __init__(self, vocab: int, model):
+        import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
         watch = self
-        self.rows = 0
-        # Views of the weights (the head's transpose in F.linear: hidden × vocab) are not logits.
+        self.rows, self.op = 0, None
+        # Views are not new tensors: the head's transpose in F.linear (hidden × vocab) is a view of its weight, or,
+        # under autocast, of the weight's 16-bit copy made for the matmul (an input of the ``t``, not a parameter).
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
+                inputs = weights | {a.untyped_storage().data_ptr() for a in (*args, *(kwargs or {}).values())
+                                    if isinstance(a, torch.Tensor)}
                 for t in out if isinstance(out, (tuple, list)) else (out,):
                     if (hasattr(t, "shape") and t.dim() >= 2 and t.shape[-1] == vocab
-                            and t.untyped_storage().data_ptr() not in weights):
-                        watch.rows = max(watch.rows, t.numel() // vocab)
+                            and t.untyped_storage().data_ptr() not in inputs and t.numel() // vocab > watch.rows):
+                        watch.rows, watch.op = t.numel() // vocab, f"{func} {tuple(t.shape)} {t.dtype}"
                 return out
 
         self.mode = Mode()
@@ -261,10 +266,12 @@ def measure_train(folder: Path, seq: int, gc: str, steps: int, memory: float | N
     flops = count_flop_weights(accelerator.unwrap_model(model)).step(tokens, labelled)
     return {"seq": seq, "gc": bool(recipe.train.gradient_checkpointing), "trim": bool(recipe.train.trim_cpu_memory),
             "packed": packed, "step_seconds": times, "tokens_per_s": tokens / dt,
-            "mfu": flops / dt / matmul_peak("cpu", torch.float32), "peak_rss": peak,
+            "mfu": flops / dt / matmul_peak("cpu", torch.bfloat16 if compute == "bf16" else torch.float32),
+            "compute": compute, "peak_rss": peak,
             "predicted_step": plan.step_peak, "predicted_total": plan.step_peak + plan.overhead,
             "acts_planned": next(r.bytes for r in plan.rows if r.label == "activations"),
-            "logit_rows": watch.rows, "chunk_rows": chunk_rows(shape.vocab), "positions": labelled,
+            "logit_rows": watch.rows, "logit_op": watch.op, "chunk_rows": chunk_rows(shape.vocab),
+            "positions": labelled,
             "full_logits_bytes": 4 * seq * shape.vocab}
 
 
