@@ -98,6 +98,29 @@ def test_chunked_loss_equals_full_logits_in_losses_and_lora_gradients(lora_llama
         assert torch.nn.functional.cosine_similarity(g.flatten(), ref16_grads[name].flatten(), dim=0) > 0.99, name
 
 
+def test_under_autocast_the_head_weight_is_cast_once_per_loss_not_once_per_chunk(lora_llama, batch, monkeypatch):
+    """autocast caches the casts of trained leaves only: the frozen head's weight was copied to bf16 for every
+    chunk (a vocabulary × hidden tensor each time: 0.8 GB for a Llama-3 3B head)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(chunked_loss, "CHUNK_VALUES", 7 * lora_llama.config.vocab_size)
+    weight = chunked_loss.output_head(lora_llama).weight
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == weight.shape and out.dtype == torch.bfloat16:
+                copies.append(func)
+            return out
+
+    labels = int((batch["labels"] != -100).sum())
+    with Copies():
+        _loss_and_grads(lora_llama, batch, chunked=True, autocast=True)
+    # One for the loss, one by the model's own head, which autocast still runs on the empty slice it is handed.
+    assert labels > 2 * 7 and copies == [torch.ops.aten._to_copy.default] * 2
+
+
 def test_chunked_loss_without_gradients_matches_and_keeps_nothing(lora_llama, batch):
     with torch.no_grad():
         ref, _ = causal_loss(lora_llama, batch, chunked=False)

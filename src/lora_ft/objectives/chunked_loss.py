@@ -80,6 +80,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 rows: int, need_grad: bool) -> torch.Tensor:
         losses = torch.zeros(len(hidden), dtype=torch.float32, device=hidden.device)
         grad = torch.zeros_like(hidden) if need_grad else None
+        kind = hidden.device.type
+        if torch.is_autocast_enabled(kind) and weight.dtype != torch.get_autocast_dtype(kind):
+            # Once, not per chunk: autocast would copy the (vocabulary × hidden) weight for every chunk's matmul
+            # (it caches casts of trained leaves only); and the gradient's matmul then runs in the 16-bit dtype, as
+            # autocast runs the unfused head's backward. Measured on SmolLM2's 49k × 576 head, 2,048 positions, one
+            # thread, bf16 autocast: forward + backward 2.53 → 1.84 s. The copy is one weight, freed on return.
+            weight = weight.to(torch.get_autocast_dtype(kind))
         for start in range(0, len(hidden), rows):
             h, t = hidden[start:start + rows], target[start:start + rows]
             valid = t != IGNORE
