@@ -22,7 +22,7 @@ from lora_ft.memory.launch import (
     resolve_auto_trim,
     resolve_for_launch,
 )
-from lora_ft.memory.shape import model_shape, setting_for
+from lora_ft.memory.shape import CPU_RUNTIME, CUDA_CONTEXT, CUDA_FRAGMENTATION, model_shape, setting_for
 from lora_ft.objectives import chunked_loss
 from lora_ft.recipe import Recipe
 from lora_ft.training.measure import measure_peak
@@ -355,3 +355,8 @@ def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     logits_packed = {r.label: r.bytes for r in est(frac=0.5, packing=True).rows}["logits + loss *"]
     assert logits_packed == pytest.approx(6 * 2 * positions * shape.vocab + 2 * 4 * 2 * positions * shape.hidden
                                           + head16)  # all 256 positions of each row
+    # The CPU process beside its tensors: the runtime, and with checkpointing the heap's previous recomputed layer.
+    plain, checkpointed = est(device="cpu"), est(device="cpu", gc=True)
+    recomputed = {r.label: r.bytes for r in checkpointed.rows}["backward working set * (recomputed layer)"]
+    assert plain.overhead == CPU_RUNTIME and checkpointed.overhead == CPU_RUNTIME + recomputed > CPU_RUNTIME
+    assert est(gc=True).overhead == pytest.approx(CUDA_CONTEXT + CUDA_FRAGMENTATION * est(gc=True).peak)

@@ -47,7 +47,8 @@ def plan_report(recipe: Recipe, device: str, memory: int | None, answer_fraction
     for r in e.rows:
         lines.append(f"{r.label:<{width}}{fmt_size(r.bytes):>11}   {r.note}")
     peak_what = "torch.cuda.max_memory_allocated" if s.device == "cuda" else "tensor memory"
-    over_what = "CUDA context + allocator slack" if s.device == "cuda" else "Python, torch and libraries"
+    over_what = "CUDA context + allocator slack" if s.device == "cuda" else (
+        "Python, torch and libraries" + (", the heap's previous recomputed layer" if s.gradient_checkpointing else ""))
     which = (f"the training step (evaluation: {fmt_size(e.eval_peak)})" if e.step_peak >= e.eval_peak
              else f"the evaluation step (training step: {fmt_size(e.step_peak)})")
     lines.append(f"{'peak (' + peak_what + ')':<{width}}{fmt_size(e.peak):>11}   {which}")

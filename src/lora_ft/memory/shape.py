@@ -32,7 +32,12 @@ BLOCK_NESTED = 256  # blocks of absmax values per second-level fp32 scale (doubl
 # the caching allocator's slack; on the CPU the Python process with torch, transformers and datasets imported.
 CUDA_CONTEXT = 0.6 * GiB
 CUDA_FRAGMENTATION = 0.06  # of the tensor peak: the caching allocator reserves more than it hands out
-CPU_RUNTIME = 1.0 * GiB
+CPU_RUNTIME = 0.75 * GiB
+"""The CPU process beside its tensors: the libraries (0.57-0.61 GiB measured before a model loads) and the heap the
+allocator keeps. Measured (``scripts/bench_scale.py``, bf16 compute, 2026-12-06) as peak RSS − the planner's tensor
+peak on steps without checkpointing: 0.71 / 0.82 / 0.71 GiB (SmolLM2-135M at 256 / 512 / 1,024 tokens), 1.03
+(Llama-3.2-1B, 2,048), 0.81 (Llama-3.2-3B, 512). It was 1.0 GiB, which put the smallest job 21% high.
+Checkpointed steps keep more: ``estimate.overhead_bytes``."""
 ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet", "deberta", "deberta-v2",
             "albert", "ernie", "modernbert", "nomic_bert"}
 
