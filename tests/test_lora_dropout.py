@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
+from lora_ft.modeling import lora_dropout
 from lora_ft.modeling.adapters import attach_adapters, lora_config
 from lora_ft.modeling.loading import load_model
-from lora_ft.modeling.lora_dropout import DropoutLinear, DroppedLinear
+from lora_ft.modeling.lora_dropout import DropoutLinear, DroppedLinear, keep_mask
 from lora_ft.recipe import LoraConfigSection, ModelConfig
 
 TARGETS = 7  # per Llama block: q, k, v, o, gate, up, down
@@ -44,6 +45,33 @@ def test_dropout_linear_drops_at_rate_p_in_training_only():
     assert torch.equal(lin(x), x.sum(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3])
+def test_the_cpu_mask_keeps_each_value_at_1_minus_p_in_every_lane_and_says_its_p(p):
+    """Each 64-bit draw gives four 16-bit lanes: a lane that never reached the threshold's range (a 63-bit
+    generator's top lane, say) would drop at another rate."""
+    torch.manual_seed(0)
+    keep, drawn = keep_mask(torch.Size((1000, 4000)), p, torch.device("cpu"))
+    assert keep.dtype == torch.bool and keep.shape == (1000, 4000)
+    assert abs(drawn - p) <= 0.5 / 65536 and drawn * 65536 == round(drawn * 65536)
+    lanes = keep.reshape(-1, 4).float().mean(0)  # 1M values per lane: sd of a rate ~3e-4
+    assert (lanes - (1 - drawn)).abs().max() < 2e-3, lanes
+    again = keep_mask(torch.Size((1000, 4000)), p, torch.device("cpu"))[0]
+    assert not torch.equal(keep, again)  # fresh draws from the global generator
+    torch.manual_seed(0)
+    assert torch.equal(keep, keep_mask(torch.Size((1000, 4000)), p, torch.device("cpu"))[0])
+
+
+def test_dropout_linear_scales_by_the_p_its_mask_was_drawn_at():
+    lin = DropoutLinear(torch.nn.Linear(4000, 1, bias=False), 0.05)
+    torch.nn.init.ones_(lin.weight)
+    x = torch.ones(500, 4000, requires_grad=True)
+    torch.manual_seed(3)
+    out = lin(x)
+    torch.manual_seed(3)
+    keep, drawn = keep_mask(x.shape, 0.05, x.device)
+    torch.testing.assert_close(out.detach(), keep.sum(-1, keepdim=True).float() / (1 - drawn), rtol=2e-5, atol=0)
+
+
 def _saved_bytes(model, ids) -> int:
     """Bytes of the distinct storages autograd keeps for backward after one training forward."""
     storages = {}
@@ -59,7 +87,10 @@ def _saved_bytes(model, ids) -> int:
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_fused_model_saves_less_and_keeps_peft_structure(tiny_llama, tmp_path, quant):
+def test_fused_model_saves_less_and_keeps_peft_structure(tiny_llama, tmp_path, quant, monkeypatch):
+    # The masks drawn as nn.Dropout draws them (bernoulli_, the GPU path), so that both models see the same ones.
+    monkeypatch.setattr(lora_dropout, "keep_mask", lambda shape, p, device: (
+        torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p), p))
     cfg = LoraConfigSection(r=4, dropout=0.1)
     fused = attach_adapters(load_model(ModelConfig(name=str(tiny_llama), quant=quant), "fp32").model, cfg,
                             "causal_lm", [], gradient_checkpointing=False)

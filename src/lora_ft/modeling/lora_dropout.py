@@ -15,6 +15,8 @@ the dropout module themselves.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
@@ -51,6 +53,25 @@ class DroppedLinear(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A bool mask keeping each value with probability 1 − p, and the p it was drawn at.
+
+    On the CPU the mask is four 16-bit lanes of each 64-bit random integer compared with a threshold, so p is
+    rounded to a multiple of 1/65536 (0.05 → 0.0500031) and returned for the scale 1 / (1 − p): the expectation
+    stays exact. Written by hand because torch's ``bernoulli_`` draws one random number per value on one thread
+    whatever the thread count: measured for a 2,048 × 576 mask (one LoRA target's input at 8 × 256 tokens of
+    SmolLM2), 6.1 ms at one thread and 6.5 at two, against 1.95 ms this way; a chat SFT step draws ~300M such
+    values (seven targets per block), ~1.1 s of a 10 s step at two threads. GPUs keep ``bernoulli_`` (parallel).
+    """
+    q = round(p * 65536)
+    if device.type != "cpu" or not 0 < q < 65536:
+        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p), p
+    n = math.prod(shape)
+    # randint's upper bound is exclusive: 2**63 − 1 is never drawn, a 2**-64 bias.
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    return words.view(torch.int16)[:n].view(shape) >= q - 32768, q / 65536
+
+
 def _drop(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout in the input's own dtype, as ``nn.Dropout`` does before autocast casts for the matmul."""
     return (x * keep).mul_(1.0 / (1.0 - p))
@@ -68,8 +89,8 @@ class DropoutLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not torch.is_grad_enabled():
             return super().forward(F.dropout(x, self.p, self.training))
-        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - self.p)
-        return DroppedLinear.apply(x, self.weight, keep, self.p)
+        keep, p = keep_mask(x.shape, self.p, x.device)
+        return DroppedLinear.apply(x, self.weight, keep, p)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dropout={self.p}"
