@@ -27,6 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from ..data.chat import IGNORE
+from ..scoring.generation import left_padded
 from .base import Batch
 from .chunked_loss import chunked_token_losses, head_inputs, innermost, output_head
 
@@ -38,12 +39,8 @@ def shared_inputs(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
                   device: torch.device) -> dict[str, torch.Tensor | int]:
     """The distinct prompts left-padded, the completions (``group`` per prompt, prompt by prompt) right-padded,
     and the completions' positions: each prompt's length onwards, as the plain left-padded batch numbers them."""
-    width = max(len(p) for p in prompts)
-    prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        prompt_ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        prompt_mask[i, width - len(p):] = 1
+    padded = left_padded(prompts, pad_id, torch.device("cpu"))
+    prompt_ids, prompt_mask = padded["input_ids"], padded["attention_mask"]
     c_width = max(len(c) for c in completions)
     ids = torch.full((len(completions), c_width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(completions), c_width), dtype=torch.long)

@@ -58,7 +58,9 @@ def stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -
     return ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id not in (None, *ids) else ids
 
 
-def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of token-id sequences padded on the left to the longest (generation's
+    layout, and GRPO's distinct prompts in ``objectives/shared_prompt.py``)."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -119,7 +121,7 @@ def generate_batch(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, p
     model.eval()
     device = next(model.parameters()).device
     stops = stops if stops is not None else stop_token_ids(model, tokenizer)
-    inputs = _left_padded(prompts, tokenizer.pad_token_id, device)
+    inputs = left_padded(prompts, tokenizer.pad_token_id, device)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     if temperature > 0 and top_k is not None:
