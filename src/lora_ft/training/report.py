@@ -59,8 +59,9 @@ def tracker_run(output_dir: str | Path, group: str | None = None) -> tuple[str, 
                                 "mlflow": {"run_name": name}, "trackio": {"name": name, **grouped}}
 
 
-def peak_memory(recipe: Recipe, device: torch.device, source: str, train_data) -> dict[str, float]:
-    """The planner's predicted peak for the resolved recipe on ``device`` and the measured one, in bytes:
+def peak_memory(recipe: Recipe, device: torch.device, source: str, train_data, seq: int) -> dict[str, float]:
+    """The planner's predicted peak for the resolved recipe on ``device`` at sequences of ``seq`` tokens (the
+    longest a step held, ``session.longest_sequence``) and the measured one, in bytes:
     ``torch.cuda.max_memory_allocated`` against the planner's tensor peak on a GPU; on the CPU the process's peak
     RSS against the planner's total (tensors + Python, torch and libraries). Empty if the planner cannot model
     this architecture (training does not depend on it)."""
@@ -72,7 +73,7 @@ def peak_memory(recipe: Recipe, device: torch.device, source: str, train_data) -
     try:
         setting = setting_for(recipe, device.type, cuda and torch.cuda.is_bf16_supported())
         e = estimate(model_shape(recipe, source), setting, int(recipe.train.micro_batch_size),
-                     recipe.data.max_length, answer_tokens=answer_tokens_of(train_data))
+                     seq, answer_tokens=answer_tokens_of(train_data))
     except Exception as err:  # noqa: BLE001 - optional report: an architecture the planner cannot build
         log.warning("no predicted peak memory for this model: %s", err)
         return {"memory/measured_peak_bytes": float(measured)}

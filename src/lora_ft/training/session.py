@@ -143,6 +143,18 @@ def make_stream_loader(stream: tuple, objective: Objective, recipe: Recipe, pack
                        tc.seed, *where, source=d.train)
 
 
+def _packed_rows(recipe: Recipe, session: Session) -> bool:
+    """Whether training batches rows packed up to ``max_length`` rather than whole examples."""
+    return session.objective.use_packing(recipe.data.packing, session.model) and not session.objective.packs_examples
+
+
+def longest_sequence(recipe: Recipe, session: Session) -> int:
+    """The longest sequence a training micro-batch holds, what the planner plans a step at: ``max_length`` for
+    packed rows or a stream (not counted), else the longest prepared example (GRPO: the longest prompt)."""
+    stats = session.data.stats.get("train")
+    return recipe.data.max_length if stats is None or _packed_rows(recipe, session) else stats["max_tokens"]
+
+
 def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes: int,
                      device: str) -> tuple[Recipe, dict[str, str]]:
     """The ``auto`` values that need the prepared data: ``recipe.defaults.resolve_training`` and
@@ -152,17 +164,15 @@ def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes:
     # counted once by prepare_data; a stream (data.streaming) is not counted: train.max_steps sets the run's
     # length, and the longest sequence is taken to be max_length.
     stats = session.data.stats.get("train") or {"examples": 1, "tokens": 1, "max_tokens": max_length}
-    packing = session.objective.use_packing(recipe.data.packing, session.model)
     # What make_train_loader batches in an epoch: the examples, or about the rows they fill (first-fit packing
     # fills rows to within a few percent).
-    rows = packing and not session.objective.packs_examples
+    rows = _packed_rows(recipe, session)
     units = max(1, math.ceil(stats["tokens"] / max_length)) if rows else stats["examples"]
     batch_auto = given.train.micro_batch_size == "auto" and given.train.global_batch_size is None
     parameters = session.model.get_nb_trainable_parameters()[1]  # peft counts 4-bit weights at their real size
     recipe, rules = resolve_training(recipe, DataFacts(stats["examples"], units, processes, batch_auto, parameters,
                                                          session.data.format))
-    longest = max_length if rows else stats["max_tokens"]
-    return resolve_trim(recipe, device, session.loaded.source, longest), rules
+    return resolve_trim(recipe, device, session.loaded.source, longest_sequence(recipe, session)), rules
 
 
 def lock_run(folder: RunFolder, accelerator: Accelerator) -> RunLock | None:
