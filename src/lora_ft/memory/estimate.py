@@ -251,7 +251,7 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
         acts = kept + outer
         act_note = (f"{shape.layers} layer inputs × {fmt_size(4 * shape.hidden)}/token (checkpointing); "
                     f"one layer recomputed: {fmt_size(per_token_layer)}/token")
-    elif s.generated:
+    elif s.generated and shape.chunked_loss:  # without the chunked head the loss scores the rows whole
         acts, act_note = _shared_prompt_acts(shape, s, micro_batch, seq_len)
     else:
         acts = shape.layers * one_layer + outer
