@@ -10,9 +10,9 @@ Here the distinct prompts run once, with gradients, filling a KV cache; the cach
 (``DynamicCache.batch_repeat_interleave``, differentiable: backward sums the group's gradients into the one
 prompt forward) and the completions run on top of it. The positions, the attention mask (the prompt's left padding
 included) and so every log-prob are those of the plain path, up to float rounding; gradients are the same sum.
-One difference in kind: with LoRA dropout > 0 the group's copies of a prompt share one dropout mask instead of
-drawing one each (the prompt is one forward now); with dropout 0 (GRPO's usual setting) the paths are the same
-computation.
+One difference in kind: with LoRA dropout > 0 (lora_ft's default 0.05) the group's copies of a prompt share one
+dropout mask on the prompt's tokens instead of drawing one each (the prompt is one forward now): the same
+expectation, a different draw. With dropout 0 the paths are the same computation.
 
 ``prompt_logps`` returns None where the path does not apply, and the caller scores the plain batch: no chunked
 head (``output_head``), gradient checkpointing on (transformers then turns the KV cache off in training), or no
