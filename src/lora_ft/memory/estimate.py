@@ -173,6 +173,27 @@ def _generation_bytes(shape: ModelShape, s: Setting, sequences: int, length: int
                                       f"({shape.kv_dim} each), no gradients")
 
 
+def _outer_bytes(shape: ModelShape, tokens: int) -> float:
+    """Saved outside the layers: the embedding output (and an encoder's embedding LayerNorm), the final norm."""
+    return tokens * 4 * shape.hidden * 2
+
+
+def _activations(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, one_layer: float) -> tuple[float, str]:
+    """What a training step saves for backward: every layer's activations (``one_layer`` each), with
+    checkpointing only each layer's input, and for GRPO the shared-prompt layout (``_shared_prompt_acts``)."""
+    tokens = micro_batch * s.sequences * (seq_len + s.generated)
+    if s.gradient_checkpointing:
+        # Each checkpointed layer keeps its input (fp32 residual stream); in backward one layer is recomputed,
+        # its saved tensors live while its gradients flow.
+        return shape.layers * tokens * 4 * shape.hidden + _outer_bytes(shape, tokens), (
+            f"{shape.layers} layer inputs × {fmt_size(4 * shape.hidden)}/token (checkpointing); "
+            f"one layer recomputed: {fmt_size(one_layer / tokens)}/token")
+    if s.generated and shape.chunked_loss:  # without the chunked head the loss scores the rows whole
+        return _shared_prompt_acts(shape, s, micro_batch, seq_len)
+    return shape.layers * one_layer + _outer_bytes(shape, tokens), (
+        f"{shape.layers} layers × {fmt_size(one_layer / tokens)}/token × {tokens:,} tokens")
+
+
 def _shared_prompt_acts(shape: ModelShape, s: Setting, prompts: int, seq_len: int) -> tuple[float, str]:
     """GRPO without checkpointing (``objectives/shared_prompt.py``): each layer saves the ``prompts`` distinct
     prompts of ``seq_len`` tokens once, the group's completions of ``s.generated`` tokens attending over the whole
@@ -181,7 +202,7 @@ def _shared_prompt_acts(shape: ModelShape, s: Setting, prompts: int, seq_len: in
     prompt = layer_terms(shape, s, prompts).bytes(prompts * seq_len, seq_len)
     completion = layer_terms(shape, s, rows).bytes(rows * s.generated, L)
     kv = 2 * rows * seq_len * shape.kv_dim * s.act
-    outer = (prompts * seq_len + rows * s.generated) * 4 * shape.hidden * 2
+    outer = _outer_bytes(shape, prompts * seq_len + rows * s.generated)
     return shape.layers * (prompt + completion + kv) + outer, (
         f"{shape.layers} layers × ({prompts} prompts × {seq_len} tokens once + {rows} completions × {s.generated} "
         f"tokens + the prompts' K,V for each completion)")
@@ -239,23 +260,9 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
         keep = L
     rows = static_rows(shape, s)
     static = sum(r.bytes for r in rows)
-    lt = layer_terms(shape, s, b)
-    one_layer = lt.bytes(tokens, L)
+    one_layer = layer_terms(shape, s, b).bytes(tokens, L)
     per_token_layer = one_layer / tokens
-    # Outside the layers: the embedding output (and the encoder's embedding LayerNorm), the final norm.
-    outer = tokens * 4 * shape.hidden * 2
-    if s.gradient_checkpointing:
-        # Each checkpointed layer keeps its input (fp32 residual stream); in backward one layer is recomputed,
-        # its saved tensors live while its gradients flow.
-        kept = shape.layers * tokens * 4 * shape.hidden
-        acts = kept + outer
-        act_note = (f"{shape.layers} layer inputs × {fmt_size(4 * shape.hidden)}/token (checkpointing); "
-                    f"one layer recomputed: {fmt_size(per_token_layer)}/token")
-    elif s.generated and shape.chunked_loss:  # without the chunked head the loss scores the rows whole
-        acts, act_note = _shared_prompt_acts(shape, s, micro_batch, seq_len)
-    else:
-        acts = shape.layers * one_layer + outer
-        act_note = f"{shape.layers} layers × {fmt_size(per_token_layer)}/token × {tokens:,} tokens"
+    acts, act_note = _activations(shape, s, micro_batch, seq_len, one_layer)
     loss, loss_note = _loss_bytes(shape, s, b, keep)
     work, work_note = _backward_working(shape, s, tokens, L)
     # The peak is at the loss's backward (all saved activations + the logit copies), or while a layer
