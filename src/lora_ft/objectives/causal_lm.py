@@ -45,12 +45,16 @@ def _forward_has_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
+def kept_targets(batch: Batch) -> torch.Tensor:
+    """The targets of a left-padded batch's kept positions (``logits_to_keep``): what position t predicts."""
+    labels, keep = batch["labels"], int(batch["logits_to_keep"])
+    return labels[:, labels.shape[1] - keep + 1 :]
+
+
 def _kept(batch: Batch) -> tuple[dict[str, Any], int, torch.Tensor]:
     """(model inputs, kept positions, targets of the kept positions) of a left-padded batch."""
-    inputs = dict(batch)
-    keep = int(inputs.pop("logits_to_keep"))
-    labels = inputs.pop("labels")
-    return inputs, keep, labels[:, labels.shape[1] - keep + 1 :]
+    inputs = {k: v for k, v in batch.items() if k not in ("logits_to_keep", "labels")}
+    return inputs, int(batch["logits_to_keep"]), kept_targets(batch)
 
 
 def token_losses(model: torch.nn.Module, batch: Batch, chunked: bool = True,

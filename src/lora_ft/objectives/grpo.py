@@ -105,10 +105,9 @@ def sampling_seed(seed: int, step: int, ids: list[int]) -> int:
 def policy_logps(model: torch.nn.Module, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token log-probs of the completions at ``temperature``, completion mask), right-aligned as the batch:
     each prompt's forward once for its group where the batch allows it (``shared_prompt``), else every row whole."""
-    if SHARED in batch:
-        logps = prompt_logps(model, peft_model_of(model), batch, temperature)
-        if logps is not None:
-            return logps, batch["labels"][:, batch["labels"].shape[1] - int(batch["logits_to_keep"]) + 1:] != IGNORE
+    shared = prompt_logps(model, peft_model_of(model), batch, temperature) if SHARED in batch else None
+    if shared is not None:
+        return shared
     losses, target = token_losses(model, {k: batch[k] for k in _MODEL_KEYS}, temperature=temperature)
     return -losses, target != IGNORE
 

@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from ..data.chat import IGNORE
 from ..scoring.generation import left_padded
 from .base import Batch
+from .causal_lm import kept_targets
 from .chunked_loss import chunked_token_losses, head_inputs, innermost, output_head
 
 KEY = "shared_prompt"
@@ -38,7 +39,7 @@ KEY = "shared_prompt"
 def shared_inputs(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], group: int, pad_id: int,
                   device: torch.device) -> dict[str, torch.Tensor | int]:
     """The distinct prompts left-padded, the completions (``group`` per prompt, prompt by prompt) right-padded,
-    and the completions' positions: each prompt's length onwards, as the plain left-padded batch numbers them."""
+    and the positions of both as the plain left-padded batch numbers them (completions from each prompt's length)."""
     padded = left_padded(prompts, pad_id, torch.device("cpu"))
     prompt_ids, prompt_mask = padded["input_ids"], padded["attention_mask"]
     c_width = max(len(c) for c in completions)
@@ -48,15 +49,17 @@ def shared_inputs(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
         ids[i, :len(c)] = torch.tensor(list(c), dtype=torch.long)
         mask[i, :len(c)] = 1
     lengths = torch.tensor([len(p) for p in prompts]).repeat_interleave(group)
-    out = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": ids, "completion_mask": mask,
+    out = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+           "prompt_positions": (prompt_mask.cumsum(-1) - 1).clamp(min=0),  # pads at 0, as pad_left and generate
+           "completion_ids": ids, "completion_mask": mask,
            "completion_positions": lengths[:, None] + torch.arange(c_width)[None, :]}
     return {**{k: v.to(device) for k, v in out.items()}, "group": group}
 
 
 def prompt_logps(model: torch.nn.Module, prefix_model: torch.nn.Module, batch: Batch,
-                 temperature: float) -> torch.Tensor | None:
-    """Per-token log-probs of the completions at ``temperature``, in the layout of the plain batch's kept
-    positions (``batch["labels"]``, left-padded), or None where this path does not apply.
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(per-token log-probs of the completions at ``temperature``, completion mask) in the layout of the plain
+    batch's kept positions (``causal_lm.kept_targets``), or None where this path does not apply.
 
     Args:
         model: the model the step's forward goes through (DDP-wrapped on several processes): the completions'
@@ -72,12 +75,10 @@ def prompt_logps(model: torch.nn.Module, prefix_model: torch.nn.Module, batch: B
             base, "is_gradient_checkpointing", False):
         return None
     group = s["group"]
-    # Pads get position 0, as pad_left and generate give them.
-    positions = (s["prompt_mask"].cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=base.config)
     with head_inputs(head) as first:
-        prefix_model(input_ids=s["prompt_ids"], attention_mask=s["prompt_mask"], position_ids=positions, cache=cache,
-                     use_cache=True, logits_to_keep=1)
+        prefix_model(input_ids=s["prompt_ids"], attention_mask=s["prompt_mask"], position_ids=s["prompt_positions"],
+                     cache=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(group)
     mask = torch.cat([s["prompt_mask"].repeat_interleave(group, dim=0), s["completion_mask"]], dim=1)
     with head_inputs(head) as rest:
@@ -88,7 +89,7 @@ def prompt_logps(model: torch.nn.Module, prefix_model: torch.nn.Module, batch: B
     target = s["completion_ids"].masked_fill(s["completion_mask"] == 0, IGNORE)
     losses = chunked_token_losses(head, hidden / temperature if temperature != 1.0 else hidden, target,
                                   rest[0].autocast)
-    plain = batch["labels"][:, batch["labels"].shape[1] - int(batch["logits_to_keep"]) + 1:]
+    kept = kept_targets(batch) != IGNORE
     # Both layouts list each row's completion tokens in order: move them to the plain batch's right edge.
-    return torch.zeros(plain.shape, dtype=losses.dtype, device=losses.device).masked_scatter(
-        plain != IGNORE, -losses[target != IGNORE])
+    return torch.zeros(kept.shape, dtype=losses.dtype, device=losses.device).masked_scatter(
+        kept, -losses[target != IGNORE]), kept
