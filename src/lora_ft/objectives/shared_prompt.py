@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from ..data.chat import IGNORE
@@ -42,12 +43,10 @@ def shared_inputs(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
     and the positions of both as the plain left-padded batch numbers them (completions from each prompt's length)."""
     padded = left_padded(prompts, pad_id, torch.device("cpu"))
     prompt_ids, prompt_mask = padded["input_ids"], padded["attention_mask"]
-    c_width = max(len(c) for c in completions)
-    ids = torch.full((len(completions), c_width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(completions), c_width), dtype=torch.long)
-    for i, c in enumerate(completions):
-        ids[i, :len(c)] = torch.tensor(list(c), dtype=torch.long)
-        mask[i, :len(c)] = 1
+    rows = [torch.tensor(list(c), dtype=torch.long) for c in completions]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0)
+    c_width = ids.shape[1]
     lengths = torch.tensor([len(p) for p in prompts]).repeat_interleave(group)
     out = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
            "prompt_positions": (prompt_mask.cumsum(-1) - 1).clamp(min=0),  # pads at 0, as pad_left and generate
