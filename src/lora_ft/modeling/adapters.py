@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from ..errors import RecipeError
 from ..recipe import LoraConfigSection
+from .fused_lora import fuse_lora_layers
 from .loading import is_quantized
 from .lora_dropout import fuse_lora_dropout
 
@@ -155,6 +156,8 @@ def _ready(peft_model: PeftModel, targets: list[str]) -> PeftModel:
     """The adapter model as training uses it: LoRA dropout fused, the trainable share logged."""
     # peft's dropout keeps a full copy of every LoRA input for backward; see lora_dropout.py.
     fuse_lora_dropout(peft_model)
+    # peft's layer forward makes separate passes for the clone, scaling and sum; see fused_lora.py.
+    fuse_lora_layers(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("LoRA on %s; trainable %s of %s parameters (%.2f%%)", targets if len(targets) < 12 else
              f"{len(targets)} modules", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

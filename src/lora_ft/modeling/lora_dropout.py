@@ -89,8 +89,12 @@ class DropoutLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not torch.is_grad_enabled():
             return super().forward(F.dropout(x, self.p, self.training))
-        keep, p = keep_mask(x.shape, self.p, x.device)
+        keep, p = self.mask(x)
         return DroppedLinear.apply(x, self.weight, keep, p)
+
+    def mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """A fresh keep mask for ``x`` and the p it was drawn at (``keep_mask``)."""
+        return keep_mask(x.shape, self.p, x.device)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dropout={self.p}"
