@@ -4,7 +4,13 @@ from peft import LoraConfig, get_peft_model
 
 from lora_ft.errors import RecipeError
 from lora_ft.objectives.classification import SequenceClassification, pad_right
-from lora_ft.objectives.encoder_packing import cannot_pack_encoder, pack_examples, packed_logits
+from lora_ft.objectives.encoder_packing import (
+    cannot_pack_encoder,
+    pack_examples,
+    packed_logits,
+    pair_cost,
+    row_width,
+)
 from lora_ft.recipe import DataConfig
 
 PAD = 1  # RoBERTa's padding index; the other configs use it too, so the examples never contain it
@@ -91,7 +97,7 @@ def test_packed_logits_and_lora_gradients_equal_the_padded_batch_s(kind, attenti
 def test_rows_restart_positions_and_keep_each_example_to_its_own_segment():
     rows = [{"input_ids": [5] * n, "token_type_ids": [0] * (n - 1) + [1], "labels": n} for n in (3, 6, 2, 4)]
     b = pack_examples(rows, PAD, capacity=8)
-    # first-fit decreasing into rows of max(6, min(8, 128)) = 8 tokens: [6, 2] and [4, 3]
+    # first-fit decreasing into rows of 8 tokens ([6, 2] and [4, 3]: 16 slots) rather than 6 ([6], [4, 2], [3]: 18)
     assert b["labels"].tolist() == [6, 2, 4, 3]
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1], [0, 1, 2, 3, 0, 1, 2, 0]]
     assert b["segments"].tolist() == [[0] * 6 + [1] * 2, [2] * 4 + [3] * 3 + [-2]]
@@ -110,3 +116,29 @@ def test_an_architecture_without_a_proof_is_refused_with_the_reason():
     assert probe.use_packing("auto", gpt2) is False
     with pytest.raises(RecipeError, match="data.packing true: unpadded encoder batches are proven for"):
         probe.use_packing(True, gpt2)
+
+
+def test_the_row_width_trades_the_padding_of_narrow_rows_against_the_attention_of_wide_ones():
+    lengths = dict(enumerate([100, 30, 30, 30, 28]))
+    # Tightest (pair 0): rows of 128, [100, 28] and [30, 30, 30] (256 slots), rather than 3 rows of 100 (300).
+    assert row_width(lengths, 128, 0.0) == 128
+    # Attention dear (a pair 1/50 of a token): 300 × (1 + 100/50) = 900 < 256 × (1 + 128/50) = 911.
+    assert row_width(lengths, 128, 1 / 50) == 100
+    rows = [{"input_ids": [5] * n, "labels": i} for i, n in lengths.items()]
+    wide, narrow = pack_examples(rows, PAD, 128, 0.0), pack_examples(rows, PAD, 128, 1 / 50)
+    assert wide["input_ids"].shape == (2, 128) and narrow["input_ids"].shape == (3, 100)
+    assert wide["real_tokens"] == narrow["real_tokens"] == 218
+    assert sorted(narrow["labels"].tolist()) == sorted(wide["labels"].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_a_pair_costs_more_on_the_cpu_and_less_in_a_bigger_encoder():
+    import transformers as t
+
+    minilm = t.BertConfig(hidden_size=384, intermediate_size=1536, num_attention_heads=12)
+    base = t.BertConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert pair_cost(minilm, cpu) == pytest.approx(1 / 138, rel=0.01)  # the measured 1/140
+    assert pair_cost(minilm, gpu) == pytest.approx(1 / 2304)  # the matmuls alone: 4h / (24h²)
+    assert pair_cost(base, cpu) < pair_cost(minilm, cpu) / 3
+    distil = t.DistilBertConfig(dim=384, hidden_dim=1536, n_heads=12)
+    assert pair_cost(distil, cpu) == pair_cost(minilm, cpu)

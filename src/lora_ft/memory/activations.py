@@ -40,13 +40,20 @@ def _fused_dropout(s: Setting) -> bool:
     return s.lora_dropout > 0 and not s.use_dora
 
 
+def _fused_layer(s: Setting) -> bool:
+    """Whether ``fused_lora.fuse_lora_layers`` runs the targets' whole forward (vanilla LoRA on unquantized or
+    4-bit layers; int8 and DoRA keep peft's; GPT-2's transposed Conv1D layers too, which the plan does not tell)."""
+    return not s.use_dora and s.quant != "int8"
+
+
 def _lora_inputs(t: LayerTerms, s: Setting, targets: list[Target], width: int, dtype: int, shared_saved: bool,
                  what: str) -> None:
     """What the LoRA branches of the targets fed by one tensor (``width`` values of ``dtype`` bytes) save.
 
     ``shared_saved``: that tensor is saved anyway by someone else (so LoRA's reference costs nothing).
-    ``lora_B`` saves ``lora_A``'s output (r values) for every target. With dropout (vanilla LoRA),
-    ``lora_dropout.DroppedLinear`` keeps a reference to the input and one bool mask per target. Without
+    ``lora_B`` (or the fused layer) saves ``lora_A``'s output (r values) for every target. The fused layer
+    (``fused_lora.py``) and, with dropout, ``lora_dropout.DroppedLinear`` keep a reference to the input and one
+    bool mask per target (with dropout). Without
     dropout, peft's ``lora_A`` saves its input; under autocast a 16-bit copy of an fp32 input, one per target
     (autocast's cast cache only covers leaf weights). DoRA keeps peft's unfused dropout: the dropout output
     (or its 16-bit copy) and the mask, per target.
@@ -63,7 +70,7 @@ def _lora_inputs(t: LayerTerms, s: Setting, targets: list[Target], width: int, d
         return
     if _fused_dropout(s):
         t.add(f"{what}: dropout masks, bool ({len(targets)})", len(targets) * width)
-    elif cast:
+    elif cast and not _fused_layer(s):
         t.add(f"{what}: 16-bit copies saved by lora_A ({len(targets)})", len(targets) * width * s.act)
         return
     if not shared_saved:
@@ -94,7 +101,8 @@ def _inputs(t: LayerTerms, s: Setting, shape: ModelShape, role: str, width: int,
     """One input tensor of a layer and every linear module it feeds: LoRA's and the base layers' saves."""
     targets = [x for x in shape.layer_targets if x.role == role]
     # LoRA saves the very tensor (fused dropout, or no dropout and no cast): the base layers' reference is free.
-    lora_keeps_it = bool(targets) and (_fused_dropout(s) or not (s.lora_dropout or (s.autocast and dtype != s.act)))
+    lora_keeps_it = bool(targets) and (_fused_dropout(s) or _fused_layer(s)
+                                       or not (s.lora_dropout or (s.autocast and dtype != s.act)))
     _lora_inputs(t, s, targets, width, dtype, shared_saved=saved_by_other, what=role)
     _base_saves(t, s, [x for x in shape.layer_linear if x.role == role], width, dtype,
                 saved_already=saved_by_other or lora_keeps_it, what=role)
@@ -157,8 +165,8 @@ def _encoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
         t.add("attention log-sum-exp (fp32)", 4 * shape.heads)
         if batch > 1:
             t.per_token_seq.append(("attention mask, additive (batch × seq²)", a))
-    if shape.hidden_dropout > 0:
-        t.add("hidden dropout masks (2)", 2 * h * _mask_bytes(s, proj))
+    if shape.hidden_dropout > 0:  # model_dropout.MaskedDropout on the CPU, CUDA's fused dropout: bool masks
+        t.add("hidden dropout masks, bool (2)", 2 * h)
     t.add("LayerNorm inputs (fp32) and statistics", 2 * (4 * h + 8))
     t.add("GELU input", i * proj)
     # The fused kernels' output is laid out (batch, seq, heads, dim): the attention output is the saved one;

@@ -21,6 +21,7 @@ from ..recipe import LoraConfigSection
 from .fused_lora import fuse_lora_layers
 from .loading import is_quantized
 from .lora_dropout import fuse_lora_dropout
+from .model_dropout import swap_model_dropout
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ def _ready(peft_model: PeftModel, targets: list[str]) -> PeftModel:
     fuse_lora_dropout(peft_model)
     # peft's layer forward makes separate passes for the clone, scaling and sum; see fused_lora.py.
     fuse_lora_layers(peft_model)
+    swap_model_dropout(peft_model)  # the model's own dropout draws CPU masks as LoRA's do; see model_dropout.py
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("LoRA on %s; trainable %s of %s parameters (%.2f%%)", targets if len(targets) < 12 else
              f"{len(targets)} modules", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

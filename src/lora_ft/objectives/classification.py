@@ -23,7 +23,8 @@ from ..errors import RecipeError
 from ..recipe import AugmentConfig, DataConfig
 from ..scoring import classification_metrics
 from .base import Batch, Objective
-from .encoder_packing import cannot_pack_encoder, pack_examples, packed_logits
+from .chunked_loss import innermost
+from .encoder_packing import cannot_pack_encoder, pack_examples, packed_logits, pair_cost
 
 
 def _number(value: Any) -> float | None:
@@ -93,6 +94,7 @@ class SequenceClassification(Objective):
     def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase):
         super().__init__(cfg, tokenizer)
         self.label2id: dict[str, int] = {}  # set by fit_labels
+        self.pair = 0.0  # encoder_packing.pair_cost of the model packed for, set by use_packing
 
     def label_column(self) -> str:
         return self.cfg.label_column
@@ -148,11 +150,17 @@ class SequenceClassification(Objective):
     def cannot_pack(self, model: torch.nn.Module) -> str | None:
         return cannot_pack_encoder(model)
 
+    def use_packing(self, requested: str | bool, model: torch.nn.Module) -> bool:
+        packing = super().use_packing(requested, model)
+        if packing:  # the rows' width weighs attention by this model's shape and device (row_width)
+            self.pair = pair_cost(innermost(model).config, next(model.parameters()).device)
+        return packing
+
     def collate_packed(self, rows: list[dict[str, Any]], capacity: int,
                        augment: Callable[[dict], dict] | None = None) -> Batch:
         if augment:
             rows = [augment(r) for r in rows]
-        return pack_examples(rows, self.tokenizer.pad_token_id, capacity)
+        return pack_examples(rows, self.tokenizer.pad_token_id, capacity, self.pair)
 
     def tokens(self, batch: Batch) -> torch.Tensor:
         return batch["real_tokens"] if "real_tokens" in batch else batch["attention_mask"].sum()
