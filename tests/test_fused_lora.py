@@ -95,6 +95,10 @@ def test_outside_plain_training_the_fused_class_runs_peft_s_forward():
     fused.merge_adapter()  # merged: the base layer alone, as peft does
     assert fused(x).grad_fn.name() != "FusedLoraFunctionBackward"
     fused.unmerge_adapter()
+    layer.lora_A["default"].weight.ds_id = 0  # partitioned by DeepSpeed ZeRO-3: gathered only by a module call
+    assert fused.train()(x).grad_fn.name() != "FusedLoraFunctionBackward"
+    del layer.lora_A["default"].weight.ds_id
+    assert fused(x).grad_fn.name() == "FusedLoraFunctionBackward"
     fused.add_adapter("other", LoraConfig(r=2, target_modules=["proj"]))
     fused.base_model.set_adapter(["default", "other"])  # two active adapters: peft sums them
     assert layer.active_adapters == ["default", "other"]

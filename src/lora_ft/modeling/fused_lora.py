@@ -14,10 +14,13 @@ only overrides ``forward`` (no parameter, buffer or state-dict key changes), so 
 switching and loading see peft's layer. The fused path runs only where it computes what peft's does: training
 with gradients, one active vanilla adapter, not merged, no per-row adapters; the base an unquantized
 ``nn.Linear`` (not ``fan_in_fan_out``) or a bitsandbytes 4-bit layer whose compute dtype is the dtype the layer
-computes in; every other call goes to peft's ``forward``. Output dtypes are peft's (a 4-bit base returns the
-input's dtype, as bitsandbytes casts back), so the layers around it, and the planner's saved-tensor terms, see
-the same tensors. In fp32 the result and gradients equal peft's bit for bit; under bf16 autocast the sum is
-rounded once instead of twice.
+computes in, the weights not partitioned by DeepSpeed ZeRO-3 (which gathers a module's weights only when that
+module is called, as peft's forward calls each); every other call goes to peft's ``forward``. Output dtypes
+are peft's (a 4-bit base returns the input's dtype, as bitsandbytes casts back), so the layers around it, and
+the planner's saved-tensor terms, see the same tensors. In fp32 the result and gradients equal peft's (to
+rounding: the dropout's scale is applied to the r-wide product); under bf16 autocast the sum is rounded once
+instead of twice. Not yet run on a GPU (no device was lent): the function is device-agnostic torch, and the
+masks there are ``bernoulli_``'s.
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ class _FusedForward:
         if lora_a.bias is not None or lora_b.bias is not None or base.weight.requires_grad or (
                 base.bias is not None and base.bias.requires_grad):
             return None
+        if any(hasattr(w, "ds_id") for w in (lora_a.weight, lora_b.weight, base.weight)):
+            return None  # DeepSpeed ZeRO-3 gathers a module's weights when that module is called: peft calls each
         quant_dtype = None
         if isinstance(base, bnb.nn.Linear4bit):
             fix_4bit_weight_quant_state_from_module(base)  # what bitsandbytes' own forward does first (FSDP)
