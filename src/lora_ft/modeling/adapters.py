@@ -154,7 +154,8 @@ def _prepare_base(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTr
 
 
 def _ready(peft_model: PeftModel, targets: list[str]) -> PeftModel:
-    """The adapter model as training uses it: LoRA dropout fused, the trainable share logged."""
+    """The adapter model as training uses it: LoRA dropout and each LoRA layer's forward fused, the model's own
+    dropout drawing CPU masks, the trainable share logged."""
     # peft's dropout keeps a full copy of every LoRA input for backward; see lora_dropout.py.
     fuse_lora_dropout(peft_model)
     # peft's layer forward makes separate passes for the clone, scaling and sum; see fused_lora.py.

@@ -46,7 +46,8 @@ with dropout runs the math kernel, whose mask, softmax and dropout are passes ov
 and backward. Measured on MiniLM-L6 NF4 LoRA, one thread, AMD EPYC (AVX512-BF16): rows 32 against 128 wide on
 short examples took 0.06 s less per step for 24.5k fewer pairs per layer, 2.4 µs per pair over the 6 layers, i.e.
 a pair costs 1/140 of a token's linear layers; less the pair's matmuls (4 × hidden FLOPs), ≈ 2,000 per head. GPU
-kernels fuse these passes: 0 there."""
+kernels fuse these passes, and so does CPU SDPA's flash kernel where the attention has no dropout (ModernBERT's
+default): 0 there (not measured; the matmuls alone)."""
 
 
 def pair_cost(config: Any, device: torch.device) -> float:
@@ -55,13 +56,15 @@ def pair_cost(config: Any, device: torch.device) -> float:
 
     Args:
         config: the encoder's config (``hidden_size``, ``intermediate_size``, ``num_attention_heads``; DistilBERT's
-            ``dim``, ``hidden_dim``, ``n_heads``).
-        device: where the model computes (the per-head passes are CPU-only costs).
+            ``dim``, ``hidden_dim``, ``n_heads``; the attention dropout as ``attention_probs_dropout_prob`` or
+            ``attention_dropout``).
+        device: where the model computes (the per-head passes are the CPU math kernel's: ``CPU_HEAD_PAIR_FLOPS``).
     """
     h = getattr(config, "hidden_size", None) or config.dim
     i = getattr(config, "intermediate_size", None) or config.hidden_dim
     heads = getattr(config, "num_attention_heads", None) or config.n_heads
-    per_head = CPU_HEAD_PAIR_FLOPS if device.type == "cpu" else 0.0
+    dropout = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0)
+    per_head = CPU_HEAD_PAIR_FLOPS if device.type == "cpu" and dropout > 0 else 0.0
     linear = 2 * (4 * h * h + 2 * h * i)  # q, k, v, output and the two MLP layers: FLOPs per token
     return (4 * h + heads * per_head) / linear
 
