@@ -68,14 +68,15 @@ def test_the_fused_layer_computes_peft_s_values_and_gradients_in_fp32(quant, p):
 
 
 @pytest.mark.parametrize("quant", [False, True], ids=["linear", "nf4"])
-def test_under_bf16_autocast_the_fused_layer_keeps_peft_s_dtypes_and_values_to_bf16_precision(quant):
+def test_under_bf16_autocast_the_fused_layer_returns_bf16_with_peft_s_values_to_bf16_precision(quant):
     plain, fused = _pair(quant, 0.1, torch.bfloat16)
     x, g = torch.randn(4, 6, 48), torch.randn(4, 6, 40)
     y0, *grads0 = _run(plain, x, g, autocast=True)
     y1, *grads1 = _run(fused, x, g, autocast=True)
     assert y1.grad_fn.name() == "FusedLoraFunctionBackward"
-    # bitsandbytes casts a 4-bit layer's output back to the input's dtype; an autocast linear returns bf16.
-    assert y1.dtype == y0.dtype == (torch.float32 if quant else torch.bfloat16)
+    # An autocast linear returns bf16; bitsandbytes casts a 4-bit layer's bf16 product back to the input's fp32,
+    # the fused layer hands on the bf16 product itself (the same values: a 16-bit number cast up and back).
+    assert y1.dtype == torch.bfloat16 and y0.dtype == (torch.float32 if quant else torch.bfloat16)
     torch.testing.assert_close(y1.float(), y0.float(), rtol=2e-2, atol=1e-2 * y0.abs().max().item())
     for a, b in zip(grads1, grads0, strict=True):
         assert a.dtype == b.dtype == torch.float32

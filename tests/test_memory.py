@@ -114,6 +114,8 @@ CASES = [
     *[("llama", q, s, {}) for q in ("none", "int8", "nf4") for s in (32, 128)],
     *[("bert", q, s, {}) for q in ("none", "int8", "nf4") for s in (32, 128)],
     ("llama", "nf4", 128, {"model": {"compute_dtype": "bf16"}, "train": {"gradient_checkpointing": True}}),
+    # The fused layer hands on 4-bit products in bf16 under autocast: the saved projection outputs are 16-bit.
+    *[(m, "nf4", 128, {"model": {"compute_dtype": "bf16"}}) for m in ("llama", "bert")],
     ("llama", "none", 128, {"model": {"compute_dtype": "bf16"}}),
     ("llama", "none", 128, {"train": {"gradient_checkpointing": True}, "lora": {"dropout": 0.0}}),
     ("llama", "int8", 32, {"lora": {"dropout": 0.0}}),  # int8 and LoRA share their saved input
@@ -329,7 +331,7 @@ def test_plan_command_prints_the_breakdown_and_what_fits(tmp_path, capsys):
 def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     """Checkpointing and 4-bit shrink the plan; without checkpointing, autocast keeps a 16-bit copy of every
     frozen unquantized weight; unpacked, the logits follow the answer fraction and batch 1 has no padding mask;
-    packed, every position may carry a label and even one row has a mask."""
+    packed, even one row has a mask, and from the data every position may carry a label."""
     def est(quant="none", gc=False, device="cuda", b=4, frac=1.0, packing=False):
         recipe = recipe_for(small_llama, quant=quant, train={"gradient_checkpointing": gc},
                             data={"packing": packing}, model={"compute_dtype": "auto"})  # a GPU plan: bf16
@@ -352,9 +354,14 @@ def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     assert not layer_terms(shape, setting_for(unpacked, "cpu"), 1).per_token_seq  # no mask to save
     packed = setting_for(recipe_for(small_llama), "cpu")
     assert packed.packed and layer_terms(shape, packed, 1).per_token_seq  # the example boundaries' mask
+    # Packed, a stated answer fraction holds for a row as for each example; the data's longest answer says nothing
+    # about how many answers share a row, so then every one of the 256 positions may carry a label.
     logits_packed = {r.label: r.bytes for r in est(frac=0.5, packing=True).rows}["logits + loss *"]
-    assert logits_packed == pytest.approx(6 * 2 * positions * shape.vocab + 2 * 4 * 2 * positions * shape.hidden
-                                          + head16)  # all 256 positions of each row
+    assert logits_packed == logits
+    packed_recipe = recipe_for(small_llama, data={"packing": True}, model={"compute_dtype": "auto"})
+    from_data = estimate(model_shape(packed_recipe), setting_for(packed_recipe, "cuda"), 4, 256, answer_tokens=20)
+    assert {r.label: r.bytes for r in from_data.rows}["logits + loss *"] == pytest.approx(
+        6 * 2 * positions * shape.vocab + 2 * 4 * 2 * positions * shape.hidden + head16)
     # The CPU process beside its tensors: the runtime, and with checkpointing the heap's previous recomputed layer.
     plain, checkpointed = est(device="cpu"), est(device="cpu", gc=True)
     recomputed = {r.label: r.bytes for r in checkpointed.rows}["backward working set * (recomputed layer)"]

@@ -21,12 +21,14 @@ def test_masked_dropout_drops_at_p_scales_by_the_drawn_p_and_passes_the_gradient
     assert torch.equal(drop(x), x)
 
 
-def test_backward_keeps_a_bool_mask_not_a_noise_tensor():
+def test_backward_keeps_a_one_byte_mask_not_a_noise_tensor():
     saved = []
     x = torch.randn(64, 256, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        MaskedDropout(0.1)(x)
-    assert [t.dtype for t in saved] == [torch.bool]
+        y = MaskedDropout(0.1)(x)
+    # the bool mask's uint8 view (the multiply's fast operand): one byte per value, 1 where y kept x
+    assert [(t.dtype, t.element_size(), t.shape) for t in saved] == [(torch.uint8, 1, x.shape)]
+    assert set(saved[0].unique().tolist()) == {0, 1} and torch.equal(saved[0].bool(), y != 0)
 
 
 def test_the_swap_takes_the_model_s_dropouts_and_leaves_lora_s(bert_lora):

@@ -46,6 +46,19 @@ def _fused_layer(s: Setting) -> bool:
     return not s.use_dora and s.quant != "int8"
 
 
+def _proj_bytes(shape: ModelShape, s: Setting, role: str) -> int:
+    """Bytes per value of what the linear modules fed by ``role``'s tensor output: 16 bits under autocast where
+    each is unquantized or a 4-bit LoRA target on the fused layer (which returns the autocast dtype), else fp32
+    (fp32 training; int8 layers and 4-bit layers without the fused layer cast back to their fp32 input's dtype)."""
+    if not s.autocast:
+        return 4
+    if s.quant == "none":
+        return s.act
+    targets = {x.name for x in shape.layer_targets if x.role == role}
+    base = [x for x in shape.layer_linear if x.role == role]
+    return s.act if _fused_layer(s) and base and all(x.name in targets for x in base) else 4
+
+
 def _lora_inputs(t: LayerTerms, s: Setting, targets: list[Target], width: int, dtype: int, shared_saved: bool,
                  what: str) -> None:
     """What the LoRA branches of the targets fed by one tensor (``width`` values of ``dtype`` bytes) save.
@@ -113,12 +126,12 @@ def _decoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
     RMSNorm → gate, up → SiLU(gate)·up → down → +.
 
     dtypes: the residual stream is fp32 (embeddings are fp32 in every lora_ft mode) and so are the norm outputs
-    (fp32 norm weights); unquantized projections compute in ``s.act`` under autocast; bitsandbytes layers return
-    their input's dtype, so projections of fp32 norm outputs stay fp32 when quantized.
+    (fp32 norm weights); projections compute in ``s.act`` under autocast and hand it on, except quantized layers
+    off the fused path, which return their input's dtype (``_proj_bytes``).
     """
     t = LayerTerms()
     h, i, a = shape.hidden, shape.intermediate, s.act
-    proj = 4 if (s.quant != "none" or not s.autocast) else a  # dtype of q/k/v/gate/up outputs
+    proj = _proj_bytes(shape, s, "mlp_in")  # dtype of gate/up outputs
     # Norms: RMSNorm saves its input (the residual stream, fp32) and 1/rms (one fp32 per token), twice.
     t.add("residual stream into the two norms (fp32)", 2 * 4 * h)
     t.add("norm statistics (fp32)", 2 * 4)
@@ -133,7 +146,7 @@ def _decoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
         # SDPA turns the boolean mask into an additive one of the query dtype, saved by every layer.
         t.per_token_seq.append(("attention mask, additive (batch × seq²)", a))
     if shape.attn_dropout > 0 and s.device == "cpu":  # no fused CPU kernel with dropout: see _encoder_layer
-        t.per_token_seq.append(("attention probabilities: softmax, mask, dropped", shape.heads * (4 + 2 * a)))
+        t.per_token_seq.append(("attention probabilities: softmax, mask, dropped (fp32)", shape.heads * 3 * 4))
     # LoRA and base layers per input tensor. The attention output is the tensor SDPA saves.
     _inputs(t, s, shape, "attn_in", h, 4, False)
     _inputs(t, s, shape, "attn_out", shape.q_dim, a, True)
@@ -153,13 +166,15 @@ def _encoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
     (fp32), so nothing saves it unless LoRA or int8 does."""
     t = LayerTerms()
     h, i, a = shape.hidden, shape.intermediate, s.act
-    proj = 4 if (s.quant != "none" or not s.autocast) else a
+    proj = _proj_bytes(shape, s, "mlp_in")  # dtype of the intermediate layer's output
     math_kernel = shape.attn_dropout > 0 and s.device == "cpu"
     if math_kernel:
-        # CPU SDPA has no fused kernel with dropout: the math path saves q, k, v, the softmax output (fp32),
-        # the dropout mask and the dropped probabilities, and the output is copied to (batch, seq, hidden).
-        t.add("attention q, k, v", 3 * h * a)
-        t.per_token_seq.append(("attention probabilities: softmax, mask, dropped", shape.heads * (4 + 2 * a)))
+        # CPU SDPA has no fused kernel with dropout: the math path saves q, k, v, the softmax output, the dropout
+        # mask and the dropped probabilities, and the output is copied to (batch, seq, hidden). It computes in
+        # fp32 under autocast too (it casts 16-bit inputs up: saved-tensor hooks show fp32 q, k, v and
+        # probabilities of a bf16 MiniLM step), so every one of them is 4 bytes.
+        t.add("attention q, k, v (fp32)", 3 * h * 4)
+        t.per_token_seq.append(("attention probabilities: softmax, mask, dropped (fp32)", shape.heads * 3 * 4))
     else:
         t.add("attention q, k, v, output", 4 * h * a)
         t.add("attention log-sum-exp (fp32)", 4 * shape.heads)

@@ -154,7 +154,7 @@ def _eval_bytes(shape: ModelShape, s: Setting, batch: int, seq: int, keep: int) 
     intermediates: gate, up, act(gate), their product and LoRA's new sum beside the base output (five) — fc1's
     output, its LoRA sum and the activation (three) without a gate."""
     tokens = batch * seq
-    proj = 4 if (s.quant != "none" or not s.autocast) else s.act
+    proj = 4 if (s.quant != "none" or not s.autocast) else s.act  # peft's forward: quantized outputs are fp32
     layer = tokens * (2 * 4 * shape.hidden + (5 if shape.gated_mlp else 3) * shape.intermediate * proj)
     if batch > 1:
         layer += tokens * seq * s.act  # the additive padding mask
@@ -256,8 +256,10 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
     keep = min(L, answer_tokens + 1) if answer_tokens else max(1, math.ceil(answer_fraction * L))
     if s.generated:  # GRPO: the loss is on the sampled completions, after prompts of up to seq_len tokens
         keep = s.generated + 1
-    if s.packed:  # a packed row holds many answers: plan for labels on every position
-        keep = L
+    if s.packed:
+        # A packed row holds many answers. The data's longest answer says nothing about how many fit in a row, so
+        # plan for labels on every position; a stated answer fraction holds for the row as for each example.
+        keep = max(1, math.ceil(answer_fraction * L)) if answer_tokens is None else L
     rows = static_rows(shape, s)
     static = sum(r.bytes for r in rows)
     one_layer = layer_terms(shape, s, b).bytes(tokens, L)

@@ -15,12 +15,14 @@ switching and loading see peft's layer. The fused path runs only where it comput
 with gradients, one active vanilla adapter, not merged, no per-row adapters; the base an unquantized
 ``nn.Linear`` (not ``fan_in_fan_out``) or a bitsandbytes 4-bit layer whose compute dtype is the dtype the layer
 computes in, the weights not partitioned by DeepSpeed ZeRO-3 (which gathers a module's weights only when that
-module is called, as peft's forward calls each); every other call goes to peft's ``forward``. Output dtypes
-are peft's (a 4-bit base returns the input's dtype, as bitsandbytes casts back), so the layers around it, and
-the planner's saved-tensor terms, see the same tensors. In fp32 the result and gradients equal peft's (to
-rounding: the dropout's scale is applied to the r-wide product); under bf16 autocast the sum is rounded once
-instead of twice. Not yet run on a GPU (no device was lent): the function is device-agnostic torch, and the
-masks there are ``bernoulli_``'s.
+module is called, as peft's forward calls each); every other call goes to peft's ``forward``. Under autocast
+the output is in the autocast dtype for a 4-bit base too, as an unquantized ``nn.Linear`` gives it: bitsandbytes
+computes in that dtype and casts the product back to the input's fp32, which the next matmul casts down again
+(the values are the same; an fp32 copy of every projection output costs passes and memory: 1.036× / 1.047× a
+MiniLM classification step, interleaved A/B on two data sets). The planner counts those outputs in 16 bits
+(``memory/activations.py``). In fp32 the result and gradients equal peft's (to rounding: the dropout's scale is
+applied to the r-wide product); under bf16 autocast the sum is rounded once instead of twice. Not yet run on
+a GPU (no device was lent): the function is device-agnostic torch, and the masks there are ``bernoulli_``'s.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 from torch import nn
 
-from .lora_dropout import DropoutLinear
+from .lora_dropout import DropoutLinear, as_factor
 
 
 def _dequantized(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -60,7 +62,7 @@ class FusedLoraFunction(torch.autograd.Function):
         weight = _dequantized(base, dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
         out = F.linear(xb, weight, bias)
-        dropped = xb if keep is None else xb * keep
+        dropped = xb if keep is None else xb * as_factor(keep)
         h = dropped @ a.to(dtype).t()
         alpha = scale / (1.0 - p)  # LoRA's scaling and the dropout's 1 / (1 − p), applied once to the r-wide product
         out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.to(dtype).t(), alpha=alpha)
@@ -81,13 +83,13 @@ class FusedLoraFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = (g.t() @ h.reshape(-1, h.shape[-1])).mul_(alpha).to(b.dtype)
         if ctx.needs_input_grad[1]:
-            dropped = x.to(dtype) if keep is None else x.to(dtype) * keep  # rebuilt, freed on return
+            dropped = x.to(dtype) if keep is None else x.to(dtype) * as_factor(keep)  # rebuilt, freed on return
             grad_a = (gh.t() @ dropped.reshape(-1, dropped.shape[-1])).mul_(alpha).to(a.dtype)
         if ctx.needs_input_grad[0]:
             weight = kept if kept is not None else _dequantized(ctx.base, dtype)
             lora = gh @ a.to(dtype)
             if keep is not None:
-                lora = lora.mul_(keep.reshape(-1, keep.shape[-1]))
+                lora = lora.mul_(as_factor(keep).reshape(-1, keep.shape[-1]))
             grad_x = (g @ weight).add_(lora, alpha=alpha).view(*x.shape).to(x.dtype)
         return grad_x, grad_a, grad_b, None, None, None, None, None, None
 
@@ -135,7 +137,7 @@ class _FusedForward:
             dtype = torch.get_autocast_dtype(kind)
             if quant_dtype is not None and quant_dtype != dtype:
                 return None
-            return name, dtype, x.dtype if quant_dtype is not None else dtype
+            return name, dtype, dtype  # as autocast's F.linear: bitsandbytes' cast back to fp32 is not made
         dtype = x.dtype
         if lora_a.weight.dtype != dtype or lora_b.weight.dtype != dtype or (
                 quant_dtype is not None and quant_dtype != dtype) or (

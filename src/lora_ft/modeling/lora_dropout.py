@@ -72,9 +72,20 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.
     return words.view(torch.int16)[:n].view(shape) >= q - 32768, q / 65536
 
 
+def as_factor(keep: torch.Tensor) -> torch.Tensor:
+    """A bool mask as a factor to multiply by: its uint8 view (the same bytes, no copy; 1 and 0 in every dtype).
+
+    Written by hand because torch converts a bool operand of ``x * keep`` to ``x``'s dtype one value at a time,
+    without vectorising, while uint8 converts at memory speed. Measured (one thread, AMD EPYC, 2,048 × 1,536
+    bf16): ``x * keep`` 6.25 ms, of which the bool → bf16 conversion 4.97 ms; ``x * keep.view(torch.uint8)`` 1.90
+    ms. In a SmolLM2 QLoRA chat step those conversions were ~10% of the time (torch.profiler, 4 steps).
+    """
+    return keep.view(torch.uint8)
+
+
 def _drop(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout in the input's own dtype, as ``nn.Dropout`` does before autocast casts for the matmul."""
-    return (x * keep).mul_(1.0 / (1.0 - p))
+    return (x * as_factor(keep)).mul_(1.0 / (1.0 - p))
 
 
 class DropoutLinear(nn.Linear):

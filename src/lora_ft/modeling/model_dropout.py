@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lora_dropout import keep_mask
+from .lora_dropout import as_factor, keep_mask
 
 
 class MaskedDropout(nn.Dropout):
@@ -26,7 +26,7 @@ class MaskedDropout(nn.Dropout):
         if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
         keep, p = keep_mask(x.shape, self.p, x.device)
-        return x.mul(keep).mul_(1.0 / (1.0 - p))
+        return x.mul(as_factor(keep)).mul_(1.0 / (1.0 - p))
 
 
 def swap_model_dropout(model: nn.Module) -> int:
