@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..modeling.model_dropout import sdpa_math_kernel
 from .shape import ModelShape, Setting, Target
 
 
@@ -46,6 +47,12 @@ def _fused_layer(s: Setting) -> bool:
     return not s.use_dora and s.quant != "int8"
 
 
+def _math_probabilities(t: LayerTerms, shape: ModelShape) -> None:
+    """SDPA's math kernel (``sdpa_math_kernel``) keeps the softmax output, the dropout mask and the dropped
+    probabilities, all fp32 (it casts 16-bit inputs up: saved-tensor hooks on a bf16 MiniLM step show it)."""
+    t.per_token_seq.append(("attention probabilities: softmax, mask, dropped (fp32)", shape.heads * 3 * 4))
+
+
 def _proj_bytes(shape: ModelShape, s: Setting, role: str) -> int:
     """Bytes per value of what the linear modules fed by ``role``'s tensor output: 16 bits under autocast where
     each is unquantized or a 4-bit LoRA target on the fused layer (which returns the autocast dtype), else fp32
@@ -65,11 +72,10 @@ def _lora_inputs(t: LayerTerms, s: Setting, targets: list[Target], width: int, d
 
     ``shared_saved``: that tensor is saved anyway by someone else (so LoRA's reference costs nothing).
     ``lora_B`` (or the fused layer) saves ``lora_A``'s output (r values) for every target. The fused layer
-    (``fused_lora.py``) and, with dropout, ``lora_dropout.DroppedLinear`` keep a reference to the input and one
-    bool mask per target (with dropout). Without
-    dropout, peft's ``lora_A`` saves its input; under autocast a 16-bit copy of an fp32 input, one per target
-    (autocast's cast cache only covers leaf weights). DoRA keeps peft's unfused dropout: the dropout output
-    (or its 16-bit copy) and the mask, per target.
+    (``fused_lora.py``) and, with dropout, ``lora_dropout.DroppedLinear`` keep a reference to the input and, with
+    dropout, one bool mask per target. Without dropout, peft's ``lora_A`` saves its input; under autocast a 16-bit
+    copy of an fp32 input, one per target (autocast's cast cache only covers leaf weights). DoRA keeps peft's
+    unfused dropout: the dropout output (or its 16-bit copy) and the mask, per target.
     """
     if not targets:
         return
@@ -145,8 +151,8 @@ def _decoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
     if masked:
         # SDPA turns the boolean mask into an additive one of the query dtype, saved by every layer.
         t.per_token_seq.append(("attention mask, additive (batch × seq²)", a))
-    if shape.attn_dropout > 0 and s.device == "cpu":  # no fused CPU kernel with dropout: see _encoder_layer
-        t.per_token_seq.append(("attention probabilities: softmax, mask, dropped (fp32)", shape.heads * 3 * 4))
+    if sdpa_math_kernel(shape.attn_dropout, s.device):
+        _math_probabilities(t, shape)
     # LoRA and base layers per input tensor. The attention output is the tensor SDPA saves.
     _inputs(t, s, shape, "attn_in", h, 4, False)
     _inputs(t, s, shape, "attn_out", shape.q_dim, a, True)
@@ -167,14 +173,12 @@ def _encoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
     t = LayerTerms()
     h, i, a = shape.hidden, shape.intermediate, s.act
     proj = _proj_bytes(shape, s, "mlp_in")  # dtype of the intermediate layer's output
-    math_kernel = shape.attn_dropout > 0 and s.device == "cpu"
+    math_kernel = sdpa_math_kernel(shape.attn_dropout, s.device)
     if math_kernel:
-        # CPU SDPA has no fused kernel with dropout: the math path saves q, k, v, the softmax output, the dropout
-        # mask and the dropped probabilities, and the output is copied to (batch, seq, hidden). It computes in
-        # fp32 under autocast too (it casts 16-bit inputs up: saved-tensor hooks show fp32 q, k, v and
-        # probabilities of a bf16 MiniLM step), so every one of them is 4 bytes.
+        # The math kernel saves fp32 q, k, v and the probabilities, and its output is copied to (batch, seq,
+        # hidden).
         t.add("attention q, k, v (fp32)", 3 * h * 4)
-        t.per_token_seq.append(("attention probabilities: softmax, mask, dropped (fp32)", shape.heads * 3 * 4))
+        _math_probabilities(t, shape)
     else:
         t.add("attention q, k, v, output", 4 * h * a)
         t.add("attention log-sum-exp (fp32)", 4 * shape.heads)

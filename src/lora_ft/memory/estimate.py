@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..modeling.model_dropout import sdpa_math_kernel
 from ..objectives.chunked_loss import chunk_rows
 from ..recipe.train import EVAL_BATCH_FACTOR
 from .activations import layer_terms
@@ -110,7 +111,7 @@ def _backward_working(shape: ModelShape, s: Setting, tokens: int, seq: int) -> t
     backward's two (batch × heads × seq²) gradients in the math attention kernel, and for quantized layers the
     weight de-quantized for the matmul."""
     grads = tokens * 4 * 2 * shape.hidden
-    if shape.family == "encoder" and shape.attn_dropout > 0 and s.device == "cpu":
+    if shape.family == "encoder" and sdpa_math_kernel(shape.attn_dropout, s.device):
         grads += tokens * seq * shape.heads * 4 * 2
     biggest = max((fi * fo for n, fi, fo, _ in shape.linear if n in shape.quantizable), default=0)
     dequant = biggest * (4 if not s.autocast else 2) if s.quant != "none" else 0

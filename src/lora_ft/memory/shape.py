@@ -20,6 +20,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from ..errors import UsageError
 from ..modeling.adapters import linear_modules, resolve_targets, unused_modules
 from ..modeling.loading import auto_class, load_config, new_head_modules, remote_code, resolve_source
+from ..modeling.model_dropout import attention_dropout
 from ..modeling.precision import resolve_compute_dtype
 from ..objectives.causal_lm import PACKING_MODELS
 from ..objectives.chunked_loss import PLAIN_HEAD_MODELS
@@ -215,8 +216,7 @@ def _model_shape(source: str, task: str, lora_targets: tuple[str, ...] | str, qu
         name=source, architecture=type(model).__name__, family=family, task=task, layers=n_layers, hidden=hidden,
         heads=heads, kv_heads=int(_cfg(config, "num_key_value_heads", default=heads)), head_dim=head_dim,
         intermediate=intermediate, vocab=int(_cfg(config, "vocab_size")), gated_mlp=gated,
-        attn_dropout=float(_cfg(config, "attention_dropout", "attention_probs_dropout_prob", "attn_pdrop",
-                                default=0.0) or 0.0),
+        attn_dropout=attention_dropout(config),
         hidden_dropout=float(_cfg(config, "hidden_dropout_prob", "hidden_dropout", "resid_pdrop", default=0.0)
                              or 0.0),
         max_positions=_cfg(config, "max_position_embeddings", "n_positions"),

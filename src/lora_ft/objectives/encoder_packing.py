@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..data.packing import first_fit_decreasing
+from ..modeling.model_dropout import attention_dropout, sdpa_math_kernel
 from .base import Batch
 from .chunked_loss import innermost
 
@@ -56,15 +57,13 @@ def pair_cost(config: Any, device: torch.device) -> float:
 
     Args:
         config: the encoder's config (``hidden_size``, ``intermediate_size``, ``num_attention_heads``; DistilBERT's
-            ``dim``, ``hidden_dim``, ``n_heads``; the attention dropout as ``attention_probs_dropout_prob`` or
-            ``attention_dropout``).
+            ``dim``, ``hidden_dim``, ``n_heads``; its attention dropout, ``model_dropout.attention_dropout``).
         device: where the model computes (the per-head passes are the CPU math kernel's: ``CPU_HEAD_PAIR_FLOPS``).
     """
     h = getattr(config, "hidden_size", None) or config.dim
     i = getattr(config, "intermediate_size", None) or config.hidden_dim
     heads = getattr(config, "num_attention_heads", None) or config.n_heads
-    dropout = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0)
-    per_head = CPU_HEAD_PAIR_FLOPS if device.type == "cpu" and dropout > 0 else 0.0
+    per_head = CPU_HEAD_PAIR_FLOPS if sdpa_math_kernel(attention_dropout(config), device.type) else 0.0
     linear = 2 * (4 * h * h + 2 * h * i)  # q, k, v, output and the two MLP layers: FLOPs per token
     return (4 * h + heads * per_head) / linear
 
