@@ -1,5 +1,6 @@
 import pytest
 import torch
+import transformers as t
 from peft import LoraConfig, get_peft_model
 
 from lora_ft.errors import RecipeError
@@ -19,8 +20,6 @@ LENGTHS = [9, 3, 14, 5, 5, 11, 2, 7]  # in rows of 16 tokens (the capacity below
 
 def tiny(kind: str, attention: str = "sdpa", **extra) -> torch.nn.Module:
     """A 2-3-layer random sequence classifier of architecture ``kind`` with one label per test example."""
-    import transformers as t
-
     common = {"vocab_size": 60, "pad_token_id": PAD, "num_labels": len(LENGTHS)}
     cfg = {
         "bert": lambda: t.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -107,8 +106,6 @@ def test_rows_restart_positions_and_keep_each_example_to_its_own_segment():
 
 
 def test_an_architecture_without_a_proof_is_refused_with_the_reason():
-    import transformers as t
-
     gpt2 = t.GPT2ForSequenceClassification(t.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=30))
     why = cannot_pack_encoder(gpt2)
     assert why.startswith("unpadded encoder batches are proven for bert,") and "'gpt2'" in why
@@ -132,8 +129,6 @@ def test_the_row_width_trades_the_padding_of_narrow_rows_against_the_attention_o
 
 
 def test_a_pair_costs_more_on_the_cpu_and_less_in_a_bigger_encoder():
-    import transformers as t
-
     minilm = t.BertConfig(hidden_size=384, intermediate_size=1536, num_attention_heads=12)
     base = t.BertConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
