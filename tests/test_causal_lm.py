@@ -8,6 +8,7 @@ from conftest import chat_rows
 
 from lora_ft.data.chat import IGNORE, encode_chat
 from lora_ft.errors import RecipeError
+from lora_ft.modeling import packed_attention
 from lora_ft.objectives import CausalLM
 from lora_ft.objectives.causal_lm import PACKING_MODELS, causal_loss, pack, pad_left
 from lora_ft.recipe import DataConfig
@@ -47,10 +48,13 @@ def _tiny_lora(model_type: str, vocab: int, attention: str = "sdpa"):
     extra = {"num_key_value_heads": 2} if model_type != "gpt_neox" else {}
     config = AutoConfig.for_model(model_type, vocab_size=vocab, pad_token_id=0, **TINY, **extra)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).float()
-    assert model.config._attn_implementation == attention
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if attention == "eager" else "sdpa")
     # gaussian init: lora_B is not zero, so every LoRA weight gets a gradient
-    return attach_adapters(model, LoraConfigSection(r=4, dropout=0.0, init="gaussian"), "causal_lm", [], False)
+    model = attach_adapters(model.float(), LoraConfigSection(r=4, dropout=0.0, init="gaussian"), "causal_lm", [], False)
+    if attention == "sdpa":  # training switches SDPA to packed_attention; transformers' own SDPA path is tested too
+        model.get_base_model().set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == attention
+    return model
 
 
 def _examples(tok) -> list[dict]:
@@ -62,15 +66,16 @@ def _examples(tok) -> list[dict]:
 
 
 # Gemma 2 has no SDPA path in transformers (it loads with eager), so it is tested with eager alone.
-ARCHITECTURE_ATTENTION = [(m, a) for m in sorted(PACKING_MODELS) for a in ("sdpa", "eager")
-                          if (m, a) != ("gemma2", "sdpa")]
+ARCHITECTURE_ATTENTION = [(m, a) for m in sorted(PACKING_MODELS) for a in ("sdpa", "eager", packed_attention.NAME)
+                          if m != "gemma2" or a == "eager"]
 
 
 @pytest.mark.parametrize("model_type,attention", ARCHITECTURE_ATTENTION)
 def test_a_packed_batch_gives_the_losses_and_lora_gradients_of_its_examples_one_by_one(tok, model_type, attention):
     """Across example boundaries, with a row left part empty (the padding segment): the sum of losses and every
-    LoRA gradient equal those of the examples run one at a time, unpadded. With the two attention implementations
-    packing accepts that run on the CPU; FlashAttention's varlen path (GPUs) is not tested here."""
+    LoRA gradient equal those of the examples run one at a time, unpadded. With the attention implementations
+    packing accepts that run on the CPU (lora_ft's ``packed_attention`` among them, which must have run example by
+    example); FlashAttention's varlen path (GPUs) is not tested here."""
     rows = _examples(tok)
     model = _tiny_lora(model_type, len(tok), attention)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -86,7 +91,10 @@ def test_a_packed_batch_gives_the_losses_and_lora_gradients_of_its_examples_one_
     assert packed["input_ids"].shape[0] >= 3 and (packed["labels"] == IGNORE).any()
     assert int(packed["real_tokens"]) == sum(len(r["input_ids"]) for r in rows)
     one_by_one, grads_one = loss_and_grads([pad_left([r], tok.pad_token_id) for r in rows])
+    packed_attention._last = None
     together, grads_packed = loss_and_grads([packed])
+    assert (packed_attention._last is not None and packed_attention._last[1] is not None) == (
+        attention == packed_attention.NAME)
     torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=1e-5)
     for name in params:
         torch.testing.assert_close(grads_packed[name], grads_one[name], rtol=1e-5, atol=1e-5, msg=name)

@@ -25,7 +25,7 @@ from lora_ft.memory.launch import (
 from lora_ft.memory.shape import CPU_RUNTIME, CUDA_CONTEXT, CUDA_FRAGMENTATION, model_shape, setting_for
 from lora_ft.objectives import chunked_loss
 from lora_ft.recipe import Recipe
-from lora_ft.training.measure import measure_peak
+from lora_ft.training.measure import EXAMPLES_PER_ROW, measure_peak
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -119,6 +119,8 @@ CASES = [
     ("llama", "none", 128, {"model": {"compute_dtype": "bf16"}}),
     ("llama", "none", 128, {"train": {"gradient_checkpointing": True}, "lora": {"dropout": 0.0}}),
     ("llama", "int8", 32, {"lora": {"dropout": 0.0}}),  # int8 and LoRA share their saved input
+    # Packed rows of 128-token examples, bf16: packed_attention's probabilities are a fifth of the step's tensors.
+    ("llama", "none", 512, {"model": {"compute_dtype": "bf16"}}),
     # The llama cases above pack (data.packing auto); these measure left-padded batches.
     *[("llama", q, 128, {"data": {"packing": False}}) for q in ("none", "nf4")],
 ]
@@ -132,7 +134,8 @@ def test_predicted_peak_is_within_15_percent_of_the_measured_cpu_peak(small_llam
     recipe = recipe_for(folder, task, quant, **extra)
     batch = 4
     measured = measure_peak(recipe, batch, seq, answer_fraction=0.5)
-    e = estimate(model_shape(recipe), setting_for(recipe, "cpu"), batch, seq, answer_fraction=0.5)
+    e = estimate(model_shape(recipe), setting_for(recipe, "cpu"), batch, seq, answer_fraction=0.5,
+                 example_tokens=seq // EXAMPLES_PER_ROW)  # what a packed row's examples are (measure_peak's)
     assert measured["step"] > 0.3 * measured["peak"]  # the step, not the weights, must be a real part of the peak
     assert e.step_peak == pytest.approx(measured["peak"], rel=0.15), {r.label: r.bytes for r in e.rows}
 
@@ -164,7 +167,7 @@ def test_chunked_loss_term_is_measured_where_the_vocabulary_dominates(wide_vocab
     monkeypatch.setattr(chunked_loss, "CHUNK_VALUES", 64 * 32_768)  # chunks of 64 positions: several per batch
     recipe = recipe_for(wide_vocab_llama)
     shape, s = model_shape(recipe), setting_for(recipe, "cpu")
-    e = estimate(shape, s, 4, 256, answer_fraction=0.5)
+    e = estimate(shape, s, 4, 256, answer_fraction=0.5, example_tokens=256 // EXAMPLES_PER_ROW)
     measured = measure_peak(recipe, 8 if evaluation else 4, 256, answer_fraction=0.5, evaluation=evaluation)
     predicted = e.eval_peak if evaluation else e.step_peak
     assert predicted == pytest.approx(measured["peak"], rel=0.15), {r.label: r.bytes for r in e.rows}
@@ -331,7 +334,8 @@ def test_plan_command_prints_the_breakdown_and_what_fits(tmp_path, capsys):
 def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     """Checkpointing and 4-bit shrink the plan; without checkpointing, autocast keeps a 16-bit copy of every
     frozen unquantized weight; unpacked, the logits follow the answer fraction and batch 1 has no padding mask;
-    packed, even one row has a mask, and from the data every position may carry a label."""
+    packed, even one row has a mask on a GPU, and on the CPU each token keeps probabilities over its example (the
+    longest example bounds them); from the data every position may carry a label."""
     def est(quant="none", gc=False, device="cuda", b=4, frac=1.0, packing=False):
         recipe = recipe_for(small_llama, quant=quant, train={"gradient_checkpointing": gc},
                             data={"packing": packing}, model={"compute_dtype": "auto"})  # a GPU plan: bf16
@@ -353,7 +357,11 @@ def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     assert _loss_bytes(shape, s_cuda, 4, 128, chunked=False)[0] == 3 * 4 * positions * shape.vocab + head16
     assert not layer_terms(shape, setting_for(unpacked, "cpu"), 1).per_token_seq  # no mask to save
     packed = setting_for(recipe_for(small_llama), "cpu")
-    assert packed.packed and layer_terms(shape, packed, 1).per_token_seq  # the example boundaries' mask
+    assert packed.packed and layer_terms(shape, setting_for(recipe_for(small_llama), "cuda"), 1).per_token_seq
+    terms = layer_terms(shape, packed, 1)  # packed_attention: no row mask, probabilities per pair of an example
+    assert not terms.per_token_seq and terms.bytes(256, 256, 64) < terms.bytes(256, 256)
+    by_longest = [estimate(shape, packed, 4, 256, 1.0, example_tokens=n).total for n in (32, 64, None)]
+    assert by_longest == sorted(by_longest) and len(set(by_longest)) == 3
     # Packed, a stated answer fraction holds for a row as for each example; the data's longest answer says nothing
     # about how many answers share a row, so then every one of the 256 positions may carry a label.
     logits_packed = {r.label: r.bytes for r in est(frac=0.5, packing=True).rows}["logits + loss *"]

@@ -20,15 +20,18 @@ class LayerTerms:
 
     per_token: list[tuple[str, float]] = field(default_factory=list)
     per_token_seq: list[tuple[str, float]] = field(default_factory=list)  # × sequence length (per token)
+    per_token_pair: list[tuple[str, float]] = field(default_factory=list)  # × the pairs a token attends, see bytes
     per_layer: list[tuple[str, float]] = field(default_factory=list)  # independent of tokens
 
     def add(self, name: str, nbytes: float) -> None:
         if nbytes:
             self.per_token.append((name, nbytes))
 
-    def bytes(self, tokens: int, seq: int) -> float:
+    def bytes(self, tokens: int, seq: int, pairs: int | None = None) -> float:
+        """``pairs``: the keys a token's attention scores (``packed_attention``'s bucket width); ``seq`` if None."""
+        pairs = seq if pairs is None else pairs
         return (tokens * sum(b for _, b in self.per_token) + tokens * seq * sum(b for _, b in self.per_token_seq)
-                + sum(b for _, b in self.per_layer))
+                + tokens * pairs * sum(b for _, b in self.per_token_pair) + sum(b for _, b in self.per_layer))
 
 
 def _mask_bytes(s: Setting, dtype_bytes: int) -> int:
@@ -141,19 +144,12 @@ def _decoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
     # Norms: RMSNorm saves its input (the residual stream, fp32) and 1/rms (one fp32 per token), twice.
     t.add("residual stream into the two norms (fp32)", 2 * 4 * h)
     t.add("norm statistics (fp32)", 2 * 4)
-    # Attention: SDPA (flash / memory-efficient) saves q, k, v, its output and the log-sum-exp per head. With a
-    # mask (padding when batch > 1, example boundaries when packed) transformers repeats k/v to all heads first
-    # (GQA only without a mask). Under autocast SDPA saves 16-bit copies; RoPE's fp32 cos/sin keep q, k fp32.
-    masked = batch > 1 or s.packed
-    kv = shape.q_dim if (masked and shape.kv_heads != shape.heads) else shape.kv_dim
-    t.add("attention q, k, v, output", (2 * shape.q_dim + 2 * kv) * a)
-    t.add("attention log-sum-exp (fp32)", 4 * shape.heads)
-    if masked:
-        # SDPA turns the boolean mask into an additive one of the query dtype, saved by every layer.
-        t.per_token_seq.append(("attention mask, additive (batch × seq²)", a))
-    if sdpa_math_kernel(shape.attn_dropout, s.device):
-        _math_probabilities(t, shape)
-    # LoRA and base layers per input tensor. The attention output is the tensor SDPA saves.
+    if s.packed and s.device == "cpu":
+        _packed_attention(t, shape, s)
+    else:
+        _sdpa(t, shape, s, batch)
+    # LoRA and base layers per input tensor. The attention output is the tensor SDPA saves (and what the packed
+    # path's o_proj input is counted with).
     _inputs(t, s, shape, "attn_in", h, 4, False)
     _inputs(t, s, shape, "attn_out", shape.q_dim, a, True)
     _inputs(t, s, shape, "mlp_in", h, 4, False)
@@ -164,6 +160,33 @@ def _decoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
         t.add("MLP fc1 output (saved by the activation)", i * proj)
     _inputs(t, s, shape, "mlp_out", i, proj, False)
     return t
+
+
+def _packed_attention(t: LayerTerms, shape: ModelShape, s: Setting) -> None:
+    """``modeling/packed_attention.py`` on packed CPU rows: the matmuls keep the gathered q (16-bit under autocast,
+    as RoPE's fp32 outputs are cast for the product), k and v (not repeated), the o_proj input is the output, and
+    per pair of a segment's bucket (``LayerTerms.bytes``'s ``pairs``) the fp32 softmax output and, under
+    autocast, its 16-bit copy for the product, per head. Checked with saved-tensor hooks on a tiny Llama."""
+    a = s.act
+    t.add("attention q, k, v (per example), output", (2 * shape.q_dim + 2 * shape.kv_dim) * a)
+    t.per_token_pair.append(("attention probabilities: fp32 softmax" + (", 16-bit copy" if s.autocast else ""),
+                             shape.heads * (4 + (a if s.autocast else 0))))
+
+
+def _sdpa(t: LayerTerms, shape: ModelShape, s: Setting, batch: int) -> None:
+    """SDPA (flash / memory-efficient) saves q, k, v, its output and the log-sum-exp per head. With a mask
+    (padding when batch > 1, example boundaries when packed) transformers repeats k/v to all heads first (GQA only
+    without a mask). Under autocast SDPA saves 16-bit copies; RoPE's fp32 cos/sin keep q, k fp32."""
+    a = s.act
+    masked = batch > 1 or s.packed
+    kv = shape.q_dim if (masked and shape.kv_heads != shape.heads) else shape.kv_dim
+    t.add("attention q, k, v, output", (2 * shape.q_dim + 2 * kv) * a)
+    t.add("attention log-sum-exp (fp32)", 4 * shape.heads)
+    if masked:
+        # SDPA turns the boolean mask into an additive one of the query dtype, saved by every layer.
+        t.per_token_seq.append(("attention mask, additive (batch × seq²)", a))
+    if sdpa_math_kernel(shape.attn_dropout, s.device):
+        _math_probabilities(t, shape)
 
 
 def _encoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:

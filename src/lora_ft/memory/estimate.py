@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 from ..modeling.model_dropout import sdpa_math_kernel
+from ..modeling.packed_attention import SDPA_FROM
 from ..objectives.chunked_loss import chunk_rows
 from ..recipe.train import EVAL_BATCH_FACTOR
 from .activations import layer_terms
@@ -241,11 +242,13 @@ def overhead_bytes(s: Setting, peak: float, recomputed: float = 0.0) -> float:
 
 
 def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answer_fraction: float = 1.0,
-             answer_tokens: int | None = None) -> Estimate:
+             answer_tokens: int | None = None, example_tokens: int | None = None) -> Estimate:
     """Predicted peak memory of one training step with ``micro_batch`` examples of ``seq_len`` tokens.
 
     Causal LM logits are computed for ``keep`` positions per example: ``answer_tokens`` when known (the longest
     stretch from the first label to the end of an example, from the data), else ``answer_fraction × seq_len``.
+    ``example_tokens``: the longest example, from the data, which bounds what a token of a packed row attends
+    on the CPU (``packed_attention``); ``seq_len`` if not known.
 
     A preference objective puts ``s.sequences`` = 2 sequences per example through the model (chosen and rejected
     in one batch), so every term counts 2 × ``micro_batch`` sequences. Its reference pass (no gradients, at the
@@ -263,7 +266,7 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
         keep = max(1, math.ceil(answer_fraction * L)) if answer_tokens is None else L
     rows = static_rows(shape, s)
     static = sum(r.bytes for r in rows)
-    one_layer = layer_terms(shape, s, b).bytes(tokens, L)
+    one_layer = layer_terms(shape, s, b).bytes(tokens, L, min(L, example_tokens or L, SDPA_FROM - 1))
     per_token_layer = one_layer / tokens
     acts, act_note = _activations(shape, s, micro_batch, seq_len, one_layer)
     loss, loss_note = _loss_bytes(shape, s, b, keep)

@@ -22,6 +22,7 @@ from .fused_lora import fuse_lora_layers
 from .loading import is_quantized
 from .lora_dropout import fuse_lora_dropout
 from .model_dropout import swap_model_dropout
+from .packed_attention import use_packed_attention
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +156,13 @@ def _prepare_base(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTr
 
 def _ready(peft_model: PeftModel, targets: list[str]) -> PeftModel:
     """The adapter model as training uses it: LoRA dropout and each LoRA layer's forward fused, the model's own
-    dropout drawing CPU masks, the trainable share logged."""
+    dropout drawing CPU masks, packed rows attended example by example, the trainable share logged."""
     # peft's dropout keeps a full copy of every LoRA input for backward; see lora_dropout.py.
     fuse_lora_dropout(peft_model)
     # peft's layer forward makes separate passes for the clone, scaling and sum; see fused_lora.py.
     fuse_lora_layers(peft_model)
     swap_model_dropout(peft_model)  # the model's own dropout draws CPU masks as LoRA's do; see model_dropout.py
+    use_packed_attention(peft_model.get_base_model())  # SDPA computes all pairs of a packed row; packed_attention.py
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("LoRA on %s; trainable %s of %s parameters (%.2f%%)", targets if len(targets) < 12 else
              f"{len(targets)} modules", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

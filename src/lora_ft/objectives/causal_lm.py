@@ -30,6 +30,7 @@ from ..data.chat import (
 )
 from ..data.packing import next_fit_rows
 from ..errors import RecipeError
+from ..modeling import packed_attention
 from ..recipe import AugmentConfig
 from .base import Batch, GenerationExample, Objective
 from .chunked_loss import chunked_token_losses, head_inputs, innermost, output_head
@@ -161,12 +162,8 @@ def pack(rows: list[dict[str, Any]], pad_id: int, capacity: int) -> Batch:
             "real_tokens": torch.tensor(sum(lengths))}
 
 
-PACKING_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2", "smollm3",
-                            "gpt_neox"})
-"""Causal LMs whose attention reads example boundaries from the position ids of a mask-free batch (transformers'
-``create_causal_mask`` packed-sequence detection), each checked in ``tests/test_causal_lm.py`` on a tiny random
-model: packed and one-by-one losses agree to 1e-5."""
-PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+PACKING_MODELS = packed_attention.MODELS
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", packed_attention.NAME)
 
 
 class CausalLM(Objective):

@@ -20,6 +20,9 @@ from ..objectives import Objective, objective_for
 from ..recipe import Recipe
 from .session import build_model, make_accelerator
 
+EXAMPLES_PER_ROW = 4
+"""Examples in each packed row of ``synthetic_batch`` (the planner's ``example_tokens`` is the row's quarter)."""
+
 
 def _held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
     """Bytes of the distinct tensor storages the model and optimizer hold: parameters, buffers, bitsandbytes'
@@ -63,7 +66,8 @@ def synthetic_batch(objective: Objective, micro_batch: int, seq_len: int, answer
     g = torch.Generator().manual_seed(seed)
     rows = []
     low = min(1000, max(objective.tokenizer.vocab_size - 1, 2))
-    per_row = 4 if packed and not objective.packs_examples else 1  # an encoder packs its micro-batch's examples
+    # an encoder packs its micro-batch's examples
+    per_row = EXAMPLES_PER_ROW if packed and not objective.packs_examples else 1
     for k in range(micro_batch * per_row):
         n = seq_len // per_row - (8 if k == micro_batch * per_row - 1 and micro_batch * per_row > 1 else 0)
         ids = torch.randint(1, low, (n,), generator=g).tolist()

@@ -59,7 +59,8 @@ def tracker_run(output_dir: str | Path, group: str | None = None) -> tuple[str, 
                                 "mlflow": {"run_name": name}, "trackio": {"name": name, **grouped}}
 
 
-def peak_memory(recipe: Recipe, device: torch.device, source: str, train_data, seq: int) -> dict[str, float]:
+def peak_memory(recipe: Recipe, device: torch.device, source: str, train_data, seq: int,
+                example_tokens: int | None = None) -> dict[str, float]:
     """The planner's predicted peak for the resolved recipe on ``device`` at sequences of ``seq`` tokens (the
     longest a step held, ``session.longest_sequence``) and the measured one, in bytes:
     ``torch.cuda.max_memory_allocated`` against the planner's tensor peak on a GPU; on the CPU the process's peak
@@ -73,7 +74,7 @@ def peak_memory(recipe: Recipe, device: torch.device, source: str, train_data, s
     try:
         setting = setting_for(recipe, device.type, cuda and torch.cuda.is_bf16_supported())
         e = estimate(model_shape(recipe, source), setting, int(recipe.train.micro_batch_size),
-                     seq, answer_tokens=answer_tokens_of(train_data))
+                     seq, answer_tokens=answer_tokens_of(train_data), example_tokens=example_tokens)
     except Exception as err:  # noqa: BLE001 - optional report: an architecture the planner cannot build
         log.warning("no predicted peak memory for this model: %s", err)
         return {"memory/measured_peak_bytes": float(measured)}

@@ -155,6 +155,12 @@ def longest_sequence(recipe: Recipe, session: Session) -> int:
     return recipe.data.max_length if stats is None or _packed_rows(recipe, session) else stats["max_tokens"]
 
 
+def longest_example(session: Session) -> int | None:
+    """The longest prepared training example (what a packed row's token attends at most); None for a stream."""
+    stats = session.data.stats.get("train")
+    return None if stats is None else stats["max_tokens"]
+
+
 def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes: int,
                      device: str) -> tuple[Recipe, dict[str, str]]:
     """The ``auto`` values that need the prepared data: ``recipe.defaults.resolve_training`` and
@@ -172,7 +178,8 @@ def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes:
     parameters = session.model.get_nb_trainable_parameters()[1]  # peft counts 4-bit weights at their real size
     recipe, rules = resolve_training(recipe, DataFacts(stats["examples"], units, processes, batch_auto, parameters,
                                                          session.data.format))
-    return resolve_trim(recipe, device, session.loaded.source, longest_sequence(recipe, session)), rules
+    return resolve_trim(recipe, device, session.loaded.source, longest_sequence(recipe, session),
+                        longest_example(session)), rules
 
 
 def lock_run(folder: RunFolder, accelerator: Accelerator) -> RunLock | None:
