@@ -49,7 +49,7 @@ def one(spec: list) -> dict:
     from lora_ft.memory.estimate import estimate
     from lora_ft.memory.shape import model_shape, setting_for
     from lora_ft.modeling import examples
-    from lora_ft.training.measure import EXAMPLES_PER_ROW, measure_peak
+    from lora_ft.training.measure import measure_peak, synthetic_pairs
 
     examples.set_home(os.environ.get("LORA_FT_HOME"))
     model, task, quant, b, s, frac, extra = spec
@@ -58,8 +58,8 @@ def one(spec: list) -> dict:
     measured = measure_peak(recipe, b, s, frac)
     seconds = time.perf_counter() - t0
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # measure_peak packs EXAMPLES_PER_ROW examples in a causal LM's row: the data's longest example, to the plan
-    e = estimate(model_shape(recipe), setting_for(recipe, device), b, s, frac, example_tokens=s // EXAMPLES_PER_ROW)
+    # measure_peak packs a causal LM's rows of several examples: what their attention keeps, as data would say
+    e = estimate(model_shape(recipe), setting_for(recipe, device), b, s, frac, attended=synthetic_pairs(b, s))
     # The training step's prediction: what measure_peak measures (evaluation is a separate, smaller step here).
     return {"spec": spec, "device": device, "seconds": round(seconds, 1), "measured": measured,
             "predicted": e.step_peak, "rows": {r.label: r.bytes for r in e.rows}}

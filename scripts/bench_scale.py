@@ -215,7 +215,7 @@ def measure_train(folder: Path, seq: int, gc: str, steps: int, memory: float | N
     from lora_ft.objectives import objective_for
     from lora_ft.objectives.chunked_loss import chunk_rows
     from lora_ft.training.cpu_memory import release_freed_memory
-    from lora_ft.training.measure import synthetic_batch
+    from lora_ft.training.measure import synthetic_batch, synthetic_pairs
     from lora_ft.training.session import build_model, make_accelerator
     from lora_ft.training.throughput import count_flop_weights, matmul_peak
 
@@ -224,9 +224,9 @@ def measure_train(folder: Path, seq: int, gc: str, steps: int, memory: float | N
     recipe = resolve_auto_checkpointing(recipe, 1, "cpu", budget)
     if trim != "auto":
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"trim_cpu_memory": trim == "on"})})
-    recipe = resolve_auto_trim(recipe, "cpu")
+    recipe = resolve_auto_trim(recipe, "cpu", attended=synthetic_pairs(1, seq))
     shape = model_shape(recipe)
-    plan = estimate(shape, setting_for(recipe, "cpu"), 1, seq)
+    plan = estimate(shape, setting_for(recipe, "cpu"), 1, seq, attended=synthetic_pairs(1, seq))
     accelerator, compute = make_accelerator(recipe)
     source = resolve_source(recipe.model.name)
     tok = load_tokenizer(source, recipe.model)

@@ -384,7 +384,8 @@ def test_the_plan_counts_a_grpo_step_as_group_times_prompts_sequences_and_their_
     assert "micro-batch 2 prompts (× 8 completions of up to 256 tokens) × sequence 512" in out
     assert "generation (KV cache) *" in out and "16 sequences × 768 tokens × 22 layers × K,V (256 each)" in out
     grpo = load_recipe(tmp_path / "r.yaml")
-    sft = grpo.model_copy(update={"objective": grpo.objective.model_copy(update={"type": "auto", "rewards": []})})
+    sft = grpo.model_copy(update={"objective": grpo.objective.model_copy(update={"type": "auto", "rewards": []}),
+                                  "data": grpo.data.model_copy(update={"packing": False})})  # rows as GRPO's
     shape = model_shape(grpo)
     ours = estimate(shape, setting_for(grpo, "cuda"), 2, 512)
     alone = estimate(shape, setting_for(sft, "cuda"), 16, 768)  # 16 sequences of prompt + completion tokens

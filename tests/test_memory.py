@@ -12,7 +12,7 @@ from conftest import build_bert_tokenizer, make_recipe, prepare, save_random_lla
 from lora_ft.cli import main
 from lora_ft.errors import RecipeError
 from lora_ft.memory import launch
-from lora_ft.memory.activations import layer_terms
+from lora_ft.memory.activations import attended_pairs, layer_terms
 from lora_ft.memory.estimate import _loss_bytes, estimate, largest_micro_batch, quantized_weight_bytes, static_rows
 from lora_ft.memory.launch import (
     TRIM_MIN_ACTIVATIONS,
@@ -23,9 +23,10 @@ from lora_ft.memory.launch import (
     resolve_for_launch,
 )
 from lora_ft.memory.shape import CPU_RUNTIME, CUDA_CONTEXT, CUDA_FRAGMENTATION, model_shape, setting_for
+from lora_ft.modeling.packed_attention import SDPA_FROM
 from lora_ft.objectives import chunked_loss
 from lora_ft.recipe import Recipe
-from lora_ft.training.measure import EXAMPLES_PER_ROW, measure_peak
+from lora_ft.training.measure import measure_peak, synthetic_pairs
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -135,7 +136,7 @@ def test_predicted_peak_is_within_15_percent_of_the_measured_cpu_peak(small_llam
     batch = 4
     measured = measure_peak(recipe, batch, seq, answer_fraction=0.5)
     e = estimate(model_shape(recipe), setting_for(recipe, "cpu"), batch, seq, answer_fraction=0.5,
-                 example_tokens=seq // EXAMPLES_PER_ROW)  # what a packed row's examples are (measure_peak's)
+                 attended=synthetic_pairs(batch, seq))  # what measure_peak's packed rows keep, as data would say
     assert measured["step"] > 0.3 * measured["peak"]  # the step, not the weights, must be a real part of the peak
     assert e.step_peak == pytest.approx(measured["peak"], rel=0.15), {r.label: r.bytes for r in e.rows}
 
@@ -167,7 +168,7 @@ def test_chunked_loss_term_is_measured_where_the_vocabulary_dominates(wide_vocab
     monkeypatch.setattr(chunked_loss, "CHUNK_VALUES", 64 * 32_768)  # chunks of 64 positions: several per batch
     recipe = recipe_for(wide_vocab_llama)
     shape, s = model_shape(recipe), setting_for(recipe, "cpu")
-    e = estimate(shape, s, 4, 256, answer_fraction=0.5, example_tokens=256 // EXAMPLES_PER_ROW)
+    e = estimate(shape, s, 4, 256, answer_fraction=0.5, attended=synthetic_pairs(4, 256))
     measured = measure_peak(recipe, 8 if evaluation else 4, 256, answer_fraction=0.5, evaluation=evaluation)
     predicted = e.eval_peak if evaluation else e.step_peak
     assert predicted == pytest.approx(measured["peak"], rel=0.15), {r.label: r.bytes for r in e.rows}
@@ -360,8 +361,11 @@ def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     assert packed.packed and layer_terms(shape, setting_for(recipe_for(small_llama), "cuda"), 1).per_token_seq
     terms = layer_terms(shape, packed, 1)  # packed_attention: no row mask, probabilities per pair of an example
     assert not terms.per_token_seq and terms.bytes(256, 256, 64) < terms.bytes(256, 256)
-    by_longest = [estimate(shape, packed, 4, 256, 1.0, example_tokens=n).total for n in (32, 64, None)]
-    assert by_longest == sorted(by_longest) and len(set(by_longest)) == 3
+    by_pairs = [estimate(shape, packed, 4, 256, 1.0, attended=attended_pairs([n] * 8)).total for n in (32, 64)]
+    by_pairs.append(estimate(shape, packed, 4, 256, 1.0).total)  # not known: examples as long as the row
+    assert by_pairs == sorted(by_pairs) and len(set(by_pairs)) == 3
+    # Examples too long for the eager path keep no probabilities; shorter ones n² over all the tokens.
+    assert attended_pairs([SDPA_FROM, 64, 32]) == (64**2 + 32**2) / (SDPA_FROM + 96)
     # Packed, a stated answer fraction holds for a row as for each example; the data's longest answer says nothing
     # about how many answers share a row, so then every one of the 256 positions may carry a label.
     logits_packed = {r.label: r.bytes for r in est(frac=0.5, packing=True).rows}["logits + loss *"]

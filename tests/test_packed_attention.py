@@ -82,10 +82,26 @@ def test_masks_that_are_not_block_diagonal_causal_go_to_sdpa_unchanged():
 
 
 def test_buckets_are_runs_of_sorted_lengths_traded_against_their_fixed_cost():
-    lengths = [100, 10, 11, 101, 10]
-    assert buckets(lengths, 500) == [[1, 4, 2], [0, 3]]
+    lengths = [100, 10, 40, 101, 12]  # widths 112, 16, 48, 112, 16: multiples of ALIGN
+    assert buckets(lengths, 500) == [[1, 4], [2], [0, 3]]
+    assert buckets(lengths, 5000) == [[1, 4, 2], [0, 3]]
     assert buckets(lengths, 10**9) == [[1, 4, 2, 0, 3]]
-    assert sorted(map(sorted, buckets(lengths, 0))) == [[0], [1, 4], [2], [3]]  # equal lengths cost nothing more
+
+
+def test_results_are_bit_identical_at_one_and_two_threads():
+    """A run on one process (two threads) must equal one on two (a thread each): torch's CPU softmax backward is
+    not thread-count invariant for rows of 40 values, so buckets are ALIGN wide."""
+    mask = block_mask([[5, 17, 3, 31, 8], [40, 24]])
+    results = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            results.append(out_and_grads(packed_attention_forward, qkv(2, 64), mask))
+        finally:
+            torch.set_num_threads(before)
+    (out1, grads1), (out2, grads2) = results
+    assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2, strict=True))
 
 
 def test_a_plan_is_kept_for_one_mask_object_and_made_again_for_another():

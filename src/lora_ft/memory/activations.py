@@ -7,9 +7,13 @@ listed separately, and the LoRA branches according to ``lora_dropout.py``'s fuse
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..modeling.model_dropout import sdpa_math_kernel
+from ..modeling.packed_attention import SDPA_FROM
 from .shape import ModelShape, Setting, Target
 
 
@@ -27,8 +31,9 @@ class LayerTerms:
         if nbytes:
             self.per_token.append((name, nbytes))
 
-    def bytes(self, tokens: int, seq: int, pairs: int | None = None) -> float:
-        """``pairs``: the keys a token's attention scores (``packed_attention``'s bucket width); ``seq`` if None."""
+    def bytes(self, tokens: int, seq: int, pairs: float | None = None) -> float:
+        """``pairs``: the keys a token's packed attention keeps probabilities for, on average (``attended_pairs``);
+        ``seq`` if None."""
         pairs = seq if pairs is None else pairs
         return (tokens * sum(b for _, b in self.per_token) + tokens * seq * sum(b for _, b in self.per_token_seq)
                 + tokens * pairs * sum(b for _, b in self.per_token_pair) + sum(b for _, b in self.per_layer))
@@ -160,6 +165,14 @@ def _decoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
         t.add("MLP fc1 output (saved by the activation)", i * proj)
     _inputs(t, s, shape, "mlp_out", i, proj, False)
     return t
+
+
+def attended_pairs(lengths: Sequence[int]) -> float:
+    """Keys per token whose probabilities ``packed_attention`` keeps, for examples of these lengths packed: Σ n² over
+    the examples shorter than ``SDPA_FROM`` (each token of one attends its whole example's bucket), divided by all
+    tokens (longer examples go through SDPA's kernel, which keeps none). Bucket padding is left out."""
+    n = np.asarray(lengths, dtype=np.float64)
+    return float((n[n < SDPA_FROM] ** 2).sum() / max(n.sum(), 1.0))
 
 
 def _packed_attention(t: LayerTerms, shape: ModelShape, s: Setting) -> None:

@@ -242,13 +242,14 @@ def overhead_bytes(s: Setting, peak: float, recomputed: float = 0.0) -> float:
 
 
 def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answer_fraction: float = 1.0,
-             answer_tokens: int | None = None, example_tokens: int | None = None) -> Estimate:
+             answer_tokens: int | None = None, attended: float | None = None) -> Estimate:
     """Predicted peak memory of one training step with ``micro_batch`` examples of ``seq_len`` tokens.
 
     Causal LM logits are computed for ``keep`` positions per example: ``answer_tokens`` when known (the longest
     stretch from the first label to the end of an example, from the data), else ``answer_fraction × seq_len``.
-    ``example_tokens``: the longest example, from the data, which bounds what a token of a packed row attends
-    on the CPU (``packed_attention``); ``seq_len`` if not known.
+    ``attended``: for packed rows on the CPU, the keys per token whose probabilities ``packed_attention`` keeps
+    (``activations.attended_pairs`` of the data's example lengths); if not known, the bound: every example as long
+    as the row, up to where SDPA's kernel takes over.
 
     A preference objective puts ``s.sequences`` = 2 sequences per example through the model (chosen and rejected
     in one batch), so every term counts 2 × ``micro_batch`` sequences. Its reference pass (no gradients, at the
@@ -266,7 +267,8 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
         keep = max(1, math.ceil(answer_fraction * L)) if answer_tokens is None else L
     rows = static_rows(shape, s)
     static = sum(r.bytes for r in rows)
-    one_layer = layer_terms(shape, s, b).bytes(tokens, L, min(L, example_tokens or L, SDPA_FROM - 1))
+    attended = min(L, SDPA_FROM - 1) if attended is None else attended
+    one_layer = layer_terms(shape, s, b).bytes(tokens, L, attended)
     per_token_layer = one_layer / tokens
     acts, act_note = _activations(shape, s, micro_batch, seq_len, one_layer)
     loss, loss_note = _loss_bytes(shape, s, b, keep)

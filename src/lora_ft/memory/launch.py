@@ -109,10 +109,10 @@ NF4 chat, 8 packed rows × 256 (2.8 GiB planned): 116.3 → 105.3 tokens/s (−9
 
 
 def resolve_auto_trim(recipe: Recipe, device: str, source: str | None = None, bf16_supported: bool = True,
-                      seq: int | None = None, example_tokens: int | None = None) -> Recipe:
+                      seq: int | None = None, attended: float | None = None) -> Recipe:
     """``train.trim_cpu_memory: auto`` → on for CPU runs whose layers produce ``TRIM_MIN_ACTIVATIONS`` or more of
     activations in a step (what it saves without checkpointing, at the resolved micro-batch and ``seq`` tokens,
-    default ``data.max_length``; ``example_tokens``: the longest example, ``estimate``'s), off below that and on
+    default ``data.max_length``; ``attended``: ``estimate``'s, from the data), off below that and on
     GPUs (where it does nothing)."""
     tc = recipe.train
     if tc.trim_cpu_memory != "auto":
@@ -125,7 +125,7 @@ def resolve_auto_trim(recipe: Recipe, device: str, source: str | None = None, bf
         # 1.92-2.36 GiB untrimmed, 1.15 GiB trimmed, for a 0.35 GiB tensor peak.
         s = replace(setting_for(recipe, device, bf16_supported), gradient_checkpointing=False)
         est = estimate(model_shape(recipe, source), s, tc.micro_batch_size,
-                       min(seq or recipe.data.max_length, recipe.data.max_length), example_tokens=example_tokens)
+                       min(seq or recipe.data.max_length, recipe.data.max_length), attended=attended)
         acts = next(r.bytes for r in est.rows if r.label == "activations")
         on = acts >= TRIM_MIN_ACTIVATIONS
         log.info("trim_cpu_memory auto: %s (a step's layers produce %s of activations; threshold %s)",
@@ -167,7 +167,7 @@ def resolve_for_launch(recipe: Recipe, accelerator) -> Recipe:
     return _resolve_batch_and_checkpointing(recipe, accelerator)
 
 
-def resolve_trim(recipe: Recipe, device: str, source: str, longest: int, example_tokens: int | None = None) -> Recipe:
+def resolve_trim(recipe: Recipe, device: str, source: str, longest: int, attended: float | None = None) -> Recipe:
     """``trim_cpu_memory: auto`` (``resolve_auto_trim``) at the longest training sequence, not ``data.max_length``:
     the held-out classification tasks' texts are 10-130 tokens, and at max_length 512 the planner counted 4.8 GiB
     of activations for MiniLM batches of 16 that hold well under 1 GiB, turning on a trim that costs a quarter of
@@ -175,7 +175,7 @@ def resolve_trim(recipe: Recipe, device: str, source: str, longest: int, example
     if recipe.train.trim_cpu_memory != "auto":
         return recipe
     try:
-        return resolve_auto_trim(recipe, device, source, seq=longest, example_tokens=example_tokens)
+        return resolve_auto_trim(recipe, device, source, seq=longest, attended=attended)
     except LoraFtError:
         raise
     except Exception as e:  # noqa: BLE001 - an architecture the planner cannot build must still train

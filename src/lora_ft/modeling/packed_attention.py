@@ -38,6 +38,10 @@ BUCKET_COST = 16384 * 576
 """A bucket's fixed cost (its gathers, kernel calls and their backward) in token pairs × query width (heads × head
 dim, the work of one pair): measured on four to eight 256-token rows and two 512- and 1,024-token rows of SmolLM2
 shapes, 16k pairs at width 576 was the best of 1k, 4k, 16k, 64k (one bucket for all: up to 3.5× slower)."""
+ALIGN = 16
+"""Bucket widths are multiples of this: torch's CPU softmax backward gives bit-identical results at any thread count
+only for rows of a multiple of 16 values (checked at every width 16-384 and at 24, 40, 100, which differ between one
+and two threads), and a one-process run must equal a two-process one (``tests/test_distributed.py``)."""
 SDPA_FROM = 384
 """Segments at least this long go through SDPA's causal kernel. Forward + backward, bf16, one thread, SmolLM2 heads,
 ~2k tokens of equal examples, eager vs SDPA: 320 tokens 44.0 vs 60.3 ms, 384 70.3 vs 67.5, 512 85.6 vs 89.8, 768
@@ -62,9 +66,15 @@ class PackedPlan:
     """For each token of the flattened rows, its slot among the buckets' outputs laid end to end."""
 
 
+def aligned(length: int) -> int:
+    """A bucket's width for its longest segment: the next multiple of ``ALIGN``."""
+    return -(-length // ALIGN) * ALIGN
+
+
 def buckets(lengths: list[int], cost: float) -> list[list[int]]:
     """Segment indices grouped for the fewest computed pairs plus ``cost`` per group: segments sorted by length,
-    each group a run of them padded to its longest (the optimum is such runs; found by dynamic programming).
+    each group a run of them padded to its longest, ``aligned`` (the optimum is such runs; found by dynamic
+    programming).
 
     Args:
         lengths: the segments' token counts.
@@ -75,7 +85,7 @@ def buckets(lengths: list[int], cost: float) -> list[list[int]]:
     best = [0] + [0] * n  # best[j]: the cost of grouping the j shortest segments
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        width = lengths[order[j - 1]]
+        width = aligned(lengths[order[j - 1]])
         best[j], cut[j] = min((best[i] + cost + (j - i) * width * width, i) for i in range(j))
     groups, j = [], n
     while j:
@@ -101,19 +111,18 @@ def plan_of(mask: torch.Tensor, width_q: int) -> PackedPlan | None:
     if not starts[:, 1:].any():
         return None
     seg = starts.cumsum(-1)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    if not torch.equal(m, (seg[:, :, None] == seg[:, None, :]) & causal):
+    if not torch.equal(m, (seg[:, :, None] == seg[:, None, :]) & torch.ones(width, width, dtype=torch.bool).tril()):
         return None
     first = starts.flatten().nonzero().flatten()
     lengths = torch.diff(first, append=torch.tensor([rows * width])).tolist()
     first = first.tolist()
     out, back, at = [], torch.empty(rows * width, dtype=torch.long), 0
     for group in buckets(lengths, BUCKET_COST / width_q):
-        w = max(lengths[s] for s in group)
+        w = aligned(max(lengths[s] for s in group))
         offsets = torch.arange(w)
         size = torch.tensor([lengths[s] for s in group])
         index = torch.tensor([first[s] for s in group])[:, None] + torch.minimum(offsets, size[:, None] - 1)
-        out.append(Bucket(index, None if w >= SDPA_FROM else ~causal[:w, :w]))
+        out.append(Bucket(index, None if w >= SDPA_FROM else torch.ones(w, w, dtype=torch.bool).triu(1)))
         for k, s in enumerate(group):
             back[first[s]:first[s] + lengths[s]] = at + k * w + offsets[:lengths[s]]
         at += len(group) * w

@@ -15,13 +15,25 @@ from accelerate.state import AcceleratorState
 from torch.profiler import ProfilerActivity, profile
 
 from ..data.chat import IGNORE
+from ..memory.activations import attended_pairs
 from ..modeling.loading import load_tokenizer, resolve_source
 from ..objectives import Objective, objective_for
 from ..recipe import Recipe
 from .session import build_model, make_accelerator
 
 EXAMPLES_PER_ROW = 4
-"""Examples in each packed row of ``synthetic_batch`` (the planner's ``example_tokens`` is the row's quarter)."""
+"""Examples in each packed row of a causal LM's ``synthetic_batch``."""
+
+
+def synthetic_lengths(micro_batch: int, seq_len: int, per_row: int = 1) -> list[int]:
+    """``synthetic_batch``'s example lengths: ``per_row`` examples per row of ``seq_len``, the last 8 tokens short."""
+    count = micro_batch * per_row
+    return [seq_len // per_row - (8 if k == count - 1 and count > 1 else 0) for k in range(count)]
+
+
+def synthetic_pairs(micro_batch: int, seq_len: int) -> float:
+    """The planner's ``attended`` for ``synthetic_batch``'s packed causal LM rows."""
+    return attended_pairs(synthetic_lengths(micro_batch, seq_len, EXAMPLES_PER_ROW))
 
 
 def _held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
@@ -68,8 +80,7 @@ def synthetic_batch(objective: Objective, micro_batch: int, seq_len: int, answer
     low = min(1000, max(objective.tokenizer.vocab_size - 1, 2))
     # an encoder packs its micro-batch's examples
     per_row = EXAMPLES_PER_ROW if packed and not objective.packs_examples else 1
-    for k in range(micro_batch * per_row):
-        n = seq_len // per_row - (8 if k == micro_batch * per_row - 1 and micro_batch * per_row > 1 else 0)
+    for k, n in enumerate(synthetic_lengths(micro_batch, seq_len, per_row)):
         ids = torch.randint(1, low, (n,), generator=g).tolist()
         if objective.model_task == "causal_lm":
             answer = max(2, math.ceil(answer_fraction * n))

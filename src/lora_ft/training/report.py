@@ -60,7 +60,7 @@ def tracker_run(output_dir: str | Path, group: str | None = None) -> tuple[str, 
 
 
 def peak_memory(recipe: Recipe, device: torch.device, source: str, train_data, seq: int,
-                example_tokens: int | None = None) -> dict[str, float]:
+                attended: float | None = None) -> dict[str, float]:
     """The planner's predicted peak for the resolved recipe on ``device`` at sequences of ``seq`` tokens (the
     longest a step held, ``session.longest_sequence``) and the measured one, in bytes:
     ``torch.cuda.max_memory_allocated`` against the planner's tensor peak on a GPU; on the CPU the process's peak
@@ -74,7 +74,7 @@ def peak_memory(recipe: Recipe, device: torch.device, source: str, train_data, s
     try:
         setting = setting_for(recipe, device.type, cuda and torch.cuda.is_bf16_supported())
         e = estimate(model_shape(recipe, source), setting, int(recipe.train.micro_batch_size),
-                     seq, answer_tokens=answer_tokens_of(train_data), example_tokens=example_tokens)
+                     seq, answer_tokens=answer_tokens_of(train_data), attended=attended)
     except Exception as err:  # noqa: BLE001 - optional report: an architecture the planner cannot build
         log.warning("no predicted peak memory for this model: %s", err)
         return {"memory/measured_peak_bytes": float(measured)}

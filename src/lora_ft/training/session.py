@@ -26,6 +26,7 @@ from ..data.prepare import TaskData, prepare_data
 from ..data.streaming import TrainStream, open_train
 from ..errors import RunError
 from ..lock import RunLock
+from ..memory.activations import attended_pairs
 from ..memory.launch import resolve_trim
 from ..modeling.adapters import attach_adapters, attach_start_adapter, check_init_fits_device, load_adapter
 from ..modeling.loading import LoadedModel, check_max_length, load_config, load_model, load_tokenizer, resolve_source
@@ -155,10 +156,10 @@ def longest_sequence(recipe: Recipe, session: Session) -> int:
     return recipe.data.max_length if stats is None or _packed_rows(recipe, session) else stats["max_tokens"]
 
 
-def longest_example(session: Session) -> int | None:
-    """The longest prepared training example (what a packed row's token attends at most); None for a stream."""
-    stats = session.data.stats.get("train")
-    return None if stats is None else stats["max_tokens"]
+def attended_pairs_of(session: Session) -> float | None:
+    """``memory.activations.attended_pairs`` of the prepared training examples; None for a stream (not read)."""
+    train = session.data.splits.get("train")
+    return None if train is None or session.data.stats.get("train") is None else attended_pairs(lengths_of(train))
 
 
 def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes: int,
@@ -179,7 +180,7 @@ def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes:
     recipe, rules = resolve_training(recipe, DataFacts(stats["examples"], units, processes, batch_auto, parameters,
                                                          session.data.format))
     return resolve_trim(recipe, device, session.loaded.source, longest_sequence(recipe, session),
-                        longest_example(session)), rules
+                        attended_pairs_of(session)), rules
 
 
 def lock_run(folder: RunFolder, accelerator: Accelerator) -> RunLock | None:

@@ -44,8 +44,8 @@ from .report import final_metrics, peak_memory, plot_curves, tracker_config, tra
 from .resume import abandon_after, check_recipe_fits, keep_new_hyperparameters, start_point
 from .session import (
     Session,
+    attended_pairs_of,
     lock_run,
-    longest_example,
     longest_sequence,
     make_accelerator,
     make_loader,
@@ -496,7 +496,7 @@ class Trainer:
         # Once, at the end: the planner's prediction for this run beside what it really took.
         self.info["memory"] = peak_memory(self.recipe, acc.device, self.session.loaded.source,
                                           self.session.data.splits.get("train"),
-                                          longest_sequence(self.recipe, self.session), longest_example(self.session))
+                                          longest_sequence(self.recipe, self.session), attended_pairs_of(self.session))
         acc.log({**self.info["memory"], **final_metrics(results)}, step=st.step)
         with self.signals.phase("the final save", immediate=False):  # a signal waits until all is written
             save_adapter(acc, self.unwrapped, self.folder.adapter, self.session.loaded.tokenizer)  # every process
