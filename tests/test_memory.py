@@ -364,8 +364,8 @@ def test_plan_terms_move_the_way_the_code_paths_say(small_llama):
     by_pairs = [estimate(shape, packed, 4, 256, 1.0, attended=attended_pairs([n] * 8)).total for n in (32, 64)]
     by_pairs.append(estimate(shape, packed, 4, 256, 1.0).total)  # not known: examples as long as the row
     assert by_pairs == sorted(by_pairs) and len(set(by_pairs)) == 3
-    # Examples too long for the eager path keep no probabilities; shorter ones n² over all the tokens.
-    assert attended_pairs([SDPA_FROM, 64, 32]) == (64**2 + 32**2) / (SDPA_FROM + 96)
+    # Examples too long for the eager path keep no probabilities; shorter ones n × their bucket width, over all.
+    assert attended_pairs([SDPA_FROM, 60, 32]) == (60 * 64 + 32 * 32) / (SDPA_FROM + 92)
     # Packed, a stated answer fraction holds for a row as for each example; the data's longest answer says nothing
     # about how many answers share a row, so then every one of the 256 positions may carry a label.
     logits_packed = {r.label: r.bytes for r in est(frac=0.5, packing=True).rows}["logits + loss *"]

@@ -8,7 +8,17 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lora_ft.modeling import packed_attention
-from lora_ft.modeling.packed_attention import NAME, SDPA_FROM, buckets, cached_plan, packed_attention_forward, plan_of
+from lora_ft.modeling.packed_attention import (
+    NAME,
+    SDPA_FROM,
+    aligned,
+    buckets,
+    cached_plan,
+    eager,
+    packed_attention_forward,
+    plan_of,
+    widest_eager,
+)
 
 
 class Heads(torch.nn.Module):
@@ -86,6 +96,9 @@ def test_buckets_are_runs_of_sorted_lengths_traded_against_their_fixed_cost():
     assert buckets(lengths, 500) == [[1, 4], [2], [0, 3]]
     assert buckets(lengths, 5000) == [[1, 4, 2], [0, 3]]
     assert buckets(lengths, 10**9) == [[1, 4, 2, 0, 3]]
+    # the planner's bound: the widest bucket attended eagerly (wider ones go through SDPA's kernel)
+    assert [widest_eager(n) for n in (100, SDPA_FROM - 20, 5000)] == [112, SDPA_FROM - 16, SDPA_FROM - 16]
+    assert not eager(aligned(SDPA_FROM - 10))  # 374 tokens sit in a 384-wide bucket: SDPA's
 
 
 def test_results_are_bit_identical_at_one_and_two_threads():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..modeling.model_dropout import sdpa_math_kernel
-from ..modeling.packed_attention import SDPA_FROM
+from ..modeling.packed_attention import aligned, eager
 from .shape import ModelShape, Setting, Target
 
 
@@ -168,11 +168,13 @@ def _decoder_layer(shape: ModelShape, s: Setting, batch: int) -> LayerTerms:
 
 
 def attended_pairs(lengths: Sequence[int]) -> float:
-    """Keys per token whose probabilities ``packed_attention`` keeps, for examples of these lengths packed: Σ n² over
-    the examples shorter than ``SDPA_FROM`` (each token of one attends its whole example's bucket), divided by all
-    tokens (longer examples go through SDPA's kernel, which keeps none). Bucket padding is left out."""
-    n = np.asarray(lengths, dtype=np.float64)
-    return float((n[n < SDPA_FROM] ** 2).sum() / max(n.sum(), 1.0))
+    """Keys per token whose probabilities ``packed_attention`` keeps, for examples of these lengths packed: Σ n × its
+    ``aligned`` width over the examples attended eagerly (each token attends its whole bucket), divided by all tokens
+    (longer examples go through SDPA's kernel, which keeps none). Buckets shared with longer examples are left out."""
+    n = np.asarray(lengths, dtype=np.int64)
+    width = aligned(n)
+    kept = eager(width)
+    return float((n[kept] * width[kept]).sum() / max(int(n.sum()), 1))
 
 
 def _packed_attention(t: LayerTerms, shape: ModelShape, s: Setting) -> None:

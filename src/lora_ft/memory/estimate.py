@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass
 
 from ..modeling.model_dropout import sdpa_math_kernel
-from ..modeling.packed_attention import SDPA_FROM
+from ..modeling.packed_attention import widest_eager
 from ..objectives.chunked_loss import chunk_rows
 from ..recipe.train import EVAL_BATCH_FACTOR
 from .activations import layer_terms
@@ -267,7 +267,7 @@ def estimate(shape: ModelShape, s: Setting, micro_batch: int, seq_len: int, answ
         keep = max(1, math.ceil(answer_fraction * L)) if answer_tokens is None else L
     rows = static_rows(shape, s)
     static = sum(r.bytes for r in rows)
-    attended = min(L, SDPA_FROM - 1) if attended is None else attended
+    attended = widest_eager(L) if attended is None else attended
     one_layer = layer_terms(shape, s, b).bytes(tokens, L, attended)
     per_token_layer = one_layer / tokens
     acts, act_note = _activations(shape, s, micro_batch, seq_len, one_layer)

@@ -71,6 +71,16 @@ def aligned(length: int) -> int:
     return -(-length // ALIGN) * ALIGN
 
 
+def eager(width: int) -> bool:
+    """Whether a bucket this wide is attended eagerly (keeping its probabilities), not by SDPA's causal kernel."""
+    return width < SDPA_FROM
+
+
+def widest_eager(length: int) -> int:
+    """The widest eager bucket that examples of at most ``length`` tokens can land in (the planner's bound)."""
+    return aligned(length) if eager(aligned(length)) else aligned(SDPA_FROM) - ALIGN
+
+
 def buckets(lengths: list[int], cost: float) -> list[list[int]]:
     """Segment indices grouped for the fewest computed pairs plus ``cost`` per group: segments sorted by length,
     each group a run of them padded to its longest, ``aligned`` (the optimum is such runs; found by dynamic
@@ -122,7 +132,7 @@ def plan_of(mask: torch.Tensor, width_q: int) -> PackedPlan | None:
         offsets = torch.arange(w)
         size = torch.tensor([lengths[s] for s in group])
         index = torch.tensor([first[s] for s in group])[:, None] + torch.minimum(offsets, size[:, None] - 1)
-        out.append(Bucket(index, None if w >= SDPA_FROM else torch.ones(w, w, dtype=torch.bool).triu(1)))
+        out.append(Bucket(index, torch.ones(w, w, dtype=torch.bool).triu(1) if eager(w) else None))
         for k, s in enumerate(group):
             back[first[s]:first[s] + lengths[s]] = at + k * w + offsets[:lengths[s]]
         at += len(group) * w
