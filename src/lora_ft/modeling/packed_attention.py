@@ -116,6 +116,8 @@ def plan_of(mask: torch.Tensor, width_q: int) -> PackedPlan | None:
         return None
     rows, width = mask.shape[0], mask.shape[-1]
     m = mask[:, 0]
+    if not m.diagonal(dim1=1, dim2=2).all():  # a padding key masked from itself: padded batches leave here, cheaply
+        return None
     starts = torch.ones(rows, width, dtype=torch.bool)
     starts[:, 1:] = ~m.diagonal(offset=-1, dim1=1, dim2=2)
     if not starts[:, 1:].any():
