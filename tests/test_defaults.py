@@ -157,7 +157,7 @@ def test_a_small_sft_set_gets_its_minimum_steps_from_smaller_packed_batches_not_
     """32 rows × 3 epochs in batches of 4 are 24 steps: batches of 1 row give 96; 80 rows: batches of 2, 120 steps;
     200 rows already give 150. A planner's micro-batch of 1 keeps the batch by accumulating instead."""
     recipe = _recipe(micro_batch_size=micro, grad_accum=4 // micro)
-    resolved, rules = resolve_training(recipe, DataFacts(rows * 5, rows, batch_auto=True))
+    resolved, rules = resolve_training(recipe, DataFacts(rows * 5, rows, batch_auto=True, packed_rows=True))
     tc = resolved.train
     assert (tc.micro_batch_size, tc.grad_accum) == (expected[0], expected[1] if rows != 200 else 4 // micro)
     assert tc.epochs == 3.0 and tc.global_batch_size in (None, tc.micro_batch_size * tc.grad_accum)
@@ -187,3 +187,33 @@ def test_the_compute_dtype_auto_chose_is_recorded_with_its_reason_and_other_mode
     assert record["model.compute_dtype"] == {"value": "bf16", "source": f"auto: {reason}"}
     assert not [k for k in record if k.startswith("model.") and k != "model.compute_dtype"]
     assert "model.compute_dtype" not in sources(given, given, {})  # no rule ran: nothing to record
+
+
+@pytest.mark.parametrize("examples, rows, micro, factor", [
+    (240, 30, 1, 2 ** 0.5),  # whatis: 8 examples a row, one row a step: κ = 2
+    (240, 36, 1, (240 / 36 / 4) ** 0.5),  # man-options: 6.7 a row
+    (100, 100, 1, 1.0),  # one example a row: a step carries fewer than 4 examples, the rate is not lowered
+    (8_000, 250, 4, 2.0),  # 32 a row, 4 rows a step: κ = 32, capped at 4
+])
+def test_packed_steps_of_more_examples_than_the_reference_batch_get_the_square_root_rate(examples, rows, micro,
+                                                                                        factor):
+    """``lr: auto`` × √κ (κ = examples a packed step carries / ``REFERENCE_BATCH``, within [1, 4]); the same data
+    unpacked, or a rate the recipe gives, is never scaled."""
+    recipe = _recipe(micro_batch_size=micro)
+    packed, rules = resolve_training(recipe, DataFacts(examples, rows, packed_rows=True, parameters=135_000_000))
+    assert packed.train.lr == pytest.approx(SMALL_SFT_LR * factor, rel=1e-12)
+    assert ("packed steps of" in rules["train.lr"]) == (factor > 1)
+    unpacked, rules = resolve_training(recipe, DataFacts(examples, examples, parameters=135_000_000))
+    assert unpacked.train.lr == SMALL_SFT_LR and "packed" not in rules["train.lr"]
+    given, rules = resolve_training(_recipe(micro_batch_size=micro, lr=1e-4), DataFacts(examples, rows,
+                                                                                         packed_rows=True))
+    assert given.train.lr == 1e-4 and "train.lr" not in rules
+
+
+def test_the_packed_rate_follows_the_batch_the_step_floor_lowered():
+    """32 packed rows of 8 examples, 3 epochs: the floor lowers 4 rows a step to 1, so κ = 8 / 4, not 32 / 4."""
+    resolved, rules = resolve_training(_recipe(), DataFacts(256, 32, batch_auto=True, packed_rows=True))
+    assert resolved.train.micro_batch_size * resolved.train.grad_accum == 1
+    assert resolved.train.lr == pytest.approx(AUTO_LR["sft"] * 2 ** 0.5, rel=1e-12)
+    assert rules["train.lr"] == "sft, × 1.41 for packed steps of 8.0 examples (√ of 2.00 × 4)"
+    assert "32 packed rows an epoch" in rules["train.micro_batch_size"]

