@@ -53,10 +53,13 @@ PACKED_LR_MAX_BATCH = 4.0
 ``max_length`` holds several short examples, so a packed run takes fewer, larger steps at the rate that was chosen
 for steps of ``REFERENCE_BATCH`` examples, and under-trains where steps are scarce; the square-root rule is Adam's
 batch-size scaling (Malladi et al., 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms").
-Measured on whatis (SmolLM2-135M NF4, fp32, seed 42, test loss; 240 examples pack 8 to a row, one row a step by
-``AUTO_MIN_STEPS``: κ = 2): unpacked, 180 steps of 4 at 4e-4: 3.914; packed, 93 steps at 4e-4: 3.936 (+0.022);
-at 4e-4 × √2: 3.907; rows of 256 tokens instead (189 steps of ~4 examples) were slower than unpacked (98 vs 105
-tokens/s), so fewer larger steps with a scaled rate is what keeps packing's speed. Not scaled below 1 (a step of
+Measured with ``scripts/bench_defaults.py`` (SmolLM2-135M NF4, fp32, test loss, packed minus unpacked at 4e-4 in
+180 steps of 4): whatis (240 examples pack 8 to a row, one row a step by ``AUTO_MIN_STEPS``: κ = 2, 93 steps) at the
+unscaled 4e-4: +0.022 (seed 42; session 7: +0.020 over three seeds); at 4e-4 × √2: −0.007 / +0.002 / −0.003 (seeds
+42-44); man-options (κ = 1.67, 108 steps): +0.002 unscaled, −0.000 / −0.006 scaled (seeds 42, 43). Rows of 256
+tokens instead (189 steps of ~4 examples, whatis seed 42) trained as well (3.881) but gave packing's speed back
+(98 vs 114 tokens/s beside the 512-token run): the rate is scaled and the rows kept. See the README's "Packing on
+short, varied chat". Not scaled below 1 (a step of
 fewer examples keeps the rate, as an unpacked batch lowered by ``AUTO_MIN_STEPS`` does), nor above 4 (no larger κ
 was measured; 4 rows of 2,048 tokens of short chat would be κ ≈ 14)."""
 
