@@ -193,11 +193,11 @@ def test_the_compute_dtype_auto_chose_is_recorded_with_its_reason_and_other_mode
     (240, 30, 1, 2 ** 0.5),  # whatis: 8 examples a row, one row a step: κ = 2
     (240, 36, 1, (240 / 36 / 4) ** 0.5),  # man-options: 6.7 a row
     (100, 100, 1, 1.0),  # one example a row: a step carries fewer than 4 examples, the rate is not lowered
-    (8_000, 250, 4, 2.0),  # 32 a row, 4 rows a step: κ = 32, capped at 4
+    (8_000, 250, 4, 2 ** 0.5),  # 32 a row, 4 rows a step: κ = 32, capped at 2
 ])
 def test_packed_steps_of_more_examples_than_the_reference_batch_get_the_square_root_rate(examples, rows, micro,
                                                                                         factor):
-    """``lr: auto`` × √κ (κ = examples a packed step carries / ``REFERENCE_BATCH``, within [1, 4]); the same data
+    """``lr: auto`` × √κ (κ = examples a packed step carries / ``REFERENCE_BATCH``, within [1, 2]); the same data
     unpacked, or a rate the recipe gives, is never scaled."""
     recipe = _recipe(micro_batch_size=micro)
     packed, rules = resolve_training(recipe, DataFacts(examples, rows, packed_rows=True, parameters=135_000_000))

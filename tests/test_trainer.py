@@ -350,8 +350,8 @@ def test_runs_of_different_dtypes_train_one_after_the_other_in_one_process(tiny_
 
 def test_an_auto_rate_on_packed_rows_is_scaled_by_the_examples_a_step_carries_and_unpacked_is_not(tiny_llama,
                                                                                                  chat_data, tmp_path):
-    """``lr: auto`` on a tiny model is ``SMALL_SFT_LR``; 8 packed rows of 128 tokens carry 4+ times the 4-example
-    reference batch, so the packed run steps at the capped √4 = 2× rate (its whole schedule), and records why."""
+    """``lr: auto`` on a tiny model is ``SMALL_SFT_LR``; 8 packed rows of 128 tokens carry 2+ times the 4-example
+    reference batch, so the packed run steps at the capped √2 × rate (its whole schedule), and records why."""
     from lora_ft.recipe.defaults import SMALL_SFT_LR
 
     runs = {}
@@ -363,6 +363,7 @@ def test_an_auto_rate_on_packed_rows_is_scaled_by_the_examples_a_step_carries_an
         assert info["packing"] is packing
         runs[packing] = info["resolved"]["train.lr"], [r["lr"] for r in _rows(out) if "split" not in r]
     assert runs[False][0] == {"value": SMALL_SFT_LR, "source": "auto: sft, a model under 1B parameters"}
-    assert runs[True][0]["value"] == pytest.approx(2 * SMALL_SFT_LR, rel=1e-12)
-    assert runs[True][0]["source"].startswith("auto: sft, a model under 1B parameters, × 2.00 for packed steps of ")
-    assert len(runs[True][1]) == 3 and runs[True][1] == pytest.approx([2 * lr for lr in runs[False][1]], rel=1e-9)
+    assert runs[True][0]["value"] == pytest.approx(2 ** 0.5 * SMALL_SFT_LR, rel=1e-12)
+    assert runs[True][0]["source"].startswith("auto: sft, a model under 1B parameters, × 1.41 for packed steps of ")
+    assert len(runs[True][1]) == 3
+    assert runs[True][1] == pytest.approx([2 ** 0.5 * lr for lr in runs[False][1]], rel=1e-9)

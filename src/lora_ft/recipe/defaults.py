@@ -47,21 +47,23 @@ models (1e-4 above), and on SmolLM2-135M it under-trains: test loss at 2e-4 / 4e
 3.957 / 3.861 (3.967), man-options 3.568 / 3.545 (3.574)."""
 SMALL_SFT_LR = 4e-4
 
-PACKED_LR_MAX_BATCH = 4.0
+PACKED_LR_MAX_BATCH = 2.0
 """``lr: auto`` on packed rows is scaled by √κ, κ = the examples an optimizer step's packed rows carry over the
-``REFERENCE_BATCH`` examples an unpacked step would, clamped to [1, this] (lr × 2 at most). Why: a packed row of
+``REFERENCE_BATCH`` examples an unpacked step would, clamped to [1, this] (lr × √2 at most). Why: a packed row of
 ``max_length`` holds several short examples, so a packed run takes fewer, larger steps at the rate that was chosen
 for steps of ``REFERENCE_BATCH`` examples, and under-trains where steps are scarce; the square-root rule is Adam's
-batch-size scaling (Malladi et al., 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms").
-Measured with ``scripts/bench_defaults.py`` (SmolLM2-135M NF4, fp32, test loss, packed minus unpacked at 4e-4 in
-180 steps of 4): whatis (240 examples pack 8 to a row, one row a step by ``AUTO_MIN_STEPS``: κ = 2, 93 steps) at the
-unscaled 4e-4: +0.022 (seed 42; session 7: +0.020 over three seeds); at 4e-4 × √2: −0.007 / +0.002 / −0.003 (seeds
-42-44); man-options (κ = 1.67, 108 steps): +0.002 unscaled, −0.000 / −0.006 scaled (seeds 42, 43). Rows of 256
-tokens instead (189 steps of ~4 examples, whatis seed 42) trained as well (3.881) but gave packing's speed back
-(98 vs 114 tokens/s beside the 512-token run): the rate is scaled and the rows kept. See the README's "Packing on
-short, varied chat". Not scaled below 1 (a step of
-fewer examples keeps the rate, as an unpacked batch lowered by ``AUTO_MIN_STEPS`` does), nor above 4 (no larger κ
-was measured; 4 rows of 2,048 tokens of short chat would be κ ≈ 14)."""
+batch-size scaling (Malladi et al., 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms"). Measured
+with ``scripts/bench_defaults.py`` (SmolLM2-135M NF4, fp32, test loss, packed minus unpacked at 4e-4 in 180 steps of
+4): whatis (240 examples pack 8 to a row, one row a step by ``AUTO_MIN_STEPS``: κ = 2, 93 steps) at the unscaled
+4e-4: +0.022 (seed 42; session 7: +0.020 over three seeds); at 4e-4 × √2: −0.007 / +0.002 / −0.003 (seeds 42-44);
+man-options (κ = 1.67, 108 steps): +0.002 unscaled, −0.000 / −0.006 scaled (seeds 42, 43). Rows of 256 tokens instead
+(189 steps of ~4 examples, whatis seed 42) trained as well (3.881) but gave packing's speed back (98 vs 114 tokens/s
+beside the 512-token run): the rate is scaled and the rows kept. See the README's "Packing on short, varied chat".
+Not scaled below 1 (a step of fewer examples keeps the rate, as an unpacked batch lowered by ``AUTO_MIN_STEPS``
+does), nor above 2, the largest κ measured: on large sets packed 4 rows a step κ is far larger (4 rows of 2,048
+tokens of short chat: κ ≈ 14), steps are not scarce, and the peers train such batches at the unscaled 2e-4 (axolotl's
+``examples/llama-2/qlora.yml``: 2 × 4 packed rows of 4,096 tokens a step), so there the factor stays √2 until a
+larger model and data set measure more."""
 
 HEAD_LR_FACTOR = {"multilabel": 50.0}
 """``head_lr: auto`` is ``lr`` × this factor for the training data's format, else × 1 (as ``Trainer`` + peft train the
