@@ -150,8 +150,9 @@ def test_running_a_sweep_again_never_destroys_its_trials_silently(tiny_llama, ch
     # Another base recipe: refused before anything trains, naming the trials and what changed ...
     assert main([*argv, "--set", "train.lr=1e-3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
+    resolved = yaml.safe_load((root / "trial-01-r-2" / "run_config.yaml").read_text())["train"]["lr"]  # lr: auto
     assert err.startswith(f"lora-ft: error: the sweep folder {root} holds trials of another recipe; trial 1 ("
-                          f"{root}/trial-01-r-2): train.lr 0.0004 → 0.001; trial 2") and \
+                          f"{root}/trial-01-r-2): train.lr {resolved!r} → 0.001; trial 2") and \
         err.endswith("pass --overwrite to retrain them, or choose another output_dir")
     assert _adapters(root) == trained
     # ... and retrained with --overwrite.
