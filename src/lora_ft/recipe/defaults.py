@@ -192,8 +192,8 @@ def resolve_training(recipe: Recipe, facts: DataFacts) -> tuple[Recipe, dict[str
     update, why = _epochs_and_batch(tc, kind, facts)
     if tc.lr == "auto":
         small = kind == "sft" and 0 < facts.parameters < SMALL_MODEL
-        rows = update.get("micro_batch_size", tc.micro_batch_size) * update.get("grad_accum", tc.grad_accum)
-        factor, carried = facts.packed_lr_factor(kind, rows)
+        # rows a step per process, after the AUTO_MIN_STEPS floor (the batch arithmetic lives in TrainConfig)
+        factor, carried = facts.packed_lr_factor(kind, tc.model_copy(update=update).global_batch(1))
         update["lr"] = (SMALL_SFT_LR if small else AUTO_LR[kind]) * factor
         why["lr"] = f"{kind}" + (f", a model under {SMALL_MODEL / 1e9:g}B parameters" if small else "") + (
             f", × {factor:.2f} for packed steps of {carried:.1f} examples (√ of {factor ** 2:.2f} × "
