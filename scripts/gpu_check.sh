@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU check (issue 4): the quickstart recipe as bf16 QLoRA on one GPU, then, on a machine with 2+ GPUs, the same
-# recipe under DDP and under FSDP2+QLoRA. For each run it prints tokens/s, peak torch.cuda.max_memory_allocated
-# (the largest over processes) and the validation loss before and after training. About 2 minutes on one H100.
+# GPU check (issue 4): the quickstart recipe as bf16 QLoRA on one GPU (also with lora.init: loftq), then, on a
+# machine with 2+ GPUs, the same recipe under DDP and under FSDP2+QLoRA. For each run it prints tokens/s, peak
+# torch.cuda.max_memory_allocated (the largest over processes) and the validation loss before and after training.
+# About 3 minutes on one H100.
 #
 # The GPU machine has no network, so this runs in two places:
 #   bash scripts/gpu_check.sh fetch   # here, with PyPI: wheels the GPU image lacks -> .whl/ (~55 MB, git-ignored)
@@ -96,6 +97,9 @@ check() {  # NAME COMMAND...: run it and keep its output; a failed run is report
   if ! "$@" 2>&1 | tee -a "$log"; then echo "GPU_CHECK {\"run\": \"$name\", \"failed\": true}" >>"$log"; fi
 }
 check 1-gpu-qlora-bf16 "$PY" "$work/run.py" 1-gpu-qlora-bf16 "$recipe" "$work/out-1" "${sets[@]+"${sets[@]}"}"
+# LoftQ (modeling/loftq.py) on the GPU: its SVDs run where the NF4 weights are; the CPU suite proves the factors.
+check 1-gpu-loftq "$PY" "$work/run.py" 1-gpu-loftq "$recipe" "$work/out-loftq" "${sets[@]+"${sets[@]}"}" \
+  lora.init=loftq
 
 n=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 if [ "$n" -ge 2 ]; then

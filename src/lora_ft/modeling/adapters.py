@@ -12,7 +12,6 @@ from peft import (
     TaskType,
     get_peft_model,
     prepare_model_for_kbit_training,
-    replace_lora_weights_loftq,
 )
 from transformers import PreTrainedModel
 
@@ -20,6 +19,7 @@ from ..errors import RecipeError
 from ..recipe import LoraConfigSection
 from .fused_lora import fuse_lora_layers
 from .loading import is_quantized
+from .loftq import start_at_quantization_error
 from .lora_dropout import fuse_lora_dropout
 from .model_dropout import swap_model_dropout
 from .packed_attention import use_packed_attention
@@ -95,20 +95,9 @@ def lora_config(cfg: LoraConfigSection, task: str, targets: list[str], heads: li
     )
 
 
-LOFTQ_DEVICES = ("cuda", "xpu")
-"""Where peft 0.21 computes LoftQ (``peft.utils.loftq_utils`` moves each weight to ``cuda`` or ``xpu`` for the SVD)."""
-
-
-def check_init_fits_device(cfg: LoraConfigSection, device: str) -> None:
-    """Refuse, before the model loads, an init that cannot run on ``device`` (``lora.init: loftq`` on a CPU)."""
-    if cfg.init == "loftq" and device not in LOFTQ_DEVICES:
-        raise RecipeError(f"lora.init: loftq: peft computes LoftQ on a CUDA or XPU device and this run trains on the "
-                          f"{device}: use lora.init: true (QLoRA's init), or train on a GPU")
-
-
 def attach_adapters(
     model: PreTrainedModel, cfg: LoraConfigSection, task: str, heads: list[str], gradient_checkpointing: bool,
-    source: str | None = None,
+    weight_files: list[Path] | None = None,
 ) -> PeftModel:
     """Freeze the base, prepare k-bit layers for training, inject LoRA; heads train in full.
 
@@ -118,16 +107,14 @@ def attach_adapters(
         task: the recipe's ``model.task``.
         heads: new task heads (trained in full).
         gradient_checkpointing: recompute each layer in backward.
-        source: the base model's folder or Hub id, whose safetensors weights ``lora.init: loftq`` reads.
+        weight_files: the base checkpoint's safetensors files, whose full-precision weights ``lora.init: loftq``
+            reads.
     """
     targets = resolve_targets(model, cfg.target_modules, heads + unused_modules(model, task))
     model = _prepare_base(model, gradient_checkpointing)
     peft_model = get_peft_model(model, lora_config(cfg, task, targets, heads))
     if cfg.init == "loftq":
-        # peft's documented LoftQ for a bitsandbytes-NF4 base: A, B ← the rank-r SVD of W − dequant(NF4(W)), with W
-        # read from the safetensors files (a local folder is passed; a Hub id is found in the cache).
-        folder = source if source is not None and Path(source).is_dir() else None
-        replace_lora_weights_loftq(peft_model, model_path=folder)
+        start_at_quantization_error(peft_model, weight_files)  # see loftq.py for why not peft's own function
     return _ready(peft_model, targets)
 
 

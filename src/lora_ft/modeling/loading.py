@@ -365,6 +365,8 @@ class LoadedModel:
     source: str
     head_modules: list[str]
     compute_dtype: torch.dtype
+    weight_files: list[Path] | None = None
+    """The checkpoint's safetensors files, resolved for a quantized load (what ``lora.init: loftq`` reads)."""
 
 
 def _configure_head(config, task: str, id2label: dict[int, str] | None, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -411,8 +413,8 @@ def load_model(
     device_map = {"": device} if quant is not None else None
     # Quantized: the checkpoint is read tensor by tensor (see lazy_weights.py), not mapped whole.
     # transformers takes a state dict only instead of the folder (the config says what to build).
-    files = _safetensors_files(source, cfg.revision) if quant is not None and not cfg.trust_remote_code else None
-    lazy = read_tensor_by_tensor(files) if files else None
+    files = _safetensors_files(source, cfg.revision) if quant is not None else None
+    lazy = read_tensor_by_tensor(files) if files and not cfg.trust_remote_code else None
     try:
         # (the auto classes need a folder to look for remote code in: the concrete class is asked directly)
         cls = _get_model_class(config, auto_class(cfg.task)._model_mapping) if lazy else auto_class(cfg.task)
@@ -435,7 +437,7 @@ def load_model(
         _keep_cpu_weights_trainable(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model, tokenizer, source, heads, compute)
+    return LoadedModel(model, tokenizer, source, heads, compute, files)
 
 
 def _bnb_unsupported(quant: str, err: Exception) -> RecipeError:

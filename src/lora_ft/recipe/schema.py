@@ -90,9 +90,9 @@ class LoraConfigSection(_Section):
     init: bool | str = True
     """peft's ``init_lora_weights``: true (B = 0, the adapter starts as a no-op), false (random, for
     debugging), ``gaussian``, or ``pissa`` / ``olora`` (start from the base weights' principal directions;
-    model.quant none only), or ``loftq`` (model.quant nf4 only: peft's ``replace_lora_weights_loftq`` starts A and B
-    at the rank-r SVD of the base's NF4 quantization error, so the starting model is closer to the full-precision
-    one; on a CUDA/XPU device, where peft 0.21 computes it). Data-driven inits (``eva``, ``corda``) and
+    model.quant none only), or ``loftq`` (model.quant nf4 only: A and B start at the rank-r SVD of the base's NF4
+    quantization error divided by the adapter's scale, so the starting model is closer to the full-precision one;
+    on any device, see ``modeling/loftq.py``). Data-driven inits (``eva``, ``corda``) and
     ``pissa_niter_N`` are refused."""
 
     @field_validator("target_modules")

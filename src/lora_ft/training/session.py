@@ -28,7 +28,7 @@ from ..errors import RunError
 from ..lock import RunLock
 from ..memory.activations import attended_pairs
 from ..memory.launch import resolve_trim
-from ..modeling.adapters import attach_adapters, attach_start_adapter, check_init_fits_device, load_adapter
+from ..modeling.adapters import attach_adapters, attach_start_adapter, load_adapter
 from ..modeling.loading import LoadedModel, check_max_length, load_config, load_model, load_tokenizer, resolve_source
 from ..modeling.precision import resolve_compute_dtype
 from ..objectives import Objective, objective_for
@@ -255,8 +255,6 @@ def build_model(recipe: Recipe, accelerator: Accelerator, compute: str, source: 
     trained ones in ``adapter_dir``, or trainable from ``lora.init_from``): exactly what ``setup`` trains, also for
     the planner's measurements."""
     cfg = recipe.model
-    if adapter_dir is None and not recipe.lora.init_from:
-        check_init_fits_device(recipe.lora, accelerator.device.type)  # before minutes of loading
     device = accelerator.device if accelerator.device.type != "cuda" else accelerator.local_process_index
     loaded = load_model(cfg.model_copy(update={"name": source}), compute, device, id2label, tokenizer)
     if adapter_dir is not None:
@@ -265,4 +263,5 @@ def build_model(recipe: Recipe, accelerator: Accelerator, compute: str, source: 
     gc = torch.cuda.is_available() if gc == "auto" else gc
     if recipe.lora.init_from:  # continue from a trained adapter (run.adopt_start_adapter resolved the folder)
         return loaded, attach_start_adapter(loaded.model, recipe.lora.init_from, gc)
-    return loaded, attach_adapters(loaded.model, recipe.lora, cfg.task, loaded.head_modules, gc, loaded.source)
+    return loaded, attach_adapters(loaded.model, recipe.lora, cfg.task, loaded.head_modules, gc,
+                                   loaded.weight_files)
