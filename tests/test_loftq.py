@@ -94,15 +94,20 @@ def test_loftq_without_a_readable_checkpoint_is_refused_in_one_line_naming_lora_
     assert "\n" not in str(e.value)
 
 
-def test_a_checkpoint_tensor_of_another_shape_is_refused_naming_the_layer(tiny_llama, tmp_path):
+@pytest.mark.parametrize("stored, message", [
+    (lambda w: w[:, :32].contiguous(), r"^lora.init: loftq: the checkpoint's model.layers.0.self_attn.q_proj.weight "
+                                       r"is \(64, 32\), the layer \(64, 64\): use lora.init: true$"),
+    (lambda w: w.to(torch.uint8), r"^lora.init: loftq needs the full-precision weights and the checkpoint stores "
+                                  r"model.layers.0.self_attn.q_proj.weight as torch.uint8: use the unquantized model")],
+    ids=["another-shape", "pre-quantized"])
+def test_a_checkpoint_tensor_loftq_cannot_use_is_refused_naming_the_layer(tiny_llama, tmp_path, stored, message):
     loaded = load_model(ModelConfig(name=str(tiny_llama), quant="nf4"), "fp32")
     tensors = load_file(str(loaded.weight_files[0]))
     key = "model.layers.0.self_attn.q_proj.weight"
-    tensors[key] = tensors[key][:, :32].contiguous()
+    tensors[key] = stored(tensors[key])
     save_file(tensors, str(tmp_path / "model.safetensors"))
     model = attach_adapters(loaded.model, LoraConfigSection(), "causal_lm", [], False)
-    with pytest.raises(RecipeError, match=r"^lora.init: loftq: the checkpoint's model.layers.0.self_attn.q_proj"
-                                          r".weight is \(64, 32\), the layer \(64, 64\)"):
+    with pytest.raises(RecipeError, match=message):
         start_at_quantization_error(model, [tmp_path / "model.safetensors"])
 
 

@@ -81,6 +81,9 @@ def _checkpoint_weight(checkpoint: dict, name: str, prefix: str, base: torch.nn.
     else:
         raise RecipeError(f"lora.init: loftq: the checkpoint has no tensor {name}.weight (stored under another "
                           "name or fused with others): use lora.init: true")
+    if not weight.is_floating_point():  # a pre-quantized checkpoint (bitsandbytes' packed uint8, int8)
+        raise RecipeError(f"lora.init: loftq needs the full-precision weights and the checkpoint stores "
+                          f"{name}.weight as {weight.dtype}: use the unquantized model, or lora.init: true")
     expected = base.weight.quant_state.shape
     if tuple(weight.shape) != tuple(expected):
         raise RecipeError(f"lora.init: loftq: the checkpoint's {name}.weight is {tuple(weight.shape)}, the layer "
