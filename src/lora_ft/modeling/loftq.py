@@ -66,7 +66,7 @@ def start_at_quantization_error(model: PeftModel, weight_files: list[Path] | Non
     if not done:
         raise RecipeError("lora.init: loftq found no NF4 layer with an adapter: it needs model.quant: nf4")
     log.info("LoftQ: %d adapters start at their layer's NF4 quantization error (rank-%d SVD)", done,
-             next(iter(model.peft_config.values())).r)
+             model.peft_config[adapter].r)
     return done
 
 
