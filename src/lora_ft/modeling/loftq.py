@@ -42,8 +42,8 @@ PEFT_PREFIX = "base_model.model."
 
 
 @torch.no_grad()
-def start_at_quantization_error(model: PeftModel, weight_files: list[Path] | None, adapter: str = "default") -> int:
-    """Set every NF4 LoRA layer's A and B to the scaled rank-r SVD of its quantization error; returns how many.
+def start_at_quantization_error(model: PeftModel, weight_files: list[Path] | None, adapter: str = "default") -> None:
+    """Set every NF4 LoRA layer's A and B to the scaled rank-r SVD of its quantization error.
 
     Args:
         model: the peft model right after ``get_peft_model`` on an NF4 base (B still zero).
@@ -67,14 +67,13 @@ def start_at_quantization_error(model: PeftModel, weight_files: list[Path] | Non
         raise RecipeError("lora.init: loftq found no NF4 layer with an adapter: it needs model.quant: nf4")
     log.info("LoftQ: %d adapters start at their layer's NF4 quantization error (rank-%d SVD)", done,
              model.peft_config[adapter].r)
-    return done
 
 
 def _checkpoint_weight(checkpoint: dict, name: str, prefix: str, base: torch.nn.Module) -> torch.Tensor:
     """The full-precision weight of module ``name``: stored under its own name, or without/with the model's
     ``base_model_prefix`` (a task model built on a bare backbone checkpoint, e.g. ``bert.`` on a BertModel's)."""
-    stem = name.removeprefix(prefix + ".") if prefix else name
-    for key in (f"{name}.weight", f"{stem}.weight", f"{prefix}.{name}.weight"):
+    names = [name, name.removeprefix(prefix + "."), f"{prefix}.{name}"] if prefix else [name]
+    for key in (f"{n}.weight" for n in names):
         if key in checkpoint:
             weight = checkpoint[key][...]
             break
