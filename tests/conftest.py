@@ -156,6 +156,20 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> Path:
+    """A 2-layer random RoBERTa encoder: its classifier is a module of two layers (``dense``, ``out_proj``), not
+    one ``Linear`` as BERT's; ELECTRA and XLM-R build theirs the same way."""
+    from transformers import RobertaConfig, RobertaModel
+
+    tok = build_bert_tokenizer()
+    # positions start after the padding index (RoBERTa's offset), so 128 + pad + 1 of them
+    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=130 + tok.pad_token_id,
+                        pad_token_id=tok.pad_token_id, initializer_range=0.2)
+    return save_random_model(tmp_path_factory, "tiny-roberta", RobertaModel, cfg, tok)
+
+
+@pytest.fixture(scope="session")
 def chat_data(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("chat-data")
     return {"train": write_jsonl(d / "train.jsonl", chat_rows(96, 1)),

@@ -51,7 +51,15 @@ def test_reinitialised_pooler_counts_as_new_head(tiny_bert, tmp_path):
     from transformers import AutoConfig
 
     heads, _ = new_head_modules(AutoConfig.from_pretrained(folder), "sequence_classification", str(folder))
-    assert sorted(heads) == ["bert.pooler.dense", "classifier"]
+    assert sorted(heads) == ["bert.pooler", "classifier"]
+
+
+def test_a_head_made_of_several_layers_is_one_new_module(tiny_roberta):
+    # RoBERTa's classifier holds no parameter itself, only its `dense` and `out_proj` do: one head, trained whole.
+    from transformers import AutoConfig
+
+    heads, _ = new_head_modules(AutoConfig.from_pretrained(tiny_roberta), "sequence_classification", str(tiny_roberta))
+    assert heads == ["classifier"]
 
 
 def test_pad_token_is_set_when_missing(tiny_llama):
@@ -118,7 +126,7 @@ def test_hub_checkpoint_without_pooler_keeps_the_pooler_as_a_new_unquantized_hea
     monkeypatch.setattr(lora_ft.modeling.loading, "cached_file", fake_cached_file)
     config = AutoConfig.from_pretrained(folder)
     heads, keep = new_head_modules(config, "sequence_classification", "someone/bert-nopooler", "v1", fetch=True)
-    assert heads == ["bert.pooler.dense", "classifier"]
+    assert heads == ["bert.pooler", "classifier"]
     assert calls[0] == ("model.safetensors.index.json", "v1", False)
     assert all(revision == "v1" for _, revision, _ in calls) and len(calls) == (1 if sharded else 2)
     # Without the tensor names (offline, nothing cached) only modules outside the backbone count as new.

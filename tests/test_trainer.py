@@ -192,6 +192,21 @@ def test_classifier_head_is_saved_and_reloads_to_identical_logits(tiny_bert, cls
     assert again["accuracy"] == pytest.approx(results["after"]["test"]["accuracy"])
 
 
+def test_a_roberta_classifier_whose_head_is_two_layers_keeps_its_best_adapter_and_reloads_it(tiny_roberta, cls_data,
+                                                                                              tmp_path):
+    # RoBERTa's head is `classifier.dense` + `classifier.out_proj`. Named as two heads, peft wrapped them inside the
+    # `classifier` it adds for classifiers, and restoring the best adapter at the end failed (KeyError).
+    recipe = make_recipe(tiny_roberta, cls_data, tmp_path / "rob", model={"task": "sequence_classification"},
+                         train={"max_steps": 12, "lr": 3e-3, "micro_batch_size": 30, "eval_every": 3})
+    results = train(recipe)
+    assert results["after"]["validation"]["loss"] < results["before"]["validation"]["loss"]
+    saved = json.loads((tmp_path / "rob" / "adapter" / "adapter_config.json").read_text())["modules_to_save"]
+    assert sorted(set(saved)) == ["classifier", "score"]  # the head as one module (+ peft's default "score")
+    # the saved adapter is the best one and the whole head: it scores what training ended with
+    again = evaluate_run(tmp_path / "rob", str(cls_data["test"]))
+    assert again["loss"] == pytest.approx(results["after"]["test"]["loss"], rel=1e-5)
+
+
 def test_existing_run_is_not_overwritten(chat_run):
     recipe, _, _ = chat_run
     before = (recipe.output_dir + "/adapter/adapter_model.safetensors")

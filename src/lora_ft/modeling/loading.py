@@ -304,15 +304,18 @@ def new_head_modules(config, task: str, source: str, revision: str | None = None
     stored = _checkpoint_keys(source, revision, fetch)
     heads = []
     for name, module in model.named_modules():
-        params = [p for p, _ in module.named_parameters(recurse=False)]
-        if not name or not params:
+        # Every parameter below the module, not only its own: RoBERTa's `classifier` holds none itself (its
+        # `dense` and `out_proj` do), and naming those two instead made peft wrap `classifier.dense` *and* the
+        # `classifier` it adds for classifiers, nested wrappers whose adapter could not be loaded back (KeyError
+        # in set_peft_model_state_dict, at the end of every RoBERTa/ELECTRA/XLM-R classification run).
+        keys = [f"{name}.{p}" for p, _ in module.named_parameters()]
+        if not name or not keys or task not in HEAD_TASKS:
             continue
         if stored is None:  # names unknown (.bin-only checkpoint): every module outside the backbone is new
-            is_new = not name.startswith(prefix + ".")
+            is_new = name.split(".")[0] != prefix
         else:
-            keys = [f"{name}.{p}" for p in params]
             is_new = not any(k in stored or k.removeprefix(prefix + ".") in stored for k in keys)
-        if is_new and task in HEAD_TASKS:
+        if is_new:
             heads.append(name)
     # Keep the top-most names only ("classifier", not "classifier.dense" as well).
     top = [h for h in heads if not any(h.startswith(o + ".") for o in heads if o != h)]
