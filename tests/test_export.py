@@ -119,7 +119,7 @@ def test_flags_and_unsupported_models_are_refused_before_loading(fp32_run, tmp_p
     info = json.loads((other / "run_info.json").read_text())
     (other / "run_info.json").write_text(json.dumps({**info, "source": str(gpt2)}))
     assert main(["export", str(other)]) == 2
-    assert "GGUF export supports Llama (incl. SmolLM2), Mistral, Qwen2; this run's base is GPT2LMHeadModel" \
+    assert "GGUF export supports Llama (incl. SmolLM2), Mistral, Qwen2, Qwen3; this run's base is GPT2LMHeadModel" \
         in capsys.readouterr().err
 
 

@@ -18,9 +18,13 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from lora_ft.errors import UsageError
+from lora_ft.modeling.gguf_rope import rope_factors
+from lora_ft.shipping.export import load_gguf
 from lora_ft.shipping.gguf_file import SUPPORTED, check_exportable, vocabulary, write_gguf
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -77,6 +81,7 @@ def rounded_like(model, path: Path):
     (LlamaForCausalLM, LlamaConfig, {"tie_word_embeddings": True}),
     (MistralForCausalLM, MistralConfig, {"sliding_window": None}),
     (Qwen2ForCausalLM, Qwen2Config, {}),
+    (Qwen3ForCausalLM, Qwen3Config, {}),  # q/k norms; head_dim 128 (Qwen3's, wider than hidden / heads here)
 ])
 def test_f32_file_read_back_by_transformers_gives_the_same_logits_and_tokens(cls, config_cls, extra, tok, texts,
                                                                              tmp_path):
@@ -121,6 +126,26 @@ def test_4_bit_files_keep_the_output_projection_at_8_bits_and_odd_rows_at_f16(to
     assert back.model.layers[0].mlp.down_proj.weight.shape == (64, 80)
 
 
+LLAMA_3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # Llama 3.1's, for a 32-token context
+
+
+def test_llama_3_scaled_rope_is_written_as_llama_cpp_s_rope_freqs_and_read_back_to_the_same_logits(tok, tmp_path):
+    # (the factors themselves against llama.cpp's converter: test_gguf_rope.py)
+    model = tiny(LlamaForCausalLM, LlamaConfig, tok, rope_parameters=dict(LLAMA_3_ROPE))
+    path = tmp_path / "m-F32.gguf"
+    write_gguf(model, tok, path, "f32", "tiny")
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}["rope_freqs.weight"]
+    assert stored.tensor_type.name == "F32"
+    assert np.array_equal(np.asarray(stored.data), rope_factors(model.config).numpy())
+    long = [" ".join(["the cow says moo and the owl"] * 6)]  # past the 32-token context the scaling was set for
+    back, _ = load_gguf(path, torch.device("cpu"))
+    assert torch.allclose(logits(back, tok, long), logits(model, tok, long), atol=1e-5, rtol=0)
+    # transformers' reader alone ignores rope_freqs: the factors are what makes the two agree
+    plain, _ = read_back(path)
+    assert (logits(plain, tok, long) - logits(model, tok, long)).abs().max() > 0.1
+
+
 def test_vocabulary_marks_special_tokens_control_and_pads_unused_rows(tok):
     tokens, types = vocabulary(tok, len(tok) + 3)
     assert tokens[tok.convert_tokens_to_ids("<|im_start|>")] == "<|im_start|>"
@@ -152,11 +177,15 @@ def test_architectures_and_tokenizers_it_cannot_map_are_refused_in_one_line(tok)
     with pytest.raises(UsageError, match="supports Llama") as e:
         check_exportable(BertConfig(architectures=["BertForMaskedLM"]))
     assert SUPPORTED in str(e.value) and "\n" not in str(e.value)
-    scaled = LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192}, architectures=["LlamaForCausalLM"])
+    yarn = LlamaConfig(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                        "original_max_position_embeddings": 32768}, architectures=["LlamaForCausalLM"])
+    with pytest.raises(UsageError, match="RoPE scaling 'yarn'"):
+        check_exportable(yarn)
+    llama3_on_qwen = Qwen2Config(rope_parameters=dict(LLAMA_3_ROPE), architectures=["Qwen2ForCausalLM"])
     with pytest.raises(UsageError, match="RoPE scaling 'llama3'"):
-        check_exportable(scaled)
+        check_exportable(llama3_on_qwen)
+    with pytest.raises(UsageError, match="Qwen3 with head_dim 16 cannot be verified"):
+        check_exportable(Qwen3Config(head_dim=16, architectures=["Qwen3ForCausalLM"]))
     with pytest.raises(UsageError, match="byte-level BPE"):
         check_exportable(LlamaConfig(architectures=["LlamaForCausalLM"]), build_bert_tokenizer())
     with pytest.raises(UsageError, match="--quant q3_k"):

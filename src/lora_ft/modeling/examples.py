@@ -115,6 +115,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     log.info("converting %s (%s) to safetensors in %s (once)", gguf.name, config.model_type, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _recover_scaled_rope(gguf, model.config)
     # The loaded model is still marked as GGUF-quantized and save_pretrained refuses it; its weights are
     # already de-quantized, so dropping the marker is what makes it a plain checkpoint.
     model.hf_quantizer = None
@@ -127,6 +128,24 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         tokenizer.save_pretrained(stage)
         _publish(stage, out)
     return out
+
+
+def _recover_scaled_rope(path: Path, config) -> None:
+    """Llama 3.1+'s RoPE scaling, which transformers' GGUF reader drops (it ignores ``rope_freqs``), put back into
+    ``config`` from the file; a file whose factors no llama3 scaling gives is refused rather than trained with
+    positions the model never saw."""
+    from .gguf_rope import llama3_parameters, read_rope_factors  # heavy (torch, transformers), as convert_gguf's
+
+    factors = read_rope_factors(path)
+    if factors is None:
+        return
+    params = llama3_parameters(factors, config) if config.model_type == "llama" else None
+    if params is None:
+        raise RecipeError(f"model.name: {path.name} scales its RoPE (rope_freqs) in a way lora_ft cannot carry over "
+                          "to transformers; use the model's safetensors checkpoint (Hub id or folder) instead")
+    config.rope_parameters = params
+    log.info("%s: Llama 3 RoPE scaling recovered from rope_freqs (factor %g, original context %d)", path.name,
+             params["factor"], params["original_max_position_embeddings"])
 
 
 def _publish(stage: Path, out: Path) -> None:

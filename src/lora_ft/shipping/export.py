@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..errors import FidelityError, RunError, UsageError
+from ..modeling.gguf_rope import read_rope_factors
 from ..modeling.loading import load_config
 from ..objectives import objective_for
 from ..run import EXPORT_REPORT, GGUF_DIR, Run, default_device, load_adapter_model, load_run_tokenizer, open_run
@@ -105,6 +106,16 @@ def load_gguf(path: Path, device: torch.device) -> tuple[torch.nn.Module, PreTra
     """A GGUF file through transformers' reader (fp32), with the tokenizer and generation config it rebuilds from
     the file's metadata: what llama.cpp and Ollama read."""
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    factors = read_rope_factors(path)
+    if factors is not None:
+        # transformers' reader ignores rope_freqs (Llama 3.1+'s scaled RoPE) and builds unscaled RoPE; llama.cpp
+        # divides each frequency by the file's factor, and so does this, from the file alone.
+        rotary = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+        if not rotary or any(m.inv_freq.shape != factors.shape for m in rotary):
+            raise RunError(f"{path}: its rope_freqs ({tuple(factors.shape)}) fit no rotary embedding of the model "
+                           "transformers reads from it")
+        for m in rotary:
+            m.inv_freq = m.original_inv_freq = m.inv_freq / factors
     return model.to(device).eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 

@@ -7,8 +7,9 @@ llama.cpp's ``convert_hf_to_gguf.py``: the architecture's metadata keys, the Q/K
 architecture expects, which tensors stay F32, the vocabulary with its token types, and the pre-tokenizer name.
 
 Supported: Llama-family architectures whose GGUF files transformers can also read back (the independent reader the
-export is verified with): Llama (SmolLM2 included), Mistral, Qwen2; byte-level BPE tokenizers (Llama 3, Qwen2,
-SmolLM2 and most recent models; not sentencepiece). Anything else is refused with one line naming what is.
+export is verified with): Llama (SmolLM2 included, and Llama 3.1-3.3's scaled RoPE), Mistral, Qwen2, Qwen3;
+byte-level BPE tokenizers (Llama 3, Qwen2/3, SmolLM2 and most recent models; not sentencepiece). Anything else is
+refused with one line naming what is.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import UsageError
+from ..modeling.gguf_rope import ROPE_FACTORS, head_dim, rope_factors
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,9 @@ ARCHITECTURES: dict[str, Arch] = {
     "LlamaForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, True),
     "MistralForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, True),
     "Qwen2ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN2, False),
+    "Qwen3ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN3, False),
 }
-SUPPORTED = "Llama (incl. SmolLM2), Mistral, Qwen2"
+SUPPORTED = "Llama (incl. SmolLM2), Mistral, Qwen2, Qwen3"
 
 # Every type gguf.quants can *write* in Python (it reads many more). K-quants and i-quants need llama.cpp's
 # llama-quantize; TQ1_0/TQ2_0 are ternary (BitNet) formats, meaningless for an ordinary model.
@@ -92,6 +95,10 @@ def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str | None:
     return None
 
 
+# transformers' GGUF reader has no key for a Qwen3 head size and builds the model with Qwen3Config's default.
+QWEN3_READER_HEAD_DIM = 128
+
+
 # -------------------------------------------------------------------------------------------- checks
 def check_exportable(config, tokenizer: PreTrainedTokenizerBase | None = None) -> Arch:
     """The architecture to write ``config`` as; a one-line ``UsageError`` for anything the export cannot map
@@ -103,10 +110,15 @@ def check_exportable(config, tokenizer: PreTrainedTokenizerBase | None = None) -
                          f"({getattr(config, 'model_type', '?')})")
     rope = getattr(config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        # transformers' GGUF reader ignores RoPE scaling for these architectures, so the export could not be
-        # verified; llama.cpp would need rope_freqs (llama3) or scaling keys (linear, yarn).
-        raise UsageError(f"GGUF export: RoPE scaling '{rope_type}' is not supported yet (only unscaled RoPE)")
+    if rope_type not in ("default", "llama3") or (rope_type == "llama3" and arch.gguf_arch != gguf.MODEL_ARCH.LLAMA):
+        # llama3's scaling is a per-frequency divisor llama.cpp reads from the rope_freqs tensor (written and read
+        # back here); the others need llama.cpp's scaling keys, which transformers' GGUF reader (the check) ignores.
+        raise UsageError(f"GGUF export: RoPE scaling '{rope_type}' is not supported yet (unscaled RoPE, and "
+                         "Llama 3.1+'s 'llama3')")
+    if arch.gguf_arch == gguf.MODEL_ARCH.QWEN3 and head_dim(config) != QWEN3_READER_HEAD_DIM:
+        raise UsageError(f"GGUF export: Qwen3 with head_dim {head_dim(config)} cannot be verified: transformers' "
+                         f"GGUF reader, which checks the file, assumes head_dim {QWEN3_READER_HEAD_DIM} (every "
+                         "published Qwen3's)")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UsageError(f"GGUF export: {name} with attention/MLP biases is not supported")
     if tokenizer is not None:
@@ -188,7 +200,7 @@ def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase
 # -------------------------------------------------------------------------------------------- metadata
 def _write_metadata(writer: gguf.GGUFWriter, config, arch: Arch, name: str, file_type: gguf.LlamaFileType) -> None:
     """The hyper-parameters llama.cpp reads (``convert_hf_to_gguf.py``'s ``set_gguf_parameters``)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = head_dim(config)
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
@@ -202,10 +214,10 @@ def _write_metadata(writer: gguf.GGUFWriter, config, arch: Arch, name: str, file
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_vocab_size(config.vocab_size)
     if arch.gguf_arch == gguf.MODEL_ARCH.LLAMA:
-        writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(dim)
+    if dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(dim)
+        writer.add_value_length(dim)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -245,6 +257,9 @@ def _gguf_tensors(model: PreTrainedModel, arch: Arch):
         if arch.permute_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             t = _permute(t, config.num_attention_heads if "q_proj" in hf_name else kv_heads)
         yield name, t.numpy()
+    factors = rope_factors(config)
+    if factors is not None:
+        yield ROPE_FACTORS, factors.numpy()
 
 
 def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, quant: str,
