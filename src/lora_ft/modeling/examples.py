@@ -174,9 +174,15 @@ def gguf_damage(path: Path) -> str | None:
     return None
 
 
+# Part of a converted GGUF's cache key: raised when the conversion changes what it writes, so older conversions are
+# redone rather than reused (2: Llama 3.x RoPE scaling recovered from rope_freqs; version 1 dropped it).
+GGUF_CONVERSION = 2
+
+
 def gguf_cache_dir(gguf: Path) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{GGUF_CONVERSION}".encode()
+                         ).hexdigest()[:16]
     return home() / "gguf" / f"{gguf.stem}-{key}"
 
 

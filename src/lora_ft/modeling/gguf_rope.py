@@ -71,6 +71,6 @@ def llama3_parameters(factors: torch.Tensor, config) -> dict | None:
     if b <= 0:
         return None
     params = {"rope_type": "llama3", "rope_theta": float(theta), "factor": factor, "low_freq_factor": 1.0,
-              "high_freq_factor": 1.0 + 1.0 / b, "original_max_position_embeddings": round(a / b)}
+              "high_freq_factor": round(1.0 + 1.0 / b, 6), "original_max_position_embeddings": round(a / b)}
     trial = type(config).from_dict({**config.to_dict(), "rope_parameters": params})
     return params if torch.allclose(rope_factors(trial), factors, rtol=1e-4, atol=0) else None
