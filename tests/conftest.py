@@ -204,6 +204,23 @@ def make_recipe(model_dir: Path, splits: dict[str, Path], out: Path, **sections)
 
 
 @pytest.fixture(scope="session")
+def quickstart_chat_run(tmp_path_factory) -> tuple[Path, dict]:
+    """The chat quickstart (SmolLM2-135M NF4) shortened to 6 steps, 16 validation examples, no forgetting guard:
+    (run folder, results). Trained once for the slow tests that need a real trained run (the quickstart's loss in
+    test_examples.py, its GGUF export in test_export.py): each trained its own, ~100 s apiece on 2 cores."""
+    from lora_ft.modeling import examples
+    from lora_ft.recipe import load_recipe
+    from lora_ft.training.trainer import train
+
+    examples.set_home(os.environ.get("LORA_FT_HOME"))  # as test_examples.py does: CI may keep a persistent cache
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/quickstart/smollm2-qlora-chat.yaml",
+                         [f"output_dir={out}", "train.max_steps=6", "train.eval_every=100",
+                          "data.max_eval_examples=16", "forgetting.enabled=false"])
+    return out, train(recipe)
+
+
+@pytest.fixture(scope="session")
 def answering_run(tiny_llama, chat_data, tmp_path_factory) -> Path:
     """A tiny fp32 chat run trained until its answers match the references and end with <|im_end|> (40 steps, the
     generation evaluation on): what the export gate's stop check and ``lora-ft eval``'s columns compare."""

@@ -123,23 +123,18 @@ def test_classification_quickstart_learns(tmp_path):
 
 
 @pytest.mark.slow
-def test_chat_quickstart_qlora_lowers_validation_loss(tmp_path):
-    from lora_ft.training.trainer import train
-
-    recipe = load_recipe(ROOT / "recipes/quickstart/smollm2-qlora-chat.yaml",
-                         [f"output_dir={tmp_path / 'run'}", "train.max_steps=6", "train.eval_every=100",
-                          "data.max_eval_examples=16", "data.test=null"])
-    results = train(recipe)
+def test_chat_quickstart_qlora_lowers_validation_loss(quickstart_chat_run):
+    run, results = quickstart_chat_run
     assert results["after"]["validation"]["loss"] < results["before"]["validation"]["loss"] - 0.3
     import bitsandbytes as bnb
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     base = AutoModelForCausalLM.from_pretrained(
-        json.loads((tmp_path / "run" / "run_info.json").read_text())["source"],
+        json.loads((run / "run_info.json").read_text())["source"],
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_compute_dtype=torch.float32))
-    model = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
+    model = PeftModel.from_pretrained(base, run / "adapter")
     assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
 
 

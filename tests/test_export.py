@@ -171,15 +171,9 @@ def test_an_export_is_refused_while_another_command_holds_the_run_and_writes_not
 
 
 @pytest.mark.slow
-def test_the_smollm2_quickstart_exports_to_q8_0_within_its_limit(tmp_path):
-    from lora_ft.recipe import load_recipe
-
-    root = Path(__file__).resolve().parents[1]
-    recipe = load_recipe(root / "recipes/quickstart/smollm2-qlora-chat.yaml",
-                         [f"output_dir={tmp_path / 'run'}", "train.max_steps=6", "train.eval_every=100",
-                          "data.max_eval_examples=16", "forgetting.enabled=false"])
-    train(recipe)
-    entry = export.export_run(tmp_path / "run", "q8_0", examples=16)
+def test_the_smollm2_quickstart_exports_to_q8_0_within_its_limit(quickstart_chat_run, tmp_path):
+    run = Path(shutil.copytree(quickstart_chat_run[0], tmp_path / "run"))  # the export writes into its run
+    entry = export.export_run(run, "q8_0", examples=16)
     assert entry["passed"] and entry["kl_mean"] < export.KL_LIMITS["q8_0"] and entry["top1_agreement"] > 0.95
     assert entry["tokenizer"]["identical"] == entry["tokenizer"]["texts"] == 16
     assert abs(entry["loss_gguf"] - entry["loss_adapter"]) < 0.05

@@ -30,7 +30,7 @@ def _unscaled(theta: float, dim: int) -> torch.Tensor:
 def rope_factors(config) -> torch.Tensor | None:
     """llama.cpp's ``rope_freqs`` for ``config``'s scaled RoPE (None when unscaled). Derived from transformers' own
     implementation of the scaling (the one the run trained with) rather than re-written from llama.cpp's converter:
-    the two agree (``test_gguf_file.py``). Only scalings without an attention factor map to it (llama3, linear)."""
+    the two agree (``test_gguf_rope.py``). Only scalings without an attention factor map to it (llama3, linear)."""
     rope = getattr(config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
     if rope_type == "default":
