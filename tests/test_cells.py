@@ -18,7 +18,15 @@ import yaml
 from conftest import classification_rows, labelled_text, prepare, write_jsonl
 
 from lora_ft.cli import main
-from lora_ft.data.cells import BLANK, Where, candidates, check_column, check_columns, conversation_problem
+from lora_ft.data.cells import (
+    BLANK,
+    Where,
+    candidates,
+    check_column,
+    check_columns,
+    conversation_problem,
+    number_problem,
+)
 from lora_ft.errors import DataError
 from lora_ft.recipe import DataConfig
 
@@ -348,3 +356,18 @@ def test_the_vectorised_rules_pick_every_row_the_row_by_row_check_refuses(layout
     with pytest.raises(DataError) as row_by_row:
         check_column(ds["messages"], "conversation", where, "messages")
     assert str(vectorised.value) == str(row_by_row.value) and "(449 more row(s) like it)" in str(vectorised.value)
+
+
+def test_the_vectorised_number_rule_picks_every_text_cell_that_is_not_a_number():
+    # CSV reads a regression column holding one word as text; the text rule alone (blank or list) let 'abc' through
+    # to a ValueError in the middle of tokenization.
+    cells = ["3.5", " 4 ", "-.5", "1e3", "+2.", "abc", "", "  ", "3,5", "nan", "inf", "1_000", "\u00a03", "0x10",
+             "1e", ".", None, "4\n"] * 20
+    column = pa.chunked_array([pa.array(cells, pa.string())])
+    picked = candidates(column, "number")
+    refused = [number_problem(v) is not None for v in cells]
+    assert refused.count(True) == 20 * 10
+    assert all(picked[i] for i, bad in enumerate(refused) if bad)
+    assert not any(picked[i] for i, v in enumerate(cells) if v in ("3.5", " 4 ", "-.5", "1e3", "+2."))
+    with pytest.raises(DataError, match=r"row 6, column 'label' is 'abc', not a finite number .199 more row"):
+        check_columns(datasets.Dataset.from_dict({"label": cells}), {"label": "number"}, Where("data.train", "f.csv"))

@@ -53,6 +53,15 @@ def test_a_label_that_is_no_number_is_one_line_naming_its_row(tmp_path):
         prepare(DataConfig(train=str(path)), "regression", build_bert_tokenizer())
 
 
+def test_a_csv_label_that_is_no_number_is_one_line_naming_its_row(tmp_path):
+    from conftest import prepare
+
+    path = tmp_path / "t.csv"
+    path.write_text("text,label\nhello,3.5\nbye,abc\n")  # CSV: the column is read as text
+    with pytest.raises(DataError, match=r"t.csv row 2, column 'label' is 'abc', not a finite number"):
+        prepare(DataConfig(train=str(path)), "regression", build_bert_tokenizer())
+
+
 def test_summarize_reports_scipy_s_pearson_and_spearman_and_the_rmse():
     objective = Regression(DataConfig(), build_bert_tokenizer())
     preds, labels = [0.1, 0.4, 0.35, 0.8, 0.7], [0.0, 0.5, 0.5, 1.0, 0.6]

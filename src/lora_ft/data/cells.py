@@ -187,6 +187,9 @@ the class with Python's)."""
 BLANK = f"^[{PYTHON_WHITESPACE}]*$"
 LIST_TEXT = f"^[{PYTHON_WHITESPACE}]*\\["
 """A string that may hold a JSON list (``_json_list`` strips, then looks for ``[``)."""
+# A decimal number as text (CSV holds regression targets so). Python's float() also takes "1_000", "inf" and
+# Unicode digits; those are candidates too, and the row-by-row check decides (a candidate may be good, never missed).
+NUMBER_TEXT = r"^[ \t]*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?[ \t]*$"
 SLICE = 20_000
 """Rows turned into Python values at a time where a column is checked row by row."""
 
@@ -272,6 +275,8 @@ def candidates(values: pa.ChunkedArray, kind: str) -> np.ndarray | None:
         return np.ones(len(values), dtype=bool)
     if kind == "conversation":
         return _conversation_candidates(values)
+    if (pa.types.is_string(t) or pa.types.is_large_string(t)) and kind == "number":
+        return _mask(pc.invert(pc.match_substring_regex(values, NUMBER_TEXT)))
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return _mask(pc.or_kleene(pc.match_substring_regex(values, BLANK), pc.match_substring_regex(values, LIST_TEXT)))
     if pa.types.is_integer(t):
