@@ -38,8 +38,24 @@ def test_json_csv_and_parquet_give_the_same_examples_as_jsonl(tmp_path):
         encoded[kind] = ({c: data.splits["train"][c] for c in ("input_ids", "labels")}, data.id2label)
     assert encoded["jsonl"][1] == {0: "animals", 1: "money", 2: "weather"}
     assert len(encoded["jsonl"][0]["input_ids"]) == 20
-    for kind in ("json", "csv", "parquet"):
+    # Windows tools begin UTF-8 files with a byte-order mark: the same examples (not a parse error, nor a first
+    # column named "\ufefftext")
+    for kind in ("jsonl", "json", "csv"):
+        marked = tmp_path / f"bom.{kind}"
+        marked.write_bytes(b"\xef\xbb\xbf" + files[kind].read_bytes())
+        data = prepare(DataConfig(train=str(marked)), "sequence_classification", btok, 0)
+        encoded[f"bom-{kind}"] = ({c: data.splits["train"][c] for c in ("input_ids", "labels")}, data.id2label)
+    for kind in ("json", "csv", "parquet", "bom-jsonl", "bom-json", "bom-csv"):
         assert encoded[kind] == encoded["jsonl"], kind
+
+
+def test_blank_lines_in_a_file_whose_column_mixes_types_are_named_in_one_line(tmp_path):
+    # datasets' fallback reader (labels 1 and "a": mixed types) stops at a blank line with "Expected object or value"
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"text": "a cat", "label": "a"}\n\n{"text": "a dog", "label": 3}\n')
+    with pytest.raises(RecipeError, match=r"mixed.jsonl as json: line 2 is blank; remove the blank lines") as e:
+        prepare(DataConfig(train=str(path)), "sequence_classification", build_bert_tokenizer(), 0)
+    assert "\n" not in str(e.value)
 
 
 def test_hub_dataset_ids_are_loaded_with_the_split_they_stand_for(monkeypatch):

@@ -88,7 +88,9 @@ def _read_file(path: Path, spec: str, field: str, streaming: bool = False):
 
 
 def _csv_header(path: Path, spec: str, field: str) -> list[str]:
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+    # -sig: Windows tools (Excel's "CSV UTF-8", Notepad) begin the file with a byte-order mark, which is no part of
+    # the first column's name (pandas drops it too; datasets' JSON reader skips it)
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
         header = next(csv.reader(f), [])
     if not header or len(set(header)) != len(header) or not all(c.strip() for c in header):
         raise DataError(f"{field}: {spec} needs a header row of distinct, non-empty column names (found {header})")
@@ -97,10 +99,12 @@ def _csv_header(path: Path, spec: str, field: str) -> list[str]:
 
 def _bad_json_line(path: Path) -> str | None:
     """For a JSON-lines file that does not parse: the first line that is not a JSON object, in words."""
+    blank = None
     try:
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
+                    blank = blank or n
                     continue
                 try:
                     value = json.loads(line)
@@ -112,4 +116,9 @@ def _bad_json_line(path: Path) -> str | None:
                     return f"line {n} is {type(value).__name__}, not an object of columns"
     except UnicodeDecodeError as e:
         return f"not UTF-8 text ({first_line(e)})"
+    if blank:
+        # Every line parses: datasets' fallback reader (taken when a column's values differ in type, e.g. labels
+        # 1 and "a") stops at blank lines with "Expected object or value".
+        return (f"line {blank} is blank; remove the blank lines (datasets' reader stops at them when a column "
+                "mixes types)")
     return None
