@@ -149,5 +149,5 @@ def test_validate_reads_the_data_as_train_will(tiny_bert, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"lora-ft: error: {recipe}: 2 problem(s): data.train: {train} row 2, column 'label' is empty; every example "
         "needs a label; data.validation: column(s) ['text'] not found; columns present: ['txt', 'label'] (set "
-        "data.*_column to rename)")
+        "data.text_column: txt)")
     assert json.loads(json.dumps(str(recipe)))

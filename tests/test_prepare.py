@@ -30,8 +30,13 @@ def test_missing_columns_list_the_present_ones(tmp_path, tok):
     p = write_jsonl(tmp_path / "x.jsonl", [{"question": "a", "answer": "b"}])
     with pytest.raises(RecipeError, match=r"columns \['question', 'answer'\]"):
         prepare(DataConfig(train=str(p)), "causal_lm", tok, 0)
-    with pytest.raises(RecipeError, match=r"column\(s\) \['msgs'\] not found; columns present"):
+    with pytest.raises(RecipeError, match=r"column\(s\) \['msgs'\] not found; columns present: \['question', "
+                                          r"'answer'\] \(set data.messages_column to the column that holds them\)"):
         prepare(DataConfig(train=str(p), format="messages", messages_column="msgs"), "causal_lm", tok, 0)
+    # the setting that names the column, and the present column it most likely means
+    with pytest.raises(RecipeError, match=r"\['prompt'\] not found; .* \(set data.prompt_column: prompts\)"):
+        prepare(DataConfig(train=str(write_jsonl(tmp_path / "y.jsonl", [{"prompts": "a", "completion": "b"}])),
+                           format="prompt_completion"), "causal_lm", tok, 0)
 
 
 def test_truncation_is_counted_and_answerless_examples_dropped(tmp_path, tok):

@@ -8,6 +8,7 @@ never branch on the task, so a new task type is one new file in this package plu
 
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -67,7 +68,18 @@ class Objective(ABC):
         missing = [c for c in wanted if c and c not in columns]
         if missing:
             raise RecipeError(f"data.{split}: column(s) {missing} not found; columns present: {columns} "
-                              f"(set data.*_column to rename)")
+                              f"({self._rename_hint(missing, columns)})")
+
+    def _rename_hint(self, missing: list[str], columns: list[str]) -> str:
+        """The ``data.*_column`` setting that names each missing column, with a present column it may mean."""
+        fields = {v: f for f, v in self.cfg.model_dump().items() if f.endswith("_column") and isinstance(v, str)}
+        fixes = []
+        for column in missing:
+            if column in fields:
+                close = difflib.get_close_matches(column, columns, n=1, cutoff=0.6)
+                fixes.append(f"data.{fields[column]}: {close[0]}" if close
+                             else f"data.{fields[column]} to the column that holds them")
+        return f"set {', '.join(fixes)}" if fixes else "set data.*_column to rename"
 
     def columns(self, fmt: str) -> dict[str, str]:
         """The columns an example of format ``fmt`` is read from → the kind of cell each must hold (``text``,
