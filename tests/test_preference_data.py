@@ -111,7 +111,8 @@ def test_shipped_preference_pairs_are_rebuilt_exactly_from_the_shipped_docstring
 
 
 @pytest.mark.parametrize("bad,message", [
-    ({"chosen": None}, "row 3: data.chosen: a completion is a string or one assistant message"),
+    ({"chosen": None}, "row 3: column 'chosen' is empty; every example needs this text"),
+    ({"chosen": 3}, "row 3: data.chosen: a completion is a string or one assistant message"),
     ({"rejected": "  "}, "row 3, column 'rejected' is empty; every example needs this text"),
     ({"prompt": None}, "row 3: data: without a 'prompt' column, 'chosen' and 'rejected' must be whole conversations"),
     ({"prompt": [{"role": "user", "content": [{"type": "image", "url": "cow.png"}, {"type": "text", "text": "Hm?"}]}]},

@@ -56,6 +56,8 @@ def _answer(value: Any, column: str, at: int = 0) -> str:
     """A completion: a string, or TRL's conversational one-assistant-message list (message ``at`` of the cell)."""
     if isinstance(value, str):
         return value
+    if value is None:  # a row without the key, in a file where other rows have it
+        raise RecipeError(f"column '{column}' is empty; every example needs this text")
     if _is_messages(value) and len(value) == 1 and value[0]["role"] == "assistant":
         return _content(value[0], at, column)
     raise RecipeError(f"data.{column}: a completion is a string or one assistant message "
