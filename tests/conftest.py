@@ -212,12 +212,15 @@ def quickstart_chat_run(tmp_path_factory) -> tuple[Path, dict]:
     from lora_ft.recipe import load_recipe
     from lora_ft.training.trainer import train
 
-    examples.set_home(os.environ.get("LORA_FT_HOME"))  # as test_examples.py does: CI may keep a persistent cache
     out = tmp_path_factory.mktemp("quickstart") / "run"
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/quickstart/smollm2-qlora-chat.yaml",
-                         [f"output_dir={out}", "train.max_steps=6", "train.eval_every=100",
-                          "data.max_eval_examples=16", "forgetting.enabled=false"])
-    return out, train(recipe)
+    examples.set_home(os.environ.get("LORA_FT_HOME"))  # as test_examples.py does: CI may keep a persistent cache
+    try:
+        recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/quickstart/smollm2-qlora-chat.yaml",
+                             [f"output_dir={out}", "train.max_steps=6", "train.eval_every=100",
+                              "data.max_eval_examples=16", "forgetting.enabled=false"])
+        return out, train(recipe)
+    finally:
+        examples.set_home(None)  # the run's info names its base by path: later tests need no home
 
 
 @pytest.fixture(scope="session")

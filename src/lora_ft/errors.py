@@ -78,8 +78,14 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else type(err).__name__
 
 
-def did_you_mean(word: str, choices: list[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest of ``choices``, else `` (known: a, b, c)``."""
+def closest(word: str, choices: list[str]) -> str | None:
+    """The choice ``word`` most likely stands for (a near spelling, or one the other begins with), or None."""
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     close = close or [c for c in choices if word.startswith(c) or c.startswith(word)][:1]
-    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(choices)})"
+    return close[0] if close else None
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, else `` (known: a, b, c)``."""
+    close = closest(word, choices)
+    return f" (did you mean '{close}'?)" if close else f" (known: {', '.join(choices)})"

@@ -1,6 +1,6 @@
 """Loading the base model and its tokenizer: source resolution, quantization, task heads, pad token.
 
-(About 470 lines: every way a load can fail is turned into one line here, next to the load it guards; reading a
+(About 480 lines: every way a load can fail is turned into one line here, next to the load it guards; reading a
 checkpoint tensor by tensor is in ``lazy_weights.py``, the examples and GGUF conversion in ``examples.py``.)
 """
 
@@ -300,6 +300,9 @@ def new_head_modules(config, task: str, source: str, revision: str | None = None
     """
     with torch.device("meta"):
         model = auto_class(task).from_config(config, **remote_code(trust_remote_code, source))
+    keep_full = get_keys_to_not_convert(model)
+    if task not in HEAD_TASKS:
+        return [], keep_full
     prefix = model.base_model_prefix
     stored = _checkpoint_keys(source, revision, fetch)
     heads = []
@@ -308,8 +311,8 @@ def new_head_modules(config, task: str, source: str, revision: str | None = None
         # `dense` and `out_proj` do), and naming those two instead made peft wrap `classifier.dense` *and* the
         # `classifier` it adds for classifiers, nested wrappers whose adapter could not be loaded back (KeyError
         # in set_peft_model_state_dict, at the end of every RoBERTa/ELECTRA/XLM-R classification run).
-        keys = [f"{name}.{p}" for p, _ in module.named_parameters()]
-        if not name or not keys or task not in HEAD_TASKS:
+        keys = [f"{name}.{p}" for p, _ in module.named_parameters()] if name else []
+        if not keys:
             continue
         if stored is None:  # names unknown (.bin-only checkpoint): every module outside the backbone is new
             is_new = name.split(".")[0] != prefix
@@ -319,7 +322,7 @@ def new_head_modules(config, task: str, source: str, revision: str | None = None
             heads.append(name)
     # Keep the top-most names only ("classifier", not "classifier.dense" as well).
     top = [h for h in heads if not any(h.startswith(o + ".") for o in heads if o != h)]
-    return top, get_keys_to_not_convert(model)
+    return top, keep_full
 
 
 def _safetensors_files(source: str, revision: str | None = None) -> list[Path] | None:

@@ -8,7 +8,6 @@ never branch on the task, so a new task type is one new file in this package plu
 
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..data.cells import Where, check_columns
-from ..errors import RecipeError
+from ..errors import RecipeError, closest
 from ..recipe import AugmentConfig, DataConfig
 from ..scoring.generation import GenerationExample
 
@@ -76,8 +75,8 @@ class Objective(ABC):
         fixes = []
         for column in missing:
             if column in fields:
-                close = difflib.get_close_matches(column, columns, n=1, cutoff=0.6)
-                fixes.append(f"data.{fields[column]}: {close[0]}" if close
+                close = closest(column, columns)
+                fixes.append(f"data.{fields[column]}: {close}" if close
                              else f"data.{fields[column]} to the column that holds them")
         return f"set {', '.join(fixes)}" if fixes else "set data.*_column to rename"
 
