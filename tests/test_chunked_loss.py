@@ -98,13 +98,42 @@ def test_chunked_loss_equals_full_logits_in_losses_and_lora_gradients(lora_llama
         assert torch.nn.functional.cosine_similarity(g.flatten(), ref16_grads[name].flatten(), dim=0) > 0.99, name
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_equals_full_logits_with_a_chat_templates_trained_token_rows(tiny_llama, batch, tied,
+                                                                                   monkeypatch):
+    """model.chat_template trains a few rows of the embedding and the head (peft's trainable tokens): the chunked
+    loss computes their logits and gradients from the trained rows, as peft's forward over full logits does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, tie_word_embeddings=tied)
+    rows = [1, 2]  # <|im_start|> and <|im_end|>: in every example, <|im_end|> among the answers' targets
+    tokens = {"embed_tokens": rows} if tied else {"embed_tokens": rows, "lm_head": rows}
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                            init_lora_weights=False, trainable_token_indices=tokens))
+    with torch.no_grad():  # trained rows, not the base's: a head that ignored them would differ
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+    head = chunked_loss.output_head(model)
+    assert head is not None and head.rows.tolist() == rows and head.values.requires_grad
+    monkeypatch.setattr(chunked_loss, "CHUNK_VALUES", 7 * model.config.vocab_size)
+    assert assert_equal_to_full_logits(model, batch) == 2 * 7 * 2 + (1 if tied else 2)  # LoRA + the rows
+    with model.disable_adapter():  # a preference objective's reference: the base rows, as peft's forward
+        assert chunked_loss.output_head(model).rows is None
+        with torch.no_grad():
+            torch.testing.assert_close(causal_loss(model, batch, chunked=True)[0],
+                                       causal_loss(model, batch, chunked=False)[0], rtol=TOL, atol=TOL)
+
+
 def test_under_autocast_the_head_weight_is_cast_once_per_loss_not_once_per_chunk(lora_llama, batch, monkeypatch):
     """autocast caches the casts of trained leaves only: the frozen head's weight was copied to bf16 for every
     chunk (a vocabulary × hidden tensor each time: 0.8 GB for a Llama-3 3B head)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     monkeypatch.setattr(chunked_loss, "CHUNK_VALUES", 7 * lora_llama.config.vocab_size)
-    weight = chunked_loss.output_head(lora_llama).weight
+    weight = chunked_loss.output_head(lora_llama).linear.weight
     copies = []
 
     class Copies(TorchDispatchMode):

@@ -98,3 +98,31 @@ def test_lora_plus_trains_the_b_matrices_at_the_ratio_times_the_rate_of_the_a_ma
     assert a and b and set(a) == {1e-3} and b == pytest.approx([16e-3] * len(b))
     assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in named.values())
     assert {g["weight_decay"] for g in opt.param_groups if g["params"] and g["lr"] == 1e-3} == {0.01}
+
+
+def test_a_chat_templates_token_rows_can_travel_a_set_share_of_their_layers_spread_over_the_run(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_ft.training.param_groups import TOKEN_ROWS_TRAVEL
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(3)  # untied, with another spread: each layer's rows get their own rate
+    sigma = {m: base.get_submodule(m).weight.std().item() for m in ("model.embed_tokens", "lm_head")}
+    model = get_peft_model(base, LoraConfig(
+        r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [1, 2]}))
+    rows = {m: f"base_model.model.{m}.token_adapter.trainable_tokens_delta.default" for m in sigma}
+
+    def rates(tc, steps):
+        groups = param_groups(model, tc, [], steps)
+        named = {id(p): n for n, p in model.named_parameters()}
+        return {named[id(p)]: g["lr"] for g in groups for p in g["params"]}
+
+    short = rates(TrainConfig(lr=1e-3), 10)
+    for m, name in rows.items():
+        assert short[name] == pytest.approx(TOKEN_ROWS_TRAVEL * sigma[m] / 10) and short[name] > 10 * 1e-3
+    assert sigma["lm_head"] > 2.5 * sigma["model.embed_tokens"]  # so one shared rate would fail the loop above
+    assert all(lr == 1e-3 for n, lr in short.items() if n not in rows.values())  # LoRA keeps lr
+    assert set(rates(TrainConfig(lr=1e-3), 10**6).values()) == {1e-3}  # a long run: never slower than lr
+    assert set(rates(TrainConfig(lr=1e-3), None).values()) == {1e-3}  # the run's length unknown

@@ -46,6 +46,17 @@ def test_every_error_is_reported_at_once_on_one_line(tmp_path):
         assert needle in msg
 
 
+def test_a_chat_template_for_an_encoder_task_is_reported_with_the_other_problems(tmp_path):
+    p = write(tmp_path, "model: {task: sequence_classification, chat_template: chatml, quant: nf5}\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert "2 problem(s)" in str(e.value) and (
+        "model.chat_template: renders conversations for a decoder: it needs model.task causal_lm or reward, not "
+        "sequence_classification") in str(e.value)
+    assert load_recipe(write(tmp_path, "model: {task: reward, chat_template: chatml}\n")).model.chat_template == (
+        "chatml")
+
+
 REPEAT = "YAML would keep the last silently, so remove all but one"
 
 

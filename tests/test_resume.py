@@ -83,6 +83,7 @@ FIXED = {
     "lora.use_dora": ("lora.use_dora=true", "lora.use_dora False → True"),
     "model.quant": ("model.quant=nf4", "model.quant 'none' → 'nf4'"),
     "model.name": ("model.name=OTHER", "model.name 'LLAMA' → 'OTHER'"),
+    "model.chat_template": ("model.chat_template=chatml", "model.chat_template None → 'chatml'"),
 }
 
 

@@ -375,7 +375,13 @@ def adopt_start_adapter(recipe: Recipe) -> Recipe:
         if (other.name, other.task) != (recipe.model.name, recipe.model.task):
             raise RecipeError(f"lora.init_from {lora.init_from}: that run trained {other.name} ({other.task}), "
                               f"not model.name {recipe.model.name} ({recipe.model.task})")
+        if other.chat_template != recipe.model.chat_template:  # another vocabulary, other trained token rows
+            raise RecipeError(f"lora.init_from {lora.init_from}: that run used model.chat_template "
+                              f"{other.chat_template}, not {recipe.model.chat_template}: set the same template")
     saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    if saved.get("trainable_token_indices") and recipe.model.chat_template is None:
+        raise RecipeError(f"lora.init_from {lora.init_from}: the adapter trained the rows of a chat template's "
+                          "tokens: set model.chat_template to the template it was trained with")
     shape = {field: saved[key] for field, key in _ADAPTER_SHAPE.items() if saved.get(key) is not None}
     if isinstance(shape.get("target_modules"), list | set | tuple):
         shape["target_modules"] = sorted(shape["target_modules"])

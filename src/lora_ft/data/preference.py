@@ -106,7 +106,7 @@ def encode_answer(tok: PreTrainedTokenizerBase, prompt: list[Message], answer: s
     if not tok.chat_template:
         if any(m["role"] == "assistant" for m in prompt):
             raise RecipeError("the tokenizer has no chat template, so multi-turn prompts cannot be rendered; use a "
-                              "chat model, or string prompts")
+                              "chat model, set model.chat_template (chatml for a base model), or string prompts")
         return encode_plain(tok, "\n".join(m["content"] for m in prompt) + "\n", answer)
     messages = [*prompt, {"role": "assistant", "content": answer}]
     text, spans = assistant_char_spans(tok, messages)

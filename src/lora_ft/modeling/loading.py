@@ -1,6 +1,6 @@
 """Loading the base model and its tokenizer: source resolution, quantization, task heads, pad token.
 
-(About 480 lines: every way a load can fail is turned into one line here, next to the load it guards; reading a
+(About 490 lines: every way a load can fail is turned into one line here, next to the load it guards; reading a
 checkpoint tensor by tensor is in ``lazy_weights.py``, the examples and GGUF conversion in ``examples.py``.)
 """
 
@@ -10,7 +10,7 @@ import functools
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from transformers.utils import cached_file
 
 from ..errors import LoraFtError, RecipeError, first_line
 from ..recipe import ModelConfig, looks_local
+from .chat_template import fit_embeddings, template_token_ids, use_chat_template
 from .examples import convert_gguf, example_path, gguf_cache_dir
 from .lazy_weights import as_if_from, read_tensor_by_tensor
 
@@ -220,6 +221,8 @@ def load_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, **remote_code(cfg.trust_remote_code, source))
     except READ_ERRORS as e:  # transformers reports missing repos/files (and offline mode) as OSError
         raise _cannot_load(source, e, cfg.revision) from None
+    if cfg.chat_template is not None:
+        use_chat_template(tok, cfg.chat_template, cfg.trust_remote_code)
     if tok.pad_token is None:
         # Reusing an existing token avoids resizing (and, when quantized, re-quantizing) the embeddings.
         # pad == eos is safe here because labels are built from our own masks, never from pad ids, so the
@@ -373,6 +376,8 @@ class LoadedModel:
     compute_dtype: torch.dtype
     weight_files: list[Path] | None = None
     """The checkpoint's safetensors files, resolved for a quantized load (what ``lora.init: loftq`` reads)."""
+    token_rows: list[int] = field(default_factory=list)
+    """Token ids whose embedding rows train with the adapter (``model.chat_template``'s special tokens)."""
 
 
 def _configure_head(config, task: str, id2label: dict[int, str] | None, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -443,7 +448,11 @@ def load_model(
         _keep_cpu_weights_trainable(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model, tokenizer, source, heads, compute, files)
+    rows = []
+    if cfg.chat_template is not None:
+        fit_embeddings(model, tokenizer)
+        rows = template_token_ids(tokenizer)
+    return LoadedModel(model, tokenizer, source, heads, compute, files, rows)
 
 
 def _bnb_unsupported(quant: str, err: Exception) -> RecipeError:

@@ -166,6 +166,12 @@ PACKING_MODELS = packed_attention.MODELS
 PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", packed_attention.NAME)
 
 
+def _no_template(fmt: str) -> RecipeError:
+    return RecipeError(f"the tokenizer has no chat template, so '{fmt}' data cannot be rendered: set "
+                       "model.chat_template (chatml for a base model), use a chat model, or data.format "
+                       "prompt_completion/text")
+
+
 class CausalLM(Objective):
     """Next-token prediction on chat/instruction answers (``messages``, ``prompt_completion``, ``alpaca``) or on
     every token of plain ``text``."""
@@ -189,8 +195,7 @@ class CausalLM(Objective):
             "text": (cfg.text_column,),
         }[fmt])
         if fmt in ("messages", "sharegpt") and self.tokenizer is not None and not self.tokenizer.chat_template:
-            raise RecipeError(f"the tokenizer has no chat template, so '{fmt}' data cannot be rendered; use a "
-                              "chat model, or data.format prompt_completion/text")
+            raise _no_template(fmt)
         return fmt
 
     def _guess_format(self, columns: list[str], split: str) -> str:
@@ -232,8 +237,7 @@ class CausalLM(Objective):
         if tok.chat_template:
             return encode_chat(tok, to_messages(row, fmt, cfg), cfg.train_on_prompt)
         if fmt in ("messages", "sharegpt"):
-            raise RecipeError(f"the tokenizer has no chat template, so '{fmt}' data cannot be rendered; use a "
-                              "chat model, or data.format prompt_completion/text")
+            raise _no_template(fmt)
         m = to_messages(row, fmt, cfg)
         return encode_plain(tok, "\n".join(x["content"] for x in m[:-1]) + "\n", m[-1]["content"])
 

@@ -12,6 +12,12 @@ of positions at a time, the logits, the loss and already the gradient ``(softmax
 gradient (positions × hidden, small) and drops the chunk's logits. Backward only scales the kept gradient. Same
 FLOPs as the unfused forward + backward; peak memory one chunk of logits instead of three full copies.
 
+The one exception is ``model.chat_template``'s token rows (peft's trainable tokens on the head: a few rows of W
+replaced by trained values). Their logits are computed from the trained rows, and their gradient
+``(softmax − onehot)[:, rows]ᵀ · hidden`` needs only those columns of each chunk (positions × a few) kept for
+backward. Without this the head fell back to full logits, and peft's own forward also builds a full copy of W with
+the rows written in, and a full (vocabulary × hidden) weight gradient in backward.
+
 The hidden states come from the model's own forward — a pre-hook on the output head takes its input and hands
 the head an empty slice — so DDP's forward, gradient checkpointing and peft's wrappers run exactly as before.
 Where that is not safe the loss falls back to full logits (``output_head`` returns None): a trainable or sharded
@@ -53,20 +59,59 @@ def innermost(model: nn.Module) -> nn.Module:
     return model
 
 
-def output_head(model: nn.Module) -> nn.Linear | None:
+@dataclass
+class OutputHead:
+    """The output head as the chunked loss computes it: the module whose input is taken (``head_inputs``), its
+    frozen linear layer, and the rows peft's trainable tokens replace in it (None: no trained rows)."""
+
+    module: nn.Module
+    linear: nn.Linear
+    rows: torch.Tensor | None = None
+    """The replaced rows' token ids."""
+    values: torch.Tensor | None = None
+    """Their trained values (rows × hidden), a parameter of the adapter."""
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+
+def _trained_rows(module: nn.Module) -> tuple[nn.Module, torch.Tensor | None, torch.Tensor | None] | None:
+    """(linear layer, row ids, trained values) of a head, the ids None for a plain head; None where the rows
+    cannot be read (several active adapters)."""
+    adapter = getattr(module, "token_adapter", None)  # peft's TrainableTokensWrapper
+    if adapter is None:
+        return module, None, None
+    active = [a for a in adapter.active_adapters if a in adapter.token_indices]
+    if adapter.disable_adapters or adapter.merged or not active:
+        return adapter.base_layer, None, None  # as peft's forward: the base weight as it is
+    if len(active) > 1:
+        return None
+    ids = torch.tensor(adapter.token_indices[active[0]], device=adapter.base_layer.weight.device)
+    return adapter.base_layer, ids, adapter.trainable_tokens_delta[active[0]]
+
+
+def output_head(model: nn.Module) -> OutputHead | None:
     """The causal LM's output head when the chunked loss can stand in for it, else None."""
     base = innermost(model)
     config = getattr(base, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS or not hasattr(base, "get_output_embeddings"):
         return None
-    head = base.get_output_embeddings()
-    if type(head) is not nn.Linear or head.weight.requires_grad:  # a trained head needs its weight gradient
+    module = base.get_output_embeddings()
+    found = _trained_rows(module) if module is not None else None
+    if found is None:
+        return None
+    linear, rows, values = found
+    if type(linear) is not nn.Linear or linear.weight.requires_grad:  # a trained head needs its weight gradient
+        return None
+    if rows is not None and linear.bias is not None:  # peft's trainable rows compute without the bias
         return None
     # Sharded engines (FSDP2 DTensors, ZeRO-3's partitioned parameters) only hold the whole weight inside the
     # forward of the module that owns it; the loss runs after that.
-    if hasattr(head.weight, "full_tensor") or hasattr(head.weight, "ds_id") or type(head.weight) is not nn.Parameter:
+    weight = linear.weight
+    if hasattr(weight, "full_tensor") or hasattr(weight, "ds_id") or type(weight) is not nn.Parameter:
         return None
-    return head
+    return OutputHead(module, linear, rows, values)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -77,9 +122,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                rows: int, need_grad: bool) -> torch.Tensor:
+                rows: int, need_grad: bool, token_ids: torch.Tensor | None = None,
+                values: torch.Tensor | None = None) -> torch.Tensor:
         losses = torch.zeros(len(hidden), dtype=torch.float32, device=hidden.device)
         grad = torch.zeros_like(hidden) if need_grad else None
+        picked_cols = (torch.zeros(len(hidden), len(token_ids), dtype=torch.float32, device=hidden.device)
+                       if need_grad and token_ids is not None else None)
         kind = hidden.device.type
         if torch.is_autocast_enabled(kind) and weight.dtype != torch.get_autocast_dtype(kind):
             # Once, not per chunk: autocast would copy the (vocabulary × hidden) weight for every chunk's matmul
@@ -87,6 +135,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             # autocast runs the unfused head's backward. Measured on SmolLM2's 49k × 576 head, 2,048 positions, one
             # thread, bf16 autocast: forward + backward 2.53 → 1.84 s. The copy is one weight, freed on return.
             weight = weight.to(torch.get_autocast_dtype(kind))
+        if token_ids is not None:
+            values = values.to(weight.dtype)
+            shift = values - weight[token_ids]  # what the trained rows add to W's
         for start in range(0, len(hidden), rows):
             h, t = hidden[start:start + rows], target[start:start + rows]
             valid = t != IGNORE
@@ -94,6 +145,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue
             # As the unfused path computes them: the head's matmul (in autocast's dtype when it is on), then fp32.
             logits = F.linear(h, weight, bias).float()
+            if token_ids is not None:
+                logits[:, token_ids] = F.linear(h, values).float()
             t = t.clamp(min=0)
             picked = logits.gather(1, t[:, None]).squeeze(1)
             # log-sum-exp by hand, in place: torch.logsumexp would allocate a second chunk-sized temporary.
@@ -107,8 +160,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 probs.mul_(valid[:, None])
                 grad[start:start + rows] = probs.to(weight.dtype) @ weight  # (softmax − onehot) · W
+                if token_ids is not None:
+                    cols = probs[:, token_ids]
+                    grad[start:start + rows] += cols.to(weight.dtype) @ shift
+                    picked_cols[start:start + rows] = cols
             del logits, probs
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, picked_cols, hidden if picked_cols is not None else None)
+        ctx.values_dtype = values.dtype if values is not None else None
         ctx.backward_done = False
         return losses
 
@@ -117,9 +175,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         if ctx.backward_done:  # the gradient below is scaled in place, so it cannot be used twice
             raise RuntimeError("the chunked loss does not support retain_graph / a second backward")
         ctx.backward_done = True
-        (grad,) = ctx.saved_tensors
+        grad, picked_cols, hidden = ctx.saved_tensors
+        grad_values = None
+        if picked_cols is not None:  # d loss / d row = Σ over positions of (softmax − onehot)[row] · hidden
+            grad_values = (picked_cols * grad_losses[:, None]).T @ hidden.float()
+            grad_values = grad_values.to(ctx.values_dtype)
         # In place: one (positions × hidden) tensor fewer at the peak; nothing else reads this buffer.
-        return grad.mul_(grad_losses[:, None].to(grad.dtype)), None, None, None, None, None
+        return grad.mul_(grad_losses[:, None].to(grad.dtype)), None, None, None, None, None, None, grad_values
 
 
 @dataclass
@@ -132,7 +194,7 @@ class HeadInput:
 
 
 @contextmanager
-def head_inputs(head: nn.Module) -> Iterator[list[HeadInput]]:
+def head_inputs(head: OutputHead) -> Iterator[list[HeadInput]]:
     """While active, the head's forward receives an empty slice (no logits computed) and its real input is
     appended to the yielded list, still attached to the autograd graph."""
     captured: list[HeadInput] = []
@@ -143,20 +205,22 @@ def head_inputs(head: nn.Module) -> Iterator[list[HeadInput]]:
                                                           enabled=torch.is_autocast_enabled(kind))))
         return (args[0][..., :0, :], *args[1:])
 
-    handle = head.register_forward_pre_hook(take_input)
+    handle = head.module.register_forward_pre_hook(take_input)
     try:
         yield captured
     finally:
         handle.remove()
 
 
-def chunked_token_losses(head: nn.Linear, hidden: torch.Tensor, target: torch.Tensor,
+def chunked_token_losses(head: OutputHead, hidden: torch.Tensor, target: torch.Tensor,
                          autocast: torch.autocast | None = None) -> torch.Tensor:
     """Per-position losses for ``hidden`` (..., H) against ``target`` (...), shaped like ``target``;
     ``autocast``: the state the head would have run under (``HeadInput.autocast``)."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    need_grad = torch.is_grad_enabled() and flat_hidden.requires_grad
+    trained = head.values is not None and head.values.requires_grad
+    need_grad = torch.is_grad_enabled() and (flat_hidden.requires_grad or trained)
+    linear = head.linear
     with autocast or nullcontext():
-        losses = ChunkedLinearCrossEntropy.apply(flat_hidden, head.weight, head.bias, target.reshape(-1),
-                                                 chunk_rows(head.out_features), need_grad)
+        losses = ChunkedLinearCrossEntropy.apply(flat_hidden, linear.weight, linear.bias, target.reshape(-1),
+                                                 chunk_rows(linear.out_features), need_grad, head.rows, head.values)
     return losses.view(target.shape)

@@ -37,7 +37,6 @@ import datasets
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
-from peft import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
@@ -47,6 +46,7 @@ from ..data.cells import Where, text_problem
 from ..data.chat import IGNORE, prompt_text, render_prompt
 from ..data.preference import encode_answer, pair_text, read_pair
 from ..errors import DataError, RecipeError
+from ..modeling.adapters import adapter_state_dict
 from ..recipe import AugmentConfig, DataConfig, ObjectiveConfig
 from ..recipe.objective import REFERENCE_OBJECTIVES
 from .base import Batch, GenerationExample
@@ -395,7 +395,7 @@ def _fingerprint(ds: datasets.Dataset, model: torch.nn.Module) -> str:
     base = innermost(model)
     h.update(repr((getattr(base.config, "_name_or_path", ""), getattr(base.config, "quantization_config", None),
                    str(next(base.parameters()).dtype))).encode())
-    for name, value in sorted(get_peft_model_state_dict(peft_model_of(model)).items()):
+    for name, value in sorted(adapter_state_dict(peft_model_of(model)).items()):
         h.update(name.encode())
         h.update(value.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()

@@ -1,13 +1,13 @@
 """The recipe schema: typed sections, strict keys, and the values derived from them.
 
-A recipe is YAML with the sections ``model``, ``objective`` (``objective.py``), ``lora``, ``data``, ``train``,
-``freeze``, ``forgetting`` and ``output_dir``. Every field has a default, so a recipe names only what differs;
-unknown keys are rejected with a did-you-mean (``loading.py``) instead of being silently ignored (the failure mode
-of flat dict configs). Values derived from several fields (the batch arithmetic, the compute dtype) are methods
-here and in ``train.py`` (the ``train`` section), so each is computed in one place; the ``auto`` training
+A recipe is YAML with the sections ``model`` (``model.py``), ``objective`` (``objective.py``), ``lora``, ``data``,
+``train``, ``freeze``, ``forgetting`` and ``output_dir``. Every field has a default, so a recipe names only what
+differs; unknown keys are rejected with a did-you-mean (``loading.py``) instead of being silently ignored (the
+failure mode of flat dict configs). Values derived from several fields (the batch arithmetic, the compute dtype) are
+methods here and in ``train.py`` (the ``train`` section), so each is computed in one place; the ``auto`` training
 values are resolved by the rules in ``defaults.py``. This package imports nothing of ours but ``errors``.
-(About 490 lines: the cross-section rules in ``Recipe`` read every section, and each task and objective adds its
-own; ``objective.py``, ``train.py`` and ``evaluation.py`` already hold the sections that stand alone.)
+(About 470 lines: the cross-section rules in ``Recipe`` read every section, and each task and objective adds its
+own; ``model.py``, ``objective.py``, ``train.py`` and ``evaluation.py`` already hold the sections that stand alone.)
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_va
 
 from ..errors import did_you_mean
 from .evaluation import EvalConfig
+from .model import ModelConfig
 from .objective import PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, ObjectiveConfig
 from .section import Section as _Section
 from .streaming import streaming_problems
@@ -27,27 +28,6 @@ from .train import TrainConfig
 LABEL_HEAD_TASKS = ("sequence_classification", "token_classification", "regression")
 """``model.task`` values that put a new head with one output per label on an encoder (``freeze.strategy: head_first``
 trains it first)."""
-
-
-class ModelConfig(_Section):
-    """Which pre-trained model to load and how."""
-
-    name: str = "example:smollm2-135m-instruct"
-    """Hub id, local folder, path to a ``.gguf`` file, or ``example:NAME``."""
-    task: Literal["causal_lm", "sequence_classification", "token_classification", "regression", "embedding",
-                  "reward"] = "causal_lm"
-    """``sequence_classification`` also trains multi-label data (a list of labels per example) and, where every label
-    is a number with a fraction, regression (``data.format`` says which; ``auto`` detects it). ``reward``: a causal
-    decoder with a new scalar head (``AutoModelForSequenceClassification``, one label), a reward model trained on
-    preference pairs; ``objective.type: reward`` sets it."""
-    quant: Literal["none", "int8", "nf4", "fp4"] = "none"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """``auto``: bf16 (autocast) on GPUs that support it and on CPUs with native bf16 units whose bf16 GEMM is
-    measured clearly faster than fp32, else fp32 (``modeling.precision``); ``run_config.yaml`` records the choice
-    and why. Set fp32 for bit-for-bit comparisons."""
-    trust_remote_code: bool = False
-    revision: str | None = None
 
 
 LORA_INITS = ("gaussian", "pissa", "olora", "loftq")

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 import yaml
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..errors import RecipeError, RunError, UsageError, first_line
+from ..modeling.adapters import adapter_state_dict
 from ..run import RUN_CONFIG, run_config_cut
 from ..storage import recover, write_folder
 
@@ -59,9 +60,10 @@ def save_adapter(model: PeftModel, folder: Path, tokenizer=None, state_dict: dic
     """Write an adapter folder (and the tokenizer) through ``write_folder``.
 
     ``state_dict``: weights gathered from a sharded engine (FSDP2/ZeRO-3) instead of the model's own.
+    Without whole embedding layers, here and in checkpoints (see ``adapter_state_dict``).
     """
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        model.save_pretrained(tmp, state_dict=state_dict, save_embedding_layers=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
@@ -81,7 +83,7 @@ def save_checkpoint(root: Path, step: int, model: PeftModel, training_state: dic
         shutil.rmtree(stale, ignore_errors=True)
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp / "adapter")
+        model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
         torch.save(training_state, tmp / STATE_FILE)
         if recipe is not None:
             (tmp / RUN_CONFIG).write_text(recipe, encoding="utf-8")
@@ -205,7 +207,7 @@ def load_checkpoint(path: Path, model: PeftModel) -> dict[str, Any]:
     The caller restores ``rng`` last, just before the first resumed step, so nothing in between draws.
     """
     weights = load_file(path / ADAPTER_FILE)
-    expected = get_peft_model_state_dict(model)
+    expected = adapter_state_dict(model)
     missing, extra = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     shapes = sorted(k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape)
     if missing or extra or shapes:

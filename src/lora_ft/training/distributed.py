@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from ..errors import RecipeError
+from ..modeling.adapters import adapter_state_dict
 from ..recipe import Recipe
 from . import checkpoint as ckpt
 
@@ -72,7 +73,7 @@ def adapter_snapshot(accelerator: Accelerator, unwrapped: PeftModel) -> dict[str
         params = _trainable(unwrapped)
         with deepspeed.zero.GatheredParameters(list(params.values())):
             return {n: p.detach().cpu().clone() for n, p in params.items()}
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(unwrapped).items()}
+    return {k: v.detach().cpu().clone() for k, v in adapter_state_dict(unwrapped).items()}
 
 
 def restore_adapter(accelerator: Accelerator, model, unwrapped: PeftModel, state: dict[str, torch.Tensor]) -> None:

@@ -19,8 +19,37 @@ def is_head(name: str, heads: list[str]) -> bool:
     return any(f".{h}.modules_to_save." in f".{name}" or name.startswith(f"{h}.") for h in heads)
 
 
-def param_groups(model: torch.nn.Module, tc: TrainConfig, heads: list[str]) -> list[dict]:
-    """AdamW groups: one per block with ``lr · decay^(L−l)`` (l = 1 … L from the bottom), one for heads.
+TOKEN_ROWS_TRAVEL = 2.4
+"""The embedding and output rows of ``model.chat_template``'s tokens train at ``max(lr, TRAVEL × σ / steps)``, σ the
+standard deviation of their layer's weights: Adam moves a value by about its learning rate per step, so the rows can
+travel about 2.4 σ over the run, never slower than the LoRA factors. At a LoRA rate they stay near their mean start
+and the model does not learn to end its answers; a fixed multiple of the rate would overshoot on long runs and at
+high rates. SmolLM2-135M-Instruct (σ 0.136) given a template with four new tokens (``<|user|>``, ``<|end|>``, ...),
+the ``whatis`` held-out task, 57 steps at the auto lr 5.7e-4, validation loss / stop rate / ROUGE-L with the rows at
+lr × 1: 4.10 / 0.53 / 0.12; × 10 (2.4 σ): 3.32 / 0.97 / 0.16; × 30: 3.41 / 1.00 / 0.18; not trained: 4.86 / 0.00 /
+0.06; the model's own ChatML template, whose tokens it knows: 3.34 / 0.97 / 0.16. On ``man-options`` (72 steps),
+× 1 → × 10: 3.33 → 3.19 / 0.88 → 1.00 / 0.147 → 0.158. The tests' tiny random model (σ 0.2, lr 1e-2, 40 steps,
+24 answers), exact match: × 1 (the rule's × 1.2) 0.83, × 10: 0.50 (README, "A chat template for a base model")."""
+
+
+def token_rows_lr(model: torch.nn.Module, name: str, lr: float, total_steps: int | None) -> float:
+    """The rate of the token rows parameter ``name`` (``TOKEN_ROWS_TRAVEL``); ``lr`` when the run's length is
+    unknown."""
+    if not total_steps:
+        return lr
+    layer = model.get_submodule(name.split(".trainable_tokens_delta", 1)[0])  # peft's TrainableTokensLayer
+    sigma = layer.get_base_layer().weight.detach().float().std().item()
+    return max(lr, TOKEN_ROWS_TRAVEL * sigma / total_steps)
+
+
+def is_token_rows(name: str) -> bool:
+    return "trainable_tokens_delta" in name  # peft's trainable tokens (model.chat_template's rows)
+
+
+def param_groups(model: torch.nn.Module, tc: TrainConfig, heads: list[str],
+                 total_steps: int | None = None) -> list[dict]:
+    """AdamW groups: one per block with ``lr · decay^(L−l)`` (l = 1 … L from the bottom), one for heads, one per
+    layer of a chat template's token rows (``TOKEN_ROWS_TRAVEL``; ``total_steps``: the run's optimizer steps).
 
     Parameters outside the blocks (e.g. a pooler's adapter) count as the top layer: they sit above it.
     """
@@ -29,7 +58,9 @@ def param_groups(model: torch.nn.Module, tc: TrainConfig, heads: list[str]) -> l
     top = max(layers, default=0)
     groups: dict[str, dict] = {}
     for name, p in named:
-        if is_head(name, heads):
+        if is_token_rows(name):
+            key, lr = f"tokens:{name}", token_rows_lr(model, name, tc.lr, total_steps)
+        elif is_head(name, heads):
             key, lr = "head", tc.head_lr or tc.lr
         else:
             layer = layer_of(name)
@@ -74,7 +105,7 @@ def optimizer_class(name: str, fused: bool) -> tuple[type[torch.optim.Optimizer]
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig, heads: list[str], distributed: DistributedType,
-                   plus_lr_ratio: float | None = None) -> torch.optim.Optimizer:
+                   plus_lr_ratio: float | None = None, total_steps: int | None = None) -> torch.optim.Optimizer:
     """``train.optimizer`` over ``param_groups`` (or LoRA+'s groups), fused where ``FUSED`` says and every parameter
     is a float tensor on a CPU or CUDA device (the devices torch's fused kernels run on).
 
@@ -86,8 +117,9 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, heads: list[str], di
         plus_lr_ratio: ``lora.plus_lr_ratio``: LoRA+ (peft's ``create_loraplus_optimizer``), the B matrices at
             ``lr`` × this; its groups replace ``param_groups`` (the recipe refuses layer decay and a head rate
             with it).
+        total_steps: the run's optimizer steps (a chat template's token rows' rate).
     """
-    groups = param_groups(model, tc, heads)
+    groups = param_groups(model, tc, heads, total_steps)
     params = [p for g in groups for p in g["params"]]
     fused = distributed in FUSED and bool(params) and all(
         p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)

@@ -30,7 +30,9 @@ from . import checkpoint as ckpt
 log = logging.getLogger(__name__)
 
 FIXED = ("model.name", "model.task", "model.quant", "model.double_quant", "model.revision", "model.trust_remote_code",
-         "lora.")
+         "model.chat_template", "lora.")
+"""Keys a checkpoint cannot serve another value of (``model.chat_template``: the vocabulary and the trained token
+rows are the template's)."""
 REPLAY = ("data.train", "data.validation_split", "data.format", "data.max_length", "data.train_on_prompt",
           "data.system_prompt", "data.group_by_length", "data.augment.",
           "data.streaming", "data.shuffle_buffer", "train.seed", "train.micro_batch_size",

@@ -264,4 +264,4 @@ def build_model(recipe: Recipe, accelerator: Accelerator, compute: str, source: 
     if recipe.lora.init_from:  # continue from a trained adapter (run.adopt_start_adapter resolved the folder)
         return loaded, attach_start_adapter(loaded.model, recipe.lora.init_from, gc)
     return loaded, attach_adapters(loaded.model, recipe.lora, cfg.task, loaded.head_modules, gc,
-                                   loaded.weight_files)
+                                   loaded.weight_files, loaded.token_rows)

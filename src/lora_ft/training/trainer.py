@@ -176,7 +176,9 @@ class Trainer:
         eval_loaders = {n: make_loader(ds, tc.eval_batch_size, self.objective.collate, False, tc.seed,
                                        max_tokens=tc.eval_max_tokens)
                         for n, ds in s.data.splits.items() if n != "train"}
-        optimizer = make_optimizer(s.model, tc, heads, acc.distributed_type, self.recipe.lora.plus_lr_ratio)
+        # The steps as accelerate will shard the loader (a chat template's token rows' rate needs the run's length).
+        planned = tc.max_steps if self.streaming else tc.total_steps(-(-len(train_loader) // acc.num_processes))
+        optimizer = make_optimizer(s.model, tc, heads, acc.distributed_type, self.recipe.lora.plus_lr_ratio, planned)
         self.model, self.optimizer, self.train_loader = acc.prepare(s.model, optimizer, train_loader)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP2 replaced them with shards
         self.eval_loaders = {n: acc.prepare(v) for n, v in eval_loaders.items()}
