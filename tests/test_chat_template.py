@@ -119,13 +119,17 @@ def test_new_rows_start_at_the_mean_and_the_new_eos_becomes_a_stop_token(tiny_ba
               "vocabulary such as <|im_end|>"),
     ("BROKEN", "model.chat_template: the template of 'BROKEN' does not render a user/assistant conversation "
                "(unexpected end of template, expected 'end of print statement'.)"),
+    ("USERS", "model.chat_template: the template of 'users.jinja' does not write the assistant's answer as given "
+              "(it renders conversations for inference only); use one that writes every turn"),
 ])
 def test_a_template_that_cannot_serve_is_refused_in_one_line(value, message, tiny_base, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "noend.jinja").write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}"
                                           "{% endfor %}")
     (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.role ")
-    names = {"BASE": str(tiny_base), "NOEND": "noend.jinja", "BROKEN": "broken.jinja"}
+    (tmp_path / "users.jinja").write_text("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}"
+                                          "{{ eos_token }}{% endif %}{% endfor %}")
+    names = {"BASE": str(tiny_base), "NOEND": "noend.jinja", "BROKEN": "broken.jinja", "USERS": "users.jinja"}
     with pytest.raises(RecipeError) as e:
         _tokenizer(tiny_base, names.get(value, value))
     assert str(e.value) == message.replace("BROKEN", "broken.jinja").replace("BASE", str(tiny_base))
