@@ -67,19 +67,23 @@ def _corpus() -> list[str]:
     return texts * 3
 
 
-def build_chat_tokenizer():
+def build_chat_tokenizer(base: bool = False):
+    """A byte-level BPE trained on the test corpus: a chat model's (``<|im_start|>``/``<|im_end|>``, EOS
+    ``<|im_end|>``, ChatML), or with ``base`` a base model's as downloaded (EOS ``<|endoftext|>``, no template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    specials = ["<unk>", "<|endoftext|>"] if base else ["<unk>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_corpus(), trainer)
     # No pad token on purpose: lora_ft must pick one (and pad == eos must not mask the answers' EOS).
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>")
-    fast.chat_template = CHATML
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=specials[-1])
+    if not base:
+        fast.chat_template = CHATML
     return fast
 
 
@@ -108,11 +112,12 @@ def save_random_model(tmp_path_factory, name: str, model_cls, cfg, tok) -> Path:
     return folder
 
 
-def save_random_llama(tmp_path_factory, name: str, **sizes) -> Path:
-    """A random Llama with the chat tokenizer (vocabulary: the tokenizer's unless ``sizes`` says otherwise)."""
+def save_random_llama(tmp_path_factory, name: str, tok=None, **sizes) -> Path:
+    """A random Llama with ``tok``, the chat tokenizer by default (vocabulary: the tokenizer's unless ``sizes`` says
+    otherwise)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = build_chat_tokenizer()
+    tok = tok or build_chat_tokenizer()
     cfg = LlamaConfig(**{"vocab_size": len(tok), **sizes}, eos_token_id=tok.eos_token_id, bos_token_id=None)
     return save_random_model(tmp_path_factory, name, LlamaForCausalLM, cfg, tok)
 
@@ -134,13 +139,16 @@ def data_cache_dir(tmp_path_factory) -> Path:
     return path
 
 
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                  initializer_range=0.2)  # large enough that a frozen random head can be peaked
+"""The tiny Llama's sizes (``tiny_llama``; ``test_chat_template.py``'s base model)."""
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer random Llama (causal LM) with a ChatML template, saved as a local model folder."""
-    return save_random_llama(tmp_path_factory, "tiny-llama", hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=256, tie_word_embeddings=False,
-                             initializer_range=0.2)  # large enough that a frozen random head can be peaked
+    return save_random_llama(tmp_path_factory, "tiny-llama", **TINY_LLAMA)
 
 
 @pytest.fixture(scope="session")

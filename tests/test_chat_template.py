@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHATML, _corpus, make_recipe, save_random_model
+from conftest import CHATML, TINY_LLAMA, build_chat_tokenizer, make_recipe, save_random_llama
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_ft.data.chat import encode_chat
 from lora_ft.errors import RecipeError
@@ -25,29 +25,10 @@ CONVERSATION = [{"role": "user", "content": "What does the cow say?"},
                 {"role": "assistant", "content": "The cow says moo."}]
 
 
-def build_base_tokenizer():
-    """A byte-level BPE like the chat fixtures', as a base model ships it: EOS ``<|endoftext|>``, no template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>")
-
-
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    """A 2-layer random Llama (untied output layer) with ``build_base_tokenizer``: a base model, as downloaded."""
-    tok = build_base_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, initializer_range=0.2, eos_token_id=tok.eos_token_id,
-                      bos_token_id=None)
-    return save_random_model(tmp_path_factory, "tiny-base", LlamaForCausalLM, cfg, tok)
+    """The tiny Llama with a base model's tokenizer (no template, no ChatML tokens): a base model, as downloaded."""
+    return save_random_llama(tmp_path_factory, "tiny-base", build_chat_tokenizer(base=True), **TINY_LLAMA)
 
 
 def _tokenizer(folder: Path, template: str):

@@ -99,14 +99,14 @@ def use_chat_template(tok: PreTrainedTokenizerBase, value: str, trust_remote_cod
         log.info("model.chat_template: %s replaces the tokenizer's own template", value)
     tok.chat_template = template
     rendered = _render(tok, value)
+    if _ANSWER not in rendered:
+        raise RecipeError(f"model.chat_template: the template of '{value}' does not write the assistant's answer "
+                          "as given (it renders conversations for inference only); use one that writes every turn")
     vocab = tok.get_vocab()
     missing = [t for t in dict.fromkeys(spelled) if t in rendered and t not in vocab]
     if missing:
         tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
         log.info("model.chat_template: added the tokens %s (their embeddings are trained)", ", ".join(missing))
-    if _ANSWER not in rendered:
-        raise RecipeError(f"model.chat_template: the template of '{value}' does not write the assistant's answer "
-                          "as given (it renders conversations for inference only); use one that writes every turn")
     after = rendered[rendered.index(_ANSWER) + len(_ANSWER):]
     ids = tok(after, add_special_tokens=False)["input_ids"]
     if not ids or not _special(tok, ids[0]):
